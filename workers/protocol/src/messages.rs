@@ -1,0 +1,205 @@
+//! Message bodies. Each is the JSON inside an [`crate::Envelope`] on its own topic.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A model a worker holds, as its manifest names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    /// Job kind the model serves (`forecast`, ...).
+    pub kind: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    Cpu,
+    Cuda,
+}
+
+/// A worker's signed capability statement (retained on its announce topic).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Announce {
+    /// Operator-chosen display name.
+    pub name: String,
+    pub models: Vec<ModelInfo>,
+    pub accelerator: Accelerator,
+    pub memory_mb: u64,
+    pub cpu_cores: u32,
+    /// How many shards the worker runs at once; the gateway never assigns more.
+    pub max_concurrent_shards: u32,
+    pub worker_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    pub active_shards: u32,
+}
+
+/// The work of one shard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ShardTask {
+    /// Forecast `horizon` values after each row of `series`.
+    Forecast {
+        series: Vec<Vec<f64>>,
+        horizon: u32,
+    },
+}
+
+impl ShardTask {
+    /// Number of chunks (rows) the progress chain runs over.
+    pub fn chunks(&self) -> u32 {
+        match self {
+            ShardTask::Forecast { series, .. } => series.len() as u32,
+        }
+    }
+}
+
+/// Gateway → worker: run this shard, under a lease.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Assignment {
+    /// Names this attempt; results and progress quote it. A re-dispatched shard gets a new one,
+    /// so a late answer to an old attempt is recognised and ignored.
+    pub assignment_id: Uuid,
+    pub job_id: Uuid,
+    pub shard_id: Uuid,
+    /// The node this is for; a worker refuses an assignment addressed to someone else.
+    pub node: String,
+    pub model: String,
+    /// Unix ms after which the gateway may give the shard to another node unless progress renews it.
+    pub lease_expires_at_ms: i64,
+    pub task: ShardTask,
+}
+
+/// Worker → gateway: chunks done so far, with the hash chain over them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub assignment_id: Uuid,
+    pub shard_id: Uuid,
+    pub done: u32,
+    pub total: u32,
+    /// [`ProgressChain`] after `done` chunks.
+    pub chain: String,
+}
+
+/// A shard's output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ShardOutput {
+    Forecast { forecasts: Vec<Vec<f64>> },
+}
+
+impl ShardOutput {
+    /// Canonical bytes of each chunk, in order: what the progress chain and the digest cover.
+    pub fn chunk_bytes(&self) -> Vec<Vec<u8>> {
+        match self {
+            ShardOutput::Forecast { forecasts } => forecasts
+                .iter()
+                .map(|row| serde_json::to_vec(row).expect("f64 rows serialize"))
+                .collect(),
+        }
+    }
+
+    /// sha256 over the canonical JSON of the whole output.
+    pub fn digest(&self) -> String {
+        crate::sha256_hex(&serde_json::to_vec(self).expect("outputs serialize"))
+    }
+
+    /// The chain a worker that produced this output chunk by chunk must have reported.
+    pub fn chain(&self, assignment_id: Uuid) -> String {
+        let mut chain = ProgressChain::new(assignment_id);
+        for chunk in self.chunk_bytes() {
+            chain.push(&chunk);
+        }
+        chain.hex()
+    }
+}
+
+/// Worker → gateway: the shard's signed result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardResult {
+    pub assignment_id: Uuid,
+    pub shard_id: Uuid,
+    pub output: ShardOutput,
+    /// [`ShardOutput::digest`] of `output`.
+    pub output_sha256: String,
+    /// Final [`ProgressChain`]; must equal [`ShardOutput::chain`].
+    pub chain: String,
+    pub elapsed_ms: u64,
+}
+
+/// Worker → gateway: the worker will not (or cannot) run this shard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reject {
+    pub assignment_id: Uuid,
+    pub shard_id: Uuid,
+    pub reason: String,
+}
+
+/// Hash chain over processed chunks: `c0 = sha256("xpand-chain" ‖ assignment)`,
+/// `c(i) = sha256(c(i-1) ‖ sha256(chunk i))`. Progress reports commit to the chunks done so far,
+/// so a final result that differs from what progress claimed is detectable.
+#[derive(Debug, Clone)]
+pub struct ProgressChain {
+    state: [u8; 32],
+}
+
+impl ProgressChain {
+    pub fn new(assignment_id: Uuid) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"xpand-chain");
+        h.update(assignment_id.as_bytes());
+        Self {
+            state: h.finalize().into(),
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.state);
+        h.update(Sha256::digest(chunk));
+        self.state = h.finalize().into();
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_digest_and_chain_are_stable_through_json() {
+        let out = ShardOutput::Forecast {
+            forecasts: vec![vec![1.5, 2.25, -3.0e-7], vec![1e300]],
+        };
+        let id = Uuid::new_v4();
+        let back: ShardOutput = serde_json::from_slice(&serde_json::to_vec(&out).unwrap()).unwrap();
+        assert_eq!(out.digest(), back.digest());
+        assert_eq!(out.chain(id), back.chain(id));
+        assert_ne!(out.chain(id), out.chain(Uuid::new_v4()));
+        let other = ShardOutput::Forecast {
+            forecasts: vec![vec![1.5, 2.25, -3.0e-7], vec![1e299]],
+        };
+        assert_ne!(out.digest(), other.digest());
+    }
+
+    #[test]
+    fn task_json_is_tagged() {
+        let t = ShardTask::Forecast {
+            series: vec![vec![1.0, 2.0]],
+            horizon: 3,
+        };
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["kind"], "forecast");
+        assert_eq!(t.chunks(), 1);
+    }
+}
