@@ -1,1 +1,19 @@
+//! The xpand gateway. Start with `ARCHITECTURE.md` for the map.
 
+pub mod accounts;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod jobs;
+pub mod ledger;
+pub mod metrics;
+pub mod nodes;
+pub mod openapi;
+pub mod shutdown;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+pub mod up;

@@ -1,1 +1,137 @@
-fn main(){}
+//! `xpand`: the gateway binary. `xpand up` runs a whole local network for development;
+//! `xpand serve` runs one production gateway replica.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use uuid::Uuid;
+use xpand::config::GatewayArgs;
+use xpand::startup::{self, Application};
+use xpand::{accounts, ledger, nodes, telemetry, up};
+
+#[derive(Parser)]
+#[command(name = "xpand", version, about = "Gateway of the xpand AI compute network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Development: migrate, run the gateway and local workers, print a dev API key.
+    Up(up::UpArgs),
+    /// Run one gateway replica (production).
+    Serve(GatewayArgs),
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/xpand")]
+        database_url: String,
+    },
+    /// Print the OpenAPI document (what `openapi/openapi.json` must contain).
+    Openapi,
+    /// Administration: accounts, deposits, nodes.
+    Admin {
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/xpand")]
+        database_url: String,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a customer account; prints its id and API key.
+    CreateAccount {
+        #[arg(long, default_value = "customer")]
+        name: String,
+        /// Opening balance in micro-credits.
+        #[arg(long, default_value_t = 0)]
+        credit: i64,
+    },
+    /// Credit an account (the stand-in for an on-chain payment oracle).
+    Deposit {
+        account: Uuid,
+        /// Micro-credits.
+        amount: i64,
+        #[arg(long, default_value = "admin deposit")]
+        memo: String,
+    },
+    /// Register a worker node's public key (`xpand-worker --print-node-id`), so its messages
+    /// are accepted.
+    RegisterNode {
+        node_id: String,
+        #[arg(long, default_value = "node")]
+        name: String,
+    },
+    /// Ban a node: its messages are dropped and it gets no more work.
+    BanNode { node_id: String },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    match Cli::parse().command {
+        Command::Up(args) => up::run(args).await,
+        Command::Serve(args) => {
+            let app = Application::build(args.into_config()?).await?;
+            tracing::info!(port = app.port(), "xpand gateway listening");
+            app.run_until_stopped(startup::shutdown_signal()).await
+        }
+        Command::Migrate { database_url } => {
+            let db = sqlx::PgPool::connect(&database_url)
+                .await
+                .with_context(|| format!("connecting to {database_url}"))?;
+            startup::migrate(&db).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", xpand::openapi::render());
+            Ok(())
+        }
+        Command::Admin {
+            database_url,
+            command,
+        } => {
+            let db = sqlx::PgPool::connect(&database_url)
+                .await
+                .with_context(|| format!("connecting to {database_url}"))?;
+            startup::migrate(&db).await?;
+            admin(&db, command).await
+        }
+    }
+}
+
+async fn admin(db: &sqlx::PgPool, command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::CreateAccount { name, credit } => {
+            anyhow::ensure!(credit >= 0, "--credit must be >= 0");
+            let (id, key) = accounts::create_customer(db, &name, credit).await?;
+            println!("account {id}\napi key {key}");
+        }
+        AdminCommand::Deposit {
+            account,
+            amount,
+            memo,
+        } => {
+            anyhow::ensure!(amount > 0, "the amount must be > 0 micro-credits");
+            anyhow::ensure!(
+                accounts::exists(db, account).await?,
+                "no customer account {account}"
+            );
+            let mut tx = db.begin().await?;
+            ledger::deposit(&mut tx, account, amount, &memo).await?;
+            tx.commit().await?;
+            let b = ledger::balances(db, account).await?;
+            println!("deposited {amount}; available {}", b.available);
+        }
+        AdminCommand::RegisterNode { node_id, name } => {
+            let account = nodes::register(db, &node_id, &name).await?;
+            println!("node {node_id} registered; earnings go to account {account}");
+        }
+        AdminCommand::BanNode { node_id } => {
+            anyhow::ensure!(nodes::ban(db, &node_id).await?, "no node {node_id}");
+            println!("node {node_id} banned");
+        }
+    }
+    Ok(())
+}

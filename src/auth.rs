@@ -1,0 +1,171 @@
+//! Who is calling. Backends send an API key (`Authorization: Bearer xp_...`); browsers and
+//! add-ins exchange it for a short-lived, scoped EdDSA JWT signed with the gateway key.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::AppError;
+use crate::state::AppState;
+use crate::{accounts, accounts::API_KEY_PREFIX};
+
+/// What a credential may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Scope {
+    #[serde(rename = "jobs:read")]
+    JobsRead,
+    #[serde(rename = "jobs:write")]
+    JobsWrite,
+    #[serde(rename = "account:read")]
+    AccountRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::JobsRead, Scope::JobsWrite, Scope::AccountRead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::JobsRead => "jobs:read",
+            Scope::JobsWrite => "jobs:write",
+            Scope::AccountRead => "account:read",
+        }
+    }
+}
+
+/// An authenticated caller: an account and what this credential may do with it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub account_id: Uuid,
+    pub scopes: Vec<Scope>,
+    /// True for an API key, false for a token; only API keys may mint tokens.
+    pub via_api_key: bool,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> Result<(), AppError> {
+        if self.scopes.contains(&scope) {
+            Ok(())
+        } else {
+            Err(AppError::Forbidden(scope.as_str().into()))
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    scope: String,
+    iat: u64,
+    exp: u64,
+    iss: String,
+}
+
+const ISSUER: &str = "xpand";
+
+/// The gateway's JWT keys, derived from its ed25519 signing key.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl JwtKeys {
+    pub fn new(key: &xpand_protocol::NodeKey) -> anyhow::Result<Self> {
+        let der = key
+            .signing_key()
+            .to_pkcs8_der()
+            .map_err(|e| anyhow::anyhow!("encoding the gateway key as PKCS#8: {e}"))?;
+        let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
+        Ok(Self {
+            encoding: EncodingKey::from_ed_der(der.as_bytes()),
+            decoding: DecodingKey::from_ed_components(&x)?,
+        })
+    }
+
+    /// Issues a token for `account` with `scopes`, valid for `ttl`.
+    pub fn issue(
+        &self,
+        account: Uuid,
+        scopes: &[Scope],
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<String> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: account,
+            scope: scopes
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            iat: now,
+            exp: now + ttl.as_secs(),
+            iss: ISSUER.into(),
+        };
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &self.encoding,
+        )?)
+    }
+
+    fn verify(&self, token: &str) -> Result<Caller, AppError> {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[ISSUER]);
+        validation.leeway = 5;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map_err(|_| AppError::Unauthorized("the token is invalid or expired"))?;
+        let scopes = data
+            .claims
+            .scope
+            .split_whitespace()
+            .filter_map(|s| Scope::ALL.into_iter().find(|x| x.as_str() == s))
+            .collect();
+        Ok(Caller {
+            account_id: data.claims.sub,
+            scopes,
+            via_api_key: false,
+        })
+    }
+}
+
+/// Authenticates a bearer credential: an API key (all scopes) or a JWT (its scopes).
+pub async fn authenticate(state: &AppState, credential: &str) -> Result<Caller, AppError> {
+    if credential.starts_with(API_KEY_PREFIX) {
+        let account = accounts::account_for_key(&state.db, credential)
+            .await?
+            .ok_or(AppError::Unauthorized("unknown or revoked API key"))?;
+        return Ok(Caller {
+            account_id: account,
+            scopes: Scope::ALL.to_vec(),
+            via_api_key: true,
+        });
+    }
+    state.jwt.verify(credential)
+}
+
+/// The bearer credential in the `Authorization` header, if any.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let credential = bearer(parts).ok_or(AppError::Unauthorized(
+            "send Authorization: Bearer <api key or token>",
+        ))?;
+        authenticate(state, credential).await
+    }
+}

@@ -1,0 +1,308 @@
+//! The gateway's side of the MQTT link: it signs and sends assignments, and admits worker
+//! messages only after checking, in order: topic, signature (over the topic too), freshness,
+//! that the signer is the node the topic names, that the node is registered and not banned,
+//! and that the nonce was not seen before (in Redis, so the check spans gateway replicas).
+//! Every drop is counted by reason in `xpand_rejected_messages_total`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::Semaphore;
+use xpand_protocol::{
+    now_ms, Announce, Assignment, Envelope, EnvelopeError, NodeKey, OpenedEnvelope, Progress,
+    Reject, ShardResult, Topics, UpKind,
+};
+
+use crate::config::Config;
+use crate::jobs::orchestrator;
+use crate::nodes::NodeStanding;
+use crate::shutdown::Shutdown;
+use crate::state::AppState;
+
+/// How far a message's timestamp may be from the gateway's clock. Nonces are remembered for
+/// twice this, so a replay is caught either as stale or as a seen nonce.
+pub const MAX_SKEW_MS: i64 = 30_000;
+/// Gateways share worker traffic through this shared-subscription group.
+const SHARED_GROUP: &str = "xpand-gateways";
+/// Worker messages handled at once per replica.
+const INBOUND_CONCURRENCY: usize = 64;
+
+#[derive(Clone)]
+pub struct Broker {
+    client: AsyncClient,
+    topics: Topics,
+    key: NodeKey,
+    connected: Arc<AtomicBool>,
+}
+
+impl Broker {
+    /// Creates the client; nothing is sent until [`run_inbound`] polls the returned event loop.
+    pub fn new(config: &Config) -> (Self, EventLoop) {
+        let client_id = format!("xpand-gw-{}", uuid::Uuid::new_v4().simple());
+        let mut options = MqttOptions::new(client_id, &config.mqtt_host, config.mqtt_port);
+        options.set_keep_alive(Duration::from_secs(15));
+        options.set_clean_start(true);
+        options.set_max_packet_size(Some(8 * 1024 * 1024));
+        let (client, eventloop) = AsyncClient::new(options, 1024);
+        (
+            Self {
+                client,
+                topics: Topics::new(&config.topic_prefix),
+                key: config.gateway_key.clone(),
+                connected: Arc::new(AtomicBool::new(false)),
+            },
+            eventloop,
+        )
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Signs an assignment with the gateway key and sends it to its node (QoS 1).
+    pub async fn send_assignment(&self, assignment: &Assignment) -> anyhow::Result<()> {
+        let topic = self.topics.assign(&assignment.node);
+        let payload = self.key.seal(&topic, assignment);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+
+    async fn subscribe_all(&self) -> Result<(), rumqttc::v5::ClientError> {
+        for kind in UpKind::ALL {
+            // Capability statements are retained and every replica keeps its own view of
+            // them; the rest is work, shared so each message is handled once.
+            let filter = if kind == UpKind::Announce {
+                self.topics.up_filter(kind)
+            } else {
+                self.topics.shared_up_filter(SHARED_GROUP, kind)
+            };
+            self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Drives the MQTT connection until `shutdown`: (re)subscribes on every connect, hands each
+/// worker message to a task, and backs off while the broker is unreachable.
+pub async fn run_inbound(state: AppState, mut eventloop: EventLoop, shutdown: Shutdown) {
+    let permits = Arc::new(Semaphore::new(INBOUND_CONCURRENCY));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = shutdown.wait() => break,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                state.broker.connected.store(true, Ordering::Relaxed);
+                tracing::info!("connected to the MQTT broker");
+                let broker = state.broker.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = broker.subscribe_all().await {
+                        tracing::error!(error = %e, "subscribing to worker topics failed");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    handle_message(&state, &topic, &publish.payload).await;
+                    drop(permit);
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                state.broker.connected.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection error");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    state.broker.connected.store(false, Ordering::Relaxed);
+}
+
+/// Why a worker message was dropped; the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    BadTopic,
+    Malformed,
+    BadSignature,
+    Stale,
+    CrossNode,
+    UnknownNode,
+    BannedNode,
+    Replayed,
+    ReplayCheckUnavailable,
+    BadBody,
+    /// Progress or a result for an attempt that is no longer current (re-dispatched, canceled).
+    StaleAssignment,
+    /// A result that failed verification (digest, hash chain or shape).
+    BadResult,
+}
+
+impl DropReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::BadTopic => "bad_topic",
+            DropReason::Malformed => "malformed",
+            DropReason::BadSignature => "bad_signature",
+            DropReason::Stale => "stale",
+            DropReason::CrossNode => "cross_node",
+            DropReason::UnknownNode => "unknown_node",
+            DropReason::BannedNode => "banned_node",
+            DropReason::Replayed => "replayed",
+            DropReason::ReplayCheckUnavailable => "replay_check_unavailable",
+            DropReason::BadBody => "bad_body",
+            DropReason::StaleAssignment => "stale_assignment",
+            DropReason::BadResult => "bad_result",
+        }
+    }
+}
+
+/// Verifies a worker message and returns its signer, kind and envelope.
+pub async fn admit(
+    state: &AppState,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(UpKind, OpenedEnvelope), DropReason> {
+    let topics = &state.broker.topics;
+    let (topic_node, kind) = topics.parse_up(topic).ok_or(DropReason::BadTopic)?;
+    // A capability statement is retained and re-read on every (re)subscribe, so it may be old;
+    // replaying one is harmless because only a newer statement replaces the stored one.
+    let max_skew = if kind == UpKind::Announce {
+        i64::MAX
+    } else {
+        MAX_SKEW_MS
+    };
+    let opened = Envelope::open(payload, topic, now_ms(), max_skew).map_err(|e| match e {
+        EnvelopeError::BadSignature => DropReason::BadSignature,
+        EnvelopeError::Stale { .. } => DropReason::Stale,
+        _ => DropReason::Malformed,
+    })?;
+    if opened.signer != topic_node {
+        return Err(DropReason::CrossNode);
+    }
+    match state
+        .node_directory
+        .standing(&state.db, &opened.signer)
+        .await
+    {
+        Ok(Some(NodeStanding::Active)) => {}
+        Ok(Some(NodeStanding::Banned)) => return Err(DropReason::BannedNode),
+        Ok(None) => return Err(DropReason::UnknownNode),
+        Err(e) => {
+            tracing::warn!(error = %e, "node lookup failed");
+            return Err(DropReason::UnknownNode);
+        }
+    }
+    if kind != UpKind::Announce {
+        let key = format!(
+            "{}:nonce:{}:{}",
+            state.config.redis_prefix, opened.signer, opened.nonce
+        );
+        let mut conn = state.redis.clone();
+        let fresh: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(2 * MAX_SKEW_MS)
+            .query_async(&mut conn)
+            .await;
+        match fresh {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(DropReason::Replayed),
+            Err(e) => {
+                tracing::warn!(error = %e, "replay check failed; dropping the message");
+                return Err(DropReason::ReplayCheckUnavailable);
+            }
+        }
+    }
+    Ok((kind, opened))
+}
+
+async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
+    let (kind, opened) = match admit(state, topic, payload).await {
+        Ok(admitted) => admitted,
+        Err(reason) => {
+            tracing::debug!(topic, reason = reason.label(), "dropped a worker message");
+            state.metrics.reject(reason.label());
+            return;
+        }
+    };
+    state
+        .metrics
+        .worker_messages
+        .with_label_values(&[kind.as_str()])
+        .inc();
+    let node = opened.signer.as_str();
+    let outcome = match kind {
+        UpKind::Announce => match opened.parse::<Announce>() {
+            Ok(announce) => on_announce(state, node, opened.ts, &announce).await,
+            Err(_) => Err(DropReason::BadBody.into()),
+        },
+        UpKind::Heartbeat => state.liveness.beat(node).await.map_err(Into::into),
+        UpKind::Progress => match opened.parse::<Progress>() {
+            Ok(p) => orchestrator::on_progress(state, node, &p).await,
+            Err(_) => Err(DropReason::BadBody.into()),
+        },
+        UpKind::Result => match opened.parse::<ShardResult>() {
+            Ok(r) => orchestrator::on_result(state, node, r).await,
+            Err(_) => Err(DropReason::BadBody.into()),
+        },
+        UpKind::Reject => match opened.parse::<Reject>() {
+            Ok(r) => orchestrator::on_reject(state, node, &r).await,
+            Err(_) => Err(DropReason::BadBody.into()),
+        },
+    };
+    if let Err(e) = outcome {
+        match e.downcast_ref::<DropReason>() {
+            Some(reason) => state.metrics.reject(reason.label()),
+            None => tracing::error!(error = ?e, kind = kind.as_str(), node, "handling a worker message failed"),
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::error::Error for DropReason {}
+
+async fn on_announce(
+    state: &AppState,
+    node: &str,
+    signed_at_ms: i64,
+    announce: &Announce,
+) -> anyhow::Result<()> {
+    if crate::nodes::record_announce(&state.db, node, signed_at_ms, announce).await? {
+        tracing::info!(node, name = %announce.name, models = announce.models.len(), "node announced");
+    }
+    // An announce is proof of life only while it is fresh (a retained one may be old).
+    if (now_ms() - signed_at_ms).abs() <= MAX_SKEW_MS {
+        state.liveness.beat(node).await?;
+    }
+    state.wake_dispatcher();
+    Ok(())
+}

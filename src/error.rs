@@ -1,0 +1,196 @@
+//! One error type for every request path, rendered as RFC 9457 `application/problem+json`.
+//!
+//! Each variant has a stable `type` URI (clients switch on it), a status, and a human `detail`.
+//! Validation errors name the offending field (or spreadsheet cell). Anything unexpected becomes
+//! a 500 whose detail is logged, never shown.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq)]
+pub struct Problem {
+    /// Stable identifier of the problem kind, e.g. `https://xpand.dev/problems/insufficient-funds`.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// For validation problems: each offending field, e.g. `input.series[3][5]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// The quote, for payment problems.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<i64>,
+    /// The available balance, for `insufficient-funds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<i64>,
+}
+
+/// One invalid field. For spreadsheet input `row` and `column` locate the cell (0-based).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `params.horizon` or `input.series[3][5]`.
+    pub field: String,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            detail: detail.into(),
+            row: None,
+            column: None,
+        }
+    }
+
+    pub fn cell(row: usize, column: usize, detail: impl Into<String>) -> Self {
+        Self {
+            field: format!("input.series[{row}][{column}]"),
+            detail: detail.into(),
+            row: Some(row),
+            column: Some(column),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("missing or invalid credentials")]
+    Unauthorized(&'static str),
+    #[error("the credential lacks scope {0}")]
+    Forbidden(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
+    #[error("the Idempotency-Key was already used for a different request")]
+    IdempotencyMismatch,
+    #[error("insufficient funds")]
+    InsufficientFunds { quote: i64, available: i64 },
+    #[error("max_fee is below the quote")]
+    MaxFeeBelowQuote { quote: i64, max_fee: i64 },
+    #[error("a dependency is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                AppError::Unavailable("database".into())
+            }
+            other => AppError::Internal(anyhow::Error::new(other)),
+        }
+    }
+}
+
+impl AppError {
+    pub fn field(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        AppError::Validation(vec![FieldError::new(field, detail)])
+    }
+
+    pub fn problem(&self) -> Problem {
+        let (status, slug, title) = match self {
+            AppError::MalformedJson(_) => (400, "malformed-json", "Malformed JSON"),
+            AppError::PayloadTooLarge { .. } => (413, "payload-too-large", "Payload too large"),
+            AppError::Validation(_) => (422, "validation", "Invalid request"),
+            AppError::Unauthorized(_) => (401, "unauthorized", "Unauthorized"),
+            AppError::Forbidden(_) => (403, "forbidden", "Forbidden"),
+            AppError::NotFound(_) => (404, "not-found", "Not found"),
+            AppError::Conflict(_) => (409, "conflict", "Conflict"),
+            AppError::MethodNotAllowed => (405, "method-not-allowed", "Method not allowed"),
+            AppError::IdempotencyMismatch => {
+                (422, "idempotency-key-reused", "Idempotency key reused")
+            }
+            AppError::InsufficientFunds { .. } => {
+                (402, "insufficient-funds", "Insufficient funds")
+            }
+            AppError::MaxFeeBelowQuote { .. } => {
+                (402, "max-fee-below-quote", "max_fee below quote")
+            }
+            AppError::Unavailable(_) => (503, "unavailable", "Service unavailable"),
+            AppError::Internal(_) => (500, "internal", "Internal error"),
+        };
+        let detail = match self {
+            AppError::Validation(errors) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.detail))
+                .collect::<Vec<_>>()
+                .join("; "),
+            AppError::Unauthorized(why) => format!("missing or invalid credentials: {why}"),
+            AppError::InsufficientFunds { quote, available } => format!(
+                "the job costs {quote} micro-credits but only {available} are available"
+            ),
+            AppError::MaxFeeBelowQuote { quote, max_fee } => format!(
+                "the job is quoted at {quote} micro-credits, above max_fee {max_fee}"
+            ),
+            AppError::Internal(_) => "an internal error occurred; it has been logged".into(),
+            other => other.to_string(),
+        };
+        let (quote, available) = match self {
+            AppError::InsufficientFunds { quote, available } => (Some(*quote), Some(*available)),
+            AppError::MaxFeeBelowQuote { quote, .. } => (Some(*quote), None),
+            _ => (None, None),
+        };
+        Problem {
+            type_uri: problem_type(slug),
+            title: title.into(),
+            status,
+            detail,
+            errors: match self {
+                AppError::Validation(errors) => errors.clone(),
+                _ => Vec::new(),
+            },
+            quote,
+            available,
+        }
+    }
+}
+
+pub fn problem_type(slug: &str) -> String {
+    format!("https://xpand.dev/problems/{slug}")
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        if let AppError::Internal(e) = &self {
+            tracing::error!(error = ?e, "request failed");
+        }
+        let problem = self.problem();
+        let mut response = (
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            axum::Json(&problem),
+        )
+            .into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if problem.status == 401 {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+pub type AppResult<T> = Result<T, AppError>;

@@ -1,0 +1,268 @@
+//! `/v1/jobs`: submit, read, list, cancel, and follow (SSE).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::extract::{JsonBody, Path, Query};
+use crate::auth::{Caller, Scope};
+use crate::error::{AppError, AppResult, Problem};
+use crate::events::JobEvent;
+use crate::jobs::{self, orchestrator, Job, JobStatus, ListFilter, SubmitJob, Submitted};
+use crate::state::AppState;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Submit a job.
+///
+/// Validates the input, quotes a price and escrows it from the caller's balance, then queues
+/// the job's shards. With an `Idempotency-Key`, a retry returns the first request's job (200)
+/// instead of creating another.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitJob,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key, same job (at most 255 characters)")),
+    responses(
+        (status = 201, description = "Job created", body = Job),
+        (status = 200, description = "The job an earlier request with this Idempotency-Key created", body = Job),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or bad credentials", body = Problem, content_type = "application/problem+json"),
+        (status = 402, description = "Insufficient funds, or max_fee below the quote (nothing was charged)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field or cell", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<SubmitJob>,
+) -> AppResult<Response> {
+    caller.require(Scope::JobsWrite)?;
+    let key = idempotency_key(&headers)?;
+    let (status, job) = submit_job(&state, &caller, &req, key.as_deref()).await?;
+    let location = format!("/v1/jobs/{}", job.id);
+    Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
+}
+
+/// Shared by REST and the WebSocket: submits and, for a new job, wakes the dispatcher.
+pub async fn submit_job(
+    state: &AppState,
+    caller: &Caller,
+    req: &SubmitJob,
+    key: Option<&str>,
+) -> AppResult<(StatusCode, Job)> {
+    match jobs::submit(&state.db, caller.account_id, req, key).await? {
+        Submitted::Created(job) => {
+            state
+                .metrics
+                .job_transitions
+                .with_label_values(&[&job.kind, "queued"])
+                .inc();
+            state.wake_dispatcher();
+            Ok((StatusCode::CREATED, job))
+        }
+        Submitted::Existing(job) => Ok((StatusCode::OK, job)),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> AppResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 => Ok(Some(k.to_string())),
+        _ => Err(AppError::field(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// Get one of your jobs.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, body = Job),
+        (status = 404, description = "No such job for this account", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> AppResult<Json<Job>> {
+    caller.require(Scope::JobsRead)?;
+    Ok(Json(jobs::get(&state.db, caller.account_id, id).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only jobs in this status.
+    status: Option<JobStatus>,
+    /// Only jobs of this kind.
+    kind: Option<String>,
+    /// `next_cursor` from the previous page.
+    cursor: Option<Uuid>,
+    /// Page size, 1 to 100 (default 20).
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// List your jobs, newest first.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListParams),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 422, description = "Bad filter", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<ListParams>,
+) -> AppResult<Json<JobPage>> {
+    caller.require(Scope::JobsRead)?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(AppError::field("limit", "must be from 1 to 100"));
+    }
+    let filter = ListFilter {
+        status: params.status,
+        kind: params.kind,
+        before: params.cursor,
+        limit: limit + 1,
+    };
+    let mut jobs = jobs::list(&state.db, caller.account_id, &filter).await?;
+    let next_cursor = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    Ok(Json(JobPage { jobs, next_cursor }))
+}
+
+/// Cancel a job: stops its shards, pays nodes for shards already done, refunds the rest.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Canceled", body = Job),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job already finished", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> AppResult<Json<Job>> {
+    caller.require(Scope::JobsWrite)?;
+    Ok(Json(
+        orchestrator::cancel(&state, caller.account_id, id).await?,
+    ))
+}
+
+/// Follow a job as Server-Sent Events.
+///
+/// The first event is the job's current state (`progress`, or its terminal event); then
+/// `progress`, `partial` and finally `succeeded`, `failed` or `canceled`, after which the stream
+/// ends. Each SSE `data` is a JSON `JobEvent`; the SSE `event` field repeats its `event` tag.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "An event stream of JobEvent", content_type = "text/event-stream", body = JobEvent),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    caller.require(Scope::JobsRead)?;
+    // Subscribe before reading the job, so nothing between the read and the feed is lost.
+    let mut feed = state.events.subscribe();
+    let job = jobs::get(&state.db, caller.account_id, id).await?;
+    let db = state.db.clone();
+    let account = caller.account_id;
+    let stream = async_stream(move |tx| async move {
+        let first = JobEvent::finished(job.clone()).unwrap_or(JobEvent::Progress {
+            job_id: job.id,
+            status: job.status,
+            shards_done: job.progress.shards_done,
+            shards_total: job.progress.shards_total,
+        });
+        let done = first.is_terminal();
+        if tx.send(sse_event(&first)).await.is_err() || done {
+            return;
+        }
+        loop {
+            match feed.recv().await {
+                Ok(p) if p.event.job_id() == id => {
+                    if tx.send(sse_event(&p.event)).await.is_err() || p.event.is_terminal() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    // Fell behind the feed: resynchronise from the database.
+                    if let Ok(job) = jobs::get(&db, account, id).await {
+                        if let Some(end) = JobEvent::finished(job) {
+                            let _ = tx.send(sse_event(&end)).await;
+                            return;
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn sse_event(event: &JobEvent) -> Result<Event, Infallible> {
+    let data = serde_json::to_string(event).expect("events serialize");
+    let name = serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v["event"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Ok(Event::default().event(name).data(data))
+}
+
+/// A stream fed by a task through a bounded channel (ends when the task returns).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,35 @@
+//! `/v1/nodes`: the network's worker nodes, their capabilities and earnings.
+
+use axum::extract::State;
+use axum::Json;
+
+use super::extract::Path;
+use crate::auth::Caller;
+use crate::error::{AppResult, Problem};
+use crate::nodes::{self, Node};
+use crate::state::AppState;
+
+/// List the registered nodes.
+#[utoipa::path(
+    get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, body = Vec<Node>), (status = 401, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = []))
+)]
+pub async fn list(State(state): State<AppState>, _caller: Caller) -> AppResult<Json<Vec<Node>>> {
+    Ok(Json(nodes::list(&state.db, &state.liveness).await?))
+}
+
+/// One node: capabilities, liveness, shards done and failed, earnings.
+#[utoipa::path(
+    get, path = "/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "Node id: hex of its ed25519 public key")),
+    responses((status = 200, body = Node), (status = 404, body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<Node>> {
+    Ok(Json(nodes::get(&state.db, &state.liveness, &id).await?))
+}

@@ -1,0 +1,306 @@
+//! `GET /v1/ws`: one socket, many jobs, for spreadsheet add-ins.
+//!
+//! Client frames are JSON objects with an `op`: `submit` (auto-subscribes), `subscribe`,
+//! `unsubscribe`, `cancel`, `ping`; each may carry a client `ref` that the answer repeats.
+//! Server frames: `accepted`, `subscribed`, `unsubscribed`, `pong`, the job events
+//! (`progress`, `partial`, `succeeded`, `failed`, `canceled`), and `error` with a problem
+//! object. A bad frame gets an `error`; the socket stays usable.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::request::Parts;
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::jobs::submit_job;
+use crate::auth::{self, Caller, Scope};
+use crate::error::{AppError, Problem};
+use crate::events::JobEvent;
+use crate::jobs::{self, orchestrator, Job, SubmitJob};
+use crate::state::AppState;
+
+/// A client → server frame.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientOp {
+    Submit {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        job: SubmitJob,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    },
+    Subscribe {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        job_id: Uuid,
+    },
+    Unsubscribe {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        job_id: Uuid,
+    },
+    Cancel {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        job_id: Uuid,
+    },
+    Ping {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
+}
+
+/// A server → client frame that answers an op (job events are sent as `JobEvent`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Reply {
+    Accepted {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        job: Box<Job>,
+    },
+    Subscribed {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        job: Box<Job>,
+    },
+    Unsubscribed {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        job_id: Uuid,
+    },
+    Pong {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+    },
+    Error {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        problem: Box<Problem>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+}
+
+/// Open a WebSocket carrying many jobs.
+///
+/// Authenticate with `Authorization: Bearer` or `?token=<JWT from /v1/auth/token>`.
+/// See `ClientOp` for the frames a client sends and `Reply` / `JobEvent` for what it receives.
+#[utoipa::path(
+    get, path = "/v1/ws", tag = "jobs",
+    params(("token" = Option<String>, Query, description = "A token from /v1/auth/token, for clients that cannot set headers")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []), ())
+)]
+pub async fn upgrade(
+    State(state): State<AppState>,
+    super::extract::Query(params): super::extract::Query<WsParams>,
+    parts: Parts,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, AppError> {
+    let credential = auth::bearer(&parts)
+        .map(str::to_owned)
+        .or(params.token)
+        .ok_or(AppError::Unauthorized(
+            "send Authorization: Bearer or ?token=",
+        ))?;
+    let caller = auth::authenticate(&state, &credential).await?;
+    let ws = ws.map_err(|e| AppError::field("Upgrade", e.body_text()))?;
+    let max = state.config.max_body_bytes;
+    Ok(ws
+        .max_message_size(max)
+        .on_upgrade(move |socket| serve(state, caller, socket)))
+}
+
+async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let mut feed = state.events.subscribe();
+    let mut subscribed: HashSet<Uuid> = HashSet::new();
+    let mut keepalive = tokio::time::interval(Duration::from_secs(20));
+    keepalive.tick().await;
+    loop {
+        let frames: Vec<String> = tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    handle_frame(&state, &caller, &mut subscribed, text.as_bytes()).await
+                }
+                Some(Ok(Message::Binary(_))) => vec![error_frame(
+                    None,
+                    AppError::field("frame", "send JSON text frames"),
+                )],
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            },
+            event = feed.recv() => match event {
+                Ok(p) if p.account_id == caller.account_id && subscribed.contains(&p.event.job_id()) => {
+                    if p.event.is_terminal() {
+                        subscribed.remove(&p.event.job_id());
+                    }
+                    vec![to_frame(&p.event)]
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => resync(&state, &caller, &mut subscribed).await,
+                Err(RecvError::Closed) => break,
+            },
+            _ = keepalive.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = state.shutdown.wait() => {
+                let _ = sink.send(Message::Close(Some(CloseFrame {
+                    code: axum::extract::ws::close_code::AWAY,
+                    reason: "server shutting down".into(),
+                }))).await;
+                break;
+            }
+        };
+        for frame in frames {
+            if sink.send(Message::Text(frame.into())).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// After falling behind the feed, re-read every followed job and send its state.
+async fn resync(state: &AppState, caller: &Caller, subscribed: &mut HashSet<Uuid>) -> Vec<String> {
+    let mut frames = Vec::new();
+    for id in subscribed.clone() {
+        if let Ok(job) = jobs::get(&state.db, caller.account_id, id).await {
+            if let Some(end) = JobEvent::finished(job.clone()) {
+                subscribed.remove(&id);
+                frames.push(to_frame(&end));
+            } else {
+                frames.push(to_frame(&JobEvent::Progress {
+                    job_id: id,
+                    status: job.status,
+                    shards_done: job.progress.shards_done,
+                    shards_total: job.progress.shards_total,
+                }));
+            }
+        }
+    }
+    frames
+}
+
+async fn handle_frame(
+    state: &AppState,
+    caller: &Caller,
+    subscribed: &mut HashSet<Uuid>,
+    text: &[u8],
+) -> Vec<String> {
+    let value: Value = match super::extract::parse_json(text) {
+        Ok(v) => v,
+        Err(e) => return vec![error_frame(None, e)],
+    };
+    let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
+    let op: ClientOp = match serde_path_to_error::deserialize(value) {
+        Ok(op) => op,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { "op".into() } else { path };
+            return vec![error_frame(
+                reference,
+                AppError::field(field, e.inner().to_string()),
+            )];
+        }
+    };
+    match run_op(state, caller, subscribed, op).await {
+        Ok(frames) => frames,
+        Err(e) => vec![error_frame(reference, e)],
+    }
+}
+
+async fn run_op(
+    state: &AppState,
+    caller: &Caller,
+    subscribed: &mut HashSet<Uuid>,
+    op: ClientOp,
+) -> Result<Vec<String>, AppError> {
+    let reply = match op {
+        ClientOp::Submit {
+            reference,
+            job,
+            idempotency_key,
+        } => {
+            caller.require(Scope::JobsWrite)?;
+            if idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+                return Err(AppError::field("idempotency_key", "must be 1 to 255 characters"));
+            }
+            let (_, job) = submit_job(state, caller, &job, idempotency_key.as_deref()).await?;
+            // Subscribed before this frame is answered: the feed buffers any event that
+            // arrived meanwhile, and the loop matches it against the set after we return.
+            if !job.status.is_terminal() {
+                subscribed.insert(job.id);
+            }
+            let terminal = JobEvent::finished(job.clone());
+            let mut frames = vec![to_frame(&Reply::Accepted {
+                reference,
+                job: Box::new(job),
+            })];
+            // An idempotent replay of a finished job: say how it ended.
+            frames.extend(terminal.map(|e| to_frame(&e)));
+            return Ok(frames);
+        }
+        ClientOp::Subscribe { reference, job_id } => {
+            caller.require(Scope::JobsRead)?;
+            let job = jobs::get(&state.db, caller.account_id, job_id).await?;
+            let terminal = JobEvent::finished(job.clone());
+            if terminal.is_none() {
+                subscribed.insert(job_id);
+            }
+            let mut frames = vec![to_frame(&Reply::Subscribed {
+                reference,
+                job: Box::new(job),
+            })];
+            frames.extend(terminal.map(|e| to_frame(&e)));
+            return Ok(frames);
+        }
+        ClientOp::Unsubscribe { reference, job_id } => {
+            subscribed.remove(&job_id);
+            Reply::Unsubscribed { reference, job_id }
+        }
+        ClientOp::Cancel { reference: _, job_id } => {
+            caller.require(Scope::JobsWrite)?;
+            let job = orchestrator::cancel(state, caller.account_id, job_id).await?;
+            // The `canceled` event also arrives on the feed for subscribers; answer directly
+            // and stop following so it is not sent twice.
+            subscribed.remove(&job_id);
+            return Ok(vec![to_frame(&JobEvent::Canceled { job: Box::new(job) })]);
+        }
+        ClientOp::Ping { reference } => Reply::Pong { reference },
+    };
+    Ok(vec![to_frame(&reply)])
+}
+
+fn to_frame<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("frames serialize")
+}
+
+fn error_frame(reference: Option<String>, error: AppError) -> String {
+    if let AppError::Internal(e) = &error {
+        tracing::error!(error = ?e, "websocket op failed");
+    }
+    to_frame(&Reply::Error {
+        reference,
+        problem: Box::new(error.problem()),
+    })
+}

@@ -1,0 +1,318 @@
+//! Job kind `forecast`: spreadsheet rows of numbers in, the next `horizon` values of each row out.
+//!
+//! Map: rows are grouped into shards of at least [`MIN_ROWS_PER_SHARD`] rows, at most
+//! [`MAX_SHARDS`] shards, so a 40-row range streams back in five slices while a 10 000-row sheet
+//! is not cut into confetti. Reduce: shard outputs are concatenated in row order.
+
+use serde_json::Value;
+use xpand_protocol::{ShardOutput, ShardTask};
+
+use super::{JobPlan, ShardPlan};
+use crate::error::FieldError;
+
+/// The model the `forecast` kind runs (see `workers/models/forecast/manifest.json`).
+pub const MODEL: &str = "forecast-mlp";
+/// Longest horizon the model produces (the manifest's `max_horizon`).
+pub const MAX_HORIZON: u64 = 24;
+/// Fewest observations a row needs (the manifest's `min_history`).
+pub const MIN_HISTORY: usize = 3;
+pub const MAX_ROWS: usize = 10_000;
+pub const MAX_ROW_LEN: usize = 10_000;
+pub const MIN_ROWS_PER_SHARD: usize = 8;
+pub const MAX_SHARDS: usize = 64;
+
+/// Unit prices, in micro-credits. The gateway keeps the job fee; workers earn the rest.
+pub const PRICE_PER_JOB: i64 = 1_000;
+/// Per observation sent to a worker (only the last `context_length` values of a row are used,
+/// so only those are charged).
+pub const PRICE_PER_INPUT_VALUE: i64 = 1;
+/// Per forecast value produced.
+pub const PRICE_PER_OUTPUT_VALUE: i64 = 10;
+/// The model's context length: the worker reads at most this many trailing values of a row.
+pub const CONTEXT_LENGTH: usize = 64;
+
+/// Validates `input`/`params` and maps the job into shards. Every problem is reported, each
+/// naming its field or cell, so a spreadsheet can highlight them all at once.
+pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let horizon = match params.get("horizon") {
+        None => {
+            errors.push(FieldError::new("params.horizon", "is required"));
+            None
+        }
+        Some(h) => match h.as_u64() {
+            Some(h) if (1..=MAX_HORIZON).contains(&h) => Some(h as u32),
+            _ => {
+                errors.push(FieldError::new(
+                    "params.horizon",
+                    format!("must be an integer from 1 to {MAX_HORIZON}"),
+                ));
+                None
+            }
+        },
+    };
+    if let Some(obj) = params.as_object() {
+        for key in obj.keys().filter(|k| *k != "horizon") {
+            errors.push(FieldError::new(format!("params.{key}"), "is not a forecast parameter"));
+        }
+    }
+    let series = parse_series(input, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (series, horizon) = (series.expect("no errors"), horizon.expect("no errors"));
+    Ok(JobPlan {
+        model: MODEL.into(),
+        gateway_fee: PRICE_PER_JOB,
+        shards: shard(series, horizon),
+    })
+}
+
+fn parse_series(input: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<Vec<f64>>> {
+    let Some(rows) = input.get("series") else {
+        errors.push(FieldError::new("input.series", "is required"));
+        return None;
+    };
+    let Some(rows) = rows.as_array() else {
+        errors.push(FieldError::new(
+            "input.series",
+            "must be an array of rows, each an array of numbers",
+        ));
+        return None;
+    };
+    if rows.is_empty() {
+        errors.push(FieldError::new("input.series", "must have at least one row"));
+        return None;
+    }
+    if rows.len() > MAX_ROWS {
+        errors.push(FieldError::new(
+            "input.series",
+            format!("has {} rows; at most {MAX_ROWS} are allowed", rows.len()),
+        ));
+        return None;
+    }
+    let before = errors.len();
+    let mut series = Vec::with_capacity(rows.len());
+    for (r, row) in rows.iter().enumerate() {
+        let field = format!("input.series[{r}]");
+        let Some(cells) = row.as_array() else {
+            errors.push(FieldError {
+                row: Some(r),
+                ..FieldError::new(field, "must be an array of numbers")
+            });
+            continue;
+        };
+        if cells.len() < MIN_HISTORY || cells.len() > MAX_ROW_LEN {
+            errors.push(FieldError {
+                row: Some(r),
+                ..FieldError::new(
+                    field,
+                    format!(
+                        "has {} values; a row needs {MIN_HISTORY} to {MAX_ROW_LEN}",
+                        cells.len()
+                    ),
+                )
+            });
+            continue;
+        }
+        let mut values = Vec::with_capacity(cells.len());
+        for (c, cell) in cells.iter().enumerate() {
+            match cell.as_f64() {
+                // serde_json never yields a non-finite f64, but a huge literal could overflow
+                // the model's f32: refuse it here rather than fail on the worker.
+                Some(v) if v.abs() < 1e30 => values.push(v),
+                Some(_) => errors.push(FieldError::cell(r, c, "is too large (|x| must be < 1e30)")),
+                None => errors.push(FieldError::cell(
+                    r,
+                    c,
+                    format!("must be a number, got {}", json_type(cell)),
+                )),
+            }
+            // A sheet full of text would produce one error per cell; 100 locate the problem.
+            if errors.len() - before >= 100 {
+                return None;
+            }
+        }
+        series.push(values);
+    }
+    (errors.len() == before).then_some(series)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "an empty cell (null)",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "text",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn shard(series: Vec<Vec<f64>>, horizon: u32) -> Vec<ShardPlan> {
+    let rows = series.len();
+    let per_shard = MIN_ROWS_PER_SHARD.max(rows.div_ceil(MAX_SHARDS));
+    let mut shards = Vec::with_capacity(rows.div_ceil(per_shard));
+    let mut offset = 0;
+    let mut rows_iter = series.into_iter();
+    while offset < rows {
+        let chunk: Vec<Vec<f64>> = rows_iter
+            .by_ref()
+            .take(per_shard)
+            .map(|mut row| {
+                // The model reads only the trailing context; don't ship (or charge) the rest.
+                if row.len() > CONTEXT_LENGTH {
+                    row.drain(..row.len() - CONTEXT_LENGTH);
+                }
+                row
+            })
+            .collect();
+        let inputs: i64 = chunk.iter().map(|r| r.len() as i64).sum();
+        let fee = inputs * PRICE_PER_INPUT_VALUE
+            + chunk.len() as i64 * horizon as i64 * PRICE_PER_OUTPUT_VALUE;
+        let count = chunk.len();
+        shards.push(ShardPlan {
+            row_offset: offset as i32,
+            row_count: count as i32,
+            fee,
+            task: ShardTask::Forecast {
+                series: chunk,
+                horizon,
+            },
+        });
+        offset += count;
+    }
+    shards
+}
+
+/// Checks a worker's output has the shape the task asked for, with finite numbers.
+pub fn check_output(task: &ShardTask, output: &ShardOutput) -> Result<(), String> {
+    let (ShardTask::Forecast { series, horizon }, ShardOutput::Forecast { forecasts }) =
+        (task, output);
+    if forecasts.len() != series.len() {
+        return Err(format!(
+            "{} rows returned for {} rows sent",
+            forecasts.len(),
+            series.len()
+        ));
+    }
+    for (i, row) in forecasts.iter().enumerate() {
+        if row.len() != *horizon as usize {
+            return Err(format!("row {i} has {} values, expected {horizon}", row.len()));
+        }
+        if row.iter().any(|v| !v.is_finite()) {
+            return Err(format!("row {i} has a non-finite value"));
+        }
+    }
+    Ok(())
+}
+
+/// The job's output from its shards' outputs in shard order.
+pub fn reduce(outputs: Vec<ShardOutput>) -> Value {
+    let forecasts: Vec<Vec<f64>> = outputs
+        .into_iter()
+        .flat_map(|o| match o {
+            ShardOutput::Forecast { forecasts } => forecasts,
+        })
+        .collect();
+    serde_json::json!({ "forecasts": forecasts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn forty_rows_make_five_shards_in_order() {
+        let rows: Vec<Vec<f64>> = (0..40).map(|i| vec![i as f64; 70]).collect();
+        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 12 })).unwrap();
+        assert_eq!(plan.shards.len(), 5);
+        assert_eq!(
+            plan.shards.iter().map(|s| s.row_offset).collect::<Vec<_>>(),
+            vec![0, 8, 16, 24, 32]
+        );
+        let ShardTask::Forecast { series, horizon } = &plan.shards[1].task;
+        assert_eq!(*horizon, 12);
+        assert_eq!(series[0], vec![8.0; CONTEXT_LENGTH]);
+        // 8 rows × 64 inputs × 1 + 8 rows × 12 × 10
+        assert_eq!(plan.shards[0].fee, 8 * 64 + 8 * 12 * 10);
+        assert_eq!(plan.quote(), 1_000 + 5 * (8 * 64 + 8 * 12 * 10));
+    }
+
+    #[test]
+    fn many_rows_are_capped_at_max_shards() {
+        let rows: Vec<Vec<f64>> = (0..10_000).map(|_| vec![1.0, 2.0, 3.0]).collect();
+        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 1 })).unwrap();
+        assert!(plan.shards.len() <= MAX_SHARDS);
+        assert_eq!(
+            plan.shards.iter().map(|s| s.row_count).sum::<i32>(),
+            10_000
+        );
+    }
+
+    #[test]
+    fn bad_cells_are_named_by_row_and_column() {
+        let errors = plan(
+            &json!({ "series": [[1, 2, 3], [4, "x", 6, null]] }),
+            &json!({ "horizon": 3 }),
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].field, "input.series[1][1]");
+        assert_eq!((errors[0].row, errors[0].column), (Some(1), Some(1)));
+        assert_eq!(errors[1].field, "input.series[1][3]");
+    }
+
+    #[test]
+    fn params_and_shapes_are_checked() {
+        let ok = json!({ "series": [[1, 2, 3]] });
+        for (params, field) in [
+            (json!({}), "params.horizon"),
+            (json!({ "horizon": 0 }), "params.horizon"),
+            (json!({ "horizon": 25 }), "params.horizon"),
+            (json!({ "horizon": 2.5 }), "params.horizon"),
+            (json!({ "horizon": 2, "speed": 1 }), "params.speed"),
+        ] {
+            let errors = plan(&ok, &params).unwrap_err();
+            assert_eq!(errors[0].field, field, "{params}");
+        }
+        for (input, field) in [
+            (json!({}), "input.series"),
+            (json!({ "series": [] }), "input.series"),
+            (json!({ "series": [[1, 2]] }), "input.series[0]"),
+            (json!({ "series": [5] }), "input.series[0]"),
+            (json!({ "series": [[1, 2, 1e300]] }), "input.series[0][2]"),
+        ] {
+            let errors = plan(&input, &json!({ "horizon": 2 })).unwrap_err();
+            assert_eq!(errors[0].field, field, "{input}");
+        }
+    }
+
+    #[test]
+    fn outputs_are_checked_and_reduced_in_order() {
+        let task = ShardTask::Forecast {
+            series: vec![vec![1.0; 3]; 2],
+            horizon: 2,
+        };
+        let good = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, 2.0], vec![3.0, 4.0]],
+        };
+        assert!(check_output(&task, &good).is_ok());
+        let short = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, 2.0]],
+        };
+        assert!(check_output(&task, &short).is_err());
+        let nan = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, f64::NAN], vec![3.0, 4.0]],
+        };
+        assert!(check_output(&task, &nan).is_err());
+        let second = ShardOutput::Forecast {
+            forecasts: vec![vec![5.0, 6.0]],
+        };
+        assert_eq!(
+            reduce(vec![good, second]),
+            json!({ "forecasts": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]] })
+        );
+    }
+}

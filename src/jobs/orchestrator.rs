@@ -1,0 +1,601 @@
+//! The map → dispatch → reduce state machine.
+//!
+//! Shards live in Postgres: `pending` → `assigned` (to one node, under a lease) → `done`, or back
+//! to `pending` when the lease lapses, the node rejects it, or its result fails verification.
+//! Every gateway replica runs the same loops; `FOR UPDATE SKIP LOCKED` and row locks make sure a
+//! shard is assigned by one replica at a time and a result is accepted once.
+//!
+//! Lock order, everywhere: the job row, then its shard rows. The dispatcher locks only shards.
+//!
+//! A job reaches a terminal state only in [`finish`], in the same transaction that releases its
+//! escrow; `finish` is a no-op on a job that is already terminal, which makes settlement
+//! idempotent under retries, crashes and racing replicas.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+use xpand_protocol::{Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask};
+
+use super::{fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS};
+use crate::broker::DropReason;
+use crate::error::AppError;
+use crate::events::JobEvent;
+use crate::ledger::escrow::{self, Release};
+use crate::ledger::LedgerError;
+use crate::nodes;
+use crate::shutdown::Shutdown;
+use crate::state::AppState;
+
+/// Assigns pending shards whenever woken (new jobs, freed capacity) or every tick.
+pub async fn run_dispatcher(state: AppState, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = state.dispatch_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.wait() => return,
+        }
+        loop {
+            match dispatch_once(&state).await {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "dispatch round failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct PendingShard {
+    id: Uuid,
+    job_id: Uuid,
+    model: String,
+    task: sqlx::types::Json<ShardTask>,
+    excluded_nodes: Vec<String>,
+}
+
+/// One round: match pending shards to live nodes with room, record the assignments, then send
+/// them. Returns how many were sent.
+async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
+    let mut slots = nodes::available(&state.db, &state.liveness).await?;
+    let capacity: i64 = slots.iter().map(|s| s.free).sum();
+    if capacity == 0 {
+        return Ok(0);
+    }
+    let mut models: Vec<String> = slots.iter().flat_map(|s| s.models.clone()).collect();
+    models.sort();
+    models.dedup();
+
+    let mut tx = state.db.begin().await?;
+    let pending: Vec<PendingShard> = sqlx::query_as(
+        "SELECT id, job_id, model, task, excluded_nodes FROM shards
+         WHERE status = 'pending' AND model = ANY($1)
+         ORDER BY job_id, idx LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&models)
+    .bind(capacity)
+    .fetch_all(&mut *tx)
+    .await?;
+
+    let lease_expires_at = Utc::now() + state.config.lease;
+    let mut assignments = Vec::with_capacity(pending.len());
+    for shard in pending {
+        // Prefer nodes that have not already failed this shard, then the least loaded.
+        let Some(slot) = slots
+            .iter_mut()
+            .filter(|s| s.free > 0 && s.models.contains(&shard.model))
+            .min_by_key(|s| (shard.excluded_nodes.contains(&s.id), -s.free))
+        else {
+            continue;
+        };
+        slot.free -= 1;
+        assignments.push(Assignment {
+            assignment_id: Uuid::new_v4(),
+            job_id: shard.job_id,
+            shard_id: shard.id,
+            node: slot.id.clone(),
+            model: shard.model,
+            lease_expires_at_ms: lease_expires_at.timestamp_millis(),
+            task: shard.task.0,
+        });
+    }
+    if assignments.is_empty() {
+        return Ok(0);
+    }
+    let shard_ids: Vec<Uuid> = assignments.iter().map(|a| a.shard_id).collect();
+    let node_ids: Vec<&str> = assignments.iter().map(|a| a.node.as_str()).collect();
+    let assignment_ids: Vec<Uuid> = assignments.iter().map(|a| a.assignment_id).collect();
+    sqlx::query(
+        "UPDATE shards s SET status = 'assigned', node_id = u.node, assignment_id = u.assignment,
+                attempts = s.attempts + 1, lease_expires_at = $4, assigned_at = now(),
+                progress_done = 0, progress_chain = NULL
+         FROM UNNEST($1::uuid[], $2::text[], $3::uuid[]) AS u(shard, node, assignment)
+         WHERE s.id = u.shard",
+    )
+    .bind(&shard_ids)
+    .bind(&node_ids)
+    .bind(&assignment_ids)
+    .bind(lease_expires_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    // The job turns `running` in its own statement: taking the job lock inside the shard
+    // transaction above would invert the job → shard lock order.
+    let mut job_ids: Vec<Uuid> = assignments.iter().map(|a| a.job_id).collect();
+    job_ids.sort();
+    job_ids.dedup();
+    let started: Vec<(Uuid, Uuid, i32, i32)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
+         WHERE id = ANY($1) AND status = 'queued'
+         RETURNING id, account_id, shards_done, shards_total",
+    )
+    .bind(&job_ids)
+    .fetch_all(&state.db)
+    .await?;
+
+    for a in &assignments {
+        if let Err(e) = state.broker.send_assignment(a).await {
+            // The lease will lapse and the shard will be offered again.
+            tracing::warn!(error = %e, shard = %a.shard_id, "sending an assignment failed");
+        }
+        state
+            .metrics
+            .dispatched_shards
+            .with_label_values(&[task_kind(&a.task)])
+            .inc();
+    }
+    for (job_id, account, shards_done, shards_total) in started {
+        state
+            .events
+            .publish(
+                account,
+                JobEvent::Progress {
+                    job_id,
+                    status: JobStatus::Running,
+                    shards_done,
+                    shards_total,
+                },
+            )
+            .await;
+    }
+    Ok(assignments.len())
+}
+
+fn task_kind(task: &ShardTask) -> &'static str {
+    match task {
+        ShardTask::Forecast { .. } => "forecast",
+    }
+}
+
+/// Progress renews the lease and records the hash chain the final result must extend.
+pub async fn on_progress(state: &AppState, node: &str, p: &Progress) -> anyhow::Result<()> {
+    let updated = sqlx::query(
+        "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond',
+                progress_done = $4, progress_chain = $5
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned' AND $4 >= progress_done",
+    )
+    .bind(p.assignment_id)
+    .bind(node)
+    .bind(state.config.lease.as_millis() as f64)
+    .bind(p.done as i32)
+    .bind(&p.chain)
+    .execute(&state.db)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(DropReason::StaleAssignment.into());
+    }
+    Ok(())
+}
+
+/// A node declined a shard: offer it elsewhere first.
+pub async fn on_reject(state: &AppState, node: &str, r: &Reject) -> anyhow::Result<()> {
+    let updated = sqlx::query(
+        "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
+    )
+    .bind(r.assignment_id)
+    .bind(node)
+    .execute(&state.db)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(DropReason::StaleAssignment.into());
+    }
+    tracing::info!(node, shard = %r.shard_id, reason = %r.reason, "node rejected a shard");
+    state.wake_dispatcher();
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignedShard {
+    id: Uuid,
+    job_id: Uuid,
+    idx: i32,
+    row_offset: i32,
+    task: sqlx::types::Json<ShardTask>,
+    status: String,
+    node_id: Option<String>,
+    assigned_at: Option<chrono::DateTime<Utc>>,
+    progress_done: i32,
+    progress_chain: Option<String>,
+}
+
+/// Why a result is refused; the node is charged a failure and the shard goes elsewhere.
+fn verify_result(shard: &AssignedShard, r: &ShardResult) -> Result<(), String> {
+    if r.shard_id != shard.id {
+        return Err("result names another shard".into());
+    }
+    if r.output.digest() != r.output_sha256 {
+        return Err("output_sha256 does not match the output".into());
+    }
+    if r.output.chain(r.assignment_id) != r.chain {
+        return Err("hash chain does not match the output".into());
+    }
+    if let Some(claimed) = &shard.progress_chain {
+        // The output must extend what progress already committed to.
+        let mut chain = ProgressChain::new(r.assignment_id);
+        for chunk in r.output.chunk_bytes().iter().take(shard.progress_done as usize) {
+            chain.push(chunk);
+        }
+        if &chain.hex() != claimed {
+            return Err("output contradicts the progress hash chain".into());
+        }
+    }
+    forecast::check_output(&shard.task.0, &r.output)
+}
+
+/// Verifies and stores a shard result; completes the job when it was the last shard.
+pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::Result<()> {
+    let mut tx = state.db.begin().await?;
+    let Some(job_id) =
+        sqlx::query_scalar::<_, Uuid>("SELECT job_id FROM shards WHERE assignment_id = $1")
+            .bind(r.assignment_id)
+            .fetch_optional(&mut *tx)
+            .await?
+    else {
+        // A re-dispatched shard has a new assignment id: this is a late answer to an old one.
+        return Err(DropReason::StaleAssignment.into());
+    };
+    let (account, status, shards_total): (Uuid, JobStatus, i32) = sqlx::query_as(
+        "SELECT account_id, status, shards_total FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(job_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let shard: AssignedShard = sqlx::query_as(
+        "SELECT id, job_id, idx, row_offset, task, status, node_id, assigned_at, progress_done,
+                progress_chain
+         FROM shards WHERE assignment_id = $1 FOR UPDATE",
+    )
+    .bind(r.assignment_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if shard.node_id.as_deref() != Some(node) {
+        return Err(DropReason::CrossNode.into());
+    }
+    if shard.status != "assigned" || status.is_terminal() {
+        return Err(DropReason::StaleAssignment.into());
+    }
+    if let Err(why) = verify_result(&shard, &r) {
+        tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
+        sqlx::query(
+            "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                    lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+             WHERE id = $1",
+        )
+        .bind(shard.id)
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE nodes SET shards_failed = shards_failed + 1 WHERE id = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        state.wake_dispatcher();
+        return Err(DropReason::BadResult.into());
+    }
+
+    let output = serde_json::to_value(&r.output).expect("outputs serialize");
+    sqlx::query(
+        "UPDATE shards SET status = 'done', output = $2, output_sha256 = $3, completed_at = now(),
+                lease_expires_at = NULL
+         WHERE id = $1",
+    )
+    .bind(shard.id)
+    .bind(&output)
+    .bind(&r.output_sha256)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1")
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
+    let shards_done: i32 = sqlx::query_scalar(
+        "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
+                started_at = COALESCE(started_at, now()), updated_at = now()
+         WHERE id = $1 RETURNING shards_done",
+    )
+    .bind(job_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let finished = if shards_done == shards_total {
+        let outputs: Vec<sqlx::types::Json<ShardOutput>> =
+            sqlx::query_scalar("SELECT output FROM shards WHERE job_id = $1 ORDER BY idx")
+                .bind(job_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let output = forecast::reduce(outputs.into_iter().map(|o| o.0).collect());
+        finish(&mut tx, job_id, Outcome::Succeeded(output)).await?
+    } else {
+        None
+    };
+    tx.commit().await?;
+
+    if let Some(assigned_at) = shard.assigned_at {
+        let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        state
+            .metrics
+            .shard_latency
+            .with_label_values(&[task_kind(&shard.task.0)])
+            .observe(secs);
+    }
+    let ShardOutput::Forecast { forecasts } = r.output;
+    let events = &state.events;
+    events
+        .publish(
+            account,
+            JobEvent::Partial {
+                job_id: shard.job_id,
+                shard: shard.idx,
+                offset: shard.row_offset,
+                rows: serde_json::to_value(forecasts).expect("rows serialize"),
+            },
+        )
+        .await;
+    events
+        .publish(
+            account,
+            JobEvent::Progress {
+                job_id,
+                status: finished.as_ref().map_or(JobStatus::Running, |j| j.status),
+                shards_done,
+                shards_total,
+            },
+        )
+        .await;
+    if let Some(job) = finished {
+        publish_finished(state, account, job).await;
+    }
+    state.wake_dispatcher();
+    Ok(())
+}
+
+/// How a job ends.
+pub enum Outcome {
+    Succeeded(Value),
+    Failed(JobError),
+    Canceled,
+}
+
+/// Ends a job and releases its escrow, in the caller's transaction. Succeeded: the nodes are
+/// paid for their shards and the gateway its fee. Canceled: the nodes are paid for shards
+/// already done; the rest is refunded. Failed: everything is refunded.
+/// Returns `None` when the job had already ended (nothing changes).
+pub async fn finish(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    outcome: Outcome,
+) -> anyhow::Result<Option<Job>> {
+    let job: JobRow = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(job_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if job.status.is_terminal() {
+        return Ok(None);
+    }
+    sqlx::query(
+        "UPDATE shards SET status = 'canceled', lease_expires_at = NULL
+         WHERE job_id = $1 AND status IN ('pending', 'assigned')",
+    )
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    let (status, release, output, error) = match outcome {
+        Outcome::Succeeded(output) => (
+            JobStatus::Succeeded,
+            Release {
+                payouts: done_shard_payouts(conn, job_id).await?,
+                fee: job.gateway_fee,
+            },
+            Some(output),
+            None,
+        ),
+        Outcome::Canceled => (
+            JobStatus::Canceled,
+            Release {
+                payouts: done_shard_payouts(conn, job_id).await?,
+                fee: 0,
+            },
+            None,
+            None,
+        ),
+        Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
+    };
+    let memo = format!("job {} {}", job.kind, status.as_str());
+    match escrow::release(conn, job.account_id, job_id, job.escrow, &release, &memo).await {
+        Ok(_) => {}
+        // Released already (by a replica whose job update we cannot see yet): nothing to do.
+        Err(LedgerError::AlreadyPosted(_)) => return Ok(None),
+        Err(e) => return Err(e).context("releasing escrow"),
+    }
+    let row: JobRow = sqlx::query_as(&format!(
+        "UPDATE jobs SET status = $2, output = $3, error = $4, cost = $5, finished_at = now(),
+                updated_at = now()
+         WHERE id = $1 RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(job_id)
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error.map(|e| serde_json::to_value(e).expect("errors serialize")))
+    .bind(release.cost())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Some(row.into()))
+}
+
+/// What each node earned on this job: the fees of the shards it completed.
+async fn done_shard_payouts(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Vec<(Uuid, i64)>> {
+    sqlx::query_as(
+        "SELECT n.account_id, sum(s.fee)::bigint FROM shards s JOIN nodes n ON n.id = s.node_id
+         WHERE s.job_id = $1 AND s.status = 'done' GROUP BY n.account_id ORDER BY 1",
+    )
+    .bind(job_id)
+    .fetch_all(conn)
+    .await
+}
+
+async fn publish_finished(state: &AppState, account: Uuid, job: Job) {
+    state
+        .metrics
+        .job_transitions
+        .with_label_values(&[&job.kind, job.status.as_str()])
+        .inc();
+    if let Some(event) = JobEvent::finished(job) {
+        state.events.publish(account, event).await;
+    }
+}
+
+/// Cancels one of the caller's unfinished jobs, refunding what was not spent.
+pub async fn cancel(state: &AppState, account: Uuid, job_id: Uuid) -> Result<Job, AppError> {
+    let mut tx = state.db.begin().await?;
+    let status: Option<JobStatus> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2 FOR UPDATE")
+            .bind(job_id)
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let status = status.ok_or(AppError::NotFound("job"))?;
+    if status.is_terminal() {
+        return Err(AppError::Conflict(format!(
+            "the job is already {}",
+            status.as_str()
+        )));
+    }
+    let job = match finish(&mut tx, job_id, Outcome::Canceled).await? {
+        Some(job) => job,
+        None => fetch_row(&mut tx, job_id).await?.into(),
+    };
+    tx.commit().await?;
+    publish_finished(state, account, job.clone()).await;
+    Ok(job)
+}
+
+/// Returns lapsed shards to the queue and fails jobs that cannot finish, every tick.
+pub async fn run_sweeper(state: AppState, shutdown: Shutdown) {
+    let tick = (state.config.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.wait() => return,
+        }
+        if let Err(e) = sweep(&state).await {
+            tracing::warn!(error = ?e, "sweep failed");
+        }
+    }
+}
+
+async fn sweep(state: &AppState) -> anyhow::Result<()> {
+    // Leases that lapsed without progress: the node is presumed dead or stuck.
+    let lapsed: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH lapsed AS (
+             SELECT id, node_id FROM shards
+             WHERE status = 'assigned' AND lease_expires_at < now()
+             FOR UPDATE SKIP LOCKED)
+         UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                lease_expires_at = NULL, excluded_nodes = array_append(s.excluded_nodes, l.node_id)
+         FROM lapsed l WHERE s.id = l.id
+         RETURNING s.id, l.node_id",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    if !lapsed.is_empty() {
+        let nodes: Vec<&str> = lapsed.iter().map(|(_, n)| n.as_str()).collect();
+        sqlx::query(
+            "UPDATE nodes n SET shards_failed = n.shards_failed + c.lapses
+             FROM (SELECT node, count(*) AS lapses FROM UNNEST($1::text[]) AS node GROUP BY node) c
+             WHERE n.id = c.node",
+        )
+        .bind(&nodes)
+        .execute(&state.db)
+        .await?;
+        tracing::info!(shards = lapsed.len(), "re-queued shards whose lease lapsed");
+        state.wake_dispatcher();
+    }
+
+    let exhausted: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT job_id FROM shards WHERE status = 'pending' AND attempts >= $1",
+    )
+    .bind(state.config.max_shard_attempts as i32)
+    .fetch_all(&state.db)
+    .await?;
+    for job_id in exhausted {
+        fail(
+            state,
+            job_id,
+            "shard_attempts_exhausted",
+            "a shard failed on every node it was sent to",
+        )
+        .await?;
+    }
+
+    let timed_out: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE status IN ('queued', 'running')
+           AND created_at < now() - $1 * interval '1 second'",
+    )
+    .bind(state.config.job_timeout.as_secs_f64())
+    .fetch_all(&state.db)
+    .await?;
+    for job_id in timed_out {
+        fail(
+            state,
+            job_id,
+            "timed_out",
+            "the job did not finish in time (no capable node was available?)",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn fail(state: &AppState, job_id: Uuid, code: &str, message: &str) -> anyhow::Result<()> {
+    let mut tx = state.db.begin().await?;
+    let job = finish(
+        &mut tx,
+        job_id,
+        Outcome::Failed(JobError {
+            code: code.into(),
+            message: message.into(),
+        }),
+    )
+    .await?;
+    let account: Uuid = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if let Some(job) = job {
+        tracing::warn!(job = %job_id, code, "job failed");
+        publish_finished(state, account, job).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The double-entry ledger. Every movement of money in xpand goes through [`post`], inside the
+//! caller's Postgres transaction, so a balance never changes without the state change it pays for.
+//!
+//! Invariants (enforced here and again by the schema):
+//! - a transaction's entries sum to zero (checked before insert, and by a deferred trigger);
+//! - no ledger account but the system's issuance account goes negative (a CHECK constraint);
+//! - a job's escrow is held once and released once (a unique index on `(job_id, kind)`).
+//!
+//! Amounts are `i64` micro-credits.
+
+pub mod escrow;
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The account that owns issuance (the source of deposits) and revenue (gateway fees).
+pub const SYSTEM_ACCOUNT: Uuid = Uuid::nil();
+
+/// What a ledger account holds for its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// A customer's spendable balance.
+    Available,
+    /// A customer's money escrowed for unfinished jobs.
+    Held,
+    /// A node's earnings from shards.
+    Earnings,
+    /// Where deposits come from; the only account allowed below zero.
+    Issuance,
+    /// The gateway's job fees.
+    Revenue,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Available => "available",
+            Purpose::Held => "held",
+            Purpose::Earnings => "earnings",
+            Purpose::Issuance => "issuance",
+            Purpose::Revenue => "revenue",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxKind {
+    Deposit,
+    EscrowHold,
+    EscrowRelease,
+}
+
+impl TxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxKind::Deposit => "deposit",
+            TxKind::EscrowHold => "escrow_hold",
+            TxKind::EscrowRelease => "escrow_release",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger transaction does not balance (sum {0})")]
+    Unbalanced(i64),
+    #[error("this job's {0} was already posted")]
+    AlreadyPosted(&'static str),
+    #[error("the posting would overdraw a ledger account")]
+    Overdrawn,
+    #[error("ledger account {owner}/{purpose} does not exist")]
+    NoSuchAccount { owner: Uuid, purpose: &'static str },
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Creates the ledger accounts an owner needs (idempotent).
+pub async fn open_accounts(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    purposes: &[Purpose],
+) -> Result<(), sqlx::Error> {
+    for p in purposes {
+        sqlx::query(
+            "INSERT INTO ledger_accounts (owner, purpose) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(owner)
+        .bind(p.as_str())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn account_id(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    purpose: Purpose,
+) -> Result<i64, LedgerError> {
+    sqlx::query_scalar("SELECT id FROM ledger_accounts WHERE owner = $1 AND purpose = $2")
+        .bind(owner)
+        .bind(purpose.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(LedgerError::NoSuchAccount {
+            owner,
+            purpose: purpose.as_str(),
+        })
+}
+
+/// One leg of a transaction: `amount` (signed) to `owner`'s `purpose` account.
+#[derive(Debug, Clone, Copy)]
+pub struct Posting {
+    pub owner: Uuid,
+    pub purpose: Purpose,
+    pub amount: i64,
+}
+
+/// Records a balanced transaction and applies it to the balances. Zero-amount postings are
+/// dropped. Returns the transaction id. Runs in the caller's transaction: the caller commits.
+pub async fn post(
+    conn: &mut PgConnection,
+    kind: TxKind,
+    job_id: Option<Uuid>,
+    memo: &str,
+    postings: &[Posting],
+) -> Result<i64, LedgerError> {
+    let sum = postings
+        .iter()
+        .try_fold(0i64, |acc, p| acc.checked_add(p.amount))
+        .ok_or(LedgerError::Unbalanced(i64::MAX))?;
+    if sum != 0 {
+        return Err(LedgerError::Unbalanced(sum));
+    }
+    let mut legs = Vec::with_capacity(postings.len());
+    for p in postings.iter().filter(|p| p.amount != 0) {
+        legs.push((account_id(conn, p.owner, p.purpose).await?, p.amount));
+    }
+    // Lock balances in one global order so concurrent postings cannot deadlock.
+    legs.sort_unstable_by_key(|(id, _)| *id);
+
+    let tx_id: i64 = sqlx::query_scalar(
+        "INSERT INTO ledger_transactions (kind, job_id, memo) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(kind.as_str())
+    .bind(job_id)
+    .bind(memo)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            LedgerError::AlreadyPosted(kind.as_str())
+        }
+        _ => LedgerError::Db(e),
+    })?;
+
+    for (account, amount) in legs {
+        sqlx::query(
+            "INSERT INTO ledger_entries (tx_id, ledger_account_id, amount) VALUES ($1, $2, $3)",
+        )
+        .bind(tx_id)
+        .bind(account)
+        .bind(amount)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE ledger_accounts SET balance = balance + $2 WHERE id = $1")
+            .bind(account)
+            .bind(amount)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_check_violation() => LedgerError::Overdrawn,
+                _ => LedgerError::Db(e),
+            })?;
+    }
+    Ok(tx_id)
+}
+
+/// Credits a customer from issuance: the stand-in for the paper's on-chain payment oracle. A
+/// chain watcher would call this with the confirmed transfer as `memo`.
+pub async fn deposit(
+    conn: &mut PgConnection,
+    account: Uuid,
+    amount: i64,
+    memo: &str,
+) -> Result<i64, LedgerError> {
+    if amount <= 0 {
+        return Err(LedgerError::Unbalanced(amount));
+    }
+    post(
+        conn,
+        TxKind::Deposit,
+        None,
+        memo,
+        &[
+            Posting {
+                owner: SYSTEM_ACCOUNT,
+                purpose: Purpose::Issuance,
+                amount: -amount,
+            },
+            Posting {
+                owner: account,
+                purpose: Purpose::Available,
+                amount,
+            },
+        ],
+    )
+    .await
+}
+
+/// A customer's balances.
+#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema, PartialEq, Eq)]
+pub struct Balances {
+    /// Spendable micro-credits.
+    pub available: i64,
+    /// Micro-credits escrowed for unfinished jobs.
+    pub held: i64,
+}
+
+pub async fn balances(pool: &PgPool, owner: Uuid) -> Result<Balances, sqlx::Error> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT purpose, balance FROM ledger_accounts WHERE owner = $1")
+            .bind(owner)
+            .fetch_all(pool)
+            .await?;
+    let mut b = Balances::default();
+    for (purpose, balance) in rows {
+        match purpose.as_str() {
+            "available" => b.available = balance,
+            "held" => b.held = balance,
+            _ => {}
+        }
+    }
+    Ok(b)
+}
+
+/// One ledger entry as an account owner sees it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, sqlx::FromRow)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub tx_id: i64,
+    /// `deposit`, `escrow_hold` or `escrow_release`.
+    pub kind: String,
+    /// Which of the owner's ledger accounts moved: `available`, `held`, `earnings`.
+    pub purpose: String,
+    /// Signed micro-credits.
+    pub amount: i64,
+    pub job_id: Option<Uuid>,
+    pub memo: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The owner's entries, newest first, strictly before entry id `before` when given.
+pub async fn entries(
+    pool: &PgPool,
+    owner: Uuid,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.id, e.tx_id, t.kind, a.purpose, e.amount, t.job_id, t.memo, e.created_at
+         FROM ledger_entries e
+         JOIN ledger_accounts a ON a.id = e.ledger_account_id
+         JOIN ledger_transactions t ON t.id = e.tx_id
+         WHERE a.owner = $1 AND ($2::bigint IS NULL OR e.id < $2)
+         ORDER BY e.id DESC LIMIT $3",
+    )
+    .bind(owner)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

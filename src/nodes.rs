@@ -1,0 +1,292 @@
+//! Worker nodes: registration (an operator registers a node's public key; its messages are
+//! refused until then), signed capability statements, and liveness.
+//!
+//! Liveness lives in Redis as a key per node with a TTL that heartbeats renew, so every gateway
+//! replica agrees on who is alive and a dead node disappears without anyone noticing it died.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use utoipa::ToSchema;
+use uuid::Uuid;
+use xpand_protocol::{parse_node_id, Announce};
+
+use crate::error::AppError;
+use crate::ledger::{self, Purpose};
+
+/// Registers a node's public key (hex) with a payout account. Idempotent per key.
+pub async fn register(pool: &PgPool, node_id: &str, name: &str) -> anyhow::Result<Uuid> {
+    parse_node_id(node_id).map_err(|e| anyhow::anyhow!("{node_id:?} is not a node id: {e}"))?;
+    let mut tx = pool.begin().await?;
+    if let Some(account) =
+        sqlx::query_scalar::<_, Uuid>("SELECT account_id FROM nodes WHERE id = $1")
+            .bind(node_id)
+            .fetch_optional(&mut *tx)
+            .await?
+    {
+        return Ok(account);
+    }
+    let account = Uuid::now_v7();
+    sqlx::query("INSERT INTO accounts (id, name, kind) VALUES ($1, $2, 'node')")
+        .bind(account)
+        .bind(format!("node {name}"))
+        .execute(&mut *tx)
+        .await?;
+    ledger::open_accounts(&mut tx, account, &[Purpose::Earnings]).await?;
+    sqlx::query("INSERT INTO nodes (id, name, account_id) VALUES ($1, $2, $3)")
+        .bind(node_id)
+        .bind(name)
+        .bind(account)
+        .execute(&mut *tx)
+        .await
+        .context("inserting the node")?;
+    tx.commit().await?;
+    Ok(account)
+}
+
+/// Bans a node: its messages are dropped and it gets no more work. False if there is no such node.
+pub async fn ban(pool: &PgPool, node_id: &str) -> sqlx::Result<bool> {
+    let n = sqlx::query("UPDATE nodes SET status = 'banned' WHERE id = $1")
+        .bind(node_id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStanding {
+    Active,
+    Banned,
+}
+
+/// Node standing, cached for a few seconds: every worker message needs it.
+pub struct NodeDirectory {
+    cache: Mutex<HashMap<String, (Option<NodeStanding>, Instant)>>,
+}
+
+const STANDING_TTL: Duration = Duration::from_secs(5);
+
+impl NodeDirectory {
+    pub fn new() -> Self {
+        Self {
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `None` for a node nobody registered.
+    pub async fn standing(
+        &self,
+        pool: &PgPool,
+        node_id: &str,
+    ) -> Result<Option<NodeStanding>, sqlx::Error> {
+        if let Some((standing, at)) = self.cache.lock().await.get(node_id) {
+            if at.elapsed() < STANDING_TTL {
+                return Ok(*standing);
+            }
+        }
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM nodes WHERE id = $1")
+            .bind(node_id)
+            .fetch_optional(pool)
+            .await?;
+        let standing = status.map(|s| {
+            if s == "banned" {
+                NodeStanding::Banned
+            } else {
+                NodeStanding::Active
+            }
+        });
+        let mut cache = self.cache.lock().await;
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(node_id.to_string(), (standing, Instant::now()));
+        Ok(standing)
+    }
+}
+
+impl Default for NodeDirectory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Stores a verified capability statement unless a newer one is already stored.
+pub async fn record_announce(
+    pool: &PgPool,
+    node_id: &str,
+    signed_at_ms: i64,
+    announce: &Announce,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE nodes SET capabilities = $2, announced_ts = $3, announced_at = now()
+         WHERE id = $1 AND (announced_ts IS NULL OR announced_ts < $3)",
+    )
+    .bind(node_id)
+    .bind(serde_json::to_value(announce).expect("announces serialize"))
+    .bind(signed_at_ms)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Redis liveness keys.
+#[derive(Clone)]
+pub struct Liveness {
+    redis: redis::aio::ConnectionManager,
+    prefix: String,
+    ttl: Duration,
+}
+
+impl Liveness {
+    pub fn new(redis: redis::aio::ConnectionManager, prefix: &str, ttl: Duration) -> Self {
+        Self {
+            redis,
+            prefix: prefix.to_string(),
+            ttl,
+        }
+    }
+
+    fn key(&self, node_id: &str) -> String {
+        format!("{}:node-alive:{node_id}", self.prefix)
+    }
+
+    pub async fn beat(&self, node_id: &str) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::cmd("SET")
+            .arg(self.key(node_id))
+            .arg(1)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Which of `nodes` are alive, in order.
+    pub async fn alive(&self, nodes: &[String]) -> redis::RedisResult<Vec<bool>> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.redis.clone();
+        let keys: Vec<String> = nodes.iter().map(|n| self.key(n)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await?;
+        Ok(values.into_iter().map(|v| v.is_some()).collect())
+    }
+}
+
+/// A live node with room for more shards.
+#[derive(Debug, Clone)]
+pub struct NodeSlot {
+    pub id: String,
+    pub models: Vec<String>,
+    pub free: i64,
+}
+
+/// Live, active nodes and how many more shards each can take.
+pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<NodeSlot>> {
+    let rows: Vec<(String, sqlx::types::Json<Announce>, i64)> = sqlx::query_as(
+        "SELECT n.id, n.capabilities,
+                (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned')
+         FROM nodes n WHERE n.status = 'active' AND n.capabilities IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let alive = liveness.alive(&ids).await?;
+    Ok(rows
+        .into_iter()
+        .zip(alive)
+        .filter(|(_, alive)| *alive)
+        .map(|((id, caps, busy), _)| NodeSlot {
+            id,
+            models: caps.0.models.iter().map(|m| m.name.clone()).collect(),
+            free: caps.0.max_concurrent_shards as i64 - busy,
+        })
+        .filter(|slot| slot.free > 0)
+        .collect())
+}
+
+/// A node as anyone may see it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Node {
+    /// Hex of the node's ed25519 public key.
+    pub id: String,
+    pub name: String,
+    /// `active` or `banned`.
+    pub status: String,
+    /// Whether the node's heartbeat is current.
+    pub alive: bool,
+    /// The node's last signed capability statement.
+    #[schema(value_type = Option<Object>)]
+    pub capabilities: Option<serde_json::Value>,
+    pub announced_at: Option<DateTime<Utc>>,
+    pub registered_at: DateTime<Utc>,
+    pub shards_done: i64,
+    pub shards_failed: i64,
+    /// Micro-credits earned from shards.
+    pub earnings: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct NodeRow {
+    id: String,
+    name: String,
+    status: String,
+    capabilities: Option<serde_json::Value>,
+    announced_at: Option<DateTime<Utc>>,
+    registered_at: DateTime<Utc>,
+    shards_done: i64,
+    shards_failed: i64,
+    earnings: i64,
+}
+
+const NODE_SELECT: &str = "SELECT n.id, n.name, n.status, n.capabilities, n.announced_at,
+        n.registered_at, n.shards_done, n.shards_failed, COALESCE(l.balance, 0) AS earnings
+    FROM nodes n LEFT JOIN ledger_accounts l ON l.owner = n.account_id AND l.purpose = 'earnings'";
+
+async fn with_liveness(liveness: &Liveness, rows: Vec<NodeRow>) -> anyhow::Result<Vec<Node>> {
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let alive = liveness.alive(&ids).await?;
+    Ok(rows
+        .into_iter()
+        .zip(alive)
+        .map(|(r, alive)| Node {
+            id: r.id,
+            name: r.name,
+            status: r.status,
+            alive,
+            capabilities: r.capabilities,
+            announced_at: r.announced_at,
+            registered_at: r.registered_at,
+            shards_done: r.shards_done,
+            shards_failed: r.shards_failed,
+            earnings: r.earnings,
+        })
+        .collect())
+}
+
+pub async fn list(pool: &PgPool, liveness: &Liveness) -> Result<Vec<Node>, AppError> {
+    let rows: Vec<NodeRow> = sqlx::query_as(&format!("{NODE_SELECT} ORDER BY n.registered_at"))
+        .fetch_all(pool)
+        .await?;
+    Ok(with_liveness(liveness, rows).await?)
+}
+
+pub async fn get(pool: &PgPool, liveness: &Liveness, id: &str) -> Result<Node, AppError> {
+    let rows: Vec<NodeRow> = sqlx::query_as(&format!("{NODE_SELECT} WHERE n.id = $1"))
+        .bind(id)
+        .fetch_all(pool)
+        .await?;
+    with_liveness(liveness, rows)
+        .await?
+        .pop()
+        .ok_or(AppError::NotFound("node"))
+}

@@ -1,0 +1,54 @@
+//! The OpenAPI document, generated from the handlers' annotations. `openapi/openapi.json` is
+//! this document, committed; a test fails when the two differ (`xpand openapi > openapi/openapi.json`).
+
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::http::{account, jobs, nodes, ops, ws};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "xpand",
+        description = "Gateway of a decentralized AI compute network: submit jobs (spreadsheet forecasts, ...), escrowed in micro-credits, run by worker nodes. Errors are RFC 9457 problem documents.",
+        version = env!("CARGO_PKG_VERSION"),
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
+        account::token, account::account, account::ledger_entries,
+        nodes::list, nodes::get,
+        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+    ),
+    components(schemas(ws::ClientOp, ws::Reply, crate::events::JobEvent)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),
+        (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
+        (name = "account", description = "Balances and ledger entries"),
+        (name = "nodes", description = "Worker nodes of the network"),
+        (name = "ops", description = "Health, readiness, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The document as committed: pretty JSON with a trailing newline.
+pub fn render() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    s.push('\n');
+    s
+}

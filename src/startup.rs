@@ -1,0 +1,177 @@
+//! Builds the application from a [`Config`] and runs it until a shutdown signal.
+//!
+//! Shutdown order: stop accepting HTTP and close streams; stop dispatching; give workers a
+//! short grace period to deliver results for shards already out (anything still out after that
+//! is handed back by its lease lapsing, to whichever replica is alive); then stop the rest.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::JwtKeys;
+use crate::broker::{self, Broker};
+use crate::config::Config;
+use crate::events::EventHub;
+use crate::jobs::orchestrator;
+use crate::metrics::Metrics;
+use crate::nodes::{Liveness, NodeDirectory};
+use crate::shutdown::{self, Trigger};
+use crate::state::{AppState, Inner};
+
+/// How long a stopping gateway keeps reading results for shards already dispatched.
+const DRAIN: Duration = Duration::from_secs(5);
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    stop_streams: Trigger,
+    stop_dispatch: Trigger,
+    stop_background: Trigger,
+    dispatcher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+pub async fn connect_db(config: &Config) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(config.db_pool)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&config.database_url)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", config.database_url))
+}
+
+pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations")
+        .run(db)
+        .await
+        .context("applying migrations")
+}
+
+impl Application {
+    /// Connects to Postgres (applying migrations), Redis and the broker, binds the listener and
+    /// starts the background loops.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = connect_db(&config).await?;
+        migrate(&db).await?;
+        let redis_client = redis::Client::open(config.redis_url.as_str())
+            .with_context(|| format!("bad REDIS_URL {}", config.redis_url))?;
+        let redis = redis::aio::ConnectionManager::new(redis_client.clone())
+            .await
+            .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let (broker, eventloop) = Broker::new(&config);
+        let (stop_streams, streams) = shutdown::channel();
+        let (stop_dispatch, dispatch) = shutdown::channel();
+        let (stop_background, background) = shutdown::channel();
+        let events = EventHub::new(redis.clone(), &config.redis_prefix);
+        let state = AppState::new(Inner {
+            jwt: JwtKeys::new(&config.gateway_key)?,
+            liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
+            events: events.clone(),
+            config,
+            db,
+            redis,
+            broker,
+            node_directory: NodeDirectory::new(),
+            metrics: Metrics::new(),
+            dispatch_wakeup: Default::default(),
+            shutdown: streams,
+        });
+        let tasks = vec![
+            tokio::spawn(broker::run_inbound(
+                state.clone(),
+                eventloop,
+                background.clone(),
+            )),
+            tokio::spawn(events.run_subscriber(redis_client, background.clone())),
+            tokio::spawn(orchestrator::run_sweeper(state.clone(), background)),
+        ];
+        let dispatcher = tokio::spawn(orchestrator::run_dispatcher(state.clone(), dispatch));
+        Ok(Self {
+            listener,
+            state,
+            stop_streams,
+            stop_dispatch,
+            stop_background,
+            dispatcher,
+            background: tasks,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `signal` resolves, then shuts down in order (see the module docs).
+    pub async fn run_until_stopped(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let router = crate::http::router(self.state.clone());
+        let stop_streams = self.stop_streams;
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                tracing::info!("shutting down: no new requests");
+                stop_streams.fire();
+            })
+            .await
+            .context("serving HTTP")?;
+
+        self.stop_dispatch.fire();
+        let _ = self.dispatcher.await;
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while tokio::time::Instant::now() < deadline {
+            let out: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM shards WHERE status = 'assigned'")
+                    .fetch_one(&self.state.db)
+                    .await
+                    .unwrap_or(0);
+            if out == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.stop_background.fire();
+        for task in self.background {
+            let _ = task.await;
+        }
+        self.state.broker.disconnect().await;
+        self.state.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
