@@ -277,7 +277,9 @@ async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
     if let Err(e) = outcome {
         match e.downcast_ref::<DropReason>() {
             Some(reason) => state.metrics.reject(reason.label()),
-            None => tracing::error!(error = ?e, kind = kind.as_str(), node, "handling a worker message failed"),
+            None => {
+                tracing::error!(error = ?e, kind = kind.as_str(), node, "handling a worker message failed")
+            }
         }
     }
 }

@@ -32,7 +32,11 @@ pub struct GatewayArgs {
     pub redis_prefix: String,
     /// File holding the gateway's ed25519 seed (hex); it signs assignments and JWTs.
     /// Created with a fresh key when missing.
-    #[arg(long, env = "XPAND_GATEWAY_KEY_FILE", default_value = ".xpand/gateway.key")]
+    #[arg(
+        long,
+        env = "XPAND_GATEWAY_KEY_FILE",
+        default_value = ".xpand/gateway.key"
+    )]
     pub gateway_key_file: PathBuf,
     /// Seconds a worker holds a shard without progress before it is given to another.
     #[arg(long, env = "XPAND_LEASE_SECS", default_value_t = 30)]
@@ -81,7 +85,10 @@ impl GatewayArgs {
     pub fn into_config(self) -> anyhow::Result<Config> {
         let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt_url)?;
         if !self.database_url.starts_with("postgres") {
-            bail!("DATABASE_URL must be a postgres:// URL, got {:?}", self.database_url);
+            bail!(
+                "DATABASE_URL must be a postgres:// URL, got {:?}",
+                self.database_url
+            );
         }
         if !self.redis_url.starts_with("redis://") {
             bail!("REDIS_URL must be a redis:// URL, got {:?}", self.redis_url);
@@ -95,7 +102,9 @@ impl GatewayArgs {
             }
         }
         if self.lease_secs == 0 || self.job_timeout_secs == 0 || self.max_shard_attempts == 0 {
-            bail!("XPAND_LEASE_SECS, XPAND_JOB_TIMEOUT_SECS and XPAND_MAX_SHARD_ATTEMPTS must be > 0");
+            bail!(
+                "XPAND_LEASE_SECS, XPAND_JOB_TIMEOUT_SECS and XPAND_MAX_SHARD_ATTEMPTS must be > 0"
+            );
         }
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
         Ok(Config {

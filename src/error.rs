@@ -120,9 +120,7 @@ impl AppError {
             AppError::IdempotencyMismatch => {
                 (422, "idempotency-key-reused", "Idempotency key reused")
             }
-            AppError::InsufficientFunds { .. } => {
-                (402, "insufficient-funds", "Insufficient funds")
-            }
+            AppError::InsufficientFunds { .. } => (402, "insufficient-funds", "Insufficient funds"),
             AppError::MaxFeeBelowQuote { .. } => {
                 (402, "max-fee-below-quote", "max_fee below quote")
             }
@@ -136,12 +134,12 @@ impl AppError {
                 .collect::<Vec<_>>()
                 .join("; "),
             AppError::Unauthorized(why) => format!("missing or invalid credentials: {why}"),
-            AppError::InsufficientFunds { quote, available } => format!(
-                "the job costs {quote} micro-credits but only {available} are available"
-            ),
-            AppError::MaxFeeBelowQuote { quote, max_fee } => format!(
-                "the job is quoted at {quote} micro-credits, above max_fee {max_fee}"
-            ),
+            AppError::InsufficientFunds { quote, available } => {
+                format!("the job costs {quote} micro-credits but only {available} are available")
+            }
+            AppError::MaxFeeBelowQuote { quote, max_fee } => {
+                format!("the job is quoted at {quote} micro-credits, above max_fee {max_fee}")
+            }
             AppError::Internal(_) => "an internal error occurred; it has been logged".into(),
             other => other.to_string(),
         };

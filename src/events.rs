@@ -105,8 +105,8 @@ impl EventHub {
     /// Publishes best-effort: events are a live feed, and a lost one is recovered by reading
     /// the job. A Redis outage must not fail the state change that produced the event.
     pub async fn publish(&self, account_id: Uuid, event: JobEvent) {
-        let payload = serde_json::to_string(&Published { account_id, event })
-            .expect("events serialize");
+        let payload =
+            serde_json::to_string(&Published { account_id, event }).expect("events serialize");
         let mut conn = self.redis.clone();
         let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(&self.channel)
@@ -124,11 +124,7 @@ impl EventHub {
 
     /// Feeds the local broadcast from the Redis channel until `shutdown`, reconnecting with
     /// back-off when Redis goes away.
-    pub async fn run_subscriber(
-        self,
-        client: redis::Client,
-        shutdown: Shutdown,
-    ) {
+    pub async fn run_subscriber(self, client: redis::Client, shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let attempt = async {

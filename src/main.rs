@@ -9,7 +9,11 @@ use xpand::startup::{self, Application};
 use xpand::{accounts, ledger, nodes, telemetry, up};
 
 #[derive(Parser)]
-#[command(name = "xpand", version, about = "Gateway of the xpand AI compute network")]
+#[command(
+    name = "xpand",
+    version,
+    about = "Gateway of the xpand AI compute network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,14 +27,22 @@ enum Command {
     Serve(GatewayArgs),
     /// Apply database migrations and exit.
     Migrate {
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/xpand")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/xpand"
+        )]
         database_url: String,
     },
     /// Print the OpenAPI document (what `openapi/openapi.json` must contain).
     Openapi,
     /// Administration: accounts, deposits, nodes.
     Admin {
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/xpand")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/xpand"
+        )]
         database_url: String,
         #[command(subcommand)]
         command: AdminCommand,

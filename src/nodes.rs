@@ -174,10 +174,8 @@ impl Liveness {
         }
         let mut conn = self.redis.clone();
         let keys: Vec<String> = nodes.iter().map(|n| self.key(n)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await?;
+        let values: Vec<Option<String>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
         Ok(values.into_iter().map(|v| v.is_some()).collect())
     }
 }

@@ -121,7 +121,9 @@ pub async fn token(
     body: axum::body::Bytes,
 ) -> AppResult<Json<TokenResponse>> {
     if !caller.via_api_key {
-        return Err(AppError::Forbidden("an API key (tokens cannot mint tokens)".into()));
+        return Err(AppError::Forbidden(
+            "an API key (tokens cannot mint tokens)".into(),
+        ));
     }
     let req: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
         TokenRequest::default()

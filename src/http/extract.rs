@@ -20,10 +20,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or_default();
             if !ct.starts_with("application/json") && !ct.contains("+json") {
-                return Err(AppError::field(
-                    "Content-Type",
-                    "must be application/json",
-                ));
+                return Err(AppError::field("Content-Type", "must be application/json"));
             }
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
@@ -42,7 +39,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
             AppError::MalformedJson(inner.to_string())
         } else {
             let path = e.path().to_string();
-            let field = if path == "." { "body".to_string() } else { path };
+            let field = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
             AppError::Validation(vec![FieldError::new(field, inner.to_string())])
         }
     })

@@ -57,11 +57,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     // Job counts come from Postgres so every replica reports the whole system.
-    if let Ok(rows) = sqlx::query_as::<_, (String, i64)>(
-        "SELECT status, count(*) FROM jobs GROUP BY status",
-    )
-    .fetch_all(&state.db)
-    .await
+    if let Ok(rows) =
+        sqlx::query_as::<_, (String, i64)>("SELECT status, count(*) FROM jobs GROUP BY status")
+            .fetch_all(&state.db)
+            .await
     {
         state.metrics.jobs.reset();
         for (status, n) in rows {

@@ -242,8 +242,14 @@ async fn run_op(
             idempotency_key,
         } => {
             caller.require(Scope::JobsWrite)?;
-            if idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
-                return Err(AppError::field("idempotency_key", "must be 1 to 255 characters"));
+            if idempotency_key
+                .as_ref()
+                .is_some_and(|k| k.is_empty() || k.len() > 255)
+            {
+                return Err(AppError::field(
+                    "idempotency_key",
+                    "must be 1 to 255 characters",
+                ));
             }
             let (_, job) = submit_job(state, caller, &job, idempotency_key.as_deref()).await?;
             // Subscribed before this frame is answered: the feed buffers any event that
@@ -278,7 +284,10 @@ async fn run_op(
             subscribed.remove(&job_id);
             Reply::Unsubscribed { reference, job_id }
         }
-        ClientOp::Cancel { reference: _, job_id } => {
+        ClientOp::Cancel {
+            reference: _,
+            job_id,
+        } => {
             caller.require(Scope::JobsWrite)?;
             let job = orchestrator::cancel(state, caller.account_id, job_id).await?;
             // The `canceled` event also arrives on the feed for subscribers; answer directly

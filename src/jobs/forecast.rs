@@ -53,7 +53,10 @@ pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
     };
     if let Some(obj) = params.as_object() {
         for key in obj.keys().filter(|k| *k != "horizon") {
-            errors.push(FieldError::new(format!("params.{key}"), "is not a forecast parameter"));
+            errors.push(FieldError::new(
+                format!("params.{key}"),
+                "is not a forecast parameter",
+            ));
         }
     }
     let series = parse_series(input, &mut errors);
@@ -81,7 +84,10 @@ fn parse_series(input: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<Vec<f
         return None;
     };
     if rows.is_empty() {
-        errors.push(FieldError::new("input.series", "must have at least one row"));
+        errors.push(FieldError::new(
+            "input.series",
+            "must have at least one row",
+        ));
         return None;
     }
     if rows.len() > MAX_ROWS {
@@ -198,7 +204,10 @@ pub fn check_output(task: &ShardTask, output: &ShardOutput) -> Result<(), String
     }
     for (i, row) in forecasts.iter().enumerate() {
         if row.len() != *horizon as usize {
-            return Err(format!("row {i} has {} values, expected {horizon}", row.len()));
+            return Err(format!(
+                "row {i} has {} values, expected {horizon}",
+                row.len()
+            ));
         }
         if row.iter().any(|v| !v.is_finite()) {
             return Err(format!("row {i} has a non-finite value"));
@@ -245,10 +254,7 @@ mod tests {
         let rows: Vec<Vec<f64>> = (0..10_000).map(|_| vec![1.0, 2.0, 3.0]).collect();
         let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 1 })).unwrap();
         assert!(plan.shards.len() <= MAX_SHARDS);
-        assert_eq!(
-            plan.shards.iter().map(|s| s.row_count).sum::<i32>(),
-            10_000
-        );
+        assert_eq!(plan.shards.iter().map(|s| s.row_count).sum::<i32>(), 10_000);
     }
 
     #[test]

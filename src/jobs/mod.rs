@@ -173,6 +173,7 @@ impl From<JobRow> for Job {
 }
 
 /// A job mapped into shards, before it is stored.
+#[derive(Debug)]
 pub struct JobPlan {
     pub model: String,
     /// The gateway's share of the price; workers earn the shards' fees.
@@ -186,6 +187,7 @@ impl JobPlan {
     }
 }
 
+#[derive(Debug)]
 pub struct ShardPlan {
     pub row_offset: i32,
     pub row_count: i32,

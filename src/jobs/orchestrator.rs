@@ -18,7 +18,9 @@ use chrono::Utc;
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
-use xpand_protocol::{Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask};
+use xpand_protocol::{
+    Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
+};
 
 use super::{fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS};
 use crate::broker::DropReason;
@@ -241,7 +243,12 @@ fn verify_result(shard: &AssignedShard, r: &ShardResult) -> Result<(), String> {
     if let Some(claimed) = &shard.progress_chain {
         // The output must extend what progress already committed to.
         let mut chain = ProgressChain::new(r.assignment_id);
-        for chunk in r.output.chunk_bytes().iter().take(shard.progress_done as usize) {
+        for chunk in r
+            .output
+            .chunk_bytes()
+            .iter()
+            .take(shard.progress_done as usize)
+        {
             chain.push(chunk);
         }
         if &chain.hex() != claimed {
@@ -454,7 +461,10 @@ pub async fn finish(
 }
 
 /// What each node earned on this job: the fees of the shards it completed.
-async fn done_shard_payouts(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Vec<(Uuid, i64)>> {
+async fn done_shard_payouts(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> sqlx::Result<Vec<(Uuid, i64)>> {
     sqlx::query_as(
         "SELECT n.account_id, sum(s.fee)::bigint FROM shards s JOIN nodes n ON n.id = s.node_id
          WHERE s.job_id = $1 AND s.status = 'done' GROUP BY n.account_id ORDER BY 1",

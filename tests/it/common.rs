@@ -1,0 +1,378 @@
+//! Test harness: every test spawns the real gateway on a random port against its own fresh
+//! Postgres database, its own Redis key prefix and its own MQTT topic prefix, with real
+//! in-process `xpand-worker`s running the real ONNX model.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+use xpand::config::Config;
+use xpand::startup::Application;
+use xpand_protocol::NodeKey;
+use xpand_worker::{BrokerAddress, WorkerConfig};
+
+pub fn pg_server() -> String {
+    std::env::var("XPAND_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("XPAND_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub const MQTT_HOST: &str = "127.0.0.1";
+pub const MQTT_PORT: u16 = 1883;
+
+pub struct TestWorker {
+    pub node_id: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWorker {
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub db: PgPool,
+    pub db_name: String,
+    pub config: Config,
+    pub http: reqwest::Client,
+    pub state: xpand::state::AppState,
+    pub workers: Vec<TestWorker>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A fresh, unique name; the timestamp lets a later run sweep databases a crashed test left.
+fn unique(prefix: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!(
+        "{prefix}_{secs}_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+async fn create_database() -> String {
+    let name = unique("xpand_t");
+    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
+        .await
+        .expect("Postgres must be running on 127.0.0.1:5432 (make test starts it)");
+    // Sweep what crashed runs left behind (older than an hour).
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let stale: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'xpand_t_%'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    for db in stale {
+        let ts = db.split('_').nth(2).and_then(|t| t.parse::<u64>().ok());
+        if ts.is_some_and(|t| t < cutoff) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    name
+}
+
+pub fn test_config(db_name: &str) -> Config {
+    let prefix = unique("t");
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: format!("{}/{db_name}", pg_server()),
+        redis_url: redis_url(),
+        mqtt_host: MQTT_HOST.into(),
+        mqtt_port: MQTT_PORT,
+        topic_prefix: format!("xpand-test/{prefix}"),
+        redis_prefix: format!("xpand-test:{prefix}"),
+        gateway_key: NodeKey::generate(),
+        lease: Duration::from_secs(30),
+        node_ttl: Duration::from_secs(5),
+        job_timeout: Duration::from_secs(300),
+        max_shard_attempts: 5,
+        max_body_bytes: 1024 * 1024,
+        token_ttl: Duration::from_secs(900),
+        db_pool: 8,
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns a gateway with `adjust` applied to the test configuration.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        xpand::telemetry::init();
+        let db_name = create_database().await;
+        let mut config = test_config(&db_name);
+        adjust(&mut config);
+        let app = Application::build(config.clone())
+            .await
+            .expect("app builds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let db = app.state().db.clone();
+        let state = app.state().clone();
+        let (stop, stopped) = oneshot::channel();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            base,
+            db,
+            db_name,
+            config,
+            http: reqwest::Client::new(),
+            state,
+            workers: Vec::new(),
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    /// Starts a registered worker with a fresh node key and waits until the gateway sees it.
+    pub async fn start_worker(&mut self) -> String {
+        let key = NodeKey::generate();
+        let node_id = key.id().to_string();
+        xpand::nodes::register(&self.db, &node_id, &format!("test-{}", &node_id[..6]))
+            .await
+            .unwrap();
+        self.run_worker(key).await;
+        self.wait_until_alive(&node_id).await;
+        node_id
+    }
+
+    /// Runs a worker with `key` (registered or not).
+    pub async fn run_worker(&mut self, key: NodeKey) {
+        let mut cfg = WorkerConfig::new(
+            BrokerAddress {
+                host: MQTT_HOST.into(),
+                port: MQTT_PORT,
+            },
+            key.clone(),
+            self.config.gateway_key.id(),
+        );
+        cfg.topic_prefix = self.config.topic_prefix.clone();
+        cfg.models_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/workers/models").into();
+        cfg.name = format!("test-{}", &key.id()[..6]);
+        cfg.max_concurrent_shards = 4;
+        cfg.heartbeat_interval = Duration::from_millis(500);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(xpand_worker::run(cfg, async {
+            let _ = stopped.await;
+        }));
+        self.workers.push(TestWorker {
+            node_id: key.id().to_string(),
+            stop: Some(stop),
+            handle,
+        });
+    }
+
+    pub async fn wait_until_alive(&self, node_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let announced: Option<bool> =
+                sqlx::query_scalar("SELECT capabilities IS NOT NULL FROM nodes WHERE id = $1")
+                    .bind(node_id)
+                    .fetch_optional(&self.db)
+                    .await
+                    .unwrap();
+            let alive = self
+                .state
+                .liveness
+                .alive(&[node_id.to_string()])
+                .await
+                .unwrap();
+            if announced == Some(true) && alive == [true] {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {node_id} never became alive"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A new customer account with `credit` micro-credits; returns its id and API key.
+    pub async fn customer(&self, credit: i64) -> (Uuid, String) {
+        xpand::accounts::create_customer(&self.db, "test", credit)
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_json(&self, key: &str, path: &str) -> Value {
+        let resp = self.get(key, path).await;
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    pub async fn balances(&self, key: &str) -> (i64, i64) {
+        let a = self.get_json(key, "/v1/account").await;
+        (
+            a["available"].as_i64().unwrap(),
+            a["held"].as_i64().unwrap(),
+        )
+    }
+
+    /// Polls a job until it is terminal.
+    pub async fn wait_for_job(&self, key: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.get_json(key, &format!("/v1/jobs/{id}")).await;
+            let status = job["status"].as_str().unwrap().to_string();
+            if ["succeeded", "failed", "canceled"].contains(&status.as_str()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} stuck in {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ledger invariants over the whole database.
+    pub async fn assert_ledger_invariants(&self) {
+        let unbalanced: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT tx_id FROM ledger_entries GROUP BY tx_id HAVING sum(amount) <> 0) t",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        assert_eq!(unbalanced, 0, "every ledger transaction sums to zero");
+        let negative: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ledger_accounts WHERE balance < 0 AND purpose <> 'issuance'",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        assert_eq!(negative, 0, "only issuance may be negative");
+        let drift: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ledger_accounts a
+             WHERE a.balance <> COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.ledger_account_id = a.id), 0)",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        assert_eq!(drift, 0, "balances equal the sum of their entries");
+        let total: Option<i64> =
+            sqlx::query_scalar("SELECT sum(balance)::bigint FROM ledger_accounts")
+                .fetch_one(&self.db)
+                .await
+                .unwrap();
+        assert_eq!(total.unwrap_or(0), 0, "money is neither created nor lost");
+    }
+
+    /// Stops workers and the gateway, clears the workers' retained announces and drops the
+    /// database.
+    pub async fn teardown(mut self) {
+        let nodes: Vec<String> = self.workers.iter().map(|w| w.node_id.clone()).collect();
+        for w in self.workers.drain(..) {
+            w.stop().await;
+        }
+        clear_retained(&self.config.topic_prefix, &nodes).await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
+        self.db.close().await;
+        let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db_name
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+}
+
+/// `rows` spreadsheet rows of a seasonal-ish series, each of length `len`.
+pub fn sheet(rows: usize, len: usize) -> Vec<Vec<f64>> {
+    (0..rows)
+        .map(|r| {
+            (0..len)
+                .map(|t| {
+                    let t = t as f64;
+                    100.0 + r as f64 * 10.0 + 0.5 * t + 8.0 * (t * std::f64::consts::PI / 6.0).sin()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub fn forecast_job(rows: usize, horizon: u32) -> Value {
+    json!({
+        "kind": "forecast",
+        "input": { "series": sheet(rows, 36) },
+        "params": { "horizon": horizon },
+        "max_fee": 10_000_000,
+    })
+}
+
+/// Publishing an empty retained message deletes the broker's retained one.
+async fn clear_retained(prefix: &str, nodes: &[String]) {
+    use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
+    if nodes.is_empty() {
+        return;
+    }
+    let topics = xpand_protocol::Topics::new(prefix);
+    let options = MqttOptions::new(unique("cleanup"), MQTT_HOST, MQTT_PORT);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    for node in nodes {
+        let topic = topics.up(node, xpand_protocol::UpKind::Announce);
+        client
+            .publish(topic, QoS::AtLeastOnce, true, Vec::new())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acked < nodes.len() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let _ = client.disconnect().await;
+}

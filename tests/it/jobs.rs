@@ -1,0 +1,470 @@
+//! Jobs over REST: the happy path with money checks, and every way a request can be refused.
+
+use serde_json::{json, Value};
+
+use crate::common::{forecast_job, sheet, TestApp};
+
+const CREDIT: i64 = 50_000_000;
+
+#[tokio::test]
+async fn forecast_over_rest_settles_and_pays_workers() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(CREDIT).await;
+
+    let resp = app.post_json(&key, "/v1/jobs", &forecast_job(40, 12)).await;
+    assert_eq!(resp.status(), 201);
+    assert!(resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/v1/jobs/"));
+    let job: Value = resp.json().await.unwrap();
+    let quote = job["quote"].as_i64().unwrap();
+    assert_eq!(job["escrow"], quote);
+    assert_eq!(job["progress"]["shards_total"], 5);
+    assert!(job["cost"].is_null());
+
+    let done = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["progress"]["shards_done"], 5);
+    let forecasts = done["output"]["forecasts"].as_array().unwrap();
+    assert_eq!(forecasts.len(), 40);
+    let input = sheet(40, 36);
+    for (row, f) in input.iter().zip(forecasts) {
+        let f: Vec<f64> = serde_json::from_value(f.clone()).unwrap();
+        assert_eq!(f.len(), 12);
+        assert!(f.iter().all(|v| v.is_finite()));
+        // Each row has its own level (100 + 10·r): a forecast in the right row order stays
+        // near its own row's level, not a neighbour's.
+        let last = row[row.len() - 12..].iter().sum::<f64>() / 12.0;
+        let mean = f.iter().sum::<f64>() / 12.0;
+        assert!(
+            (mean - last).abs() < 15.0,
+            "forecast mean {mean} vs recent mean {last}"
+        );
+    }
+
+    let cost = done["cost"].as_i64().unwrap();
+    assert_eq!(cost, quote, "a succeeded job costs its quote");
+    assert_eq!(app.balances(&key).await, (CREDIT - cost, 0));
+
+    // Workers earned the shard fees; the gateway kept its job fee.
+    let earned: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(balance), 0)::bigint FROM ledger_accounts WHERE purpose = 'earnings'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(earned, cost - xpand::jobs::forecast::PRICE_PER_JOB);
+    let ledger = app.get_json(&key, "/v1/account/ledger").await;
+    let kinds: Vec<&str> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    // Success refunds nothing, so the release moves only the held balance.
+    assert_eq!(
+        kinds,
+        ["escrow_release", "escrow_hold", "escrow_hold", "deposit"]
+    );
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn short_balance_or_low_max_fee_is_refused_with_nothing_changed() {
+    let app = TestApp::spawn().await;
+    let (_, poor) = app.customer(100).await;
+    let resp = app.post_json(&poor, "/v1/jobs", &forecast_job(8, 6)).await;
+    assert_eq!(resp.status(), 402);
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(
+        problem["type"],
+        "https://xpand.dev/problems/insufficient-funds"
+    );
+    assert_eq!(problem["available"], 100);
+    assert_eq!(app.balances(&poor).await, (100, 0));
+
+    let (_, rich) = app.customer(CREDIT).await;
+    let mut job = forecast_job(8, 6);
+    job["max_fee"] = json!(10);
+    let resp = app.post_json(&rich, "/v1/jobs", &job).await;
+    assert_eq!(resp.status(), 402);
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(
+        problem["type"],
+        "https://xpand.dev/problems/max-fee-below-quote"
+    );
+    assert!(problem["quote"].as_i64().unwrap() > 10);
+    assert_eq!(app.balances(&rich).await, (CREDIT, 0));
+
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let shards: i64 = sqlx::query_scalar("SELECT count(*) FROM shards")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        (jobs, shards),
+        (0, 0),
+        "a refused job leaves nothing behind"
+    );
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn cancel_refunds_the_unspent_escrow() {
+    // No workers: the job waits in the queue until canceled.
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &forecast_job(20, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let quote = job["quote"].as_i64().unwrap();
+    assert_eq!(app.balances(&key).await, (CREDIT - quote, quote));
+
+    let resp = app
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let canceled: Value = resp.json().await.unwrap();
+    assert_eq!(canceled["status"], "canceled");
+    assert_eq!(canceled["cost"], 0);
+    assert_eq!(app.balances(&key).await, (CREDIT, 0));
+
+    let again = app
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(again.status(), 409);
+    assert_eq!(
+        app.balances(&key).await,
+        (CREDIT, 0),
+        "refunded exactly once"
+    );
+    let live_shards: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM shards WHERE status IN ('pending', 'assigned')")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(live_shards, 0);
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job_and_charges_once() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let body = forecast_job(8, 3);
+    let send = |body: Value| {
+        app.http
+            .post(format!("{}/v1/jobs", app.base))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "sheet-42-refresh-7")
+            .json(&body)
+            .send()
+    };
+    let first = send(body.clone()).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let second = send(body.clone()).await.unwrap();
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+    let quote = first["quote"].as_i64().unwrap();
+    assert_eq!(app.balances(&key).await, (CREDIT - quote, quote));
+
+    let mut different = body;
+    different["params"]["horizon"] = json!(4);
+    let resp = send(different).await.unwrap();
+    assert_eq!(resp.status(), 422);
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(
+        problem["type"],
+        "https://xpand.dev/problems/idempotency-key-reused"
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn another_accounts_job_is_not_found() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.customer(CREDIT).await;
+    let (_, mallory) = app.customer(CREDIT).await;
+    let job: Value = app
+        .post_json(&alice, "/v1/jobs", &forecast_job(8, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/events")] {
+        let resp = app.get(&mallory, &path).await;
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    let resp = app
+        .post_json(&mallory, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(resp.status(), 404);
+    let listed = app.get_json(&mallory, "/v1/jobs").await;
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        app.get(&alice, &format!("/v1/jobs/{id}")).await.status(),
+        200
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_problem_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let ok = forecast_job(2, 3);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = ok.clone();
+        f(&mut v);
+        v
+    };
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "wrong type",
+            with(&|v| v["max_fee"] = json!("lots")),
+            422,
+            "max_fee",
+        ),
+        (
+            "non-numeric cell",
+            with(&|v| v["input"]["series"][1][7] = json!("n/a")),
+            422,
+            "input.series[1][7]",
+        ),
+        (
+            "empty series",
+            with(&|v| v["input"]["series"] = json!([])),
+            422,
+            "input.series",
+        ),
+        (
+            "empty row",
+            with(&|v| v["input"]["series"][0] = json!([])),
+            422,
+            "input.series[0]",
+        ),
+        (
+            "horizon 0",
+            with(&|v| v["params"]["horizon"] = json!(0)),
+            422,
+            "params.horizon",
+        ),
+        (
+            "horizon too large",
+            with(&|v| v["params"]["horizon"] = json!(1000)),
+            422,
+            "params.horizon",
+        ),
+        (
+            "unknown kind",
+            with(&|v| v["kind"] = json!("divine")),
+            422,
+            "kind",
+        ),
+        (
+            "unknown field",
+            with(&|v| v["colour"] = json!("red")),
+            422,
+            "body",
+        ),
+        (
+            "missing input",
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("input");
+            }),
+            422,
+            "body",
+        ),
+        (
+            "negative max_fee",
+            with(&|v| v["max_fee"] = json!(-1)),
+            422,
+            "max_fee",
+        ),
+        (
+            "bad webhook",
+            with(&|v| v["webhook"] = json!("ftp://x")),
+            422,
+            "webhook",
+        ),
+    ];
+    for (name, body, status, field) in cases {
+        let resp = app.post_json(&key, "/v1/jobs", &body).await;
+        assert_eq!(resp.status().as_u16(), status, "{name}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(problem["status"], status, "{name}");
+        let fields: Vec<&str> = problem["errors"]
+            .as_array()
+            .map(|e| e.iter().map(|e| e["field"].as_str().unwrap()).collect())
+            .unwrap_or_default();
+        assert!(
+            fields.contains(&field) || (field == "body" && !fields.is_empty()),
+            "{name}: {problem}"
+        );
+        assert!(!problem["detail"].as_str().unwrap().is_empty());
+    }
+    // The cell is located for a spreadsheet to highlight.
+    let resp = app
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &with(&|v| v["input"]["series"][1][7] = json!(true)),
+        )
+        .await;
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["row"], 1);
+    assert_eq!(problem["errors"][0]["column"], 7);
+
+    let raw = |body: Vec<u8>| {
+        app.http
+            .post(format!("{}/v1/jobs", app.base))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = raw(b"{\"kind\": \"forecast\", ".to_vec()).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(problem["type"], "https://xpand.dev/problems/malformed-json");
+
+    let huge = format!(
+        "{{\"kind\":\"forecast\",\"input\":{{\"series\":[[{}]]}},\"params\":{{\"horizon\":1}},\"max_fee\":1}}",
+        vec!["1.0"; 400_000].join(",")
+    );
+    let resp = raw(huge.into_bytes()).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+
+    let resp = app
+        .http
+        .post(format!("{}/v1/jobs", app.base))
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = app.post_json("xp_not-a-real-key", "/v1/jobs", &ok).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(app.get(&key, "/v1/jobs/not-a-uuid").await.status(), 422);
+    assert_eq!(app.get(&key, "/v1/nope").await.status(), 404);
+
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+    assert_eq!(app.balances(&key).await, (CREDIT, 0));
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn jobs_list_with_cursor_pagination_and_filters() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let job: Value = app
+            .post_json(&key, "/v1/jobs", &forecast_job(8, 2))
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let page = app.get_json(&key, "/v1/jobs?limit=2").await;
+    let first: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(first, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let page = app
+        .get_json(&key, &format!("/v1/jobs?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(page["jobs"][0]["id"], ids[0].as_str());
+    assert!(page["next_cursor"].is_null());
+
+    let queued = app
+        .get_json(&key, "/v1/jobs?status=queued&kind=forecast")
+        .await;
+    assert_eq!(queued["jobs"].as_array().unwrap().len(), 3);
+    let done = app.get_json(&key, "/v1/jobs?status=succeeded").await;
+    assert_eq!(done["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(app.get(&key, "/v1/jobs?status=bogus").await.status(), 422);
+    assert_eq!(app.get(&key, "/v1/jobs?limit=0").await.status(), 422);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn server_sent_events_follow_a_job_to_the_end() {
+    use futures::StreamExt;
+    let mut app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &forecast_job(24, 5))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let resp = app.get(&key, &format!("/v1/jobs/{id}/events")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    // The worker starts after the stream opened: every event must come through it.
+    app.start_worker().await;
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events[0]["event"], "progress");
+    let partial_rows: usize = events
+        .iter()
+        .filter(|e| e["event"] == "partial")
+        .map(|e| e["rows"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(partial_rows, 24);
+    let last = events.last().unwrap();
+    assert_eq!(
+        last["event"], "succeeded",
+        "the stream ends with the outcome"
+    );
+    assert_eq!(
+        last["job"]["output"]["forecasts"].as_array().unwrap().len(),
+        24
+    );
+    app.teardown().await;
+}

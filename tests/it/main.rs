@@ -1,0 +1,8 @@
+//! Integration tests against the real Postgres, Redis and Mosquitto, with real workers running
+//! the real ONNX model. One binary (faster to link); each test has its own database and prefixes.
+
+mod common;
+mod jobs;
+mod ops;
+mod protocol;
+mod websocket;

@@ -1,0 +1,314 @@
+//! The worker side of the wire, played by the test: forged, replayed and stale messages are
+//! dropped and counted, and a worker that vanishes mid-shard loses the shard to another.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use xpand_protocol::NodeKey;
+use xpand_protocol::{
+    now_ms, Accelerator, Announce, Assignment, Envelope, Heartbeat, ModelInfo, Progress,
+    ShardOutput, ShardResult, ShardTask, Topics, UpKind,
+};
+
+use crate::common::{forecast_job, TestApp, MQTT_HOST, MQTT_PORT};
+
+/// A node driven by hand: it announces and heartbeats, and hands the test its assignments.
+struct FakeNode {
+    key: NodeKey,
+    client: AsyncClient,
+    topics: Topics,
+    assignments: mpsc::UnboundedReceiver<Assignment>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl FakeNode {
+    async fn start(app: &TestApp, key: NodeKey) -> Self {
+        let topics = Topics::new(&app.config.topic_prefix);
+        let mut options =
+            MqttOptions::new(format!("fake-{}", &key.id()[..12]), MQTT_HOST, MQTT_PORT);
+        options.set_max_packet_size(Some(1 << 20));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, assignments) = mpsc::unbounded_channel();
+        let gateway = app.config.gateway_key.id().to_string();
+        let assign_topic = topics.assign(key.id());
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        let _ = sub_client
+                            .subscribe(assign_topic.clone(), QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                        let opened = Envelope::open(&p.payload, &topic, now_ms(), 60_000).unwrap();
+                        assert_eq!(opened.signer, gateway, "assignments come from the gateway");
+                        let _ = tx.send(opened.parse::<Assignment>().unwrap());
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let node = Self {
+            heartbeat: tokio::spawn(heartbeat(client.clone(), key.clone(), topics.clone())),
+            key,
+            client,
+            topics,
+            assignments,
+        };
+        let announce = Announce {
+            name: "fake".into(),
+            models: vec![ModelInfo {
+                name: xpand::jobs::forecast::MODEL.into(),
+                version: "1.0.0".into(),
+                kind: "forecast".into(),
+                sha256: "0".repeat(64),
+            }],
+            accelerator: Accelerator::Cpu,
+            memory_mb: 1024,
+            cpu_cores: 1,
+            max_concurrent_shards: 4,
+            worker_version: "test".into(),
+        };
+        node.send(UpKind::Announce, node.seal(UpKind::Announce, &announce))
+            .await;
+        node
+    }
+
+    fn seal<T: serde::Serialize>(&self, kind: UpKind, body: &T) -> Vec<u8> {
+        self.key.seal(&self.topics.up(self.key.id(), kind), body)
+    }
+
+    async fn send(&self, kind: UpKind, payload: Vec<u8>) {
+        self.send_as(self.key.id(), kind, payload).await;
+    }
+
+    /// Publishes on the topic of node `as_node` (which may not be us).
+    async fn send_as(&self, as_node: &str, kind: UpKind, payload: Vec<u8>) {
+        self.client
+            .publish(
+                self.topics.up(as_node, kind),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn next_assignment(&mut self) -> Assignment {
+        tokio::time::timeout(Duration::from_secs(30), self.assignments.recv())
+            .await
+            .expect("an assignment within 30 s")
+            .unwrap()
+    }
+
+    /// Goes silent, as a crashed machine would.
+    async fn die(self) {
+        self.heartbeat.abort();
+        let _ = self.client.disconnect().await;
+    }
+}
+
+async fn heartbeat(client: AsyncClient, key: NodeKey, topics: Topics) {
+    let topic = topics.up(key.id(), UpKind::Heartbeat);
+    loop {
+        let beat = key.seal(&topic, &Heartbeat { active_shards: 0 });
+        let _ = client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, beat)
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn answer(a: &Assignment) -> ShardResult {
+    let ShardTask::Forecast { series, horizon } = &a.task;
+    let output = ShardOutput::Forecast {
+        forecasts: vec![vec![1.0; *horizon as usize]; series.len()],
+    };
+    ShardResult {
+        assignment_id: a.assignment_id,
+        shard_id: a.shard_id,
+        output_sha256: output.digest(),
+        chain: output.chain(a.assignment_id),
+        output,
+        elapsed_ms: 1,
+    }
+}
+
+async fn rejected(app: &TestApp, reason: &str) -> u64 {
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let needle = format!("xpand_rejected_messages_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+async fn wait_rejected(app: &TestApp, reason: &str, at_least: u64) {
+    for _ in 0..100 {
+        if rejected(app, reason).await >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("expected {at_least} messages rejected as {reason}");
+}
+
+#[tokio::test]
+async fn forged_replayed_and_stale_messages_are_dropped_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let key = NodeKey::generate();
+    xpand::nodes::register(&app.db, key.id(), "fake")
+        .await
+        .unwrap();
+    let mut node = FakeNode::start(&app, key).await;
+    app.wait_until_alive(node.key.id()).await;
+
+    let (_, customer) = app.customer(50_000_000).await;
+    let job: Value = app
+        .post_json(&customer, "/v1/jobs", &forecast_job(8, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let a = node.next_assignment().await;
+    assert_eq!(a.node, node.key.id());
+    let result = answer(&a);
+    let result_topic = node.topics.up(node.key.id(), UpKind::Result);
+
+    // Someone else's key on our topic: the signer is not the node the topic names.
+    let impostor = NodeKey::generate();
+    node.send(UpKind::Result, impostor.seal(&result_topic, &result))
+        .await;
+    wait_rejected(&app, "cross_node", 1).await;
+    // An unregistered node on its own topic.
+    node.send_as(
+        impostor.id(),
+        UpKind::Result,
+        impostor.seal(&node.topics.up(impostor.id(), UpKind::Result), &result),
+    )
+    .await;
+    wait_rejected(&app, "unknown_node", 1).await;
+    // Our signature, someone's body.
+    let mut env: Envelope = serde_json::from_slice(&node.seal(UpKind::Result, &result)).unwrap();
+    let mut lie = answer(&a);
+    let ShardOutput::Forecast { forecasts } = &mut lie.output;
+    forecasts[0][0] = 1e6;
+    env.body = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&lie).unwrap());
+    node.send(UpKind::Result, serde_json::to_vec(&env).unwrap())
+        .await;
+    wait_rejected(&app, "bad_signature", 1).await;
+    // Signed two minutes ago.
+    let body = serde_json::to_vec(&result).unwrap();
+    node.send(
+        UpKind::Result,
+        node.key
+            .seal_bytes(&result_topic, &body, now_ms() - 120_000),
+    )
+    .await;
+    wait_rejected(&app, "stale", 1).await;
+    // Not an envelope at all.
+    node.send(UpKind::Result, body.clone()).await;
+    wait_rejected(&app, "malformed", 1).await;
+    // A good progress report, then the same bytes again.
+    let progress = node.seal(
+        UpKind::Progress,
+        &Progress {
+            assignment_id: a.assignment_id,
+            shard_id: a.shard_id,
+            done: 0,
+            total: 8,
+            chain: xpand_protocol::ProgressChain::new(a.assignment_id).hex(),
+        },
+    );
+    node.send(UpKind::Progress, progress.clone()).await;
+    node.send(UpKind::Progress, progress).await;
+    wait_rejected(&app, "replayed", 1).await;
+
+    let (status, done): (String, i32) =
+        sqlx::query_as("SELECT status, shards_done FROM jobs WHERE id = $1::uuid")
+            .bind(&job_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), done),
+        ("running", 0),
+        "nothing forged got through"
+    );
+
+    // The honest result completes the job; replaying it changes nothing.
+    let honest = node.seal(UpKind::Result, &result);
+    node.send(UpKind::Result, honest.clone()).await;
+    let finished = app.wait_for_job(&customer, &job_id).await;
+    assert_eq!(finished["status"], "succeeded");
+    assert_eq!(
+        finished["output"]["forecasts"][7],
+        serde_json::json!([1.0, 1.0, 1.0])
+    );
+    let before = app.balances(&customer).await;
+    node.send(UpKind::Result, honest).await;
+    wait_rejected(&app, "replayed", 2).await;
+    assert_eq!(app.balances(&customer).await, before);
+    app.assert_ledger_invariants().await;
+    node.die().await;
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_shard_whose_worker_dies_is_redispatched_after_the_lease() {
+    let mut app = TestApp::spawn_with(|c| c.lease = Duration::from_secs(2)).await;
+    let key = NodeKey::generate();
+    xpand::nodes::register(&app.db, key.id(), "doomed")
+        .await
+        .unwrap();
+    let mut doomed = FakeNode::start(&app, key).await;
+    app.wait_until_alive(doomed.key.id()).await;
+    let (_, customer) = app.customer(50_000_000).await;
+    let job: Value = app
+        .post_json(&customer, "/v1/jobs", &forecast_job(8, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let first = doomed.next_assignment().await;
+    let doomed_id = doomed.key.id().to_string();
+    doomed.die().await;
+
+    let survivor = app.start_worker().await;
+    let done = app
+        .wait_for_job(&customer, job["id"].as_str().unwrap())
+        .await;
+    assert_eq!(done["status"], "succeeded");
+    let (node, attempts, assignment): (String, i32, uuid::Uuid) =
+        sqlx::query_as("SELECT node_id, attempts, assignment_id FROM shards WHERE id = $1")
+            .bind(first.shard_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(node, survivor);
+    assert_eq!(attempts, 2);
+    assert_ne!(assignment, first.assignment_id);
+    let node_view = app
+        .get_json(&customer, &format!("/v1/nodes/{doomed_id}"))
+        .await;
+    assert_eq!(node_view["shards_failed"], 1);
+    assert_eq!(node_view["earnings"], 0);
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
