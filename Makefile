@@ -1,0 +1,39 @@
+# The two commands the README opens with:
+#   make run    the product: gateway + two local workers, migrations applied, a dev API key printed
+#   make test   the whole test suite, against the real Postgres, Redis and Mosquitto
+# Both install what they need (ONNX Runtime from the PyPI wheel) and start services that are down.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
+ORT_SETUP := scripts/setup-onnxruntime.sh
+
+.PHONY: run test setup services lint openapi fmt
+
+setup: services
+	@$(ORT_SETUP) >/dev/null
+
+services:
+	@scripts/ensure-services.sh
+
+run: setup
+	cargo build --release --workspace --bins
+	$(CARGO_TARGET_DIR)/release/xpand up
+
+test: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast; \
+	else \
+		cargo test --workspace --no-fail-fast; \
+	fi
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# Regenerate the committed spec after changing an endpoint or schema.
+openapi:
+	cargo run -q -p xpand -- openapi > openapi/openapi.json
+
+fmt:
+	cargo fmt --all
