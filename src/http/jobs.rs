@@ -224,7 +224,12 @@ pub async fn events(
             return;
         }
         loop {
-            match feed.recv().await {
+            let received = tokio::select! {
+                received = feed.recv() => received,
+                // The client went away: stop waiting for events nobody will read.
+                _ = tx.closed() => return,
+            };
+            match received {
                 Ok(p) if p.event.job_id() == id => {
                     if tx.send(sse_event(&p.event)).await.is_err() || p.event.is_terminal() {
                         return;
