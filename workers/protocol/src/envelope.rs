@@ -40,7 +40,11 @@ pub enum EnvelopeError {
 /// topic (another node's, or another message kind's) and still verify.
 fn signing_input(topic: &str, signer: &str, ts: i64, nonce: &str, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(64 + topic.len() + signer.len() + body.len());
-    for part in [b"xpand-envelope-v1".as_slice(), topic.as_bytes(), signer.as_bytes()] {
+    for part in [
+        b"xpand-envelope-v1".as_slice(),
+        topic.as_bytes(),
+        signer.as_bytes(),
+    ] {
         m.extend_from_slice(part);
         m.push(0);
     }
@@ -132,7 +136,8 @@ impl NodeKey {
 
 /// Parses a hex node id into its public key.
 pub fn parse_node_id(id: &str) -> Result<VerifyingKey, EnvelopeError> {
-    let bytes = hex::decode(id).map_err(|_| EnvelopeError::Malformed("node id is not hex".into()))?;
+    let bytes =
+        hex::decode(id).map_err(|_| EnvelopeError::Malformed("node id is not hex".into()))?;
     let bytes: [u8; 32] = bytes
         .try_into()
         .map_err(|_| EnvelopeError::Malformed("node id is not 32 bytes".into()))?;
@@ -188,7 +193,9 @@ impl Envelope {
             return Err(EnvelopeError::Stale { skew_ms });
         }
         if env.nonce.len() != 32 || !env.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(EnvelopeError::Malformed("nonce must be 16 bytes of hex".into()));
+            return Err(EnvelopeError::Malformed(
+                "nonce must be 16 bytes of hex".into(),
+            ));
         }
         Ok(OpenedEnvelope {
             signer: env.signer,

@@ -44,10 +44,7 @@ pub struct Heartbeat {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ShardTask {
     /// Forecast `horizon` values after each row of `series`.
-    Forecast {
-        series: Vec<Vec<f64>>,
-        horizon: u32,
-    },
+    Forecast { series: Vec<Vec<f64>>, horizon: u32 },
 }
 
 impl ShardTask {
@@ -190,6 +187,27 @@ mod tests {
             forecasts: vec![vec![1.5, 2.25, -3.0e-7], vec![1e299]],
         };
         assert_ne!(out.digest(), other.digest());
+    }
+
+    #[test]
+    fn digests_of_model_outputs_survive_json() {
+        // Model outputs are f32 widened to f64: 17 significant digits, where a fast (inexact)
+        // float parser would land on a neighbouring f64 and change the digest.
+        let forecasts: Vec<Vec<f64>> = (0..200)
+            .map(|i| {
+                (0..24)
+                    .map(|j| f64::from(57.0f32 + (i * 24 + j) as f32 * 0.123_456_79))
+                    .collect()
+            })
+            .collect();
+        let out = ShardOutput::Forecast { forecasts };
+        let json = serde_json::to_vec(&out).unwrap();
+        let back: ShardOutput = serde_json::from_slice(&json).unwrap();
+        assert!(
+            back == out,
+            "values changed through JSON (is float_roundtrip on?)"
+        );
+        assert_eq!(back.digest(), out.digest());
     }
 
     #[test]

@@ -1,1 +1,136 @@
-fn main(){}
+//! `xpand-worker`: runs a worker node until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use xpand_worker::{
+    default_ort_dylib_path, load_node_key, run, AcceleratorChoice, BrokerAddress, WorkerConfig,
+};
+
+/// Worker node of the xpand compute network: runs ONNX models on shards the gateway assigns over
+/// MQTT. Logs go to stderr (JSON with XPAND_LOG_FORMAT=json; filter with RUST_LOG).
+#[derive(Debug, Parser)]
+#[command(name = "xpand-worker", version)]
+struct Cli {
+    /// MQTT broker, as mqtt://host:port.
+    #[arg(long, env = "XPAND_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    mqtt_url: BrokerAddress,
+
+    /// Root of the MQTT topic tree.
+    #[arg(long, env = "XPAND_TOPIC_PREFIX", default_value = "xpand")]
+    topic_prefix: String,
+
+    /// File holding this node's ed25519 key (a 64-hex-digit seed).
+    #[arg(long, env = "XPAND_NODE_KEY_FILE")]
+    key_file: PathBuf,
+
+    /// Create the key file with a fresh key if it does not exist.
+    #[arg(long, env = "XPAND_GENERATE_KEY")]
+    generate_key: bool,
+
+    /// Print this node's id (its public key, which the gateway operator registers) and exit.
+    #[arg(long)]
+    print_node_id: bool,
+
+    /// The gateway's public key (hex); only assignments it signed are run.
+    #[arg(
+        long,
+        env = "XPAND_GATEWAY_KEY",
+        required_unless_present = "print_node_id"
+    )]
+    gateway_key: Option<String>,
+
+    /// Directory with one subdirectory per model, each holding a manifest.json.
+    #[arg(long, env = "XPAND_MODELS_DIR", default_value = "workers/models")]
+    models_dir: PathBuf,
+
+    /// ONNX Runtime shared library [default: the one scripts/setup-onnxruntime.sh installs].
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_dylib: Option<PathBuf>,
+
+    /// Name shown in the capability announce [default: the host name].
+    #[arg(long, env = "XPAND_WORKER_NAME")]
+    name: Option<String>,
+
+    /// Shards run at once [default: number of CPU cores].
+    #[arg(long, env = "XPAND_MAX_CONCURRENT_SHARDS")]
+    max_concurrent_shards: Option<usize>,
+
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "XPAND_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+
+    /// Where to run models.
+    #[arg(long, env = "XPAND_ACCELERATOR", value_enum, default_value = "auto")]
+    accelerator: AcceleratorChoice,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run_cli(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "xpand-worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    let node_key = load_node_key(&cli.key_file, cli.generate_key)?;
+    if cli.print_node_id {
+        println!("{}", node_key.id());
+        return Ok(());
+    }
+    let gateway_key = cli
+        .gateway_key
+        .context("--gateway-key (XPAND_GATEWAY_KEY) is required")?;
+    let mut config = WorkerConfig::new(cli.mqtt_url, node_key, gateway_key);
+    config.topic_prefix = cli.topic_prefix;
+    config.models_dir = cli.models_dir;
+    config.ort_dylib_path = cli.ort_dylib.unwrap_or_else(default_ort_dylib_path);
+    if let Some(name) = cli.name {
+        config.name = name;
+    }
+    if let Some(max) = cli.max_concurrent_shards {
+        config.max_concurrent_shards = max;
+    }
+    config.heartbeat_interval = Duration::from_millis(cli.heartbeat_ms);
+    config.accelerator = cli.accelerator;
+    run(config, shutdown_signal()).await
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("XPAND_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,236 @@
+//! Worker configuration, broker address parsing and the node key file.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use xpand_protocol::NodeKey;
+
+/// ONNX Runtime release that `scripts/setup-onnxruntime.sh` installs.
+pub const ONNXRUNTIME_VERSION: &str = "1.31.1";
+
+/// Where an MQTT broker listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for BrokerAddress {
+    type Err = anyhow::Error;
+
+    /// Accepts `mqtt://host:port`, `tcp://host:port` or `host:port`; the port defaults to 1883.
+    /// IPv6 hosts go in brackets (`mqtt://[::1]:1883`).
+    fn from_str(url: &str) -> anyhow::Result<Self> {
+        let rest = match url.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => rest,
+            Some((scheme, _)) => {
+                bail!("unsupported broker URL scheme `{scheme}` in `{url}` (use mqtt://host:port)")
+            }
+            None => url,
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('@') || authority.contains('?') {
+            bail!("broker URL `{url}` must be just mqtt://host:port");
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .with_context(|| format!("unclosed `[` in broker URL `{url}`"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            bail!("broker URL `{url}` has no host");
+        }
+        let port = match port {
+            Some(port) => port
+                .parse()
+                .with_context(|| format!("invalid port in broker URL `{url}`"))?,
+            None => 1883,
+        };
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// Which execution provider to run models on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceleratorChoice {
+    /// CUDA when the ONNX Runtime library has it and a session can use it, CPU otherwise.
+    Auto,
+    Cpu,
+    /// Like `auto`, but warns when CUDA cannot be used.
+    Cuda,
+}
+
+/// Everything a worker needs to run. Build it with [`WorkerConfig::new`] and adjust the fields.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub broker: BrokerAddress,
+    /// Root of the topic tree; tests use a unique one per test.
+    pub topic_prefix: String,
+    /// This node's identity; its public key hex is the node id.
+    pub node_key: NodeKey,
+    /// Hex public key of the gateway; assignments signed by anyone else are dropped.
+    pub gateway_key: String,
+    /// Holds one directory per model, each with a `manifest.json`.
+    pub models_dir: PathBuf,
+    /// The ONNX Runtime shared library to load.
+    pub ort_dylib_path: PathBuf,
+    /// Display name in the capability announce.
+    pub name: String,
+    /// Shards run at once; further assignments are rejected.
+    pub max_concurrent_shards: usize,
+    pub heartbeat_interval: Duration,
+    pub accelerator: AcceleratorChoice,
+}
+
+impl WorkerConfig {
+    /// A configuration with defaults for everything but the broker and the two keys: topic prefix
+    /// `xpand`, models in `workers/models`, ONNX Runtime from [`default_ort_dylib_path`], one
+    /// shard per core, a heartbeat every 2 s, accelerator `auto`.
+    pub fn new(broker: BrokerAddress, node_key: NodeKey, gateway_key: impl Into<String>) -> Self {
+        let name = default_name(&node_key);
+        Self {
+            broker,
+            topic_prefix: "xpand".to_string(),
+            node_key,
+            gateway_key: gateway_key.into(),
+            models_dir: PathBuf::from("workers/models"),
+            ort_dylib_path: default_ort_dylib_path(),
+            name,
+            max_concurrent_shards: cpu_cores(),
+            heartbeat_interval: Duration::from_secs(2),
+            accelerator: AcceleratorChoice::Auto,
+        }
+    }
+}
+
+/// The host name where the OS tells it, else a name made from the node id.
+fn default_name(key: &NodeKey) -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("worker-{}", &key.id()[..12]))
+}
+
+pub(crate) fn cpu_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `ORT_DYLIB_PATH` when set; else the library `scripts/setup-onnxruntime.sh` installs under
+/// `$HOME/.cache/xpand/onnxruntime-<version>/` (whichever `libonnxruntime.so*` is there).
+pub fn default_ort_dylib_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let dir = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/xpand")
+        .join(format!("onnxruntime-{ONNXRUNTIME_VERSION}"));
+    let installed = fs::read_dir(&dir).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| {
+                        name.starts_with("libonnxruntime.so") && !name.ends_with(".partial")
+                    })
+            })
+            .min()
+    });
+    // The expected name keeps the "not found" error readable when nothing is installed.
+    installed.unwrap_or_else(|| dir.join(format!("libonnxruntime.so.{ONNXRUNTIME_VERSION}")))
+}
+
+/// Loads the node key (a 64-hex-digit ed25519 seed) from `path`. When the file does not exist
+/// and `generate` is set, writes a fresh key there first (mode 0600).
+pub fn load_node_key(path: &Path, generate: bool) -> anyhow::Result<NodeKey> {
+    if !path.exists() {
+        if !generate {
+            bail!(
+                "key file {} does not exist; pass --generate-key to create one",
+                path.display()
+            );
+        }
+        create_key_file(path)?;
+    }
+    let seed =
+        fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
+    NodeKey::from_seed_hex(&seed).with_context(|| {
+        format!(
+            "key file {} does not hold a 64-hex-digit ed25519 seed",
+            path.display()
+        )
+    })
+}
+
+fn create_key_file(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating key file {}", path.display()))?;
+    let key = NodeKey::generate();
+    writeln!(file, "{}", key.seed_hex())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing key file {}", path.display()))?;
+    tracing::info!(path = %path.display(), node_id = key.id(), "generated a new node key");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        let parse = |s: &str| s.parse::<BrokerAddress>().map(|a| (a.host, a.port));
+        assert_eq!(
+            parse("mqtt://127.0.0.1:1883").unwrap(),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse("tcp://broker:2883/").unwrap(),
+            ("broker".into(), 2883)
+        );
+        assert_eq!(parse("broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(parse("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
+        assert!(parse("mqtts://broker:8883").is_err());
+        assert!(parse("mqtt://:1883").is_err());
+        assert!(parse("mqtt://broker:notaport").is_err());
+        assert!(parse("mqtt://user@broker:1883").is_err());
+    }
+
+    #[test]
+    fn key_file_is_created_only_when_asked_and_then_reused() {
+        let dir = std::env::temp_dir().join(format!("xpand-key-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("node.key");
+        assert!(load_node_key(&path, false).is_err());
+        let created = load_node_key(&path, true).unwrap();
+        let again = load_node_key(&path, true).unwrap();
+        assert_eq!(created.id(), again.id());
+        fs::write(&path, "not a key").unwrap();
+        assert!(load_node_key(&path, false).is_err());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

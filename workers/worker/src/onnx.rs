@@ -1,0 +1,107 @@
+//! ONNX Runtime: loading the shared library and building sessions on CUDA or CPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Context as _};
+use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider as _};
+use ort::logging::LogLevel;
+use ort::session::Session;
+use xpand_protocol::Accelerator;
+
+use crate::config::AcceleratorChoice;
+
+/// ONNX Runtime allows one library and one environment per process, so every worker (tests run
+/// several in one process) shares this one.
+static ENVIRONMENT: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
+
+fn environment(dylib: &Path) -> anyhow::Result<Environment> {
+    let mut slot = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((loaded, env)) = slot.as_ref() {
+        if loaded != dylib {
+            tracing::warn!(
+                loaded = %loaded.display(),
+                requested = %dylib.display(),
+                "ONNX Runtime is already loaded in this process; keeping the loaded library"
+            );
+        }
+        return Ok(env.clone());
+    }
+    if !dylib.is_file() {
+        anyhow::bail!(
+            "ONNX Runtime library {} not found: run scripts/setup-onnxruntime.sh or set \
+             ORT_DYLIB_PATH",
+            dylib.display()
+        );
+    }
+    let env = ort::init_from(dylib)
+        .with_context(|| format!("loading ONNX Runtime from {}", dylib.display()))?
+        .with_name("xpand-worker")
+        .build()
+        .context("creating the ONNX Runtime environment")?;
+    // ONNX Runtime's own messages go through `tracing`; its info level is chatty.
+    env.set_log_level(LogLevel::Warning);
+    *slot = Some((dylib.to_path_buf(), env.clone()));
+    Ok(env)
+}
+
+/// Builds inference sessions with the configured execution provider.
+pub struct OnnxRuntime {
+    env: Environment,
+    use_cuda: bool,
+}
+
+impl OnnxRuntime {
+    pub fn load(dylib: &Path, choice: AcceleratorChoice) -> anyhow::Result<Self> {
+        let env = environment(dylib)?;
+        let cuda_built_in = ep::CUDA::is_available().unwrap_or(false);
+        let use_cuda = match choice {
+            AcceleratorChoice::Cpu => false,
+            AcceleratorChoice::Auto | AcceleratorChoice::Cuda if cuda_built_in => true,
+            AcceleratorChoice::Auto => {
+                tracing::info!(
+                    "this ONNX Runtime build has no CUDA execution provider; running on CPU"
+                );
+                false
+            }
+            AcceleratorChoice::Cuda => {
+                tracing::warn!(
+                    library = %dylib.display(),
+                    "CUDA was requested but this ONNX Runtime library has no CUDA execution \
+                     provider; CUDA needs the onnxruntime-gpu library (point ORT_DYLIB_PATH at \
+                     it). Running on CPU"
+                );
+                false
+            }
+        };
+        Ok(Self { env, use_cuda })
+    }
+
+    /// A session for `model` (ONNX bytes) and where it runs. CUDA is tried first when enabled;
+    /// if it cannot take the model (no GPU, missing CUDA libraries) the session runs on CPU.
+    pub fn session(&self, model: &[u8]) -> anyhow::Result<(Session, Accelerator)> {
+        if self.use_cuda {
+            match self.cuda_session(model) {
+                Ok(session) => return Ok((session, Accelerator::Cuda)),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "CUDA unavailable; running on CPU")
+                }
+            }
+        }
+        let session = Session::builder(&self.env)
+            .context("creating a session builder")?
+            .commit_from_memory(model)
+            .context("loading the model into ONNX Runtime")?;
+        Ok((session, Accelerator::Cpu))
+    }
+
+    fn cuda_session(&self, model: &[u8]) -> anyhow::Result<Session> {
+        Session::builder(&self.env)
+            .context("creating a session builder")?
+            .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| anyhow!("registering the CUDA execution provider: {e}"))?
+            .commit_from_memory(model)
+            .context("loading the model with the CUDA execution provider")
+    }
+}
