@@ -16,7 +16,8 @@ services:
 
 run: setup
 	cargo build --release --workspace --bins
-	$(CARGO_TARGET_DIR)/release/xpand up
+	@scripts/local-broker.sh
+	MQTT_URL=$${MQTT_URL:-mqtt://127.0.0.1:1884} $(CARGO_TARGET_DIR)/release/xpand up
 
 test: setup
 	cargo fmt --all -- --check

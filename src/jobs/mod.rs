@@ -290,11 +290,10 @@ pub async fn submit(
     .bind(&hash)
     .execute(&mut *tx)
     .await;
-    if let Err(sqlx::Error::Database(db)) = &inserted {
-        if db.is_unique_violation() && idempotency_key.is_some() {
+    if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {
+        if db.is_unique_violation() {
             // A concurrent request with the same key won the race; answer with its job.
             drop(tx);
-            let key = idempotency_key.expect("checked");
             let existing = find_by_idempotency_key(pool, account, key)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("idempotent job vanished"))?;

@@ -344,16 +344,9 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     } else {
         None
     };
-    tx.commit().await?;
-
-    if let Some(assigned_at) = shard.assigned_at {
-        let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        state
-            .metrics
-            .shard_latency
-            .with_label_values(&[task_kind(&shard.task.0)])
-            .observe(secs);
-    }
+    // Partial and progress events go out while this transaction still holds the job row lock:
+    // concurrent results for the same job publish in lock order, so every `partial` precedes
+    // the terminal event, which the last shard's task sends after its commit.
     let ShardOutput::Forecast { forecasts } = r.output;
     let events = &state.events;
     events
@@ -378,6 +371,16 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
             },
         )
         .await;
+    tx.commit().await?;
+
+    if let Some(assigned_at) = shard.assigned_at {
+        let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        state
+            .metrics
+            .shard_latency
+            .with_label_values(&[task_kind(&shard.task.0)])
+            .observe(secs);
+    }
     if let Some(job) = finished {
         publish_finished(state, account, job).await;
     }
