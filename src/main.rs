@@ -36,6 +36,12 @@ enum Command {
     },
     /// Print the OpenAPI document (what `openapi/openapi.json` must contain).
     Openapi,
+    /// Print the gateway's public key (hex), which workers need as `--gateway-key`.
+    GatewayKey {
+        /// The key file `serve` uses; created with a fresh key when missing.
+        #[arg(long, env = "XPAND_GATEWAY_KEY_FILE", default_value = ".xpand/gateway.key")]
+        key_file: std::path::PathBuf,
+    },
     /// Administration: accounts, deposits, nodes.
     Admin {
         #[arg(
@@ -98,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Openapi => {
             print!("{}", xpand::openapi::render());
+            Ok(())
+        }
+        Command::GatewayKey { key_file } => {
+            println!("{}", xpand::config::load_or_create_key(&key_file)?.id());
             Ok(())
         }
         Command::Admin {
