@@ -39,7 +39,11 @@ enum Command {
     /// Print the gateway's public key (hex), which workers need as `--gateway-key`.
     GatewayKey {
         /// The key file `serve` uses; created with a fresh key when missing.
-        #[arg(long, env = "XPAND_GATEWAY_KEY_FILE", default_value = ".xpand/gateway.key")]
+        #[arg(
+            long,
+            env = "XPAND_GATEWAY_KEY_FILE",
+            default_value = ".xpand/gateway.key"
+        )]
         key_file: std::path::PathBuf,
     },
     /// Administration: accounts, deposits, nodes.

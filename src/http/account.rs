@@ -65,18 +65,10 @@ pub async fn ledger_entries(
     Query(params): Query<LedgerParams>,
 ) -> AppResult<Json<LedgerPage>> {
     caller.require(Scope::AccountRead)?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(AppError::field("limit", "must be from 1 to 200"));
-    }
+    let limit = super::page_limit(params.limit, 50, 200)?;
     let mut entries =
         ledger::entries(&state.db, caller.account_id, params.cursor, limit + 1).await?;
-    let next_cursor = if entries.len() as i64 > limit {
-        entries.truncate(limit as usize);
-        entries.last().map(|e| e.id)
-    } else {
-        None
-    };
+    let next_cursor = super::next_cursor(&mut entries, limit, |e| e.id);
     Ok(Json(LedgerPage {
         entries,
         next_cursor,

@@ -145,10 +145,7 @@ pub async fn list(
     Query(params): Query<ListParams>,
 ) -> AppResult<Json<JobPage>> {
     caller.require(Scope::JobsRead)?;
-    let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(AppError::field("limit", "must be from 1 to 100"));
-    }
+    let limit = super::page_limit(params.limit, 20, 100)?;
     let filter = ListFilter {
         status: params.status,
         kind: params.kind,
@@ -156,12 +153,7 @@ pub async fn list(
         limit: limit + 1,
     };
     let mut jobs = jobs::list(&state.db, caller.account_id, &filter).await?;
-    let next_cursor = if jobs.len() as i64 > limit {
-        jobs.truncate(limit as usize);
-        jobs.last().map(|j| j.id)
-    } else {
-        None
-    };
+    let next_cursor = super::next_cursor(&mut jobs, limit, |j| j.id);
     Ok(Json(JobPage { jobs, next_cursor }))
 }
 

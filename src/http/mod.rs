@@ -44,6 +44,27 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Validates a page size: `limit` (or `default`) must be from 1 to `max`.
+fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64, AppError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(AppError::field("limit", format!("must be from 1 to {max}")))
+    }
+}
+
+/// Pages are fetched one item long to learn whether another page follows: cuts `items` back to
+/// `limit` and returns the cursor of the last item kept when it did.
+fn next_cursor<T, C>(items: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -> Option<C> {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(cursor)
+    } else {
+        None
+    }
+}
+
 async fn not_found() -> AppError {
     AppError::NotFound("route")
 }

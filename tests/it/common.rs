@@ -246,6 +246,18 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
+    /// The Prometheus text the gateway serves.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
     pub async fn balances(&self, key: &str) -> (i64, i64) {
         let a = self.get_json(key, "/v1/account").await;
         (

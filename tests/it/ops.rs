@@ -82,15 +82,7 @@ async fn health_readiness_and_metrics() {
     let (_, key) = app.customer(10_000_000).await;
     app.post_json(&key, "/v1/jobs", &crate::common::forecast_job(8, 2))
         .await;
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("xpand_jobs{status=\"queued\"} 1"),
         "{metrics}"

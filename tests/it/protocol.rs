@@ -143,15 +143,7 @@ fn answer(a: &Assignment) -> ShardResult {
 }
 
 async fn rejected(app: &TestApp, reason: &str) -> u64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let needle = format!("xpand_rejected_messages_total{{reason=\"{reason}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))
