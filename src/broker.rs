@@ -44,7 +44,7 @@ impl Broker {
     /// Creates the client; nothing is sent until [`run_inbound`] polls the returned event loop.
     pub fn new(config: &Config) -> (Self, EventLoop) {
         let client_id = format!("xpand-gw-{}", uuid::Uuid::new_v4().simple());
-        let mut options = MqttOptions::new(client_id, &config.mqtt_host, config.mqtt_port);
+        let mut options = MqttOptions::new(client_id, &config.mqtt.host, config.mqtt.port);
         options.set_keep_alive(Duration::from_secs(15));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(8 * 1024 * 1024));

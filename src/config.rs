@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use xpand_protocol::NodeKey;
+use xpand_protocol::{BrokerAddress, NodeKey};
 
 /// Where the gateway's backing services live and how it behaves.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,8 +67,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
     pub redis_url: String,
-    pub mqtt_host: String,
-    pub mqtt_port: u16,
+    pub mqtt: BrokerAddress,
     pub topic_prefix: String,
     pub redis_prefix: String,
     pub gateway_key: NodeKey,
@@ -83,7 +82,10 @@ pub struct Config {
 
 impl GatewayArgs {
     pub fn into_config(self) -> anyhow::Result<Config> {
-        let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt_url)?;
+        let mqtt: BrokerAddress = self
+            .mqtt_url
+            .parse()
+            .context("MQTT_URL must look like mqtt://host:port")?;
         if !self.database_url.starts_with("postgres") {
             bail!(
                 "DATABASE_URL must be a postgres:// URL, got {:?}",
@@ -111,8 +113,7 @@ impl GatewayArgs {
             listen: self.listen,
             database_url: self.database_url,
             redis_url: self.redis_url,
-            mqtt_host,
-            mqtt_port,
+            mqtt,
             topic_prefix: self.topic_prefix,
             redis_prefix: self.redis_prefix,
             gateway_key,
@@ -127,42 +128,12 @@ impl GatewayArgs {
     }
 }
 
-/// Parses `mqtt://host:port` (port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .with_context(|| format!("MQTT_URL must look like mqtt://host:port, got {url:?}"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
-                .with_context(|| format!("MQTT_URL has a bad port: {url:?}"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        bail!("MQTT_URL has no host: {url:?}");
-    }
-    Ok((host.to_string(), port))
-}
-
 /// Reads an ed25519 seed (hex) from `path`, creating the file with a fresh key if it is missing.
 pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<NodeKey> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => NodeKey::from_seed_hex(&text)
-            .with_context(|| format!("{} does not hold a 64-hex-digit key seed", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = NodeKey::generate();
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            write_private(path, &key.seed_hex())?;
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    if path.exists() {
+        NodeKey::read_file(path).with_context(|| format!("reading {}", path.display()))
+    } else {
+        NodeKey::create_file(path).with_context(|| format!("creating {}", path.display()))
     }
 }
 
@@ -179,23 +150,4 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<(
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mqtt_urls_parse() {
-        assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert!(parse_mqtt_url("http://x").is_err());
-        assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
-    }
 }

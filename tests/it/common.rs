@@ -101,8 +101,10 @@ pub fn test_config(db_name: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: format!("{}/{db_name}", pg_server()),
         redis_url: redis_url(),
-        mqtt_host: MQTT_HOST.into(),
-        mqtt_port: MQTT_PORT,
+        mqtt: BrokerAddress {
+            host: MQTT_HOST.into(),
+            port: MQTT_PORT,
+        },
         topic_prefix: format!("xpand-test/{prefix}"),
         redis_prefix: format!("xpand-test:{prefix}"),
         gateway_key: NodeKey::generate(),

@@ -91,6 +91,38 @@ impl NodeKey {
         Ok(Self::from_seed(seed))
     }
 
+    /// Reads a key file: the 64-hex-digit seed, surrounding whitespace ignored.
+    pub fn read_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        Self::from_seed_hex(&text).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} does not hold a 64-hex-digit ed25519 seed",
+                    path.display()
+                ),
+            )
+        })
+    }
+
+    /// Writes a fresh key to a new file (never overwriting one), readable by its owner only,
+    /// creating missing parent directories.
+    pub fn create_file(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Write;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path)?;
+        let key = Self::generate();
+        writeln!(file, "{}", key.seed_hex())?;
+        file.sync_all()?;
+        Ok(key)
+    }
+
     pub fn seed_hex(&self) -> String {
         hex::encode(self.signing.to_bytes())
     }
@@ -259,6 +291,21 @@ mod tests {
             Envelope::open(&old, "t", now_ms(), 30_000),
             Err(EnvelopeError::Stale { .. })
         ));
+    }
+
+    #[test]
+    fn key_files_are_created_once_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("xpand-key-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("nested/node.key");
+        let created = NodeKey::create_file(&path).unwrap();
+        assert_eq!(NodeKey::read_file(&path).unwrap().id(), created.id());
+        assert!(
+            NodeKey::create_file(&path).is_err(),
+            "never overwrites a key"
+        );
+        std::fs::write(&path, "not a key").unwrap();
+        assert!(NodeKey::read_file(&path).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! heartbeat) cannot be replayed on another (say a result). Replay and staleness are checked by
 //! the receiver (it owns the nonce store); this crate checks the cryptography.
 
+pub mod broker_address;
 pub mod envelope;
 pub mod messages;
 pub mod topics;
 
+pub use broker_address::{BrokerAddress, InvalidBrokerUrl};
 pub use envelope::{now_ms, parse_node_id, Envelope, EnvelopeError, NodeKey, OpenedEnvelope};
 pub use messages::*;
 pub use topics::{Topics, UpKind};

@@ -1,67 +1,14 @@
-//! Worker configuration, broker address parsing and the node key file.
+//! Worker configuration and the node key file.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use xpand_protocol::NodeKey;
+use xpand_protocol::{BrokerAddress, NodeKey};
 
 /// ONNX Runtime release that `scripts/setup-onnxruntime.sh` installs.
 pub const ONNXRUNTIME_VERSION: &str = "1.31.1";
-
-/// Where an MQTT broker listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddress {
-    pub host: String,
-    pub port: u16,
-}
-
-impl FromStr for BrokerAddress {
-    type Err = anyhow::Error;
-
-    /// Accepts `mqtt://host:port`, `tcp://host:port` or `host:port`; the port defaults to 1883.
-    /// IPv6 hosts go in brackets (`mqtt://[::1]:1883`).
-    fn from_str(url: &str) -> anyhow::Result<Self> {
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some((scheme, _)) => {
-                bail!("unsupported broker URL scheme `{scheme}` in `{url}` (use mqtt://host:port)")
-            }
-            None => url,
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') || authority.contains('@') || authority.contains('?') {
-            bail!("broker URL `{url}` must be just mqtt://host:port");
-        }
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .with_context(|| format!("unclosed `[` in broker URL `{url}`"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            bail!("broker URL `{url}` has no host");
-        }
-        let port = match port {
-            Some(port) => port
-                .parse()
-                .with_context(|| format!("invalid port in broker URL `{url}`"))?,
-            None => 1883,
-        };
-        Ok(Self {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
 
 /// Which execution provider to run models on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,66 +107,25 @@ pub fn default_ort_dylib_path() -> PathBuf {
 /// Loads the node key (a 64-hex-digit ed25519 seed) from `path`. When the file does not exist
 /// and `generate` is set, writes a fresh key there first (mode 0600).
 pub fn load_node_key(path: &Path, generate: bool) -> anyhow::Result<NodeKey> {
-    if !path.exists() {
-        if !generate {
-            bail!(
-                "key file {} does not exist; pass --generate-key to create one",
-                path.display()
-            );
-        }
-        create_key_file(path)?;
+    if path.exists() {
+        return NodeKey::read_file(path)
+            .with_context(|| format!("reading key file {}", path.display()));
     }
-    let seed =
-        fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
-    NodeKey::from_seed_hex(&seed).with_context(|| {
-        format!(
-            "key file {} does not hold a 64-hex-digit ed25519 seed",
+    if !generate {
+        bail!(
+            "key file {} does not exist; pass --generate-key to create one",
             path.display()
-        )
-    })
-}
-
-fn create_key_file(path: &Path) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        );
     }
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
+    let key = NodeKey::create_file(path)
         .with_context(|| format!("creating key file {}", path.display()))?;
-    let key = NodeKey::generate();
-    writeln!(file, "{}", key.seed_hex())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing key file {}", path.display()))?;
     tracing::info!(path = %path.display(), node_id = key.id(), "generated a new node key");
-    Ok(())
+    Ok(key)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls_parse() {
-        let parse = |s: &str| s.parse::<BrokerAddress>().map(|a| (a.host, a.port));
-        assert_eq!(
-            parse("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse("tcp://broker:2883/").unwrap(),
-            ("broker".into(), 2883)
-        );
-        assert_eq!(parse("broker").unwrap(), ("broker".into(), 1883));
-        assert_eq!(parse("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
-        assert!(parse("mqtts://broker:8883").is_err());
-        assert!(parse("mqtt://:1883").is_err());
-        assert!(parse("mqtt://broker:notaport").is_err());
-        assert!(parse("mqtt://user@broker:1883").is_err());
-    }
 
     #[test]
     fn key_file_is_created_only_when_asked_and_then_reused() {

@@ -16,7 +16,7 @@ mod plugins;
 mod worker;
 
 pub use config::{
-    default_ort_dylib_path, load_node_key, AcceleratorChoice, BrokerAddress, WorkerConfig,
-    ONNXRUNTIME_VERSION,
+    default_ort_dylib_path, load_node_key, AcceleratorChoice, WorkerConfig, ONNXRUNTIME_VERSION,
 };
 pub use worker::run;
+pub use xpand_protocol::BrokerAddress;
