@@ -40,6 +40,19 @@ impl TestWorker {
     }
 }
 
+pub struct Replica {
+    pub base: String,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
+    }
+}
+
 pub struct TestApp {
     pub base: String,
     pub db: PgPool,
@@ -150,6 +163,20 @@ impl TestApp {
             stop: Some(stop),
             server,
         }
+    }
+
+    /// Starts a second gateway replica on the same database, Redis prefix, broker prefix and
+    /// gateway key, as a load balancer would see it. Stopped by [`Replica::stop`].
+    pub async fn replica(&self) -> Replica {
+        let app = Application::build(self.config.clone())
+            .await
+            .expect("replica builds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = oneshot::channel();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Replica { base, stop, server }
     }
 
     /// Starts a registered worker with a fresh node key and waits until the gateway sees it.

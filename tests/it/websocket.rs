@@ -17,10 +17,11 @@ async fn token(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
 }
 
 async fn connect(app: &TestApp, token: &str) -> Socket {
-    let url = format!(
-        "{}/v1/ws?token={token}",
-        app.base.replace("http://", "ws://")
-    );
+    connect_to(&app.base, token).await
+}
+
+async fn connect_to(base: &str, token: &str) -> Socket {
+    let url = format!("{}/v1/ws?token={token}", base.replace("http://", "ws://"));
     let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     socket
 }
@@ -219,5 +220,54 @@ async fn tokens_are_scoped_and_checked() {
     );
     let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_socket_on_one_replica_sees_jobs_run_through_another() {
+    let mut app = TestApp::spawn().await;
+    let replica = app.replica().await;
+    let (_, key) = app.customer(50_000_000).await;
+    let token: Value = token(&app, &key, json!({})).await.json().await.unwrap();
+    let token = token["token"].as_str().unwrap();
+
+    // Submitted over REST to the replica; followed on a socket held by the first gateway.
+    let resp = app
+        .http
+        .post(format!("{}/v1/jobs", replica.base))
+        .bearer_auth(&key)
+        .json(&forecast_job(16, 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let job: Value = resp.json().await.unwrap();
+    let mut socket = connect(&app, token).await;
+    send(
+        &mut socket,
+        json!({"op": "subscribe", "ref": "s", "job_id": job["id"]}),
+    )
+    .await;
+    assert_eq!(next_event(&mut socket).await["event"], "subscribed");
+    // Only now can the job run; both replicas share the worker's results.
+    app.start_worker().await;
+    let mut rows = 0;
+    loop {
+        let event = next_event(&mut socket).await;
+        match event["event"].as_str().unwrap() {
+            "progress" => {}
+            "partial" => rows += event["rows"].as_array().unwrap().len(),
+            "succeeded" => {
+                assert_eq!(event["job"]["id"], job["id"]);
+                break;
+            }
+            other => panic!("unexpected {other}: {event}"),
+        }
+    }
+    assert_eq!(rows, 16, "every partial reached the other replica's socket");
+    let done = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["output"]["forecasts"].as_array().unwrap().len(), 16);
+    app.assert_ledger_invariants().await;
+    replica.stop().await;
     app.teardown().await;
 }
