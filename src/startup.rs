@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::nodes::{Liveness, NodeDirectory};
 use crate::shutdown::{self, Trigger};
 use crate::state::{AppState, Inner};
+use crate::webhooks;
 
 /// How long a stopping gateway keeps reading results for shards already dispatched.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -91,7 +92,8 @@ impl Application {
                 background.clone(),
             )),
             tokio::spawn(events.run_subscriber(redis_client, background.clone())),
-            tokio::spawn(orchestrator::run_sweeper(state.clone(), background)),
+            tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
+            tokio::spawn(webhooks::run_deliverer(state.clone(), background)),
         ];
         let dispatcher = tokio::spawn(orchestrator::run_dispatcher(state.clone(), dispatch));
         Ok(Self {

@@ -38,7 +38,9 @@ pub struct SubmitJob {
     /// higher.
     #[schema(example = 100000)]
     pub max_fee: i64,
-    /// URL to POST the finished job to.
+    /// http(s) URL to POST the finished job to (at least once, retried with back-off; signed:
+    /// `X-Xpand-Signature` is the base64 ed25519 signature of `{X-Xpand-Timestamp}.{body}`
+    /// under the gateway's public key; deduplicate on `X-Xpand-Delivery`).
     #[serde(default)]
     pub webhook: Option<String>,
 }

@@ -460,6 +460,9 @@ pub async fn finish(
     .bind(release.cost())
     .fetch_one(&mut *conn)
     .await?;
+    if let Some(url) = &row.webhook {
+        crate::webhooks::enqueue(conn, job_id, url).await?;
+    }
     Ok(Some(row.into()))
 }
 

@@ -5,4 +5,5 @@ mod common;
 mod jobs;
 mod ops;
 mod protocol;
+mod webhooks;
 mod websocket;

@@ -1,0 +1,99 @@
+//! Webhooks: a finished job is POSTed to its URL, signed by the gateway, retried until accepted.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use ed25519_dalek::Verifier;
+use serde_json::Value;
+
+use crate::common::{forecast_job, TestApp};
+
+type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+
+/// A receiver that fails its first request (as a deploying service would) and accepts the rest.
+async fn flaky_receiver() -> (String, Received) {
+    let received: Received = Default::default();
+    let log = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let log = log.clone();
+            async move {
+                let mut log = log.lock().unwrap();
+                log.push((headers, body.to_vec()));
+                if log.len() == 1 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+#[tokio::test]
+async fn a_finished_job_is_posted_signed_and_retried_until_accepted() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (url, received) = flaky_receiver().await;
+    let (_, key) = app.customer(50_000_000).await;
+    let mut body = forecast_job(8, 3);
+    body["webhook"] = Value::String(url);
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    app.wait_for_job(&key, id).await;
+
+    for _ in 0..100 {
+        if received.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "one failure, then the accepted retry");
+    let (headers, payload) = &received[1];
+    assert_eq!(headers["x-xpand-event"], "job.succeeded");
+    assert_eq!(headers["x-xpand-delivery"], id);
+    assert_eq!(received[0].1, *payload, "a retry sends the same job");
+
+    let posted: Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(posted["id"], id);
+    assert_eq!(posted["output"]["forecasts"].as_array().unwrap().len(), 8);
+
+    // The signature covers timestamp and body, under the gateway's public key.
+    let timestamp = headers["x-xpand-timestamp"].to_str().unwrap();
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(headers["x-xpand-signature"].as_bytes())
+        .unwrap();
+    let signature = ed25519_dalek::Signature::from_slice(&signature).unwrap();
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(payload);
+    let public = app.config.gateway_key.verifying_key();
+    public
+        .verify(&signed, &signature)
+        .expect("signed by the gateway");
+    let mut forged = signed.clone();
+    *forged.last_mut().unwrap() ^= 1;
+    assert!(public.verify(&forged, &signature).is_err());
+
+    let (attempts, delivered): (i32, bool) = sqlx::query_as(
+        "SELECT attempts, delivered_at IS NOT NULL FROM webhook_deliveries WHERE job_id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((attempts, delivered), (2, true));
+    app.teardown().await;
+}
