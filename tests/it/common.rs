@@ -353,6 +353,7 @@ impl TestApp {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
+        delete_redis_prefix(&self.config.redis_prefix).await;
         self.db.close().await;
         let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
             .await
@@ -391,7 +392,7 @@ pub fn forecast_job(rows: usize, horizon: u32) -> Value {
 }
 
 /// Publishing an empty retained message deletes the broker's retained one.
-async fn clear_retained(prefix: &str, nodes: &[String]) {
+pub async fn clear_retained(prefix: &str, nodes: &[String]) {
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
     if nodes.is_empty() {
         return;
@@ -416,4 +417,22 @@ async fn clear_retained(prefix: &str, nodes: &[String]) {
         }
     }
     let _ = client.disconnect().await;
+}
+
+/// Deletes every Redis key under `prefix` (nonces and liveness keys would expire anyway).
+pub async fn delete_redis_prefix(prefix: &str) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 }

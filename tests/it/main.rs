@@ -5,5 +5,6 @@ mod common;
 mod jobs;
 mod ops;
 mod protocol;
+mod up;
 mod webhooks;
 mod websocket;
