@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::extract::Query;
+use super::extract::{JsonBodyOrDefault, Query};
 use crate::auth::{Caller, Scope};
 use crate::error::{AppError, AppResult, Problem};
 use crate::ledger::{self, LedgerEntry};
@@ -110,18 +110,13 @@ pub struct TokenResponse {
 pub async fn token(
     State(state): State<AppState>,
     caller: Caller,
-    body: axum::body::Bytes,
+    JsonBodyOrDefault(req): JsonBodyOrDefault<TokenRequest>,
 ) -> AppResult<Json<TokenResponse>> {
     if !caller.via_api_key {
         return Err(AppError::Forbidden(
             "an API key (tokens cannot mint tokens)".into(),
         ));
     }
-    let req: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        TokenRequest::default()
-    } else {
-        super::extract::parse_json(&body)?
-    };
     let max = state.config.token_ttl.as_secs();
     let ttl = req.ttl_seconds.unwrap_or(max);
     if !(60..=max).contains(&ttl) {

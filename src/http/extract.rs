@@ -16,18 +16,38 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
-        let limit = state.config.max_body_bytes;
-        if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or_default();
-            if !ct.starts_with("application/json") && !ct.contains("+json") {
-                return Err(AppError::field("Content-Type", "must be application/json"));
-            }
-        }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| AppError::PayloadTooLarge { limit })?;
+        let bytes = read_json_body(req, state).await?;
         parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// Like [`JsonBody`], but an empty body stands for `T::default()`.
+pub struct JsonBodyOrDefault<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for JsonBodyOrDefault<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        let bytes = read_json_body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBodyOrDefault(T::default()));
+        }
+        parse_json(&bytes).map(JsonBodyOrDefault)
+    }
+}
+
+/// Reads a body of at most `XPAND_MAX_BODY_BYTES` whose declared type, if any, is JSON.
+async fn read_json_body(req: Request, state: &AppState) -> Result<axum::body::Bytes, AppError> {
+    let limit = state.config.max_body_bytes;
+    if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default();
+        if !ct.starts_with("application/json") && !ct.contains("+json") {
+            return Err(AppError::field("Content-Type", "must be application/json"));
+        }
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| AppError::PayloadTooLarge { limit })
 }
 
 /// Parses JSON the way [`JsonBody`] does (the WebSocket uses it for frames).

@@ -209,6 +209,19 @@ async fn tokens_are_scoped_and_checked() {
         422
     );
 
+    // No body at all: every scope, the longest lifetime.
+    let resp = app
+        .http
+        .post(format!("{}/v1/auth/token", app.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let full: Value = resp.json().await.unwrap();
+    assert_eq!(full["scopes"].as_array().unwrap().len(), 3);
+    assert_eq!(full["expires_in"], 900);
+
     // A tampered token is refused, over REST and on the WebSocket upgrade.
     let mut forged = read_only.to_string();
     forged.pop();
