@@ -307,7 +307,7 @@ async fn on_announce(
         tracing::info!(node, name = %announce.name, models = announce.models.len(), "node announced");
     }
     // An announce is proof of life only while it is fresh (a retained one may be old).
-    if (now_ms() - signed_at_ms).abs() <= MAX_SKEW_MS {
+    if now_ms().saturating_sub(signed_at_ms).saturating_abs() <= MAX_SKEW_MS {
         state.liveness.beat(node).await?;
     }
     state.wake_dispatcher();

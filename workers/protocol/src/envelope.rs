@@ -220,8 +220,9 @@ impl Envelope {
             &sig,
         )
         .map_err(|_| EnvelopeError::BadSignature)?;
-        let skew_ms = now_ms - env.ts;
-        if skew_ms.abs() > max_skew_ms {
+        // Saturating: `ts` is the sender's to choose, including i64::MIN.
+        let skew_ms = now_ms.saturating_sub(env.ts);
+        if skew_ms.saturating_abs() > max_skew_ms {
             return Err(EnvelopeError::Stale { skew_ms });
         }
         if env.nonce.len() != 32 || !env.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -306,6 +307,20 @@ mod tests {
         std::fs::write(&path, "not a key").unwrap();
         assert!(NodeKey::read_file(&path).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let key = NodeKey::generate();
+        for ts in [i64::MIN, i64::MAX] {
+            let msg = key.seal_bytes("t", b"{}", ts);
+            assert!(matches!(
+                Envelope::open(&msg, "t", now_ms(), 30_000),
+                Err(EnvelopeError::Stale { .. })
+            ));
+            // With no freshness bound (retained announces) it opens.
+            assert!(Envelope::open(&msg, "t", now_ms(), i64::MAX).is_ok());
+        }
     }
 
     #[test]
