@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use xpand_protocol::{BrokerAddress, NodeKey};
 
+/// The development database `xpand up` creates when missing.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/xpand";
+
 /// Where the gateway's backing services live and how it behaves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
@@ -16,7 +19,7 @@ pub struct GatewayArgs {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/xpand"
+        default_value = DEFAULT_DATABASE_URL
     )]
     pub database_url: String,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
-use xpand::config::GatewayArgs;
+use xpand::config::{GatewayArgs, DEFAULT_DATABASE_URL};
 use xpand::startup::{self, Application};
 use xpand::{accounts, ledger, nodes, telemetry, up};
 
@@ -30,7 +30,7 @@ enum Command {
         #[arg(
             long,
             env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/xpand"
+            default_value = DEFAULT_DATABASE_URL
         )]
         database_url: String,
     },
@@ -51,7 +51,7 @@ enum Command {
         #[arg(
             long,
             env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/xpand"
+            default_value = DEFAULT_DATABASE_URL
         )]
         database_url: String,
         #[command(subcommand)]
