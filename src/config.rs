@@ -59,6 +59,9 @@ pub struct GatewayArgs {
     /// Lifetime of tokens from `POST /v1/auth/token`.
     #[arg(long, env = "XPAND_TOKEN_TTL_SECS", default_value_t = 900)]
     pub token_ttl_secs: u64,
+    /// Seconds between ledger sealing rounds (each seals every unsealed entry into blocks).
+    #[arg(long, env = "XPAND_SEAL_INTERVAL_SECS", default_value_t = 10)]
+    pub seal_interval_secs: u64,
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -80,6 +83,7 @@ pub struct Config {
     pub max_shard_attempts: u32,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
+    pub seal_interval: Duration,
     pub db_pool: u32,
 }
 
@@ -126,6 +130,7 @@ impl GatewayArgs {
             max_shard_attempts: self.max_shard_attempts,
             max_body_bytes: self.max_body_bytes,
             token_ttl: Duration::from_secs(self.token_ttl_secs),
+            seal_interval: Duration::from_secs(self.seal_interval_secs.max(1)),
             db_pool: self.db_pool,
         })
     }

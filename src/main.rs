@@ -46,6 +46,18 @@ enum Command {
         )]
         key_file: std::path::PathBuf,
     },
+    /// Verify the whole ledger through a gateway's public API: signatures, hash links, Merkle
+    /// roots; and inclusion proofs for `--entry` ids. Exits 1 when anything fails.
+    Verify {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Expected gateway public key (hex); without it, the served key is trusted and printed.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Also check the inclusion proof of these ledger entry ids.
+        #[arg(long)]
+        entry: Vec<i64>,
+    },
     /// Administration: accounts, deposits, nodes.
     Admin {
         #[arg(
@@ -110,6 +122,11 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", xpand::openapi::render());
             Ok(())
         }
+        Command::Verify {
+            url,
+            public_key,
+            entry,
+        } => verify(&url, public_key.as_deref(), &entry).await,
         Command::GatewayKey { key_file } => {
             println!("{}", xpand::config::load_or_create_key(&key_file)?.id());
             Ok(())
@@ -123,6 +140,32 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to {database_url}"))?;
             startup::migrate(&db).await?;
             admin(&db, command).await
+        }
+    }
+}
+
+async fn verify(url: &str, public_key: Option<&str>, entries: &[i64]) -> anyhow::Result<()> {
+    let outcome = async {
+        let verifier = xpand::verify::Verifier::connect(url, public_key).await?;
+        let report = verifier.verify_chain().await?;
+        for &id in entries {
+            let proof = verifier.verify_entry(id).await?;
+            println!("entry {id}: included in block {}", proof.block.height);
+        }
+        Ok::<_, xpand::verify::VerifyError>(report)
+    }
+    .await;
+    match outcome {
+        Ok(report) => {
+            println!(
+                "ledger verified: {} blocks, {} entries, signed by {}",
+                report.blocks, report.entries, report.public_key
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("ledger verification FAILED: {e}");
+            std::process::exit(1);
         }
     }
 }

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, jobs, nodes, ops, ws};
+use crate::http::{account, jobs, ledger, nodes, ops, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,8 @@ use crate::http::{account, jobs, nodes, ops, ws};
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
+        ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_entries,
+        ledger::entry_proof, ledger::settlement_proof,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
     components(schemas(ws::ClientOp, ws::Reply, crate::events::JobEvent)),
@@ -27,6 +29,7 @@ use crate::http::{account, jobs, nodes, ops, ws};
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
         (name = "account", description = "Balances and ledger entries"),
         (name = "nodes", description = "Worker nodes of the network"),
+        (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
     )
 )]

@@ -93,7 +93,8 @@ impl Application {
             )),
             tokio::spawn(events.run_subscriber(redis_client, background.clone())),
             tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
-            tokio::spawn(webhooks::run_deliverer(state.clone(), background)),
+            tokio::spawn(webhooks::run_deliverer(state.clone(), background.clone())),
+            tokio::spawn(crate::ledger::blocks::run_sealer(state.clone(), background)),
         ];
         let dispatcher = tokio::spawn(orchestrator::run_dispatcher(state.clone(), dispatch));
         Ok(Self {

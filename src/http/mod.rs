@@ -4,6 +4,7 @@
 pub mod account;
 pub mod extract;
 pub mod jobs;
+pub mod ledger;
 pub mod nodes;
 pub mod ops;
 pub mod ws;
@@ -30,6 +31,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/token", post(account::token))
         .route("/v1/account", get(account::account))
         .route("/v1/account/ledger", get(account::ledger_entries))
+        .route(
+            "/v1/jobs/{id}/settlement-proof",
+            get(ledger::settlement_proof),
+        )
+        .route("/v1/ledger/public-key", get(ledger::public_key))
+        .route("/v1/ledger/blocks", get(ledger::list_blocks))
+        .route("/v1/ledger/blocks/{height}", get(ledger::get_block))
+        .route(
+            "/v1/ledger/blocks/{height}/entries",
+            get(ledger::block_entries),
+        )
+        .route("/v1/ledger/entries/{id}/proof", get(ledger::entry_proof))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/{id}", get(nodes::get))
         .route("/healthz", get(ops::healthz))

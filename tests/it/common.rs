@@ -127,6 +127,7 @@ pub fn test_config(db_name: &str) -> Config {
         max_shard_attempts: 5,
         max_body_bytes: 1024 * 1024,
         token_ttl: Duration::from_secs(900),
+        seal_interval: Duration::from_secs(3600),
         db_pool: 8,
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 mod jobs;
+mod ledger_chain;
 mod ops;
 mod protocol;
 mod up;

@@ -1,0 +1,155 @@
+//! `/v1/ledger`: the sealed, signed ledger, public so anyone can check it (`xpand verify`).
+//! Account ids in it are pseudonymous UUIDs.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::extract::{Path, Query};
+use crate::auth::{Caller, Scope};
+use crate::error::{AppError, AppResult, Problem};
+use crate::jobs;
+use crate::ledger::blocks::{self, InclusionProof};
+use crate::ledger::chain::{Block, SealedEntry};
+use crate::state::AppState;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PublicKey {
+    /// Hex of the gateway's ed25519 public key: it signs blocks, assignments, tokens, webhooks.
+    pub public_key: String,
+    pub algorithm: String,
+}
+
+/// The key that signs ledger blocks.
+#[utoipa::path(get, path = "/v1/ledger/public-key", tag = "ledger", responses((status = 200, body = PublicKey)))]
+pub async fn public_key(State(state): State<AppState>) -> Json<PublicKey> {
+    Json(PublicKey {
+        public_key: state.config.gateway_key.id().to_string(),
+        algorithm: "ed25519".into(),
+    })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BlockParams {
+    /// Only blocks above this height (default 0: from the first).
+    after: Option<i64>,
+    /// Page size, 1 to 1000 (default 100).
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BlockPage {
+    /// Ascending by height.
+    pub blocks: Vec<Block>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// Sealed blocks, oldest first.
+#[utoipa::path(
+    get, path = "/v1/ledger/blocks", tag = "ledger", params(BlockParams),
+    responses((status = 200, body = BlockPage), (status = 422, body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn list_blocks(
+    State(state): State<AppState>,
+    Query(params): Query<BlockParams>,
+) -> AppResult<Json<BlockPage>> {
+    let limit = super::page_limit(params.limit, 100, 1000)?;
+    let mut blocks = blocks::list(&state.db, params.after.unwrap_or(0), limit + 1).await?;
+    let next_after = super::next_cursor(&mut blocks, limit, |b| b.height);
+    Ok(Json(BlockPage { blocks, next_after }))
+}
+
+/// One block: its range, Merkle root, link to the previous block and signature.
+#[utoipa::path(
+    get, path = "/v1/ledger/blocks/{height}", tag = "ledger",
+    params(("height" = i64, Path, description = "Block height, from 1")),
+    responses((status = 200, body = Block), (status = 404, body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn get_block(
+    State(state): State<AppState>,
+    Path(height): Path<i64>,
+) -> AppResult<Json<Block>> {
+    blocks::get(&state.db, height)
+        .await?
+        .map(Json)
+        .ok_or(AppError::NotFound("block"))
+}
+
+/// The entries a block covers, in id order: recompute its Merkle root from them.
+#[utoipa::path(
+    get, path = "/v1/ledger/blocks/{height}/entries", tag = "ledger",
+    params(("height" = i64, Path, description = "Block height, from 1")),
+    responses((status = 200, body = Vec<SealedEntry>), (status = 404, body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn block_entries(
+    State(state): State<AppState>,
+    Path(height): Path<i64>,
+) -> AppResult<Json<Vec<SealedEntry>>> {
+    let block = blocks::get(&state.db, height)
+        .await?
+        .ok_or(AppError::NotFound("block"))?;
+    Ok(Json(blocks::entries(&state.db, &block).await?))
+}
+
+/// An inclusion proof for one ledger entry: verify it with nothing but the public key.
+#[utoipa::path(
+    get, path = "/v1/ledger/entries/{id}/proof", tag = "ledger",
+    params(("id" = i64, Path, description = "Ledger entry id")),
+    responses(
+        (status = 200, body = InclusionProof),
+        (status = 404, description = "No such entry, or not sealed yet (blocks are sealed every few seconds)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn entry_proof(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> AppResult<Json<InclusionProof>> {
+    blocks::prove(&state.db, id)
+        .await?
+        .map(Json)
+        .ok_or(AppError::NotFound("sealed entry"))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SettlementProof {
+    pub job_id: Uuid,
+    /// One proof per entry of the job's escrow release (payouts, fee, refund).
+    pub proofs: Vec<InclusionProof>,
+}
+
+/// Inclusion proofs for how one of your jobs was settled.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/settlement-proof", tag = "ledger",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, body = SettlementProof),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not settled, or not sealed yet", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn settlement_proof(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> AppResult<Json<SettlementProof>> {
+    caller.require(Scope::JobsRead)?;
+    let job = jobs::get(&state.db, caller.account_id, id).await?;
+    let ids = blocks::settlement_entry_ids(&state.db, job.id).await?;
+    if ids.is_empty() {
+        return Err(AppError::Conflict("the job is not settled yet".into()));
+    }
+    let mut proofs = Vec::with_capacity(ids.len());
+    for entry in ids {
+        proofs.push(blocks::prove(&state.db, entry).await?.ok_or_else(|| {
+            AppError::Conflict(
+                "the settlement is not sealed yet; retry after the next block".into(),
+            )
+        })?);
+    }
+    Ok(Json(SettlementProof { job_id: id, proofs }))
+}

@@ -1,0 +1,224 @@
+//! Sealing ledger entries into commitment blocks, and serving blocks and inclusion proofs.
+//!
+//! Entry ids come from a sequence, so a transaction can commit an entry with a lower id after a
+//! higher one is visible. The sealer therefore takes `LOCK TABLE ledger_entries IN SHARE MODE`:
+//! it waits for every transaction that is inserting entries to finish and holds new ones off
+//! while it reads, so a sealed id range can never later gain an entry. Sealers on several
+//! replicas are serialised by an advisory lock.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::chain::{self, Block, Hash, ProofStep, SealedEntry, GENESIS_PREV_HASH};
+
+/// Most entries one block covers; a backlog is sealed into several blocks.
+pub const MAX_ENTRIES_PER_BLOCK: i64 = 10_000;
+/// Advisory lock key that serialises sealers across replicas ("xpandblk").
+const SEAL_LOCK: i64 = 0x7870_616e_6462_6c6b;
+
+const ENTRY_SELECT: &str = "SELECT e.id, e.tx_id, t.kind AS tx_kind, t.job_id, e.ledger_account_id,
+        a.owner, a.purpose, e.amount, e.created_at
+    FROM ledger_entries e
+    JOIN ledger_transactions t ON t.id = e.tx_id
+    JOIN ledger_accounts a ON a.id = e.ledger_account_id";
+
+const BLOCK_COLUMNS: &str = "height, first_entry_id, last_entry_id, entry_count, merkle_root, \
+    prev_hash, sealed_at, block_hash, signature";
+
+/// Seals the next block of unsealed entries, if there are any.
+pub async fn seal_next(
+    pool: &PgPool,
+    key: &ed25519_dalek::SigningKey,
+) -> sqlx::Result<Option<Block>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SEAL_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("LOCK TABLE ledger_entries IN SHARE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let last = latest(&mut tx).await?;
+    let first_entry_id = last.as_ref().map_or(1, |b| b.last_entry_id + 1);
+    let entries: Vec<SealedEntry> = sqlx::query_as(&format!(
+        "{ENTRY_SELECT} WHERE e.id >= $1 ORDER BY e.id LIMIT $2"
+    ))
+    .bind(first_entry_id)
+    .bind(MAX_ENTRIES_PER_BLOCK)
+    .fetch_all(&mut *tx)
+    .await?;
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let prev_hash: Hash = match &last {
+        Some(b) => chain::parse_hash(&b.block_hash).unwrap_or(GENESIS_PREV_HASH),
+        None => GENESIS_PREV_HASH,
+    };
+    let block = Block::seal(
+        last.as_ref().map_or(1, |b| b.height + 1),
+        first_entry_id,
+        &entries,
+        &prev_hash,
+        Utc::now(),
+        key,
+    );
+    sqlx::query(&format!(
+        "INSERT INTO ledger_blocks ({BLOCK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    ))
+    .bind(block.height)
+    .bind(block.first_entry_id)
+    .bind(block.last_entry_id)
+    .bind(block.entry_count)
+    .bind(&block.merkle_root)
+    .bind(&block.prev_hash)
+    .bind(block.sealed_at)
+    .bind(&block.block_hash)
+    .bind(&block.signature)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(block))
+}
+
+/// Seals every `XPAND_SEAL_INTERVAL_SECS` until `shutdown`.
+pub async fn run_sealer(state: crate::state::AppState, shutdown: crate::shutdown::Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(state.config.seal_interval) => {}
+            _ = shutdown.wait() => return,
+        }
+        match seal_all(&state.db, state.config.gateway_key.signing_key()).await {
+            Ok(sealed) if !sealed.is_empty() => {
+                let last = sealed.last().expect("non-empty");
+                tracing::info!(
+                    blocks = sealed.len(),
+                    height = last.height,
+                    last_entry = last.last_entry_id,
+                    "sealed ledger entries"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sealing the ledger failed"),
+        }
+    }
+}
+
+/// Seals until nothing is left; returns the blocks sealed.
+pub async fn seal_all(pool: &PgPool, key: &ed25519_dalek::SigningKey) -> sqlx::Result<Vec<Block>> {
+    let mut sealed = Vec::new();
+    while let Some(block) = seal_next(pool, key).await? {
+        sealed.push(block);
+    }
+    Ok(sealed)
+}
+
+async fn latest(conn: &mut PgConnection) -> sqlx::Result<Option<Block>> {
+    sqlx::query_as(&format!(
+        "SELECT {BLOCK_COLUMNS} FROM ledger_blocks ORDER BY height DESC LIMIT 1"
+    ))
+    .fetch_optional(conn)
+    .await
+}
+
+/// Blocks with height above `after`, ascending (the order a verifier walks the chain in).
+pub async fn list(pool: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<Block>> {
+    sqlx::query_as(&format!(
+        "SELECT {BLOCK_COLUMNS} FROM ledger_blocks WHERE height > $1 ORDER BY height LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn get(pool: &PgPool, height: i64) -> sqlx::Result<Option<Block>> {
+    sqlx::query_as(&format!(
+        "SELECT {BLOCK_COLUMNS} FROM ledger_blocks WHERE height = $1"
+    ))
+    .bind(height)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The entries a block covers, in id order, as stored now.
+pub async fn entries(pool: &PgPool, block: &Block) -> sqlx::Result<Vec<SealedEntry>> {
+    sqlx::query_as(&format!(
+        "{ENTRY_SELECT} WHERE e.id BETWEEN $1 AND $2 ORDER BY e.id"
+    ))
+    .bind(block.first_entry_id)
+    .bind(block.last_entry_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Everything needed to check that one entry is in the ledger, given only the gateway's key:
+/// the entry, the path to its block's Merkle root, and the signed block.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InclusionProof {
+    pub entry: SealedEntry,
+    /// Leaf position in the block, in id order.
+    pub index: usize,
+    pub path: Vec<ProofStep>,
+    pub block: Block,
+}
+
+impl InclusionProof {
+    /// Checks the path leads from the entry to the block's root, and the block's signature.
+    pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), String> {
+        self.block.verify_signature(key)?;
+        let root = chain::parse_hash(&self.block.merkle_root).ok_or("bad merkle_root")?;
+        if !(self.block.first_entry_id..=self.block.last_entry_id).contains(&self.entry.id) {
+            return Err(format!(
+                "entry {} is outside block {}'s range",
+                self.entry.id, self.block.height
+            ));
+        }
+        if chain::verify_proof(&self.entry.leaf(), &self.path, &root) {
+            Ok(())
+        } else {
+            Err(format!(
+                "entry {} does not prove against block {}'s Merkle root",
+                self.entry.id, self.block.height
+            ))
+        }
+    }
+}
+
+/// A proof for entry `id`, or `None` while it is not sealed (or does not exist).
+pub async fn prove(pool: &PgPool, id: i64) -> sqlx::Result<Option<InclusionProof>> {
+    let block: Option<Block> = sqlx::query_as(&format!(
+        "SELECT {BLOCK_COLUMNS} FROM ledger_blocks
+         WHERE first_entry_id <= $1 AND last_entry_id >= $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(block) = block else {
+        return Ok(None);
+    };
+    let entries = entries(pool, &block).await?;
+    let Some(index) = entries.iter().position(|e| e.id == id) else {
+        return Ok(None);
+    };
+    let leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
+    Ok(Some(InclusionProof {
+        entry: entries[index].clone(),
+        index,
+        path: chain::merkle_proof(&leaves, index),
+        block,
+    }))
+}
+
+/// Ids of the entries that released a job's escrow (its settlement, refund or payout).
+pub async fn settlement_entry_ids(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT e.id FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.tx_id
+         WHERE t.job_id = $1 AND t.kind = 'escrow_release' ORDER BY e.id",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,180 @@
+//! `xpand verify`: checks the whole ledger through the public API alone — block signatures
+//! under the gateway key, the hash links between blocks, that block ranges follow each other,
+//! and every block's Merkle root against the entries the API serves for it — and checks
+//! inclusion proofs for chosen entries. Any rewrite of sealed history fails, naming the block
+//! (or entry) where it shows.
+
+use ed25519_dalek::VerifyingKey;
+use serde::de::DeserializeOwned;
+
+use crate::http::ledger::{BlockPage, PublicKey};
+use crate::ledger::blocks::InclusionProof;
+use crate::ledger::chain::{self, Hash, SealedEntry, GENESIS_PREV_HASH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("block {height}: {reason}")]
+    Block { height: i64, reason: String },
+    #[error("entry {id}: {reason}")]
+    Entry { id: i64, reason: String },
+    #[error("gateway key: {0}")]
+    Key(String),
+    #[error("fetching {url}: {reason}")]
+    Fetch { url: String, reason: String },
+}
+
+/// What a successful verification covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub public_key: String,
+    pub blocks: usize,
+    pub entries: usize,
+}
+
+/// Reads the public API of the gateway at `base`.
+pub struct Verifier {
+    base: String,
+    http: reqwest::Client,
+    key: VerifyingKey,
+    public_key: String,
+}
+
+impl Verifier {
+    /// Fetches the gateway's key; with `pinned`, refuses a server that presents another one.
+    pub async fn connect(base: &str, pinned: Option<&str>) -> Result<Self, VerifyError> {
+        let http = reqwest::Client::new();
+        let base = base.trim_end_matches('/').to_string();
+        let served: PublicKey = fetch(&http, &format!("{base}/v1/ledger/public-key")).await?;
+        if let Some(pinned) = pinned {
+            if !pinned.eq_ignore_ascii_case(&served.public_key) {
+                return Err(VerifyError::Key(format!(
+                    "the server presents {}, not the pinned {pinned}",
+                    served.public_key
+                )));
+            }
+        }
+        let key = xpand_protocol::parse_node_id(&served.public_key)
+            .map_err(|e| VerifyError::Key(e.to_string()))?;
+        Ok(Self {
+            base,
+            http,
+            key,
+            public_key: served.public_key,
+        })
+    }
+
+    /// Walks every block from the first.
+    pub async fn verify_chain(&self) -> Result<Report, VerifyError> {
+        let (mut prev_hash, mut prev_height, mut next_first) = (GENESIS_PREV_HASH, 0i64, 1i64);
+        let mut report = Report {
+            public_key: self.public_key.clone(),
+            blocks: 0,
+            entries: 0,
+        };
+        loop {
+            let page: BlockPage = fetch(
+                &self.http,
+                &format!(
+                    "{}/v1/ledger/blocks?after={prev_height}&limit=1000",
+                    self.base
+                ),
+            )
+            .await?;
+            for block in &page.blocks {
+                let height = block.height;
+                let fail = |reason: String| VerifyError::Block { height, reason };
+                if height != prev_height + 1 {
+                    return Err(fail(format!("follows block {prev_height}")));
+                }
+                block.verify_signature(&self.key).map_err(fail)?;
+                if block.prev_hash != hex::encode(prev_hash) {
+                    return Err(fail(format!("does not link to block {prev_height}'s hash")));
+                }
+                if block.first_entry_id != next_first {
+                    return Err(fail(format!(
+                        "covers entries from {}, but block {prev_height} ended at {}",
+                        block.first_entry_id,
+                        next_first - 1
+                    )));
+                }
+                let entries: Vec<SealedEntry> = fetch(
+                    &self.http,
+                    &format!("{}/v1/ledger/blocks/{height}/entries", self.base),
+                )
+                .await?;
+                check_entries(block, &entries).map_err(fail)?;
+                report.blocks += 1;
+                report.entries += entries.len();
+                prev_hash = chain::parse_hash(&block.block_hash).expect("verified hash");
+                prev_height = height;
+                next_first = block.last_entry_id + 1;
+            }
+            if page.next_after.is_none() {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Checks the inclusion proof the API serves for entry `id`.
+    pub async fn verify_entry(&self, id: i64) -> Result<InclusionProof, VerifyError> {
+        let proof: InclusionProof = fetch(
+            &self.http,
+            &format!("{}/v1/ledger/entries/{id}/proof", self.base),
+        )
+        .await?;
+        if proof.entry.id != id {
+            return Err(VerifyError::Entry {
+                id,
+                reason: format!("the server proved entry {} instead", proof.entry.id),
+            });
+        }
+        proof
+            .verify(&self.key)
+            .map_err(|reason| VerifyError::Entry { id, reason })?;
+        Ok(proof)
+    }
+}
+
+/// The served entries must be in range, in order, as many as sealed, and hash to the root.
+fn check_entries(block: &chain::Block, entries: &[SealedEntry]) -> Result<(), String> {
+    let mut last = block.first_entry_id - 1;
+    for e in entries {
+        if e.id <= last || e.id > block.last_entry_id {
+            return Err(format!("entry {} is out of order or out of range", e.id));
+        }
+        last = e.id;
+    }
+    if entries.len() != block.entry_count as usize {
+        return Err(format!(
+            "{} entries are served for entries {}..={}, but {} were sealed",
+            entries.len(),
+            block.first_entry_id,
+            block.last_entry_id,
+            block.entry_count
+        ));
+    }
+    let leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
+    if hex::encode(chain::merkle_root(&leaves)) != block.merkle_root {
+        return Err(format!(
+            "entries {}..={} as served do not match the sealed Merkle root: an entry was changed",
+            block.first_entry_id, block.last_entry_id
+        ));
+    }
+    Ok(())
+}
+
+async fn fetch<T: DeserializeOwned>(http: &reqwest::Client, url: &str) -> Result<T, VerifyError> {
+    let fail = |reason: String| VerifyError::Fetch {
+        url: url.to_string(),
+        reason,
+    };
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP {}", resp.status())));
+    }
+    resp.json().await.map_err(|e| fail(e.to_string()))
+}
