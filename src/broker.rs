@@ -265,7 +265,7 @@ async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
             Ok(announce) => on_announce(state, node, opened.ts, &announce).await,
             Err(_) => Err(DropReason::BadBody.into()),
         },
-        UpKind::Heartbeat => state.liveness.beat(node).await.map_err(Into::into),
+        UpKind::Heartbeat => on_heartbeat(state, node).await,
         UpKind::Progress => match opened.parse::<Progress>() {
             Ok(p) => orchestrator::on_progress(state, node, &p).await,
             Err(_) => Err(DropReason::BadBody.into()),
@@ -308,8 +308,15 @@ async fn on_announce(
     }
     // An announce is proof of life only while it is fresh (a retained one may be old).
     if now_ms().saturating_sub(signed_at_ms).saturating_abs() <= MAX_SKEW_MS {
-        state.liveness.beat(node).await?;
+        on_heartbeat(state, node).await?;
     }
     state.wake_dispatcher();
+    Ok(())
+}
+
+/// Proof of life: liveness for dispatch, and an uptime slot for the epoch's power score.
+async fn on_heartbeat(state: &AppState, node: &str) -> anyhow::Result<()> {
+    state.liveness.beat(node).await?;
+    crate::epochs::record_uptime(state, node).await?;
     Ok(())
 }

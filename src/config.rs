@@ -62,6 +62,15 @@ pub struct GatewayArgs {
     /// Seconds between ledger sealing rounds (each seals every unsealed entry into blocks).
     #[arg(long, env = "XPAND_SEAL_INTERVAL_SECS", default_value_t = 10)]
     pub seal_interval_secs: u64,
+    /// Epoch length in seconds (power scores and rewards are per epoch).
+    #[arg(long, env = "XPAND_EPOCH_SECS", default_value_t = 3600)]
+    pub epoch_secs: u64,
+    /// Micro-credits newly issued into each epoch's reward pool (when a node earned a share).
+    #[arg(long, env = "XPAND_EPOCH_ISSUANCE", default_value_t = 1_000_000)]
+    pub epoch_issuance: i64,
+    /// Share of the gateway fees earned in an epoch added to its pool, in basis points.
+    #[arg(long, env = "XPAND_REWARD_FEE_SHARE_BPS", default_value_t = 5_000)]
+    pub reward_fee_share_bps: i64,
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -84,6 +93,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub seal_interval: Duration,
+    pub epoch_length: Duration,
+    pub pool: crate::epochs::PoolConfig,
     pub db_pool: u32,
 }
 
@@ -115,6 +126,12 @@ impl GatewayArgs {
                 "XPAND_LEASE_SECS, XPAND_JOB_TIMEOUT_SECS and XPAND_MAX_SHARD_ATTEMPTS must be > 0"
             );
         }
+        if self.epoch_secs < 10 {
+            bail!("XPAND_EPOCH_SECS must be at least 10 (one uptime slot)");
+        }
+        if self.epoch_issuance < 0 || !(0..=10_000).contains(&self.reward_fee_share_bps) {
+            bail!("XPAND_EPOCH_ISSUANCE must be >= 0 and XPAND_REWARD_FEE_SHARE_BPS 0..=10000");
+        }
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
         Ok(Config {
             listen: self.listen,
@@ -131,6 +148,11 @@ impl GatewayArgs {
             max_body_bytes: self.max_body_bytes,
             token_ttl: Duration::from_secs(self.token_ttl_secs),
             seal_interval: Duration::from_secs(self.seal_interval_secs.max(1)),
+            epoch_length: Duration::from_secs(self.epoch_secs),
+            pool: crate::epochs::PoolConfig {
+                issuance: self.epoch_issuance,
+                fee_share_bps: self.reward_fee_share_bps,
+            },
             db_pool: self.db_pool,
         })
     }

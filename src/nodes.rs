@@ -49,6 +49,46 @@ pub async fn register(pool: &PgPool, node_id: &str, name: &str) -> anyhow::Resul
     Ok(account)
 }
 
+/// Why a node is charged with a failure (it lowers its power score).
+#[derive(Debug, Clone, Copy)]
+pub enum Failure {
+    LeaseLapsed,
+    BadResult,
+}
+
+/// Charges each `(node, shard)` with a failure: counted on the node and timestamped for the
+/// epoch's power score.
+pub async fn charge_failures(
+    conn: &mut sqlx::PgConnection,
+    failures: &[(String, Uuid)],
+    why: Failure,
+) -> sqlx::Result<()> {
+    let reason = match why {
+        Failure::LeaseLapsed => "lease_lapsed",
+        Failure::BadResult => "bad_result",
+    };
+    let (nodes, shards): (Vec<&str>, Vec<Uuid>) =
+        failures.iter().map(|(n, s)| (n.as_str(), *s)).unzip();
+    sqlx::query(
+        "INSERT INTO node_failures (node_id, shard_id, reason)
+         SELECT node, shard, $3 FROM UNNEST($1::text[], $2::uuid[]) AS u(node, shard)",
+    )
+    .bind(&nodes)
+    .bind(&shards)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE nodes n SET shards_failed = n.shards_failed + c.failures
+         FROM (SELECT node, count(*) AS failures FROM UNNEST($1::text[]) AS node GROUP BY node) c
+         WHERE n.id = c.node",
+    )
+    .bind(&nodes)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Bans a node: its messages are dropped and it gets no more work. False if there is no such node.
 pub async fn ban(pool: &PgPool, node_id: &str) -> sqlx::Result<bool> {
     let n = sqlx::query("UPDATE nodes SET status = 'banned' WHERE id = $1")
@@ -213,7 +253,7 @@ pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec
 }
 
 /// A node as anyone may see it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
 pub struct Node {
     /// Hex of the node's ed25519 public key.
     pub id: String,
@@ -229,7 +269,7 @@ pub struct Node {
     pub registered_at: DateTime<Utc>,
     pub shards_done: i64,
     pub shards_failed: i64,
-    /// Micro-credits earned from shards.
+    /// Micro-credits earned: shard fees and epoch rewards.
     pub earnings: i64,
 }
 

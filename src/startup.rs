@@ -72,8 +72,10 @@ impl Application {
         let (stop_dispatch, dispatch) = shutdown::channel();
         let (stop_background, background) = shutdown::channel();
         let events = EventHub::new(redis.clone(), &config.redis_prefix);
+        let epoch_clock = crate::epochs::EpochClock::load(&db, config.epoch_length).await?;
         let state = AppState::new(Inner {
             jwt: JwtKeys::new(&config.gateway_key)?,
+            epoch_clock,
             liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
             events: events.clone(),
             config,
@@ -94,7 +96,11 @@ impl Application {
             tokio::spawn(events.run_subscriber(redis_client, background.clone())),
             tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
             tokio::spawn(webhooks::run_deliverer(state.clone(), background.clone())),
-            tokio::spawn(crate::ledger::blocks::run_sealer(state.clone(), background)),
+            tokio::spawn(crate::ledger::blocks::run_sealer(
+                state.clone(),
+                background.clone(),
+            )),
+            tokio::spawn(crate::epochs::run_closer(state.clone(), background)),
         ];
         let dispatcher = tokio::spawn(orchestrator::run_dispatcher(state.clone(), dispatch));
         Ok(Self {

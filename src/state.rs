@@ -27,6 +27,7 @@ pub struct Inner {
     pub node_directory: NodeDirectory,
     pub metrics: Metrics,
     pub jwt: JwtKeys,
+    pub epoch_clock: crate::epochs::EpochClock,
     /// Wakes the dispatcher: new pending shards or freed capacity.
     pub dispatch_wakeup: Notify,
     /// Fired when the server stops accepting requests; long-lived streams close on it.

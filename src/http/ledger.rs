@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::extract::{Path, Query};
 use crate::auth::{Caller, Scope};
+use crate::epochs::{self, Epoch};
 use crate::error::{AppError, AppResult, Problem};
 use crate::jobs;
 use crate::ledger::blocks::{self, InclusionProof};
@@ -152,4 +153,14 @@ pub async fn settlement_proof(
         })?);
     }
     Ok(Json(SettlementProof { job_id: id, proofs }))
+}
+
+/// A closed epoch: its reward pool and every node's power score and reward.
+#[utoipa::path(
+    get, path = "/v1/epochs/{n}", tag = "ledger",
+    params(("n" = i64, Path, description = "Epoch number, from 0")),
+    responses((status = 200, body = Epoch), (status = 404, description = "Not closed yet", body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn epoch(State(state): State<AppState>, Path(n): Path<i64>) -> AppResult<Json<Epoch>> {
+    Ok(Json(epochs::get(&state.db, n).await?))
 }

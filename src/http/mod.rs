@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
             get(ledger::settlement_proof),
         )
         .route("/v1/ledger/public-key", get(ledger::public_key))
+        .route("/v1/epochs/{n}", get(ledger::epoch))
         .route("/v1/ledger/blocks", get(ledger::list_blocks))
         .route("/v1/ledger/blocks/{height}", get(ledger::get_block))
         .route(

@@ -2,9 +2,12 @@
 
 use axum::extract::State;
 use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::extract::Path;
 use crate::auth::Caller;
+use crate::epochs::{self, NodeScore};
 use crate::error::{AppResult, Problem};
 use crate::nodes::{self, Node};
 use crate::state::AppState;
@@ -19,17 +22,31 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> AppResult<J
     Ok(Json(nodes::list(&state.db, &state.liveness).await?))
 }
 
-/// One node: capabilities, liveness, shards done and failed, earnings.
+/// A node with its power scores and rewards in the latest closed epochs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub node: Node,
+    /// Newest first, at most 24.
+    pub recent_epochs: Vec<NodeScore>,
+}
+
+/// One node: capabilities, liveness, shards done and failed, earnings, recent power scores.
 #[utoipa::path(
     get, path = "/v1/nodes/{id}", tag = "nodes",
     params(("id" = String, Path, description = "Node id: hex of its ed25519 public key")),
-    responses((status = 200, body = Node), (status = 404, body = Problem, content_type = "application/problem+json")),
+    responses((status = 200, body = NodeDetail), (status = 404, body = Problem, content_type = "application/problem+json")),
     security(("bearer" = []))
 )]
 pub async fn get(
     State(state): State<AppState>,
     _caller: Caller,
     Path(id): Path<String>,
-) -> AppResult<Json<Node>> {
-    Ok(Json(nodes::get(&state.db, &state.liveness, &id).await?))
+) -> AppResult<Json<NodeDetail>> {
+    let node = nodes::get(&state.db, &state.liveness, &id).await?;
+    let recent_epochs = epochs::node_scores(&state.db, &id, 24).await?;
+    Ok(Json(NodeDetail {
+        node,
+        recent_epochs,
+    }))
 }

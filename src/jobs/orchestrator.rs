@@ -28,7 +28,7 @@ use crate::error::AppError;
 use crate::events::JobEvent;
 use crate::ledger::escrow::{self, Release};
 use crate::ledger::LedgerError;
-use crate::nodes;
+use crate::nodes::{self, Failure};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
 
@@ -301,9 +301,7 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
         .bind(node)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE nodes SET shards_failed = shards_failed + 1 WHERE id = $1")
-            .bind(node)
-            .execute(&mut *tx)
+        nodes::charge_failures(&mut tx, &[(node.to_string(), shard.id)], Failure::BadResult)
             .await?;
         tx.commit().await?;
         state.wake_dispatcher();
@@ -532,7 +530,8 @@ pub async fn run_sweeper(state: AppState, shutdown: Shutdown) {
 
 async fn sweep(state: &AppState) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
-    let lapsed: Vec<(Uuid, String)> = sqlx::query_as(
+    let mut tx = state.db.begin().await?;
+    let lapsed: Vec<(String, Uuid)> = sqlx::query_as(
         "WITH lapsed AS (
              SELECT id, node_id FROM shards
              WHERE status = 'assigned' AND lease_expires_at < now()
@@ -540,20 +539,15 @@ async fn sweep(state: &AppState) -> anyhow::Result<()> {
          UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
                 lease_expires_at = NULL, excluded_nodes = array_append(s.excluded_nodes, l.node_id)
          FROM lapsed l WHERE s.id = l.id
-         RETURNING s.id, l.node_id",
+         RETURNING l.node_id, s.id",
     )
-    .fetch_all(&state.db)
+    .fetch_all(&mut *tx)
     .await?;
     if !lapsed.is_empty() {
-        let nodes: Vec<&str> = lapsed.iter().map(|(_, n)| n.as_str()).collect();
-        sqlx::query(
-            "UPDATE nodes n SET shards_failed = n.shards_failed + c.lapses
-             FROM (SELECT node, count(*) AS lapses FROM UNNEST($1::text[]) AS node GROUP BY node) c
-             WHERE n.id = c.node",
-        )
-        .bind(&nodes)
-        .execute(&state.db)
-        .await?;
+        nodes::charge_failures(&mut tx, &lapsed, Failure::LeaseLapsed).await?;
+    }
+    tx.commit().await?;
+    if !lapsed.is_empty() {
         tracing::info!(shards = lapsed.len(), "re-queued shards whose lease lapsed");
         state.wake_dispatcher();
     }

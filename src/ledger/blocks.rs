@@ -19,7 +19,8 @@ pub const MAX_ENTRIES_PER_BLOCK: i64 = 10_000;
 /// Advisory lock key that serialises sealers across replicas ("xpandblk").
 const SEAL_LOCK: i64 = 0x7870_616e_6462_6c6b;
 
-const ENTRY_SELECT: &str = "SELECT e.id, e.tx_id, t.kind AS tx_kind, t.job_id, e.ledger_account_id,
+const ENTRY_SELECT: &str =
+    "SELECT e.id, e.tx_id, t.kind AS tx_kind, t.job_id, t.epoch, e.ledger_account_id,
         a.owner, a.purpose, e.amount, e.created_at
     FROM ledger_entries e
     JOIN ledger_transactions t ON t.id = e.tx_id

@@ -28,9 +28,10 @@ pub const GENESIS_PREV_HASH: Hash = [0; 32];
 pub struct SealedEntry {
     pub id: i64,
     pub tx_id: i64,
-    /// `deposit`, `escrow_hold`, `escrow_release`.
+    /// `deposit`, `escrow_hold`, `escrow_release`, `epoch_reward`.
     pub tx_kind: String,
     pub job_id: Option<Uuid>,
+    pub epoch: Option<i64>,
     pub ledger_account_id: i64,
     /// The account that owns the ledger account (pseudonymous id).
     pub owner: Uuid,
@@ -298,6 +299,7 @@ mod tests {
             tx_id: 2,
             tx_kind: "deposit".into(),
             job_id: None,
+            epoch: None,
             ledger_account_id: 3,
             owner: Uuid::nil(),
             purpose: "available".into(),

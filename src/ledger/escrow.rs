@@ -5,7 +5,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{post, LedgerError, Posting, Purpose, TxKind, SYSTEM_ACCOUNT};
+use super::{post, LedgerError, Posting, Purpose, Subject, TxKind, SYSTEM_ACCOUNT};
 
 /// Moves `amount` from `account`'s available balance to held, for `job_id`.
 /// Fails with [`LedgerError::Overdrawn`] when the balance is short.
@@ -18,7 +18,7 @@ pub async fn hold(
     post(
         conn,
         TxKind::EscrowHold,
-        Some(job_id),
+        Subject::Job(job_id),
         "escrow for job",
         &[
             Posting {
@@ -90,6 +90,13 @@ pub async fn release(
         purpose: Purpose::Earnings,
         amount,
     }));
-    post(conn, TxKind::EscrowRelease, Some(job_id), memo, &postings).await?;
+    post(
+        conn,
+        TxKind::EscrowRelease,
+        Subject::Job(job_id),
+        memo,
+        &postings,
+    )
+    .await?;
     Ok(refund)
 }

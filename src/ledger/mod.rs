@@ -53,6 +53,15 @@ pub enum TxKind {
     Deposit,
     EscrowHold,
     EscrowRelease,
+    EpochReward,
+}
+
+/// What a transaction is about; a job or an epoch has at most one transaction of each kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    None,
+    Job(Uuid),
+    Epoch(i64),
 }
 
 impl TxKind {
@@ -61,6 +70,7 @@ impl TxKind {
             TxKind::Deposit => "deposit",
             TxKind::EscrowHold => "escrow_hold",
             TxKind::EscrowRelease => "escrow_release",
+            TxKind::EpochReward => "epoch_reward",
         }
     }
 }
@@ -69,7 +79,7 @@ impl TxKind {
 pub enum LedgerError {
     #[error("ledger transaction does not balance (sum {0})")]
     Unbalanced(i64),
-    #[error("this job's {0} was already posted")]
+    #[error("this job's or epoch's {0} was already posted")]
     AlreadyPosted(&'static str),
     #[error("the posting would overdraw a ledger account")]
     Overdrawn,
@@ -126,7 +136,7 @@ pub struct Posting {
 pub async fn post(
     conn: &mut PgConnection,
     kind: TxKind,
-    job_id: Option<Uuid>,
+    subject: Subject,
     memo: &str,
     postings: &[Posting],
 ) -> Result<i64, LedgerError> {
@@ -144,11 +154,18 @@ pub async fn post(
     // Lock balances in one global order so concurrent postings cannot deadlock.
     legs.sort_unstable_by_key(|(id, _)| *id);
 
+    let (job_id, epoch) = match subject {
+        Subject::None => (None, None),
+        Subject::Job(job) => (Some(job), None),
+        Subject::Epoch(epoch) => (None, Some(epoch)),
+    };
     let tx_id: i64 = sqlx::query_scalar(
-        "INSERT INTO ledger_transactions (kind, job_id, memo) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO ledger_transactions (kind, job_id, epoch, memo) VALUES ($1, $2, $3, $4)
+         RETURNING id",
     )
     .bind(kind.as_str())
     .bind(job_id)
+    .bind(epoch)
     .bind(memo)
     .fetch_one(&mut *conn)
     .await
@@ -195,7 +212,7 @@ pub async fn deposit(
     post(
         conn,
         TxKind::Deposit,
-        None,
+        Subject::None,
         memo,
         &[
             Posting {
@@ -244,7 +261,7 @@ pub async fn balances(pool: &PgPool, owner: Uuid) -> Result<Balances, sqlx::Erro
 pub struct LedgerEntry {
     pub id: i64,
     pub tx_id: i64,
-    /// `deposit`, `escrow_hold` or `escrow_release`.
+    /// `deposit`, `escrow_hold`, `escrow_release` or `epoch_reward`.
     pub kind: String,
     /// Which of the owner's ledger accounts moved: `available`, `held`, `earnings`.
     pub purpose: String,

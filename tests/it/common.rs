@@ -128,6 +128,11 @@ pub fn test_config(db_name: &str) -> Config {
         max_body_bytes: 1024 * 1024,
         token_ttl: Duration::from_secs(900),
         seal_interval: Duration::from_secs(3600),
+        epoch_length: Duration::from_secs(3600),
+        pool: xpand::epochs::PoolConfig {
+            issuance: 1_000_000,
+            fee_share_bps: 5_000,
+        },
         db_pool: 8,
     }
 }

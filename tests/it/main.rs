@@ -2,6 +2,7 @@
 //! the real ONNX model. One binary (faster to link); each test has its own database and prefixes.
 
 mod common;
+mod epochs;
 mod jobs;
 mod ledger_chain;
 mod ops;
