@@ -32,6 +32,12 @@ const SHARED_GROUP: &str = "xpand-gateways";
 /// Worker messages handled at once per replica.
 const INBOUND_CONCURRENCY: usize = 64;
 
+/// A signed envelope and the topic it goes to.
+pub struct SealedMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
 #[derive(Clone)]
 pub struct Broker {
     client: AsyncClient,
@@ -68,12 +74,18 @@ impl Broker {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Signs an assignment with the gateway key and sends it to its node (QoS 1).
-    pub async fn send_assignment(&self, assignment: &Assignment) -> anyhow::Result<()> {
+    /// Signs an assignment with the gateway key: the message [`Broker::send`] delivers, and the
+    /// record that gets sealed into the ledger.
+    pub fn seal_assignment(&self, assignment: &Assignment) -> SealedMessage {
         let topic = self.topics.assign(&assignment.node);
         let payload = self.key.seal(&topic, assignment);
+        SealedMessage { topic, payload }
+    }
+
+    /// Sends a sealed message (QoS 1).
+    pub async fn send(&self, message: SealedMessage) -> anyhow::Result<()> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(message.topic, QoS::AtLeastOnce, false, message.payload)
             .await?;
         Ok(())
     }
@@ -262,7 +274,7 @@ async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
     let node = opened.signer.as_str();
     let outcome = match kind {
         UpKind::Announce => match opened.parse::<Announce>() {
-            Ok(announce) => on_announce(state, node, opened.ts, &announce).await,
+            Ok(announce) => on_announce(state, node, opened.ts, &announce, payload).await,
             Err(_) => Err(DropReason::BadBody.into()),
         },
         UpKind::Heartbeat => on_heartbeat(state, node).await,
@@ -302,8 +314,9 @@ async fn on_announce(
     node: &str,
     signed_at_ms: i64,
     announce: &Announce,
+    envelope: &[u8],
 ) -> anyhow::Result<()> {
-    if crate::nodes::record_announce(&state.db, node, signed_at_ms, announce).await? {
+    if crate::nodes::record_announce(&state.db, node, signed_at_ms, announce, envelope).await? {
         tracing::info!(node, name = %announce.name, models = announce.models.len(), "node announced");
     }
     // An announce is proof of life only while it is fresh (a retained one may be old).

@@ -158,8 +158,8 @@ async fn verify(url: &str, public_key: Option<&str>, entries: &[i64]) -> anyhow:
     match outcome {
         Ok(report) => {
             println!(
-                "ledger verified: {} blocks, {} entries, signed by {}",
-                report.blocks, report.entries, report.public_key
+                "ledger verified: {} blocks, {} entries, {} records, signed by {}",
+                report.blocks, report.entries, report.records, report.public_key
             );
             Ok(())
         }

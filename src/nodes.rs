@@ -156,13 +156,16 @@ impl Default for NodeDirectory {
     }
 }
 
-/// Stores a verified capability statement unless a newer one is already stored.
+/// Stores a verified capability statement unless a newer one is already stored, and records its
+/// signed `envelope` for sealing. True when it was new.
 pub async fn record_announce(
     pool: &PgPool,
     node_id: &str,
     signed_at_ms: i64,
     announce: &Announce,
+    envelope: &[u8],
 ) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
     let updated = sqlx::query(
         "UPDATE nodes SET capabilities = $2, announced_ts = $3, announced_at = now()
          WHERE id = $1 AND (announced_ts IS NULL OR announced_ts < $3)",
@@ -170,9 +173,14 @@ pub async fn record_announce(
     .bind(node_id)
     .bind(serde_json::to_value(announce).expect("announces serialize"))
     .bind(signed_at_ms)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(updated.rows_affected() == 1)
+    let new = updated.rows_affected() == 1;
+    if new {
+        crate::ledger::blocks::record(&mut tx, "capability", node_id, envelope).await?;
+    }
+    tx.commit().await?;
+    Ok(new)
 }
 
 /// Redis liveness keys.

@@ -19,6 +19,7 @@ use crate::http::{account, jobs, ledger, nodes, ops, ws};
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_entries,
+        ledger::block_records,
         ledger::entry_proof, ledger::settlement_proof, ledger::epoch,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),

@@ -1,6 +1,6 @@
 //! `xpand verify`: checks the whole ledger through the public API alone — block signatures
 //! under the gateway key, the hash links between blocks, that block ranges follow each other,
-//! and every block's Merkle root against the entries the API serves for it — and checks
+//! and every block's Merkle roots against the entries and records the API serves for it — and checks
 //! inclusion proofs for chosen entries. Any rewrite of sealed history fails, naming the block
 //! (or entry) where it shows.
 
@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::http::ledger::{BlockPage, PublicKey};
 use crate::ledger::blocks::InclusionProof;
-use crate::ledger::chain::{self, Hash, SealedEntry, GENESIS_PREV_HASH};
+use crate::ledger::chain::{self, Hash, SealedEntry, SealedRecord, GENESIS_PREV_HASH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -29,6 +29,8 @@ pub struct Report {
     pub public_key: String,
     pub blocks: usize,
     pub entries: usize,
+    /// Capability statements and assignments sealed beside the entries.
+    pub records: usize,
 }
 
 /// Reads the public API of the gateway at `base`.
@@ -65,11 +67,13 @@ impl Verifier {
 
     /// Walks every block from the first.
     pub async fn verify_chain(&self) -> Result<Report, VerifyError> {
-        let (mut prev_hash, mut prev_height, mut next_first) = (GENESIS_PREV_HASH, 0i64, 1i64);
+        let (mut prev_hash, mut prev_height) = (GENESIS_PREV_HASH, 0i64);
+        let (mut next_entry, mut next_record) = (1i64, 1i64);
         let mut report = Report {
             public_key: self.public_key.clone(),
             blocks: 0,
             entries: 0,
+            records: 0,
         };
         loop {
             let page: BlockPage = fetch(
@@ -90,11 +94,13 @@ impl Verifier {
                 if block.prev_hash != hex::encode(prev_hash) {
                     return Err(fail(format!("does not link to block {prev_height}'s hash")));
                 }
-                if block.first_entry_id != next_first {
+                if block.first_entry_id != next_entry || block.first_record_id != next_record {
                     return Err(fail(format!(
-                        "covers entries from {}, but block {prev_height} ended at {}",
+                        "starts at entry {} and record {}, but block {prev_height} ended at {} and {}",
                         block.first_entry_id,
-                        next_first - 1
+                        block.first_record_id,
+                        next_entry - 1,
+                        next_record - 1
                     )));
                 }
                 let entries: Vec<SealedEntry> = fetch(
@@ -103,11 +109,19 @@ impl Verifier {
                 )
                 .await?;
                 check_entries(block, &entries).map_err(fail)?;
+                let records: Vec<SealedRecord> = fetch(
+                    &self.http,
+                    &format!("{}/v1/ledger/blocks/{height}/records", self.base),
+                )
+                .await?;
+                check_records(block, &records).map_err(fail)?;
                 report.blocks += 1;
                 report.entries += entries.len();
+                report.records += records.len();
                 prev_hash = chain::parse_hash(&block.block_hash).expect("verified hash");
                 prev_height = height;
-                next_first = block.last_entry_id + 1;
+                next_entry = block.last_entry_id + 1;
+                next_record = block.last_record_id + 1;
             }
             if page.next_after.is_none() {
                 return Ok(report);
@@ -133,6 +147,34 @@ impl Verifier {
             .map_err(|reason| VerifyError::Entry { id, reason })?;
         Ok(proof)
     }
+}
+
+/// The served records must be in range, in order, as many as sealed, and hash to the root.
+fn check_records(block: &chain::Block, records: &[SealedRecord]) -> Result<(), String> {
+    let mut last = block.first_record_id - 1;
+    for r in records {
+        if r.id <= last || r.id > block.last_record_id {
+            return Err(format!("record {} is out of order or out of range", r.id));
+        }
+        last = r.id;
+    }
+    if records.len() != block.record_count as usize {
+        return Err(format!(
+            "{} records are served for records {}..={}, but {} were sealed",
+            records.len(),
+            block.first_record_id,
+            block.last_record_id,
+            block.record_count
+        ));
+    }
+    let leaves: Vec<Hash> = records.iter().map(SealedRecord::leaf).collect();
+    if hex::encode(chain::merkle_root(&leaves)) != block.records_root {
+        return Err(format!(
+            "records {}..={} as served do not match the sealed records root: a record was changed",
+            block.first_record_id, block.last_record_id
+        ));
+    }
+    Ok(())
 }
 
 /// The served entries must be in range, in order, as many as sealed, and hash to the root.

@@ -13,7 +13,7 @@ use crate::epochs::{self, Epoch};
 use crate::error::{AppError, AppResult, Problem};
 use crate::jobs;
 use crate::ledger::blocks::{self, InclusionProof};
-use crate::ledger::chain::{Block, SealedEntry};
+use crate::ledger::chain::{Block, SealedEntry, SealedRecord};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -94,6 +94,23 @@ pub async fn block_entries(
         .await?
         .ok_or(AppError::NotFound("block"))?;
     Ok(Json(blocks::entries(&state.db, &block).await?))
+}
+
+/// The capability statements and assignments a block covers, in id order: recompute its
+/// `records_root` from them, and check each envelope's signature.
+#[utoipa::path(
+    get, path = "/v1/ledger/blocks/{height}/records", tag = "ledger",
+    params(("height" = i64, Path, description = "Block height, from 1")),
+    responses((status = 200, body = Vec<SealedRecord>), (status = 404, body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn block_records(
+    State(state): State<AppState>,
+    Path(height): Path<i64>,
+) -> AppResult<Json<Vec<SealedRecord>>> {
+    let block = blocks::get(&state.db, height)
+        .await?
+        .ok_or(AppError::NotFound("block"))?;
+    Ok(Json(blocks::records(&state.db, &block).await?))
 }
 
 /// An inclusion proof for one ledger entry: verify it with nothing but the public key.

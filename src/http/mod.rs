@@ -43,6 +43,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/ledger/blocks/{height}/entries",
             get(ledger::block_entries),
         )
+        .route(
+            "/v1/ledger/blocks/{height}/records",
+            get(ledger::block_records),
+        )
         .route("/v1/ledger/entries/{id}/proof", get(ledger::entry_proof))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/{id}", get(nodes::get))

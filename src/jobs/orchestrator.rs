@@ -27,7 +27,7 @@ use crate::broker::DropReason;
 use crate::error::AppError;
 use crate::events::JobEvent;
 use crate::ledger::escrow::{self, Release};
-use crate::ledger::LedgerError;
+use crate::ledger::{self, LedgerError};
 use crate::nodes::{self, Failure};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
@@ -126,6 +126,13 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     .bind(lease_expires_at)
     .execute(&mut *tx)
     .await?;
+    // Each assignment is signed once: the same bytes are sealed into the ledger and sent.
+    let mut messages = Vec::with_capacity(assignments.len());
+    for a in &assignments {
+        let message = state.broker.seal_assignment(a);
+        ledger::blocks::record(&mut tx, "assignment", &a.node, &message.payload).await?;
+        messages.push(message);
+    }
     tx.commit().await?;
 
     // The job turns `running` in its own statement: taking the job lock inside the shard
@@ -142,8 +149,8 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     .fetch_all(&state.db)
     .await?;
 
-    for a in &assignments {
-        if let Err(e) = state.broker.send_assignment(a).await {
+    for (a, message) in assignments.iter().zip(messages) {
+        if let Err(e) = state.broker.send(message).await {
             // The lease will lapse and the shard will be offered again.
             tracing::warn!(error = %e, shard = %a.shard_id, "sending an assignment failed");
         }

@@ -4,7 +4,8 @@
 //! higher one is visible. The sealer therefore takes `LOCK TABLE ledger_entries IN SHARE MODE`:
 //! it waits for every transaction that is inserting entries to finish and holds new ones off
 //! while it reads, so a sealed id range can never later gain an entry. Sealers on several
-//! replicas are serialised by an advisory lock.
+//! replicas are serialised by an advisory lock. The same holds for the records sealed beside the
+//! entries (capability statements and assignments, [`record`]).
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::chain::{self, Block, Hash, ProofStep, SealedEntry, GENESIS_PREV_HASH};
+use super::chain::{self, Block, Hash, ProofStep, SealedEntry, SealedRecord, GENESIS_PREV_HASH};
 
 /// Most entries one block covers; a backlog is sealed into several blocks.
 pub const MAX_ENTRIES_PER_BLOCK: i64 = 10_000;
@@ -26,8 +27,27 @@ const ENTRY_SELECT: &str =
     JOIN ledger_transactions t ON t.id = e.tx_id
     JOIN ledger_accounts a ON a.id = e.ledger_account_id";
 
+const RECORD_SELECT: &str = "SELECT id, kind, node_id, envelope, created_at FROM chain_records";
+
 const BLOCK_COLUMNS: &str = "height, first_entry_id, last_entry_id, entry_count, merkle_root, \
-    prev_hash, sealed_at, block_hash, signature";
+    first_record_id, last_record_id, record_count, records_root, prev_hash, sealed_at, \
+    block_hash, signature";
+
+/// Records that `node` said or was told `envelope` (in the caller's transaction), for sealing.
+pub async fn record(
+    conn: &mut PgConnection,
+    kind: &str,
+    node: &str,
+    envelope: &[u8],
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO chain_records (kind, node_id, envelope) VALUES ($1, $2, $3)")
+        .bind(kind)
+        .bind(node)
+        .bind(String::from_utf8_lossy(envelope))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
 
 /// Seals the next block of unsealed entries, if there are any.
 pub async fn seal_next(
@@ -39,11 +59,12 @@ pub async fn seal_next(
         .bind(SEAL_LOCK)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("LOCK TABLE ledger_entries IN SHARE MODE")
+    sqlx::query("LOCK TABLE ledger_entries, chain_records IN SHARE MODE")
         .execute(&mut *tx)
         .await?;
     let last = latest(&mut tx).await?;
     let first_entry_id = last.as_ref().map_or(1, |b| b.last_entry_id + 1);
+    let first_record_id = last.as_ref().map_or(1, |b| b.last_record_id + 1);
     let entries: Vec<SealedEntry> = sqlx::query_as(&format!(
         "{ENTRY_SELECT} WHERE e.id >= $1 ORDER BY e.id LIMIT $2"
     ))
@@ -51,7 +72,14 @@ pub async fn seal_next(
     .bind(MAX_ENTRIES_PER_BLOCK)
     .fetch_all(&mut *tx)
     .await?;
-    if entries.is_empty() {
+    let records: Vec<SealedRecord> = sqlx::query_as(&format!(
+        "{RECORD_SELECT} WHERE id >= $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(first_record_id)
+    .bind(MAX_ENTRIES_PER_BLOCK)
+    .fetch_all(&mut *tx)
+    .await?;
+    if entries.is_empty() && records.is_empty() {
         return Ok(None);
     }
     let prev_hash: Hash = match &last {
@@ -60,20 +88,26 @@ pub async fn seal_next(
     };
     let block = Block::seal(
         last.as_ref().map_or(1, |b| b.height + 1),
-        first_entry_id,
+        (first_entry_id, first_record_id),
         &entries,
+        &records,
         &prev_hash,
         Utc::now(),
         key,
     );
     sqlx::query(&format!(
-        "INSERT INTO ledger_blocks ({BLOCK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        "INSERT INTO ledger_blocks ({BLOCK_COLUMNS})
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
     ))
     .bind(block.height)
     .bind(block.first_entry_id)
     .bind(block.last_entry_id)
     .bind(block.entry_count)
     .bind(&block.merkle_root)
+    .bind(block.first_record_id)
+    .bind(block.last_record_id)
+    .bind(block.record_count)
+    .bind(&block.records_root)
     .bind(&block.prev_hash)
     .bind(block.sealed_at)
     .bind(&block.block_hash)
@@ -151,6 +185,17 @@ pub async fn entries(pool: &PgPool, block: &Block) -> sqlx::Result<Vec<SealedEnt
     ))
     .bind(block.first_entry_id)
     .bind(block.last_entry_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The records a block covers, in id order, as stored now.
+pub async fn records(pool: &PgPool, block: &Block) -> sqlx::Result<Vec<SealedRecord>> {
+    sqlx::query_as(&format!(
+        "{RECORD_SELECT} WHERE id BETWEEN $1 AND $2 ORDER BY id"
+    ))
+    .bind(block.first_record_id)
+    .bind(block.last_record_id)
     .fetch_all(pool)
     .await
 }

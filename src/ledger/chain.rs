@@ -65,6 +65,36 @@ impl SealedEntry {
     }
 }
 
+/// A statement sealed beside the money: a node's capability announce or a shard assignment, as
+/// the exact signed envelope that travelled over MQTT (anyone can check its signature too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct SealedRecord {
+    pub id: i64,
+    /// `capability` (signed by the node) or `assignment` (signed by the gateway).
+    pub kind: String,
+    pub node_id: String,
+    /// The envelope JSON, byte for byte.
+    pub envelope: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl SealedRecord {
+    pub fn canonical(&self) -> String {
+        format!(
+            "xpand-record-v1|{}|{}|{}|{}|{}",
+            self.id,
+            self.kind,
+            self.node_id,
+            self.created_at.timestamp_micros(),
+            self.envelope,
+        )
+    }
+
+    pub fn leaf(&self) -> Hash {
+        leaf_hash(self.canonical().as_bytes())
+    }
+}
+
 fn leaf_hash(bytes: &[u8]) -> Hash {
     let mut h = Sha256::new();
     h.update([0u8]);
@@ -174,6 +204,12 @@ pub struct Block {
     pub entry_count: i32,
     /// Hex Merkle root of the covered entries' leaves, in id order.
     pub merkle_root: String,
+    /// The block also covers records `first_record_id <= id <= last_record_id`.
+    pub first_record_id: i64,
+    pub last_record_id: i64,
+    pub record_count: i32,
+    /// Hex Merkle root of the covered records' leaves, in id order.
+    pub records_root: String,
     /// Hex hash of the previous block (64 zeros for the first).
     pub prev_hash: String,
     pub sealed_at: DateTime<Utc>,
@@ -186,12 +222,16 @@ pub struct Block {
 impl Block {
     fn canonical_header(&self) -> String {
         format!(
-            "xpand-block-v1|{}|{}|{}|{}|{}|{}|{}",
+            "xpand-block-v1|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
             self.height,
             self.first_entry_id,
             self.last_entry_id,
             self.entry_count,
             self.merkle_root,
+            self.first_record_id,
+            self.last_record_id,
+            self.record_count,
+            self.records_root,
             self.prev_hash,
             self.sealed_at.timestamp_micros(),
         )
@@ -202,22 +242,29 @@ impl Block {
         Sha256::digest(self.canonical_header().as_bytes()).into()
     }
 
-    /// Builds and signs a block over `entries` (in id order, all within the range).
+    /// Builds and signs a block over `entries` and `records` (each in id order, starting at
+    /// `first.0` and `first.1`).
     pub fn seal(
         height: i64,
-        first_entry_id: i64,
+        first: (i64, i64),
         entries: &[SealedEntry],
+        records: &[SealedRecord],
         prev_hash: &Hash,
         sealed_at: DateTime<Utc>,
         key: &SigningKey,
     ) -> Self {
-        let leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
+        let entry_leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
+        let record_leaves: Vec<Hash> = records.iter().map(SealedRecord::leaf).collect();
         let mut block = Block {
             height,
-            first_entry_id,
-            last_entry_id: entries.last().map_or(first_entry_id - 1, |e| e.id),
+            first_entry_id: first.0,
+            last_entry_id: entries.last().map_or(first.0 - 1, |e| e.id),
             entry_count: entries.len() as i32,
-            merkle_root: hex::encode(merkle_root(&leaves)),
+            merkle_root: hex::encode(merkle_root(&entry_leaves)),
+            first_record_id: first.1,
+            last_record_id: records.last().map_or(first.1 - 1, |r| r.id),
+            record_count: records.len() as i32,
+            records_root: hex::encode(merkle_root(&record_leaves)),
             prev_hash: hex::encode(prev_hash),
             // Postgres keeps microseconds; sign exactly what will be read back.
             sealed_at: DateTime::from_timestamp_micros(sealed_at.timestamp_micros())
@@ -306,11 +353,22 @@ mod tests {
             amount: 100,
             created_at: Utc::now(),
         };
-        let block = Block::seal(1, 1, &[entry], &GENESIS_PREV_HASH, Utc::now(), &key);
-        assert_eq!(block.last_entry_id, 5);
+        let block = Block::seal(
+            1,
+            (1, 1),
+            &[entry],
+            &[],
+            &GENESIS_PREV_HASH,
+            Utc::now(),
+            &key,
+        );
+        assert_eq!((block.last_entry_id, block.last_record_id), (5, 0));
         block.verify_signature(&key.verifying_key()).unwrap();
         let mut forged = block.clone();
         forged.merkle_root = hex::encode([9u8; 32]);
+        assert!(forged.verify_signature(&key.verifying_key()).is_err());
+        let mut forged = block.clone();
+        forged.record_count = 1;
         assert!(forged.verify_signature(&key.verifying_key()).is_err());
         let other = SigningKey::from_bytes(&[8; 32]);
         assert!(block.verify_signature(&other.verifying_key()).is_err());

@@ -53,11 +53,40 @@ async fn blocks_verify_and_entries_prove_with_only_the_public_key() {
     let gateway = app.config.gateway_key.id().to_string();
     let verifier = Verifier::connect(&app.base, Some(&gateway)).await.unwrap();
     let report = verifier.verify_chain().await.unwrap();
-    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries")
-        .fetch_one(&app.db)
+    let (entries, records): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM chain_records)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.blocks, report.entries as i64, report.records as i64),
+        (2, entries, records)
+    );
+    // The worker's capability statement is sealed as the envelope it signed.
+    let block_one: Vec<Value> = app
+        .get_json(&key, "/v1/ledger/blocks/1/records")
         .await
+        .as_array()
+        .unwrap()
+        .clone();
+    let capability = block_one
+        .iter()
+        .find(|r| r["kind"] == "capability")
         .unwrap();
-    assert_eq!((report.blocks, report.entries as i64), (2, entries));
+    let topic = format!(
+        "{}/v1/up/{}/announce",
+        app.config.topic_prefix,
+        capability["node_id"].as_str().unwrap()
+    );
+    let opened = xpand_protocol::Envelope::open(
+        capability["envelope"].as_str().unwrap().as_bytes(),
+        &topic,
+        xpand_protocol::now_ms(),
+        i64::MAX,
+    )
+    .expect("the sealed statement carries the node's signature");
+    assert_eq!(opened.signer, capability["node_id"].as_str().unwrap());
 
     // A settlement proof, checked the way a third party would: JSON in, public key, nothing else.
     let proof: Value = app
@@ -170,6 +199,27 @@ async fn rewriting_sealed_history_is_caught_and_located() {
         "{reason}"
     );
     exec("UPDATE ledger_blocks SET entry_count = entry_count - 1 WHERE height = 2".into()).await;
+
+    // Rewrite what a node was told: an assignment sealed in the block.
+    let record: i64 = sqlx::query_scalar(
+        "SELECT id FROM chain_records WHERE kind = 'assignment' AND id BETWEEN $1 AND $2 LIMIT 1",
+    )
+    .bind(block.first_record_id)
+    .bind(block.last_record_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    exec(format!(
+        "UPDATE chain_records SET node_id = reverse(node_id) WHERE id = {record}"
+    ))
+    .await;
+    let reason = expect_block_2(verifier.verify_chain().await, "rewritten assignment");
+    assert!(reason.contains("records root"), "{reason}");
+    exec(format!(
+        "UPDATE chain_records SET node_id = reverse(node_id) WHERE id = {record}"
+    ))
+    .await;
+    verifier.verify_chain().await.unwrap();
 
     // Delete one entry.
     exec(format!("DELETE FROM ledger_entries WHERE id = {b}")).await;
