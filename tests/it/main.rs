@@ -5,6 +5,7 @@ mod common;
 mod epochs;
 mod jobs;
 mod ledger_chain;
+mod ledger_properties;
 mod ops;
 mod protocol;
 mod up;
