@@ -98,7 +98,7 @@ async fn settle(pool: &PgPool, customer: Uuid, nodes: &[Uuid], i: usize) -> anyh
         fee: ESCROW / 10,
     };
     let mut tx = pool.begin().await?;
-    escrow::release(&mut tx, customer, job, ESCROW, &release, "bench").await?;
+    escrow::release(&mut tx, job, &release, "bench").await?;
     tx.commit().await?;
     Ok(())
 }

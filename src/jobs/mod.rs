@@ -123,7 +123,6 @@ pub struct Job {
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
     pub id: Uuid,
-    pub account_id: Uuid,
     pub kind: String,
     pub status: JobStatus,
     pub params: Value,
@@ -144,7 +143,7 @@ pub(crate) struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-pub(crate) const JOB_COLUMNS: &str = "id, account_id, kind, status, params, output, error, quote, \
+pub(crate) const JOB_COLUMNS: &str = "id, kind, status, params, output, error, quote, \
     max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, request_hash, \
     created_at, updated_at, started_at, finished_at";
 

@@ -447,7 +447,7 @@ pub async fn finish(
         Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
     };
     let memo = format!("job {} {}", job.kind, status.as_str());
-    match escrow::release(conn, job.account_id, job_id, job.escrow, &release, &memo).await {
+    match escrow::release(conn, job_id, &release, &memo).await {
         Ok(_) => {}
         // Released already (by a replica whose job update we cannot see yet): nothing to do.
         Err(LedgerError::AlreadyPosted(_)) => return Ok(None),

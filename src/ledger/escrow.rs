@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{post, LedgerError, Posting, Purpose, Subject, TxKind, SYSTEM_ACCOUNT};
 
-/// Moves `amount` from `account`'s available balance to held, for `job_id`.
+/// Moves `amount` (> 0) from `account`'s available balance to held, for `job_id`.
 /// Fails with [`LedgerError::Overdrawn`] when the balance is short.
 pub async fn hold(
     conn: &mut PgConnection,
@@ -15,6 +15,9 @@ pub async fn hold(
     job_id: Uuid,
     amount: i64,
 ) -> Result<(), LedgerError> {
+    if amount <= 0 {
+        return Err(LedgerError::InvalidAmount("an escrow must be positive"));
+    }
     post(
         conn,
         TxKind::EscrowHold,
@@ -53,17 +56,42 @@ impl Release {
     }
 }
 
-/// Releases `escrow` held for `job_id`: pays `release`, refunds the remainder to available.
-/// Returns the refund. A second release of the same job fails with
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The account whose escrow it was.
+    pub account: Uuid,
+    /// What the hold had moved to held.
+    pub escrow: i64,
+    /// What went back to available.
+    pub refund: i64,
+}
+
+/// Releases the escrow held for `job_id`: pays `release`, refunds the remainder to the account
+/// that was charged. Who and how much come from the hold itself, so a release can never take
+/// more, less or from someone else. A second release of the same job fails with
 /// [`LedgerError::AlreadyPosted`] and changes nothing, which makes settlement idempotent.
 pub async fn release(
     conn: &mut PgConnection,
-    account: Uuid,
     job_id: Uuid,
-    escrow: i64,
     release: &Release,
     memo: &str,
-) -> Result<i64, LedgerError> {
+) -> Result<Released, LedgerError> {
+    if release.fee < 0 || release.payouts.iter().any(|&(_, a)| a < 0) {
+        return Err(LedgerError::InvalidAmount(
+            "payouts and fees cannot be negative",
+        ));
+    }
+    let (account, escrow): (Uuid, i64) = sqlx::query_as(
+        "SELECT a.owner, e.amount FROM ledger_transactions t
+         JOIN ledger_entries e ON e.tx_id = t.id
+         JOIN ledger_accounts a ON a.id = e.ledger_account_id
+         WHERE t.job_id = $1 AND t.kind = 'escrow_hold' AND a.purpose = 'held'",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(LedgerError::InvalidAmount("no escrow is held for this job"))?;
     let refund = escrow - release.cost();
     if refund < 0 {
         return Err(LedgerError::Overdrawn);
@@ -98,5 +126,9 @@ pub async fn release(
         &postings,
     )
     .await?;
-    Ok(refund)
+    Ok(Released {
+        account,
+        escrow,
+        refund,
+    })
 }

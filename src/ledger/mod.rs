@@ -83,6 +83,8 @@ pub enum LedgerError {
     AlreadyPosted(&'static str),
     #[error("the posting would overdraw a ledger account")]
     Overdrawn,
+    #[error("invalid amount: {0}")]
+    InvalidAmount(&'static str),
     #[error("ledger account {owner}/{purpose} does not exist")]
     NoSuchAccount { owner: Uuid, purpose: &'static str },
     #[error(transparent)]
