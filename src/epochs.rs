@@ -288,24 +288,21 @@ async fn close(state: &AppState, n: i64) -> anyhow::Result<bool> {
     .fetch_one(&mut *tx)
     .await?;
     let cfg = state.config.pool;
+    let fee_share = fees * cfg.fee_share_bps / 10_000;
     let ranked: Vec<(&str, i64)> = scores
         .iter()
         .map(|s| (s.node_id.as_str(), s.score))
         .collect();
-    let (issuance, fee_share, remainder_node) =
-        match split_pool(cfg.issuance + fees * cfg.fee_share_bps / 10_000, &ranked) {
-            Some((rewards, top)) => {
-                for (score, reward) in scores.iter_mut().zip(rewards) {
-                    score.reward = reward;
-                }
-                (
-                    cfg.issuance,
-                    fees * cfg.fee_share_bps / 10_000,
-                    Some(scores[top].node_id.clone()),
-                )
+    let (issuance, fee_share, remainder_node) = match split_pool(cfg.issuance + fee_share, &ranked)
+    {
+        Some((rewards, top)) => {
+            for (score, reward) in scores.iter_mut().zip(rewards) {
+                score.reward = reward;
             }
-            None => (0, 0, None),
-        };
+            (cfg.issuance, fee_share, Some(scores[top].node_id.clone()))
+        }
+        None => (0, 0, None),
+    };
     sqlx::query(
         "INSERT INTO epochs (number, starts_at, ends_at, issuance, fee_share, pool, remainder_node)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",

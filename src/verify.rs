@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::http::ledger::{BlockPage, PublicKey};
 use crate::ledger::blocks::InclusionProof;
-use crate::ledger::chain::{self, Hash, SealedEntry, SealedRecord, GENESIS_PREV_HASH};
+use crate::ledger::chain::{self, Hash, Sealed, SealedEntry, SealedRecord, GENESIS_PREV_HASH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -108,13 +108,27 @@ impl Verifier {
                     &format!("{}/v1/ledger/blocks/{height}/entries", self.base),
                 )
                 .await?;
-                check_entries(block, &entries).map_err(fail)?;
+                let entry_range = Range {
+                    what: ("entry", "entries", "Merkle root"),
+                    first: block.first_entry_id,
+                    last: block.last_entry_id,
+                    count: block.entry_count,
+                    root: &block.merkle_root,
+                };
+                check_sealed(entry_range, &entries).map_err(fail)?;
                 let records: Vec<SealedRecord> = fetch(
                     &self.http,
                     &format!("{}/v1/ledger/blocks/{height}/records", self.base),
                 )
                 .await?;
-                check_records(block, &records).map_err(fail)?;
+                let record_range = Range {
+                    what: ("record", "records", "records root"),
+                    first: block.first_record_id,
+                    last: block.last_record_id,
+                    count: block.record_count,
+                    root: &block.records_root,
+                };
+                check_sealed(record_range, &records).map_err(fail)?;
                 report.blocks += 1;
                 report.entries += entries.len();
                 report.records += records.len();
@@ -149,57 +163,45 @@ impl Verifier {
     }
 }
 
-/// The served records must be in range, in order, as many as sealed, and hash to the root.
-fn check_records(block: &chain::Block, records: &[SealedRecord]) -> Result<(), String> {
-    let mut last = block.first_record_id - 1;
-    for r in records {
-        if r.id <= last || r.id > block.last_record_id {
-            return Err(format!("record {} is out of order or out of range", r.id));
-        }
-        last = r.id;
-    }
-    if records.len() != block.record_count as usize {
-        return Err(format!(
-            "{} records are served for records {}..={}, but {} were sealed",
-            records.len(),
-            block.first_record_id,
-            block.last_record_id,
-            block.record_count
-        ));
-    }
-    let leaves: Vec<Hash> = records.iter().map(SealedRecord::leaf).collect();
-    if hex::encode(chain::merkle_root(&leaves)) != block.records_root {
-        return Err(format!(
-            "records {}..={} as served do not match the sealed records root: a record was changed",
-            block.first_record_id, block.last_record_id
-        ));
-    }
-    Ok(())
+/// What a block says it covers of one kind of sealed item.
+struct Range<'a> {
+    /// e.g. `entry`, `entries`, `Merkle root`
+    what: (&'a str, &'a str, &'a str),
+    first: i64,
+    last: i64,
+    count: i32,
+    root: &'a str,
 }
 
-/// The served entries must be in range, in order, as many as sealed, and hash to the root.
-fn check_entries(block: &chain::Block, entries: &[SealedEntry]) -> Result<(), String> {
-    let mut last = block.first_entry_id - 1;
-    for e in entries {
-        if e.id <= last || e.id > block.last_entry_id {
-            return Err(format!("entry {} is out of order or out of range", e.id));
+/// The served items must be in range, in order, as many as sealed, and hash to the root.
+fn check_sealed<T: Sealed>(range: Range, items: &[T]) -> Result<(), String> {
+    let Range {
+        what: (one, many, root_name),
+        first,
+        last,
+        count,
+        root,
+    } = range;
+    let mut previous = first - 1;
+    for item in items {
+        if item.id() <= previous || item.id() > last {
+            return Err(format!(
+                "{one} {} is out of order or out of range",
+                item.id()
+            ));
         }
-        last = e.id;
+        previous = item.id();
     }
-    if entries.len() != block.entry_count as usize {
+    if items.len() != count as usize {
         return Err(format!(
-            "{} entries are served for entries {}..={}, but {} were sealed",
-            entries.len(),
-            block.first_entry_id,
-            block.last_entry_id,
-            block.entry_count
+            "{} {many} are served for {many} {first}..={last}, but {count} were sealed",
+            items.len()
         ));
     }
-    let leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
-    if hex::encode(chain::merkle_root(&leaves)) != block.merkle_root {
+    let leaves: Vec<Hash> = items.iter().map(Sealed::leaf).collect();
+    if hex::encode(chain::merkle_root(&leaves)) != root {
         return Err(format!(
-            "entries {}..={} as served do not match the sealed Merkle root: an entry was changed",
-            block.first_entry_id, block.last_entry_id
+            "{many} {first}..={last} as served do not match the sealed {root_name}: one was changed"
         ));
     }
     Ok(())

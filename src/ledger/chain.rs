@@ -95,6 +95,30 @@ impl SealedRecord {
     }
 }
 
+/// Something sealed in id order under a block's Merkle root.
+pub trait Sealed {
+    fn id(&self) -> i64;
+    fn leaf(&self) -> Hash;
+}
+
+impl Sealed for SealedEntry {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn leaf(&self) -> Hash {
+        SealedEntry::leaf(self)
+    }
+}
+
+impl Sealed for SealedRecord {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn leaf(&self) -> Hash {
+        SealedRecord::leaf(self)
+    }
+}
+
 fn leaf_hash(bytes: &[u8]) -> Hash {
     let mut h = Sha256::new();
     h.update([0u8]);
@@ -110,6 +134,18 @@ fn node_hash(left: &Hash, right: &Hash) -> Hash {
     h.finalize().into()
 }
 
+/// Pairs up one level of the tree; an odd last node moves up unchanged.
+fn next_level(level: &[Hash]) -> Vec<Hash> {
+    level
+        .chunks(2)
+        .map(|pair| match pair {
+            [l, r] => node_hash(l, r),
+            [odd] => *odd,
+            _ => unreachable!("chunks(2)"),
+        })
+        .collect()
+}
+
 /// The Merkle root of `leaves` (sha256 of nothing for no leaves; blocks are never empty).
 pub fn merkle_root(leaves: &[Hash]) -> Hash {
     if leaves.is_empty() {
@@ -117,14 +153,7 @@ pub fn merkle_root(leaves: &[Hash]) -> Hash {
     }
     let mut level = leaves.to_vec();
     while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [l, r] => node_hash(l, r),
-                [odd] => *odd,
-                _ => unreachable!("chunks(2)"),
-            })
-            .collect();
+        level = next_level(&level);
     }
     level[0]
 }
@@ -161,14 +190,7 @@ pub fn merkle_proof(leaves: &[Hash], mut index: usize) -> Vec<ProofStep> {
                 hash: hex::encode(level[sibling]),
             });
         }
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [l, r] => node_hash(l, r),
-                [odd] => *odd,
-                _ => unreachable!("chunks(2)"),
-            })
-            .collect();
+        level = next_level(&level);
         index /= 2;
     }
     steps
