@@ -71,6 +71,12 @@ pub struct GatewayArgs {
     /// Share of the gateway fees earned in an epoch added to its pool, in basis points.
     #[arg(long, env = "XPAND_REWARD_FEE_SHARE_BPS", default_value_t = 5_000)]
     pub reward_fee_share_bps: i64,
+    /// Directory that holds uploaded files and job outputs.
+    #[arg(long, env = "XPAND_FILES_DIR", default_value = ".xpand/files")]
+    pub files_dir: PathBuf,
+    /// Largest accepted upload, in bytes.
+    #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -95,6 +101,8 @@ pub struct Config {
     pub seal_interval: Duration,
     pub epoch_length: Duration,
     pub pool: crate::epochs::PoolConfig,
+    pub files_dir: PathBuf,
+    pub max_upload_bytes: u64,
     pub db_pool: u32,
 }
 
@@ -153,6 +161,8 @@ impl GatewayArgs {
                 issuance: self.epoch_issuance,
                 fee_share_bps: self.reward_fee_share_bps,
             },
+            files_dir: self.files_dir,
+            max_upload_bytes: self.max_upload_bytes,
             db_pool: self.db_pool,
         })
     }

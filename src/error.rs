@@ -79,6 +79,8 @@ pub enum AppError {
     Conflict(String),
     #[error("this route does not accept that method")]
     MethodNotAllowed,
+    #[error("the requested range is not satisfiable (the file has {size} bytes)")]
+    RangeNotSatisfiable { size: u64 },
     #[error("the Idempotency-Key was already used for a different request")]
     IdempotencyMismatch,
     #[error("insufficient funds")]
@@ -117,6 +119,9 @@ impl AppError {
             AppError::NotFound(_) => (404, "not-found", "Not found"),
             AppError::Conflict(_) => (409, "conflict", "Conflict"),
             AppError::MethodNotAllowed => (405, "method-not-allowed", "Method not allowed"),
+            AppError::RangeNotSatisfiable { .. } => {
+                (416, "range-not-satisfiable", "Range not satisfiable")
+            }
             AppError::IdempotencyMismatch => {
                 (422, "idempotency-key-reused", "Idempotency key reused")
             }
@@ -182,6 +187,11 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let AppError::RangeNotSatisfiable { size } = self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
         if problem.status == 401 {
             response
                 .headers_mut()

@@ -7,6 +7,7 @@ pub mod config;
 pub mod epochs;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod http;
 pub mod jobs;
 pub mod ledger;

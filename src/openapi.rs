@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, jobs, ledger, nodes, ops, ws};
+use crate::http::{account, files, jobs, ledger, nodes, ops, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use crate::http::{account, jobs, ledger, nodes, ops, ws};
     ),
     paths(
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
+        files::upload, files::download,
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_entries,
@@ -27,6 +28,7 @@ use crate::http::{account, jobs, ledger, nodes, ops, ws};
     modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),
+        (name = "files", description = "Uploads (inputs such as videos) and downloads"),
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
         (name = "account", description = "Balances and ledger entries"),
         (name = "nodes", description = "Worker nodes of the network"),

@@ -76,6 +76,7 @@ impl Application {
         let state = AppState::new(Inner {
             jwt: JwtKeys::new(&config.gateway_key)?,
             epoch_clock,
+            files: crate::files::local_store(&config.files_dir)?,
             liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
             events: events.clone(),
             config,

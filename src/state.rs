@@ -28,6 +28,8 @@ pub struct Inner {
     pub metrics: Metrics,
     pub jwt: JwtKeys,
     pub epoch_clock: crate::epochs::EpochClock,
+    /// Object storage for uploaded files and job outputs.
+    pub files: Arc<dyn object_store::ObjectStore>,
     /// Wakes the dispatcher: new pending shards or freed capacity.
     pub dispatch_wakeup: Notify,
     /// Fired when the server stops accepting requests; long-lived streams close on it.

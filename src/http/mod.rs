@@ -3,6 +3,7 @@
 
 pub mod account;
 pub mod extract;
+pub mod files;
 pub mod jobs;
 pub mod ledger;
 pub mod nodes;
@@ -28,6 +29,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/files", post(files::upload))
+        .route("/v1/files/{id}", get(files::download))
         .route("/v1/auth/token", post(account::token))
         .route("/v1/account", get(account::account))
         .route("/v1/account/ledger", get(account::ledger_entries))

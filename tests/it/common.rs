@@ -129,6 +129,8 @@ pub fn test_config(db_name: &str) -> Config {
         token_ttl: Duration::from_secs(900),
         seal_interval: Duration::from_secs(3600),
         epoch_length: Duration::from_secs(3600),
+        files_dir: std::env::temp_dir().join(format!("xpand-files-{prefix}")),
+        max_upload_bytes: 8 * 1024 * 1024,
         pool: xpand::epochs::PoolConfig {
             issuance: 1_000_000,
             fee_share_bps: 5_000,
@@ -360,6 +362,7 @@ impl TestApp {
         }
         let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
         delete_redis_prefix(&self.config.redis_prefix).await;
+        let _ = std::fs::remove_dir_all(&self.config.files_dir);
         self.db.close().await;
         let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
             .await

@@ -3,6 +3,7 @@
 
 mod common;
 mod epochs;
+mod files;
 mod jobs;
 mod ledger_chain;
 mod ledger_properties;

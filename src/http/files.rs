@@ -1,0 +1,114 @@
+//! `/v1/files`: streamed uploads and ranged downloads, owner only.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use object_store::{GetOptions, GetRange};
+use uuid::Uuid;
+
+use super::extract::Path;
+use crate::auth::{Caller, Scope};
+use crate::error::{AppError, AppResult, Problem};
+use crate::files::{self, FileInfo};
+use crate::state::AppState;
+
+/// Upload a file (the raw body, streamed; size-limited; sha256 computed on the way).
+#[utoipa::path(
+    post, path = "/v1/files", tag = "files",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes; its Content-Type is kept"),
+    responses(
+        (status = 201, description = "Stored", body = FileInfo),
+        (status = 413, description = "Larger than XPAND_MAX_UPLOAD_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Empty or broken upload", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> AppResult<(StatusCode, Json<FileInfo>)> {
+    caller.require(Scope::JobsWrite)?;
+    let limit = state.config.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(AppError::PayloadTooLarge {
+            limit: limit as usize,
+        });
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 255)
+        .unwrap_or("application/octet-stream");
+    let info = files::upload(
+        &state.files,
+        &state.db,
+        caller.account_id,
+        content_type,
+        limit,
+        body.into_data_stream(),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Download one of your files; `Range: bytes=...` (one range) gets a 206.
+#[utoipa::path(
+    get, path = "/v1/files/{id}", tag = "files",
+    params(("id" = Uuid, Path, description = "File id"), ("Range" = Option<String>, Header, description = "bytes=start-end, bytes=start- or bytes=-suffix")),
+    responses(
+        (status = 200, description = "The whole file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 416, description = "The range is not satisfiable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    caller.require(Scope::JobsRead)?;
+    let file = files::get(&state.db, caller.account_id, id).await?;
+    let size = file.size as u64;
+    let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
+        None => None,
+        Some(spec) => {
+            Some(files::parse_range(spec, size).ok_or(AppError::RangeNotSatisfiable { size })?)
+        }
+    };
+    let options = GetOptions {
+        range: range.map(|(start, end)| GetRange::Bounded(start..end + 1)),
+        ..Default::default()
+    };
+    let object = state
+        .files
+        .get_opts(&files::object_path(id), options)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading file {id}: {e}"))?;
+    let (status, length) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, end - start + 1),
+        None => (StatusCode::OK, size),
+    };
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, &file.content_type)
+        .header(header::CONTENT_LENGTH, length)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{}\"", file.sha256));
+    if let Some((start, end)) = range {
+        response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+    }
+    Ok(response
+        .body(Body::from_stream(object.into_stream()))
+        .map_err(|e| anyhow::anyhow!("building the response: {e}"))?
+        .into_response())
+}
