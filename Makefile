@@ -10,6 +10,7 @@ ORT_SETUP := scripts/setup-onnxruntime.sh
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
+	@scripts/setup-models.sh
 
 services:
 	@scripts/ensure-services.sh

@@ -167,6 +167,12 @@ fn load_models(
             tracing::error!(model = %info.name, "another model already has this name; refusing it");
             continue;
         }
+        if !plugins::serves(&info.kind) {
+            // A model installed ahead of the code that runs it (the face detector, until the
+            // anonymize task exists): verified, but not loaded or announced.
+            tracing::info!(model = %info.name, kind = %info.kind, "no plugin runs this kind yet; skipped");
+            continue;
+        }
         let plugin = runtime.session(&bytes).and_then(|(session, runs_on)| {
             let plugin = plugins::load(&manifest, session)?;
             Ok((plugin, runs_on))

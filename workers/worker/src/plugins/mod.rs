@@ -6,6 +6,7 @@ use xpand_protocol::{ShardOutput, ShardTask};
 
 use crate::models::Manifest;
 
+pub mod face_detect;
 pub mod forecast;
 
 /// Runs shards of one kind on one model. `run` is called on a blocking thread.
@@ -28,6 +29,11 @@ pub fn task_kind(task: &ShardTask) -> &'static str {
     match task {
         ShardTask::Forecast { .. } => forecast::KIND,
     }
+}
+
+/// Whether this worker has a plugin that runs models of `kind`.
+pub fn serves(kind: &str) -> bool {
+    kind == forecast::KIND
 }
 
 /// The plugin for `manifest.kind`, around a session of its model.
