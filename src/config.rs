@@ -74,6 +74,21 @@ pub struct GatewayArgs {
     /// Directory that holds uploaded files and job outputs.
     #[arg(long, env = "XPAND_FILES_DIR", default_value = ".xpand/files")]
     pub files_dir: PathBuf,
+    /// Object storage URL instead of the local directory, e.g. `s3://bucket/prefix` (any
+    /// S3-compatible store; credentials, region and endpoint from the usual `AWS_*` variables,
+    /// such as `AWS_ENDPOINT` and `AWS_ALLOW_HTTP` for a local MinIO).
+    #[arg(long, env = "XPAND_FILES_URL")]
+    pub files_url: Option<String>,
+    /// Directory for the gateway's temporary working copies (probing, splitting, joining video).
+    #[arg(long, env = "XPAND_SCRATCH_DIR", default_value = ".xpand/scratch")]
+    pub scratch_dir: PathBuf,
+    /// Base URL workers use to reach this gateway's transfer endpoints (segment downloads and
+    /// uploads). Defaults to `http://` and the address the server listens on.
+    #[arg(long, env = "XPAND_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Longest accepted video, in seconds.
+    #[arg(long, env = "XPAND_MAX_VIDEO_SECS", default_value_t = 600)]
+    pub max_video_secs: u64,
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
@@ -102,6 +117,10 @@ pub struct Config {
     pub epoch_length: Duration,
     pub pool: crate::epochs::PoolConfig,
     pub files_dir: PathBuf,
+    pub files_url: Option<String>,
+    pub scratch_dir: PathBuf,
+    pub public_url: Option<String>,
+    pub max_video_seconds: u64,
     pub max_upload_bytes: u64,
     pub db_pool: u32,
 }
@@ -140,6 +159,14 @@ impl GatewayArgs {
         if self.epoch_issuance < 0 || !(0..=10_000).contains(&self.reward_fee_share_bps) {
             bail!("XPAND_EPOCH_ISSUANCE must be >= 0 and XPAND_REWARD_FEE_SHARE_BPS 0..=10000");
         }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("XPAND_PUBLIC_URL must be an http(s) URL, got {url:?}");
+            }
+        }
+        if self.max_video_secs == 0 {
+            bail!("XPAND_MAX_VIDEO_SECS must be > 0");
+        }
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
         Ok(Config {
             listen: self.listen,
@@ -162,6 +189,10 @@ impl GatewayArgs {
                 fee_share_bps: self.reward_fee_share_bps,
             },
             files_dir: self.files_dir,
+            files_url: self.files_url,
+            scratch_dir: self.scratch_dir,
+            public_url: self.public_url,
+            max_video_seconds: self.max_video_secs,
             max_upload_bytes: self.max_upload_bytes,
             db_pool: self.db_pool,
         })

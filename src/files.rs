@@ -28,6 +28,24 @@ pub struct FileInfo {
     pub created_at: DateTime<Utc>,
 }
 
+/// Opens the configured object store: `XPAND_FILES_URL` when set (S3 and the other stores
+/// `object_store` speaks, options from the environment), else the local directory.
+pub fn open_store(config: &crate::config::Config) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    let Some(url) = &config.files_url else {
+        return local_store(&config.files_dir);
+    };
+    let parsed =
+        url::Url::parse(url).map_err(|e| anyhow::anyhow!("XPAND_FILES_URL {url:?}: {e}"))?;
+    let options = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+        .map_err(|e| anyhow::anyhow!("opening object store {url}: {e}"))?;
+    Ok(Arc::new(object_store::prefix::PrefixStore::new(
+        store, prefix,
+    )))
+}
+
 /// Opens the local directory store, creating the directory.
 pub fn local_store(dir: &std::path::Path) -> anyhow::Result<Arc<dyn ObjectStore>> {
     std::fs::create_dir_all(dir)
@@ -41,25 +59,27 @@ pub fn object_path(id: Uuid) -> ObjectPath {
     ObjectPath::from(format!("files/{id}"))
 }
 
-/// Streams `body` into storage as a new file of `account`, refusing more than `limit` bytes
-/// while it streams. A refused or broken upload leaves no object and no row behind.
-pub async fn upload<S, E>(
+/// What [`store_stream`] stored.
+pub struct Stored {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Streams `body` into `path`, refusing more than `limit` bytes while it streams and empty
+/// bodies. Nothing is left at `path` when it fails.
+pub async fn store_stream<S, E>(
     store: &Arc<dyn ObjectStore>,
-    db: &PgPool,
-    account: Uuid,
-    content_type: &str,
+    path: &ObjectPath,
     limit: u64,
     mut body: S,
-) -> Result<FileInfo, AppError>
+) -> Result<Stored, AppError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let id = Uuid::now_v7();
-    let path = object_path(id);
     let mut writer = WriteMultipart::new(
         store
-            .put_multipart(&path)
+            .put_multipart(path)
             .await
             .map_err(|e| anyhow::anyhow!("starting upload {path}: {e}"))?,
     );
@@ -99,24 +119,104 @@ where
         .finish()
         .await
         .map_err(|e| anyhow::anyhow!("completing upload {path}: {e}"))?;
-    let stored = sqlx::query_as(
+    Ok(Stored {
+        size,
+        sha256: hex::encode(hash.finalize()),
+    })
+}
+
+/// Streams a local file into `path` (see [`store_stream`]).
+pub async fn store_local_file(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjectPath,
+    file: &std::path::Path,
+) -> anyhow::Result<Stored> {
+    let opened = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", file.display()))?;
+    store_stream(
+        store,
+        path,
+        u64::MAX,
+        tokio_util::io::ReaderStream::new(opened),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("storing {}: {e:?}", file.display()))
+}
+
+/// Copies the object at `path` into a local file, returning its size and sha256.
+pub async fn fetch_to_file(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjectPath,
+    file: &std::path::Path,
+) -> anyhow::Result<Stored> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = store
+        .get(path)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?
+        .into_stream();
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", file.display()))?;
+    let mut hash = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+        hash.update(&chunk);
+        size += chunk.len() as u64;
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    Ok(Stored {
+        size,
+        sha256: hex::encode(hash.finalize()),
+    })
+}
+
+/// Streams `body` into storage as a new file of `account` (see [`store_stream`]). A refused or
+/// broken upload leaves no object and no row behind.
+pub async fn upload<S, E>(
+    store: &Arc<dyn ObjectStore>,
+    db: &PgPool,
+    account: Uuid,
+    content_type: &str,
+    limit: u64,
+    body: S,
+) -> Result<FileInfo, AppError>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let id = Uuid::now_v7();
+    let path = object_path(id);
+    let stored = store_stream(store, &path, limit, body).await?;
+    let row = insert(db, id, account, &stored, content_type).await;
+    if row.is_err() {
+        let _ = store.delete(&path).await;
+    }
+    Ok(row?)
+}
+
+/// Records a stored object as a file of `account`.
+pub async fn insert<'c, E: sqlx::PgExecutor<'c>>(
+    db: E,
+    id: Uuid,
+    account: Uuid,
+    stored: &Stored,
+    content_type: &str,
+) -> sqlx::Result<FileInfo> {
+    sqlx::query_as(
         "INSERT INTO files (id, account_id, size, sha256, content_type) VALUES ($1, $2, $3, $4, $5)
          RETURNING id, size, sha256, content_type, created_at",
     )
     .bind(id)
     .bind(account)
-    .bind(size as i64)
-    .bind(hex::encode(hash.finalize()))
+    .bind(stored.size as i64)
+    .bind(&stored.sha256)
     .bind(content_type)
     .fetch_one(db)
-    .await;
-    match stored {
-        Ok(info) => Ok(info),
-        Err(e) => {
-            let _ = store.delete(&path).await;
-            Err(e.into())
-        }
-    }
+    .await
 }
 
 /// One of the caller's files; another account's file is "not found".

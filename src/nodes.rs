@@ -236,6 +236,26 @@ pub struct NodeSlot {
     pub free: i64,
 }
 
+/// Shard slots of live, active nodes that hold `model`, busy or not: what a job is sized for.
+pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> anyhow::Result<i64> {
+    let rows: Vec<(String, sqlx::types::Json<Announce>)> = sqlx::query_as(
+        "SELECT id, capabilities FROM nodes
+         WHERE status = 'active' AND capabilities IS NOT NULL
+           AND capabilities->'models' @> jsonb_build_array(jsonb_build_object('name', $1::text))",
+    )
+    .bind(model)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let alive = liveness.alive(&ids).await?;
+    Ok(rows
+        .iter()
+        .zip(alive)
+        .filter(|(_, alive)| *alive)
+        .map(|((_, caps), _)| i64::from(caps.0.max_concurrent_shards))
+        .sum())
+}
+
 /// Live, active nodes and how many more shards each can take.
 pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<NodeSlot>> {
     let rows: Vec<(String, sqlx::types::Json<Announce>, i64)> = sqlx::query_as(

@@ -4,19 +4,19 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, files, jobs, ledger, nodes, ops, ws};
+use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "xpand",
-        description = "Gateway of a decentralized AI compute network: submit jobs (spreadsheet forecasts, ...), escrowed in micro-credits, run by worker nodes. Errors are RFC 9457 problem documents.",
+        description = "Gateway of a decentralized AI compute network: submit jobs (spreadsheet forecasts, video face anonymization), escrowed in micro-credits, run by worker nodes. Errors are RFC 9457 problem documents.",
         version = env!("CARGO_PKG_VERSION"),
         license(name = "Apache-2.0")
     ),
     paths(
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
-        files::upload, files::download,
+        files::upload, files::download, transfers::input, transfers::output,
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_entries,
@@ -34,6 +34,7 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, ws};
         (name = "nodes", description = "Worker nodes of the network"),
         (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
+        (name = "workers", description = "Shard transfers for worker nodes (node-signed requests to URLs from assignments)"),
     )
 )]
 pub struct ApiDoc;

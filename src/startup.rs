@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::nodes::{Liveness, NodeDirectory};
 use crate::shutdown::{self, Trigger};
 use crate::state::{AppState, Inner};
+use crate::transfers::TransferUrls;
 use crate::webhooks;
 
 /// How long a stopping gateway keeps reading results for shards already dispatched.
@@ -73,10 +74,18 @@ impl Application {
         let (stop_background, background) = shutdown::channel();
         let events = EventHub::new(redis.clone(), &config.redis_prefix);
         let epoch_clock = crate::epochs::EpochClock::load(&db, config.epoch_length).await?;
+        let bound = listener.local_addr().context("reading the bound address")?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        std::fs::create_dir_all(&config.scratch_dir)
+            .with_context(|| format!("creating {}", config.scratch_dir.display()))?;
         let state = AppState::new(Inner {
+            transfers: TransferUrls::new(&config.gateway_key, &public_url),
             jwt: JwtKeys::new(&config.gateway_key)?,
             epoch_clock,
-            files: crate::files::local_store(&config.files_dir)?,
+            files: crate::files::open_store(&config)?,
             liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
             events: events.clone(),
             config,

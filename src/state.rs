@@ -28,8 +28,10 @@ pub struct Inner {
     pub metrics: Metrics,
     pub jwt: JwtKeys,
     pub epoch_clock: crate::epochs::EpochClock,
-    /// Object storage for uploaded files and job outputs.
+    /// Object storage for uploaded files, job outputs and shard transfers.
     pub files: Arc<dyn object_store::ObjectStore>,
+    /// Signs the URLs workers fetch inputs from and upload outputs to.
+    pub transfers: crate::transfers::TransferUrls,
     /// Wakes the dispatcher: new pending shards or freed capacity.
     pub dispatch_wakeup: Notify,
     /// Fired when the server stops accepting requests; long-lived streams close on it.

@@ -63,7 +63,7 @@ pub async fn submit_job(
     req: &SubmitJob,
     key: Option<&str>,
 ) -> AppResult<(StatusCode, Job)> {
-    match jobs::submit(&state.db, caller.account_id, req, key).await? {
+    match jobs::submit(state, caller.account_id, req, key).await? {
         Submitted::Created(job) => {
             state
                 .metrics

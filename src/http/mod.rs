@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod nodes;
 pub mod ops;
+pub mod transfers;
 pub mod ws;
 
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
@@ -31,6 +32,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download))
+        .route("/v1/transfers/{assignment}/input", get(transfers::input))
+        .route("/v1/transfers/{assignment}/output", put(transfers::output))
         .route("/v1/auth/token", post(account::token))
         .route("/v1/account", get(account::account))
         .route("/v1/account/ledger", get(account::ledger_entries))
@@ -58,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
         .route("/docs", get(ops::docs))
+        .route("/anonymize", get(ops::anonymize_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))

@@ -84,3 +84,9 @@ pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 pub async fn docs() -> Html<&'static str> {
     Html(include_str!("docs.html"))
 }
+
+/// The video anonymization page: pick a video, follow the job, play the result (a plain page
+/// over the public API, with the caller's API key).
+pub async fn anonymize_page() -> Html<&'static str> {
+    Html(include_str!("anonymize.html"))
+}

@@ -10,6 +10,7 @@ use xpand_protocol::{ShardOutput, ShardTask};
 use super::{JobPlan, ShardPlan};
 use crate::error::FieldError;
 
+pub const KIND: &str = "forecast";
 /// The model the `forecast` kind runs (see `workers/models/forecast/manifest.json`).
 pub const MODEL: &str = "forecast-mlp";
 /// Longest horizon the model produces (the manifest's `max_horizon`).
@@ -68,6 +69,7 @@ pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
         model: MODEL.into(),
         gateway_fee: PRICE_PER_JOB,
         shards: shard(series, horizon),
+        staged: Vec::new(),
     })
 }
 
@@ -194,7 +196,10 @@ fn shard(series: Vec<Vec<f64>>, horizon: u32) -> Vec<ShardPlan> {
 /// Checks a worker's output has the shape the task asked for, with finite numbers.
 pub fn check_output(task: &ShardTask, output: &ShardOutput) -> Result<(), String> {
     let (ShardTask::Forecast { series, horizon }, ShardOutput::Forecast { forecasts }) =
-        (task, output);
+        (task, output)
+    else {
+        return Err("a forecast shard must return a forecast output".into());
+    };
     if forecasts.len() != series.len() {
         return Err(format!(
             "{} rows returned for {} rows sent",
@@ -222,6 +227,7 @@ pub fn reduce(outputs: Vec<ShardOutput>) -> Value {
         .into_iter()
         .flat_map(|o| match o {
             ShardOutput::Forecast { forecasts } => forecasts,
+            ShardOutput::Anonymize { .. } => Vec::new(),
         })
         .collect();
     serde_json::json!({ "forecasts": forecasts })
@@ -241,7 +247,9 @@ mod tests {
             plan.shards.iter().map(|s| s.row_offset).collect::<Vec<_>>(),
             vec![0, 8, 16, 24, 32]
         );
-        let ShardTask::Forecast { series, horizon } = &plan.shards[1].task;
+        let ShardTask::Forecast { series, horizon } = &plan.shards[1].task else {
+            panic!("forecast plans have forecast shards");
+        };
         assert_eq!(*horizon, 12);
         assert_eq!(series[0], vec![8.0; CONTEXT_LENGTH]);
         // 8 rows × 64 inputs × 1 + 8 rows × 12 × 10

@@ -4,6 +4,7 @@
 //! Job states: `queued` → `running` → `succeeded` | `failed` | `canceled`. A terminal state is
 //! reached exactly once, in the same transaction that releases the job's escrow.
 
+pub mod anonymize;
 pub mod forecast;
 pub mod orchestrator;
 
@@ -18,19 +19,23 @@ use xpand_protocol::ShardTask;
 
 use crate::error::{AppError, FieldError};
 use crate::ledger::{self, escrow, LedgerError};
+use crate::state::AppState;
 
 /// A job submission.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
-    /// `forecast` (`predict` and `anonymize` come later).
+    /// `forecast` or `anonymize`.
     #[schema(example = "forecast")]
     pub kind: String,
     /// Kind-specific input. `forecast`: `{"series": [[number, ...], ...]}`, one array per
-    /// spreadsheet row, each with at least 3 values.
+    /// spreadsheet row, each with at least 3 values. `anonymize`: `{"file": "<file id>"}`, a
+    /// video uploaded with `POST /v1/files`.
     #[schema(value_type = Object, example = json!({"series": [[112, 118, 132, 129, 121, 135, 148, 148]]}))]
     pub input: Value,
-    /// Kind-specific parameters. `forecast`: `{"horizon": 1..=24}`.
+    /// Kind-specific parameters. `forecast`: `{"horizon": 1..=24}`. `anonymize` (all optional):
+    /// `{"targets": ["faces"], "style": "blur" | "mosaic" | "solid", "threshold": 0.01..=0.99
+    /// (default 0.2), "quality": "high" | "standard" | "small"}`.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object, example = json!({"horizon": 6}))]
     pub params: Value,
@@ -109,7 +114,10 @@ pub struct Job {
     pub escrow: i64,
     /// Micro-credits charged, once the job is settled.
     pub cost: Option<i64>,
-    /// Kind-specific result, once succeeded. `forecast`: `{"forecasts": [[...], ...]}` in row order.
+    /// Kind-specific result, once succeeded. `forecast`: `{"forecasts": [[...], ...]}` in row
+    /// order. `anonymize`: `{"file": "<file id>", "frames", "width", "height",
+    /// "duration_seconds", "segments", "faces_masked", "audio", "size", "sha256"}`; the masked
+    /// video (H.264 MP4, original audio) is `GET /v1/files/{file}`.
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub error: Option<JobError>,
@@ -180,6 +188,8 @@ pub struct JobPlan {
     /// The gateway's share of the price; workers earn the shards' fees.
     pub gateway_fee: i64,
     pub shards: Vec<ShardPlan>,
+    /// Objects stored while planning (video segments): deleted if the job is refused after all.
+    pub staged: Vec<object_store::path::Path>,
 }
 
 impl JobPlan {
@@ -196,8 +206,13 @@ pub struct ShardPlan {
     pub task: ShardTask,
 }
 
-/// Validates a submission and maps it into shards, naming every bad field.
-pub fn plan(req: &SubmitJob) -> Result<JobPlan, AppError> {
+/// Validates a submission and maps it into the shards of job `id`, naming every bad field.
+async fn plan(
+    state: &AppState,
+    account: Uuid,
+    id: Uuid,
+    req: &SubmitJob,
+) -> Result<JobPlan, AppError> {
     let mut errors = Vec::new();
     if req.max_fee < 0 {
         errors.push(FieldError::new("max_fee", "must be a non-negative integer"));
@@ -215,10 +230,15 @@ pub fn plan(req: &SubmitJob) -> Result<JobPlan, AppError> {
     }
     let plan = match req.kind.as_str() {
         "forecast" => forecast::plan(&req.input, &req.params),
+        anonymize::KIND if errors.is_empty() => {
+            // Probing and cutting the video is work: only for an otherwise valid request.
+            return anonymize::plan(state, account, id, &req.input, &req.params).await;
+        }
+        anonymize::KIND => return Err(AppError::Validation(errors)),
         other => {
             errors.push(FieldError::new(
                 "kind",
-                format!("unknown job kind {other:?}; supported: forecast"),
+                format!("unknown job kind {other:?}; supported: forecast, anonymize"),
             ));
             return Err(AppError::Validation(errors));
         }
@@ -230,6 +250,14 @@ pub fn plan(req: &SubmitJob) -> Result<JobPlan, AppError> {
             errors.append(&mut more);
             Err(AppError::Validation(errors))
         }
+    }
+}
+
+/// Checks a shard's output against its task, whatever the kind.
+pub fn check_output(task: &ShardTask, output: &xpand_protocol::ShardOutput) -> Result<(), String> {
+    match task {
+        ShardTask::Forecast { .. } => forecast::check_output(task, output),
+        ShardTask::Anonymize(task) => anonymize::check_output(task, output),
     }
 }
 
@@ -248,20 +276,38 @@ pub enum Submitted {
 }
 
 /// Prices, escrows and stores a job with its shards, in one transaction: a refused job leaves
-/// no trace and moves no money.
+/// no trace and moves no money (objects staged while planning are deleted again).
 pub async fn submit(
-    pool: &PgPool,
+    state: &AppState,
     account: Uuid,
     req: &SubmitJob,
     idempotency_key: Option<&str>,
 ) -> Result<Submitted, AppError> {
+    let pool = &state.db;
     let hash = request_hash(req);
     if let Some(key) = idempotency_key {
         if let Some(existing) = find_by_idempotency_key(pool, account, key).await? {
             return existing_for(existing, &hash);
         }
     }
-    let plan = plan(req)?;
+    let id = Uuid::now_v7();
+    let plan = plan(state, account, id, req).await?;
+    let stored = store(pool, account, id, req, idempotency_key, &hash, &plan).await;
+    if !matches!(stored, Ok(Submitted::Created(_))) {
+        anonymize::delete_all(state, &plan.staged).await;
+    }
+    stored
+}
+
+async fn store(
+    pool: &PgPool,
+    account: Uuid,
+    id: Uuid,
+    req: &SubmitJob,
+    idempotency_key: Option<&str>,
+    hash: &str,
+    plan: &JobPlan,
+) -> Result<Submitted, AppError> {
     let quote = plan.quote();
     if quote > req.max_fee {
         return Err(AppError::MaxFeeBelowQuote {
@@ -271,7 +317,6 @@ pub async fn submit(
     }
 
     let mut tx = pool.begin().await?;
-    let id = Uuid::now_v7();
     let inserted = sqlx::query(
         "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
                            gateway_fee, shards_total, webhook, idempotency_key, request_hash)
@@ -288,7 +333,7 @@ pub async fn submit(
     .bind(plan.shards.len() as i32)
     .bind(&req.webhook)
     .bind(idempotency_key)
-    .bind(&hash)
+    .bind(hash)
     .execute(&mut *tx)
     .await;
     if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {
@@ -298,7 +343,7 @@ pub async fn submit(
             let existing = find_by_idempotency_key(pool, account, key)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("idempotent job vanished"))?;
-            return existing_for(existing, &hash);
+            return existing_for(existing, hash);
         }
     }
     inserted?;
@@ -312,7 +357,7 @@ pub async fn submit(
         }
         Err(e) => return Err(AppError::Internal(e.into())),
     }
-    insert_shards(&mut tx, id, &plan).await?;
+    insert_shards(&mut tx, id, plan).await?;
     let row = fetch_row(&mut tx, id).await?;
     tx.commit().await?;
     Ok(Submitted::Created(row.into()))

@@ -22,7 +22,9 @@ use xpand_protocol::{
     Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
 };
 
-use super::{fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS};
+use super::{
+    anonymize, check_output, fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS,
+};
 use crate::broker::DropReason;
 use crate::error::AppError;
 use crate::events::JobEvent;
@@ -31,6 +33,7 @@ use crate::ledger::{self, LedgerError};
 use crate::nodes::{self, Failure};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
+use crate::transfers::Direction;
 
 /// Assigns pending shards whenever woken (new jobs, freed capacity) or every tick.
 pub async fn run_dispatcher(state: AppState, shutdown: Shutdown) {
@@ -97,14 +100,26 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
             continue;
         };
         slot.free -= 1;
+        let assignment_id = Uuid::new_v4();
+        let mut task = shard.task.0;
+        if let ShardTask::Anonymize(t) = &mut task {
+            // Usable only by this node, only while this assignment is the shard's current one.
+            let expires = (Utc::now() + state.config.job_timeout).timestamp_millis();
+            t.input_url = state
+                .transfers
+                .url(Direction::Input, assignment_id, expires);
+            t.output_url = state
+                .transfers
+                .url(Direction::Output, assignment_id, expires);
+        }
         assignments.push(Assignment {
-            assignment_id: Uuid::new_v4(),
+            assignment_id,
             job_id: shard.job_id,
             shard_id: shard.id,
             node: slot.id.clone(),
             model: shard.model,
             lease_expires_at_ms: lease_expires_at.timestamp_millis(),
-            task: shard.task.0,
+            task,
         });
     }
     if assignments.is_empty() {
@@ -179,7 +194,8 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
 
 fn task_kind(task: &ShardTask) -> &'static str {
     match task {
-        ShardTask::Forecast { .. } => "forecast",
+        ShardTask::Forecast { .. } => forecast::KIND,
+        ShardTask::Anonymize(_) => anonymize::KIND,
     }
 }
 
@@ -262,11 +278,14 @@ fn verify_result(shard: &AssignedShard, r: &ShardResult) -> Result<(), String> {
             return Err("output contradicts the progress hash chain".into());
         }
     }
-    forecast::check_output(&shard.task.0, &r.output)
+    check_output(&shard.task.0, &r.output)
 }
 
-/// Verifies and stores a shard result; completes the job when it was the last shard.
+/// Verifies and stores a shard result; completes the job when it was the last shard (video
+/// jobs are then joined by [`anonymize::reduce`], outside this transaction).
 pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::Result<()> {
+    // An uploaded segment is checked before any lock is taken: it means reading the file.
+    let upload_refused = check_upload(state, node, &r).await?;
     let mut tx = state.db.begin().await?;
     let Some(job_id) =
         sqlx::query_scalar::<_, Uuid>("SELECT job_id FROM shards WHERE assignment_id = $1")
@@ -297,7 +316,7 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     if shard.status != "assigned" || status.is_terminal() {
         return Err(DropReason::StaleAssignment.into());
     }
-    if let Err(why) = verify_result(&shard, &r) {
+    if let Err(why) = verify_result(&shard, &r).and(upload_refused.map_or(Ok(()), Err)) {
         tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
         sqlx::query(
             "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
@@ -338,7 +357,8 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .bind(job_id)
     .fetch_one(&mut *tx)
     .await?;
-    let finished = if shards_done == shards_total {
+    let is_video = matches!(shard.task.0, ShardTask::Anonymize(_));
+    let finished = if shards_done == shards_total && !is_video {
         let outputs: Vec<sqlx::types::Json<ShardOutput>> =
             sqlx::query_scalar("SELECT output FROM shards WHERE job_id = $1 ORDER BY idx")
                 .bind(job_id)
@@ -352,19 +372,20 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     // Partial and progress events go out while this transaction still holds the job row lock:
     // concurrent results for the same job publish in lock order, so every `partial` precedes
     // the terminal event, which the last shard's task sends after its commit.
-    let ShardOutput::Forecast { forecasts } = r.output;
     let events = &state.events;
-    events
-        .publish(
-            account,
-            JobEvent::Partial {
-                job_id: shard.job_id,
-                shard: shard.idx,
-                offset: shard.row_offset,
-                rows: serde_json::to_value(forecasts).expect("rows serialize"),
-            },
-        )
-        .await;
+    if let ShardOutput::Forecast { forecasts } = r.output {
+        events
+            .publish(
+                account,
+                JobEvent::Partial {
+                    job_id: shard.job_id,
+                    shard: shard.idx,
+                    offset: shard.row_offset,
+                    rows: serde_json::to_value(forecasts).expect("rows serialize"),
+                },
+            )
+            .await;
+    }
     events
         .publish(
             account,
@@ -389,8 +410,38 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     if let Some(job) = finished {
         publish_finished(state, account, job).await;
     }
+    if is_video && shards_done == shards_total {
+        tokio::spawn(anonymize::reduce(state.clone(), job_id));
+    }
     state.wake_dispatcher();
     Ok(())
+}
+
+/// For a video shard, whether the node's upload is what its result claims: `Some(why)` when
+/// not. `None` for other kinds and for results that will be dropped anyway (stale, another
+/// node's), which the locked checks in [`on_result`] then sort out.
+async fn check_upload(
+    state: &AppState,
+    node: &str,
+    r: &ShardResult,
+) -> anyhow::Result<Option<String>> {
+    let shard: Option<(Uuid, i32, sqlx::types::Json<ShardTask>)> = sqlx::query_as(
+        "SELECT job_id, idx, task FROM shards
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
+    )
+    .bind(r.assignment_id)
+    .bind(node)
+    .fetch_optional(&state.db)
+    .await?;
+    let Some((job_id, idx, sqlx::types::Json(ShardTask::Anonymize(task)))) = shard else {
+        return Ok(None);
+    };
+    if let Err(why) = anonymize::check_output(&task, &r.output) {
+        return Ok(Some(why));
+    }
+    let verdict =
+        anonymize::verify_upload(state, job_id, idx, r.assignment_id, &task, &r.output).await?;
+    Ok(verdict.err())
 }
 
 /// How a job ends.
@@ -485,12 +536,18 @@ async fn done_shard_payouts(
     .await
 }
 
-async fn publish_finished(state: &AppState, account: Uuid, job: Job) {
+/// Tells the job's owner it ended (after the settling transaction committed) and lets go of
+/// what the job kept in object storage while it ran.
+pub(crate) async fn publish_finished(state: &AppState, account: Uuid, job: Job) {
     state
         .metrics
         .job_transitions
         .with_label_values(&[&job.kind, job.status.as_str()])
         .inc();
+    if job.kind == anonymize::KIND {
+        let (state, id) = (state.clone(), job.id);
+        tokio::spawn(async move { anonymize::discard_staging(&state, id).await });
+    }
     if let Some(event) = JobEvent::finished(job) {
         state.events.publish(account, event).await;
     }
@@ -559,6 +616,22 @@ async fn sweep(state: &AppState) -> anyhow::Result<()> {
         state.wake_dispatcher();
     }
 
+    // Video jobs whose segments are all done but whose join was never claimed, or whose
+    // claimant went quiet (crashed mid-join).
+    let unjoined: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs
+         WHERE kind = $1 AND status = 'running' AND shards_done = shards_total
+           AND (reduce_claimed_at IS NULL OR reduce_claimed_at < now() - $2 * interval '1 second')
+           AND updated_at < now() - interval '2 seconds'",
+    )
+    .bind(anonymize::KIND)
+    .bind(anonymize::REDUCE_LEASE.as_secs_f64())
+    .fetch_all(&state.db)
+    .await?;
+    for job_id in unjoined {
+        tokio::spawn(anonymize::reduce(state.clone(), job_id));
+    }
+
     let exhausted: Vec<Uuid> = sqlx::query_scalar(
         "SELECT DISTINCT job_id FROM shards WHERE status = 'pending' AND attempts >= $1",
     )
@@ -594,7 +667,12 @@ async fn sweep(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fail(state: &AppState, job_id: Uuid, code: &str, message: &str) -> anyhow::Result<()> {
+pub(crate) async fn fail(
+    state: &AppState,
+    job_id: Uuid,
+    code: &str,
+    message: &str,
+) -> anyhow::Result<()> {
     let mut tx = state.db.begin().await?;
     let job = finish(
         &mut tx,

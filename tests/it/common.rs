@@ -130,6 +130,10 @@ pub fn test_config(db_name: &str) -> Config {
         seal_interval: Duration::from_secs(3600),
         epoch_length: Duration::from_secs(3600),
         files_dir: std::env::temp_dir().join(format!("xpand-files-{prefix}")),
+        files_url: None,
+        scratch_dir: std::env::temp_dir().join(format!("xpand-scratch-{prefix}")),
+        public_url: None,
+        max_video_seconds: 600,
         max_upload_bytes: 8 * 1024 * 1024,
         pool: xpand::epochs::PoolConfig {
             issuance: 1_000_000,
@@ -363,6 +367,7 @@ impl TestApp {
         let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
         delete_redis_prefix(&self.config.redis_prefix).await;
         let _ = std::fs::remove_dir_all(&self.config.files_dir);
+        let _ = std::fs::remove_dir_all(&self.config.scratch_dir);
         self.db.close().await;
         let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
             .await

@@ -10,5 +10,6 @@ mod ledger_properties;
 mod ops;
 mod protocol;
 mod up;
+mod video;
 mod webhooks;
 mod websocket;

@@ -28,6 +28,17 @@ struct FakeNode {
 
 impl FakeNode {
     async fn start(app: &TestApp, key: NodeKey) -> Self {
+        let forecast = ModelInfo {
+            name: xpand::jobs::forecast::MODEL.into(),
+            version: "1.0.0".into(),
+            kind: "forecast".into(),
+            sha256: "0".repeat(64),
+        };
+        Self::start_with(app, key, forecast).await
+    }
+
+    /// A node announcing `model`.
+    async fn start_with(app: &TestApp, key: NodeKey, model: ModelInfo) -> Self {
         let topics = Topics::new(&app.config.topic_prefix);
         let mut options =
             MqttOptions::new(format!("fake-{}", &key.id()[..12]), MQTT_HOST, MQTT_PORT);
@@ -64,12 +75,7 @@ impl FakeNode {
         };
         let announce = Announce {
             name: "fake".into(),
-            models: vec![ModelInfo {
-                name: xpand::jobs::forecast::MODEL.into(),
-                version: "1.0.0".into(),
-                kind: "forecast".into(),
-                sha256: "0".repeat(64),
-            }],
+            models: vec![model],
             accelerator: Accelerator::Cpu,
             memory_mb: 1024,
             cpu_cores: 1,
@@ -128,7 +134,9 @@ async fn heartbeat(client: AsyncClient, key: NodeKey, topics: Topics) {
 }
 
 fn answer(a: &Assignment) -> ShardResult {
-    let ShardTask::Forecast { series, horizon } = &a.task;
+    let ShardTask::Forecast { series, horizon } = &a.task else {
+        panic!("a forecast assignment was expected, got {:?}", a.task);
+    };
     let output = ShardOutput::Forecast {
         forecasts: vec![vec![1.0; *horizon as usize]; series.len()],
     };
@@ -199,7 +207,9 @@ async fn forged_replayed_and_stale_messages_are_dropped_and_change_nothing() {
     // Our signature, someone's body.
     let mut env: Envelope = serde_json::from_slice(&node.seal(UpKind::Result, &result)).unwrap();
     let mut lie = answer(&a);
-    let ShardOutput::Forecast { forecasts } = &mut lie.output;
+    let ShardOutput::Forecast { forecasts } = &mut lie.output else {
+        panic!("a forecast answer");
+    };
     forecasts[0][0] = 1e6;
     env.body = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&lie).unwrap());
     node.send(UpKind::Result, serde_json::to_vec(&env).unwrap())
@@ -302,5 +312,125 @@ async fn a_shard_whose_worker_dies_is_redispatched_after_the_lease() {
     assert_eq!(node_view["shards_failed"], 1);
     assert_eq!(node_view["earnings"], 0);
     app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+/// Assignments (with their transfer URLs) are sealed into the public ledger, so a URL alone must
+/// grant nothing: only the node it was issued to, signing its request, while the assignment is
+/// current, before it expires.
+#[tokio::test]
+async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current() {
+    let app = TestApp::spawn().await;
+    let key = NodeKey::generate();
+    xpand::nodes::register(&app.db, key.id(), "fake-video")
+        .await
+        .unwrap();
+    let model = ModelInfo {
+        name: xpand::jobs::anonymize::MODEL.into(),
+        version: "test".into(),
+        kind: "face_detect".into(),
+        sha256: "0".repeat(64),
+    };
+    let mut node = FakeNode::start_with(&app, key.clone(), model).await;
+    app.wait_until_alive(key.id()).await;
+    let (_, api_key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = crate::video::make_clip(dir.path(), 320, 240, 1, false);
+    let file: Value = app
+        .http
+        .post(format!("{}/v1/files", app.base))
+        .bearer_auth(&api_key)
+        .body(std::fs::read(&clip).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = serde_json::json!({"kind": "anonymize", "input": {"file": file["id"]}, "max_fee": 1_000_000});
+    let resp = app.post_json(&api_key, "/v1/jobs", &job).await;
+    assert_eq!(resp.status(), 201);
+
+    let a = node.next_assignment().await;
+    let ShardTask::Anonymize(task) = &a.task else {
+        panic!("an anonymize assignment was expected, got {:?}", a.task);
+    };
+    assert_eq!(task.frames, 25);
+    let path = |url: &str| {
+        let (_, rest) = url.split_once("/v1/").unwrap();
+        format!("/v1/{}", rest.split_once('?').unwrap().0)
+    };
+    let get = |url: String, signer: Option<&NodeKey>| {
+        let mut req = app.http.get(&url);
+        if let Some(signer) = signer {
+            for (name, value) in xpand_protocol::transfer::sign_request(signer, "GET", &path(&url))
+            {
+                req = req.header(name, value);
+            }
+        }
+        req.send()
+    };
+
+    assert_eq!(
+        get(task.input_url.clone(), None).await.unwrap().status(),
+        401
+    );
+    let stranger = NodeKey::generate();
+    assert_eq!(
+        get(task.input_url.clone(), Some(&stranger))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let forged = task.input_url.replace("sig=", "sig=00");
+    assert_eq!(get(forged, Some(&key)).await.unwrap().status(), 403);
+    let resp = get(task.input_url.clone(), Some(&key)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let segment = dir.path().join("segment.mkv");
+    std::fs::write(&segment, resp.bytes().await.unwrap()).unwrap();
+    let (frames, width, height, _) = xpand::media::count_frames(&segment).await.unwrap();
+    assert_eq!((frames, width, height), (25, 320, 240));
+    // The input URL does not upload, and uploads go only where the output URL says.
+    let mut put = app.http.put(&task.input_url).body("x");
+    for (name, value) in xpand_protocol::transfer::sign_request(&key, "PUT", &path(&task.input_url))
+    {
+        put = put.header(name, value);
+    }
+    assert_eq!(put.send().await.unwrap().status(), 405);
+    let mut put = app.http.put(&task.output_url).body(vec![7u8; 1000]);
+    for (name, value) in
+        xpand_protocol::transfer::sign_request(&key, "PUT", &path(&task.output_url))
+    {
+        put = put.header(name, value);
+    }
+    let resp = put.send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.json::<Value>().await.unwrap()["size"], 1000);
+
+    // Once the node lets the shard go, its URLs are dead.
+    let reject = xpand_protocol::Reject {
+        assignment_id: a.assignment_id,
+        shard_id: a.shard_id,
+        reason: "test".into(),
+    };
+    node.send(UpKind::Reject, node.seal(UpKind::Reject, &reject))
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if get(task.input_url.clone(), Some(&key))
+                .await
+                .unwrap()
+                .status()
+                == 403
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the URL stops working once the assignment is not current");
+    node.die().await;
     app.teardown().await;
 }

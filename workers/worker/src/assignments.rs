@@ -270,11 +270,11 @@ mod tests {
     fn an_unknown_task_kind_for_this_node_is_answered_not_dropped() {
         let mut f = fixture();
         let mut body = serde_json::to_value(assignment(f.node.id(), now_ms() + 30_000)).unwrap();
-        body["task"] = serde_json::json!({"kind": "anonymize", "file": "abc"});
+        body["task"] = serde_json::json!({"kind": "transcribe", "file": "abc"});
         let payload = f.gateway.seal(&f.topic, &body);
         match f.gate.admit(&f.topic, &payload, now_ms()) {
             Ok(Admitted::Unsupported { reason, .. }) => {
-                assert!(reason.contains("anonymize"), "{reason}")
+                assert!(reason.contains("transcribe"), "{reason}")
             }
             other => panic!("expected an unsupported assignment, got {other:?}"),
         }

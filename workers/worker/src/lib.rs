@@ -18,5 +18,6 @@ mod worker;
 pub use config::{
     default_ort_dylib_path, load_node_key, AcceleratorChoice, WorkerConfig, ONNXRUNTIME_VERSION,
 };
+pub use plugins::face_detect;
 pub use worker::run;
 pub use xpand_protocol::BrokerAddress;

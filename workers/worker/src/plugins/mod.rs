@@ -1,17 +1,19 @@
 //! Inference plugins: one per shard kind, each wrapping a loaded model.
 
 use anyhow::bail;
-use ort::session::Session;
-use xpand_protocol::{ShardOutput, ShardTask};
+use xpand_protocol::{Accelerator, NodeKey, ShardOutput, ShardTask};
 
-use crate::models::Manifest;
+use crate::models::VerifiedModel;
+use crate::onnx::OnnxRuntime;
 
+pub mod anonymize;
 pub mod face_detect;
 pub mod forecast;
 
 /// Runs shards of one kind on one model. `run` is called on a blocking thread.
 pub trait Plugin: Send + Sync {
-    /// The shard kind it serves: the `kind` tag of [`ShardTask`].
+    /// The shard kind it serves: the `kind` tag of [`ShardTask`] (which may differ from the
+    /// model's manifest kind: `face_detect` models serve `anonymize` shards).
     fn kind(&self) -> &'static str;
 
     /// Runs `task`, calling `progress` with each newly finished run of chunks, in order, as a
@@ -24,22 +26,39 @@ pub trait Plugin: Send + Sync {
     ) -> anyhow::Result<ShardOutput>;
 }
 
-/// The `kind` tag of a task, as plugins and manifests name it.
+/// The `kind` tag of a task, as plugins name it.
 pub fn task_kind(task: &ShardTask) -> &'static str {
     match task {
         ShardTask::Forecast { .. } => forecast::KIND,
+        ShardTask::Anonymize(_) => anonymize::KIND,
     }
 }
 
-/// Whether this worker has a plugin that runs models of `kind`.
+/// Whether this worker has a plugin that runs models of manifest kind `kind`.
 pub fn serves(kind: &str) -> bool {
-    kind == forecast::KIND
+    matches!(kind, forecast::KIND | face_detect::KIND)
 }
 
-/// The plugin for `manifest.kind`, around a session of its model.
-pub fn load(manifest: &Manifest, session: Session) -> anyhow::Result<Box<dyn Plugin>> {
+/// The plugin for a verified model (by its manifest kind), with a session of the model built on
+/// `runtime`, and where that session runs. `node_key` signs what plugins ask of the gateway
+/// (the anonymize plugin's transfers).
+pub fn load(
+    runtime: &OnnxRuntime,
+    model: &VerifiedModel,
+    node_key: &NodeKey,
+) -> anyhow::Result<(Box<dyn Plugin>, Accelerator)> {
+    let manifest = &model.manifest;
     match manifest.kind.as_str() {
-        forecast::KIND => Ok(Box::new(forecast::ForecastPlugin::new(manifest, session)?)),
+        forecast::KIND => {
+            let (session, runs_on) = runtime.session(&model.bytes)?;
+            let plugin = forecast::ForecastPlugin::new(manifest, session)?;
+            Ok((Box::new(plugin), runs_on))
+        }
+        face_detect::KIND => {
+            let plugin = anonymize::AnonymizePlugin::load(runtime, model, node_key)?;
+            let runs_on = plugin.runs_on();
+            Ok((Box::new(plugin), runs_on))
+        }
         other => bail!("no plugin serves model kind `{other}`"),
     }
 }

@@ -1,0 +1,528 @@
+//! Video anonymization end to end: real uploads, ffprobe/ffmpeg, workers running CenterFace,
+//! segments joined with the original audio; and every bad input refused without a trace.
+//!
+//! Test clips are made here with ffmpeg from scikit-image's astronaut photo (installed by
+//! `scripts/setup-models.sh`), moving and changing size over an animated background, with a
+//! tone for audio.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use xpand_worker::face_detect::{self, FaceBox, FaceDetector};
+
+use crate::common::TestApp;
+
+const FPS: u32 = 25;
+
+fn astronaut() -> PathBuf {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/workers/models/centerface/testdata/astronaut.png"
+    )
+    .into()
+}
+
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-y"])
+        .args(args)
+        .output()
+        .expect("ffmpeg runs (make setup installs it)");
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `seconds`-long clip, 25 fps, a keyframe every second, the face drifting right and
+/// pulsing in size; with a 440 Hz tone when `audio`.
+pub fn make_clip(dir: &Path, width: u32, height: u32, seconds: u32, audio: bool) -> PathBuf {
+    let path = dir.join(format!("clip-{width}x{height}-{seconds}s-{audio}.mp4"));
+    let background = format!("testsrc2=s={width}x{height}:r={FPS}:d={seconds}");
+    let tone = format!("sine=f=440:d={seconds}");
+    let face = format!(
+        "[1]scale=w='{h}*0.45+{h}*0.08*sin(2*t)':h=-2:eval=frame[f];\
+         [0][f]overlay=x='{w}*0.08+{w}*0.1*t':y='{h}*0.1':shortest=1[v]",
+        w = width,
+        h = height
+    );
+    let astronaut = astronaut();
+    let seconds = seconds.to_string();
+    let mut args = vec!["-f", "lavfi", "-i", &background, "-loop", "1", "-i"];
+    args.push(astronaut.to_str().unwrap());
+    if audio {
+        args.extend(["-f", "lavfi", "-i", &tone]);
+    }
+    args.extend(["-filter_complex", &face, "-map", "[v]"]);
+    if audio {
+        args.extend(["-map", "2:a", "-c:a", "aac"]);
+    }
+    let g = FPS.to_string();
+    args.extend([
+        "-c:v", "libx264", "-preset", "veryfast", "-g", &g, "-pix_fmt", "yuv420p", "-t", &seconds,
+    ]);
+    let out = path.to_str().unwrap().to_string();
+    args.push(&out);
+    ffmpeg(&args);
+    path
+}
+
+/// Every frame of `path` as RGB24.
+fn decode(path: &Path, width: u32, height: u32) -> Vec<Vec<u8>> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-i"])
+        .arg(path)
+        .args([
+            "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frame = (width * height * 3) as usize;
+    assert_eq!(out.stdout.len() % frame, 0);
+    out.stdout.chunks(frame).map(<[u8]>::to_vec).collect()
+}
+
+fn detector() -> FaceDetector {
+    FaceDetector::open(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/workers/models/centerface").as_ref(),
+        &xpand_worker::default_ort_dylib_path(),
+    )
+    .expect("the CenterFace model loads (make setup installs it)")
+}
+
+/// Sum of absolute Laplacians (luma) inside `b`: how much fine detail the region holds.
+fn detail(rgb: &[u8], width: u32, b: &FaceBox) -> f64 {
+    let w = width as usize;
+    let luma = |x: usize, y: usize| {
+        let i = (y * w + x) * 3;
+        0.299 * f64::from(rgb[i]) + 0.587 * f64::from(rgb[i + 1]) + 0.114 * f64::from(rgb[i + 2])
+    };
+    let (x1, y1) = (b.x1.max(1.0) as usize, b.y1.max(1.0) as usize);
+    let (x2, y2) = (b.x2 as usize, b.y2 as usize);
+    let mut sum = 0.0;
+    for y in y1..y2.min(rgb.len() / 3 / w - 1) {
+        for x in x1..x2.min(w - 1) {
+            sum += (4.0 * luma(x, y)
+                - luma(x - 1, y)
+                - luma(x + 1, y)
+                - luma(x, y - 1)
+                - luma(x, y + 1))
+            .abs();
+        }
+    }
+    sum
+}
+
+/// PSNR (dB) between two frames over the pixels outside every box in `masked`.
+fn psnr_outside(a: &[u8], b: &[u8], width: u32, masked: &[FaceBox]) -> f64 {
+    let w = width as usize;
+    let (mut se, mut n) = (0.0f64, 0u64);
+    for (i, (pa, pb)) in a.chunks(3).zip(b.chunks(3)).enumerate() {
+        let (x, y) = ((i % w) as f32, (i / w) as f32);
+        if masked
+            .iter()
+            .any(|m| x >= m.x1 && x <= m.x2 && y >= m.y1 && y <= m.y2)
+        {
+            continue;
+        }
+        for c in 0..3 {
+            let d = f64::from(pa[c]) - f64::from(pb[c]);
+            se += d * d;
+        }
+        n += 3;
+    }
+    10.0 * (255.0f64.powi(2) / (se / n as f64)).log10()
+}
+
+async fn upload(app: &TestApp, key: &str, bytes: Vec<u8>, content_type: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/v1/files", app.base))
+        .bearer_auth(key)
+        .header("content-type", content_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn upload_file(app: &TestApp, key: &str, path: &Path) -> String {
+    let resp = upload(app, key, std::fs::read(path).unwrap(), "video/mp4").await;
+    assert_eq!(resp.status(), 201);
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn anonymize_job(file: &str, params: Value) -> Value {
+    json!({"kind": "anonymize", "input": {"file": file}, "params": params, "max_fee": 10_000_000})
+}
+
+async fn wait_long(app: &TestApp, key: &str, id: &str) -> Value {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            let job = app.get_json(key, &format!("/v1/jobs/{id}")).await;
+            if ["succeeded", "failed", "canceled"].contains(&job["status"].as_str().unwrap()) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the video job ends within 4 minutes")
+}
+
+/// Objects the gateway keeps for jobs in flight (segments, uploads); none once jobs end.
+fn staged_objects(app: &TestApp) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&app.config.files_dir.join("jobs"), &mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faces_are_masked_across_segments_and_the_audio_survives() {
+    let mut app = TestApp::spawn().await;
+    let nodes = [app.start_worker().await, app.start_worker().await];
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (width, height) = (640, 360);
+    let clip = make_clip(dir.path(), width, height, 4, true);
+    let file = upload_file(&app, &key, &clip).await;
+
+    let resp = app
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &anonymize_job(&file, json!({"style": "blur"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let job: Value = resp.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let quote = job["quote"].as_i64().unwrap();
+    // 100 frames of 640x360 at 20 µc per megapixel-frame (461), each segment rounded up, plus
+    // the job fee.
+    let segments = job["progress"]["shards_total"].as_i64().unwrap();
+    assert!(
+        (2_000 + 461..=2_000 + 461 + segments).contains(&quote),
+        "{job}"
+    );
+    let segments = job["progress"]["shards_total"].as_i64().unwrap();
+    assert!(
+        segments >= 2,
+        "two workers get several segments, got {segments}"
+    );
+
+    let job = wait_long(&app, &key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["cost"].as_i64(), Some(quote));
+    let output = &job["output"];
+    assert_eq!(output["frames"], 100);
+    assert_eq!(output["segments"].as_i64(), Some(segments));
+    assert_eq!(output["audio"], true);
+    assert!(output["faces_masked"].as_i64().unwrap() >= 90, "{output}");
+
+    // The result is a new file of the caller's.
+    let out_id = output["file"].as_str().unwrap();
+    let resp = app.get(&key, &format!("/v1/files/{out_id}")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "video/mp4");
+    let masked = dir.path().join("masked.mp4");
+    std::fs::write(&masked, resp.bytes().await.unwrap()).unwrap();
+
+    let before = xpand::media::probe(&clip).await.unwrap();
+    let after = xpand::media::probe(&masked).await.unwrap();
+    assert_eq!(after.frames, before.frames);
+    assert_eq!((after.width, after.height), (before.width, before.height));
+    assert!((after.duration_seconds - before.duration_seconds).abs() < 0.1);
+    assert_eq!(after.audio_codec.as_deref(), Some("aac"));
+    assert_eq!(after.codec, "h264");
+
+    // Where a face was, it is gone; everything else is nearly unchanged (which also shows the
+    // segments are in order: the background moves every frame).
+    let detector = detector();
+    let input = decode(&clip, width, height);
+    let result = decode(&masked, width, height);
+    let (mut faces, mut found_after, mut ratios) = (0, 0, Vec::new());
+    for (i, (a, b)) in input.iter().zip(&result).enumerate().step_by(4) {
+        let found = detector.detect(a, width, height, 0.5).unwrap();
+        assert!(!found.is_empty(), "frame {i} of the test clip shows a face");
+        faces += 1;
+        if !detector.detect(b, width, height, 0.5).unwrap().is_empty() {
+            found_after += 1;
+        }
+        for face in &found {
+            ratios.push(detail(b, width, face) / detail(a, width, face));
+        }
+        let masked: Vec<FaceBox> = found
+            .iter()
+            .map(|f| face_detect::scale_box(*f, 1.5, width, height))
+            .collect();
+        let psnr = psnr_outside(a, b, width, &masked);
+        assert!(
+            psnr > 30.0,
+            "frame {i}: outside the faces PSNR is {psnr:.1} dB"
+        );
+    }
+    assert_eq!(
+        found_after, 0,
+        "the detector still finds faces in {found_after}/{faces} frames"
+    );
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    assert!(
+        mean < 0.3,
+        "face regions kept {:.0}% of their detail",
+        mean * 100.0
+    );
+
+    // Workers were paid per segment, exactly what the caller was charged less the job fee.
+    let paid: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(fee), 0)::bigint FROM shards WHERE job_id = $1::uuid AND status = 'done'",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(paid, quote - 2_000);
+    let earners: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT node_id) FROM shards WHERE job_id = $1::uuid AND node_id = ANY($2)",
+    )
+    .bind(id)
+    .bind(&nodes[..])
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(earners >= 1);
+    app.assert_ledger_invariants().await;
+    // Segments and uploads are deleted once the job ends.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(staged_objects(&app), Vec::<PathBuf>::new());
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_videos_are_refused_and_leave_nothing_behind() {
+    let app = TestApp::spawn_with(|c| c.max_video_seconds = 3).await;
+    let (_, key) = app.customer(10_000_000).await;
+    let (_, stranger) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let long_clip = make_clip(dir.path(), 320, 240, 4, false);
+    let short_clip = make_clip(dir.path(), 320, 240, 2, true);
+    let bytes = std::fs::read(&short_clip).unwrap();
+
+    let mut cases: Vec<(&str, String)> = Vec::new();
+    let text = upload(
+        &app,
+        &key,
+        b"just some words, not a video".to_vec(),
+        "text/plain",
+    )
+    .await;
+    cases.push((
+        "not a video",
+        text.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    ));
+    let mut truncated = bytes.clone();
+    truncated.truncate(bytes.len() / 2);
+    let resp = upload(&app, &key, truncated, "video/mp4").await;
+    cases.push((
+        "truncated",
+        resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    ));
+    let playlist_url =
+        "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nhttp://127.0.0.1:9/x.ts\n#EXT-X-ENDLIST\n";
+    let resp = upload(
+        &app,
+        &key,
+        playlist_url.into(),
+        "application/vnd.apple.mpegurl",
+    )
+    .await;
+    cases.push((
+        "playlist of a URL",
+        resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    ));
+    let playlist_file = format!(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{}\n#EXT-X-ENDLIST\n",
+        short_clip.display()
+    );
+    let resp = upload(
+        &app,
+        &key,
+        playlist_file.into_bytes(),
+        "application/vnd.apple.mpegurl",
+    )
+    .await;
+    cases.push((
+        "playlist of a local file",
+        resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    ));
+    let concat_list = format!("ffconcat version 1.0\nfile {}\n", short_clip.display());
+    let resp = upload(&app, &key, concat_list.into_bytes(), "text/plain").await;
+    cases.push((
+        "concat list",
+        resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .into(),
+    ));
+    cases.push(("too long", upload_file(&app, &key, &long_clip).await));
+    cases.push((
+        "another account's file",
+        upload_file(&app, &stranger, &short_clip).await,
+    ));
+    cases.push(("no such file", uuid::Uuid::now_v7().to_string()));
+
+    let balance = app.balances(&key).await;
+    for (case, file) in &cases {
+        let resp = app
+            .post_json(&key, "/v1/jobs", &anonymize_job(file, json!({})))
+            .await;
+        assert_eq!(resp.status(), 422, "{case}");
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(
+            problem["errors"][0]["field"], "input.file",
+            "{case}: {problem}"
+        );
+        eprintln!("{case}: {}", problem["errors"][0]["detail"]);
+    }
+    let resp = app
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &anonymize_job(
+                &cases[0].1,
+                json!({"style": "pixelate", "targets": ["plates"]}),
+            ),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    let problem: Value = resp.json().await.unwrap();
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["params.style", "params.targets"]);
+    // Empty (and over the size limit, see files.rs): refused at upload already.
+    assert_eq!(
+        upload(&app, &key, Vec::new(), "video/mp4").await.status(),
+        422
+    );
+    // A job that costs more than max_fee is refused after the video was cut: nothing stays.
+    let file = upload_file(&app, &key, &short_clip).await;
+    let mut job = anonymize_job(&file, json!({}));
+    job["max_fee"] = json!(10);
+    let resp = app.post_json(&key, "/v1/jobs", &job).await;
+    assert_eq!(resp.status(), 402);
+
+    assert_eq!(app.balances(&key).await, balance, "no money moved");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no half-made job");
+    assert_eq!(staged_objects(&app), Vec::<PathBuf>::new());
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_no_worker_can_decode_fails_the_job_with_a_refund() {
+    let mut app = TestApp::spawn_with(|c| c.max_shard_attempts = 2).await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(dir.path(), 320, 240, 2, false);
+    // A few flipped bits inside the coded frames: the container, its index and every NAL unit's
+    // length stay intact, so the probe and the cut pass, but decoding fails.
+    let mut bytes = std::fs::read(&clip).unwrap();
+    let len = bytes.len();
+    for i in (len / 4..len * 3 / 4).step_by(1000) {
+        bytes[i] ^= 0x5a;
+    }
+    let resp = upload(&app, &key, bytes, "video/mp4").await;
+    let file = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (available, _) = app.balances(&key).await;
+    let resp = app
+        .post_json(&key, "/v1/jobs", &anonymize_job(&file, json!({})))
+        .await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    let job = wait_long(&app, &key, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "shard_attempts_exhausted");
+    assert_eq!(app.balances(&key).await, (available, 0), "fully refunded");
+    app.assert_ledger_invariants().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(staged_objects(&app), Vec::<PathBuf>::new());
+    app.teardown().await;
+}
+
+/// The web page, driven by headless Chromium: pick a file, follow the job, play the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_anonymizes_a_video_that_then_plays() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(dir.path(), 320, 240, 2, true);
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/anonymize.mjs");
+    let modules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/browser/node_modules/playwright-core"
+    );
+    assert!(
+        Path::new(modules).is_dir(),
+        "playwright-core is missing: run scripts/setup-browser.sh (make setup does)"
+    );
+    let base = app.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .args([driver, &base, &key, clip.to_str().unwrap(), "2.0"])
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.teardown().await;
+}
