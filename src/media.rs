@@ -73,15 +73,8 @@ struct FormatJson {
 /// decoding) to count frames and find keyframes. A file whose index promises more frames than it
 /// holds (truncated) or that the demuxer reports errors in is refused.
 pub async fn probe(path: &Path) -> Result<VideoProbe, ProbeError> {
-    let out = run(
-        "ffprobe",
+    let out = ffprobe(
         &[
-            "-v",
-            "error",
-            "-protocol_whitelist",
-            "file",
-            "-format_whitelist",
-            VIDEO_DEMUXERS,
             "-show_entries",
             "format=format_name,duration:stream=codec_type,codec_name,width,height,r_frame_rate,nb_frames",
             "-of",
@@ -121,15 +114,8 @@ pub async fn probe(path: &Path) -> Result<VideoProbe, ProbeError> {
         .and_then(parse_rate)
         .ok_or_else(|| ProbeError::Unusable("the video stream has no frame rate".into()))?;
 
-    let packets = run(
-        "ffprobe",
+    let packets = ffprobe(
         &[
-            "-v",
-            "error",
-            "-protocol_whitelist",
-            "file",
-            "-format_whitelist",
-            VIDEO_DEMUXERS,
             "-select_streams",
             "v:0",
             "-show_entries",
@@ -204,15 +190,8 @@ fn parse_rate(rate: &str) -> Option<(u32, u32)> {
 
 /// Video frames in `path` (packets of its first video stream), with its frame size and codec.
 pub async fn count_frames(path: &Path) -> anyhow::Result<(u32, u32, u32, String)> {
-    let out = run(
-        "ffprobe",
+    let out = ffprobe(
         &[
-            "-v",
-            "error",
-            "-protocol_whitelist",
-            "file",
-            "-format_whitelist",
-            VIDEO_DEMUXERS,
             "-count_packets",
             "-select_streams",
             "v:0",
@@ -410,10 +389,22 @@ struct Output {
     stderr: String,
 }
 
-async fn run(tool: &str, args: &[&str], input: &Path) -> anyhow::Result<Output> {
-    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+/// ffprobe on the local file `input`, quiet but for errors, through the whitelists.
+async fn ffprobe(args: &[&str], input: &Path) -> anyhow::Result<Output> {
+    let mut all: Vec<String> = [
+        "-v",
+        "error",
+        "-protocol_whitelist",
+        "file",
+        "-format_whitelist",
+        VIDEO_DEMUXERS,
+    ]
+    .iter()
+    .chain(args)
+    .map(|a| a.to_string())
+    .collect();
     all.push(path_arg(input)?);
-    run_args(tool, &all).await
+    run_args("ffprobe", &all).await
 }
 
 /// Runs `tool` with `args` under [`TOOL_TIME_LIMIT`]; the process is killed when it runs over

@@ -100,11 +100,20 @@ fn spawn_worker(
         .arg(config.gateway_key.id())
         .arg("--name")
         .arg(name)
+        // Local workers share this machine's cores: split them rather than oversubscribe.
+        .arg("--inference-threads")
+        .arg(inference_threads(args.workers).to_string())
         .env("XPAND_MQTT_URL", &args.gateway.mqtt_url)
         .env("XPAND_TOPIC_PREFIX", &config.topic_prefix)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", worker.display()))
+}
+
+/// Inference threads for each of `workers` local workers: the cores, shared out.
+fn inference_threads(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / workers.max(1)).max(1)
 }
 
 /// Creates the database named in `url` when it does not exist (connecting to `postgres`).

@@ -526,3 +526,102 @@ async fn the_web_page_anonymizes_a_video_that_then_plays() {
     );
     app.teardown().await;
 }
+
+/// The same path on an S3-compatible object store (moto's server, from PyPI) instead of the
+/// local directory: uploads, segments, worker transfers, the joined output, clean-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_job_runs_on_an_s3_compatible_store() {
+    let moto = concat!(env!("HOME"), "/.cache/xpand/moto-venv/bin/moto_server");
+    assert!(
+        Path::new(moto).is_file(),
+        "moto_server is missing: run scripts/setup-s3-emulator.sh (make test does)"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(moto)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while http.put(format!("{endpoint}/videos")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("moto starts");
+    // Nextest runs each test in its own process, so these reach only this gateway.
+    for (name, value) in [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ] {
+        std::env::set_var(name, value);
+    }
+    let mut app = TestApp::spawn_with(|c| c.files_url = Some("s3://videos/xpand".into())).await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(dir.path(), 320, 240, 2, true);
+    let file = upload_file(&app, &key, &clip).await;
+    let resp = app
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &anonymize_job(&file, json!({"style": "solid"})),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let job: Value = resp.json().await.unwrap();
+    let job = wait_long(&app, &key, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let out = app
+        .get(
+            &key,
+            &format!("/v1/files/{}", job["output"]["file"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(out.status(), 200);
+    let masked = dir.path().join("masked.mp4");
+    std::fs::write(&masked, out.bytes().await.unwrap()).unwrap();
+    let probe = xpand::media::probe(&masked).await.unwrap();
+    assert_eq!(
+        (probe.frames, probe.audio_codec.as_deref()),
+        (50, Some("aac"))
+    );
+    // The objects really are in the bucket (nothing on local disk), and the job's staging is gone.
+    assert!(!app.config.files_dir.join("files").exists());
+    let listing = http
+        .get(format!("{endpoint}/videos?list-type=2&prefix=xpand/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listing.contains(&format!("xpand/files/{file}")),
+        "{listing}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listing = http
+        .get(format!("{endpoint}/videos?list-type=2&prefix=xpand/jobs/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listing.contains("<Key>"), "{listing}");
+    app.teardown().await;
+    let _ = server.kill().await;
+}

@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     pub max_concurrent_shards: usize,
     pub heartbeat_interval: Duration,
     pub accelerator: AcceleratorChoice,
+    /// Intra-op threads of each inference session; `None`: ONNX Runtime's default (all cores).
+    pub inference_threads: Option<usize>,
 }
 
 impl WorkerConfig {
@@ -59,6 +61,7 @@ impl WorkerConfig {
             max_concurrent_shards: cpu_cores(),
             heartbeat_interval: Duration::from_secs(2),
             accelerator: AcceleratorChoice::Auto,
+            inference_threads: None,
         }
     }
 }

@@ -60,6 +60,11 @@ struct Cli {
     #[arg(long, env = "XPAND_MAX_CONCURRENT_SHARDS")]
     max_concurrent_shards: Option<usize>,
 
+    /// Threads each model inference may use [default: ONNX Runtime's, one per core]. Set it
+    /// when several workers share a machine, so they do not oversubscribe its cores.
+    #[arg(long, env = "XPAND_INFERENCE_THREADS")]
+    inference_threads: Option<usize>,
+
     /// Milliseconds between heartbeats.
     #[arg(long, env = "XPAND_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
@@ -103,6 +108,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     }
     config.heartbeat_interval = Duration::from_millis(cli.heartbeat_ms);
     config.accelerator = cli.accelerator;
+    config.inference_threads = cli.inference_threads;
     run(config, shutdown_signal()).await
 }
 

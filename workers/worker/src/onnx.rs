@@ -50,6 +50,7 @@ fn environment(dylib: &Path) -> anyhow::Result<Environment> {
 pub struct OnnxRuntime {
     env: Environment,
     use_cuda: bool,
+    intra_threads: Option<usize>,
 }
 
 impl OnnxRuntime {
@@ -75,7 +76,27 @@ impl OnnxRuntime {
                 false
             }
         };
-        Ok(Self { env, use_cuda })
+        Ok(Self {
+            env,
+            use_cuda,
+            intra_threads: None,
+        })
+    }
+
+    /// Limits each session to `threads` intra-op threads (`None`: ONNX Runtime's default).
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.intra_threads = threads;
+        self
+    }
+
+    fn builder(&self) -> anyhow::Result<ort::session::builder::SessionBuilder> {
+        let builder = Session::builder(&self.env).context("creating a session builder")?;
+        match self.intra_threads {
+            Some(n) => builder
+                .with_intra_threads(n)
+                .map_err(|e| anyhow!("setting {n} inference threads: {e}")),
+            None => Ok(builder),
+        }
     }
 
     /// A session for `model` (ONNX bytes) and where it runs. CUDA is tried first when enabled;
@@ -89,16 +110,15 @@ impl OnnxRuntime {
                 }
             }
         }
-        let session = Session::builder(&self.env)
-            .context("creating a session builder")?
+        let session = self
+            .builder()?
             .commit_from_memory(model)
             .context("loading the model into ONNX Runtime")?;
         Ok((session, Accelerator::Cpu))
     }
 
     fn cuda_session(&self, model: &[u8]) -> anyhow::Result<Session> {
-        Session::builder(&self.env)
-            .context("creating a session builder")?
+        self.builder()?
             .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
             .map_err(|e| anyhow!("registering the CUDA execution provider: {e}"))?
             .commit_from_memory(model)

@@ -158,7 +158,8 @@ fn load_models(
             config.models_dir.display()
         );
     }
-    let runtime = OnnxRuntime::load(&config.ort_dylib_path, config.accelerator)?;
+    let runtime = OnnxRuntime::load(&config.ort_dylib_path, config.accelerator)?
+        .with_threads(config.inference_threads);
     let mut loaded = HashMap::new();
     let mut accelerator = Accelerator::Cpu;
     for model in verified {
