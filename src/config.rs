@@ -92,6 +92,12 @@ pub struct GatewayArgs {
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
+    /// Share of shard results checked by a second run on another node, in basis points.
+    #[arg(long, env = "XPAND_REDUNDANCY_BPS", default_value_t = 500)]
+    pub redundancy_bps: u32,
+    /// A node's results are all checked until it has done this many shards.
+    #[arg(long, env = "XPAND_VERIFY_NEW_NODE_SHARDS", default_value_t = 20)]
+    pub verify_new_node_shards: i64,
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -122,6 +128,8 @@ pub struct Config {
     pub public_url: Option<String>,
     pub max_video_seconds: u64,
     pub max_upload_bytes: u64,
+    pub redundancy_bps: u32,
+    pub verify_new_node_shards: i64,
     pub db_pool: u32,
 }
 
@@ -164,6 +172,9 @@ impl GatewayArgs {
                 bail!("XPAND_PUBLIC_URL must be an http(s) URL, got {url:?}");
             }
         }
+        if self.redundancy_bps > 10_000 || self.verify_new_node_shards < 0 {
+            bail!("XPAND_REDUNDANCY_BPS must be 0..=10000 and XPAND_VERIFY_NEW_NODE_SHARDS >= 0");
+        }
         if self.max_video_secs == 0 {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
@@ -194,6 +205,8 @@ impl GatewayArgs {
             public_url: self.public_url,
             max_video_seconds: self.max_video_secs,
             max_upload_bytes: self.max_upload_bytes,
+            redundancy_bps: self.redundancy_bps,
+            verify_new_node_shards: self.verify_new_node_shards,
             db_pool: self.db_pool,
         })
     }

@@ -54,6 +54,8 @@ pub async fn register(pool: &PgPool, node_id: &str, name: &str) -> anyhow::Resul
 pub enum Failure {
     LeaseLapsed,
     BadResult,
+    /// Outvoted by two other nodes on the same shard.
+    Disputed,
 }
 
 /// Charges each `(node, shard)` with a failure: counted on the node and timestamped for the
@@ -66,6 +68,7 @@ pub async fn charge_failures(
     let reason = match why {
         Failure::LeaseLapsed => "lease_lapsed",
         Failure::BadResult => "bad_result",
+        Failure::Disputed => "disputed",
     };
     let (nodes, shards): (Vec<&str>, Vec<Uuid>) =
         failures.iter().map(|(n, s)| (n.as_str(), *s)).unzip();
@@ -236,28 +239,11 @@ pub struct NodeSlot {
     pub free: i64,
 }
 
-/// Shard slots of live, active nodes that hold `model`, busy or not: what a job is sized for.
-pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> anyhow::Result<i64> {
-    let rows: Vec<(String, sqlx::types::Json<Announce>)> = sqlx::query_as(
-        "SELECT id, capabilities FROM nodes
-         WHERE status = 'active' AND capabilities IS NOT NULL
-           AND capabilities->'models' @> jsonb_build_array(jsonb_build_object('name', $1::text))",
-    )
-    .bind(model)
-    .fetch_all(pool)
-    .await?;
-    let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    let alive = liveness.alive(&ids).await?;
-    Ok(rows
-        .iter()
-        .zip(alive)
-        .filter(|(_, alive)| *alive)
-        .map(|((_, caps), _)| i64::from(caps.0.max_concurrent_shards))
-        .sum())
-}
-
-/// Live, active nodes and how many more shards each can take.
-pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<NodeSlot>> {
+/// Active nodes with a current heartbeat and a capability statement, with their busy shards.
+async fn live_nodes(
+    pool: &PgPool,
+    liveness: &Liveness,
+) -> anyhow::Result<Vec<(String, Announce, i64)>> {
     let rows: Vec<(String, sqlx::types::Json<Announce>, i64)> = sqlx::query_as(
         "SELECT n.id, n.capabilities,
                 (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned')
@@ -271,13 +257,45 @@ pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec
         .into_iter()
         .zip(alive)
         .filter(|(_, alive)| *alive)
-        .map(|((id, caps, busy), _)| NodeSlot {
+        .map(|((id, caps, busy), _)| (id, caps.0, busy))
+        .collect())
+}
+
+/// Live, active nodes and how many more shards each can take.
+pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<NodeSlot>> {
+    Ok(live_nodes(pool, liveness)
+        .await?
+        .into_iter()
+        .map(|(id, caps, busy)| NodeSlot {
             id,
-            models: caps.0.models.iter().map(|m| m.name.clone()).collect(),
-            free: caps.0.max_concurrent_shards as i64 - busy,
+            models: caps.models.iter().map(|m| m.name.clone()).collect(),
+            free: caps.max_concurrent_shards as i64 - busy,
         })
         .filter(|slot| slot.free > 0)
         .collect())
+}
+
+/// Shard slots of live, active nodes that hold `model`, busy or not: what a job is sized for.
+pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> anyhow::Result<i64> {
+    Ok(live_nodes(pool, liveness)
+        .await?
+        .iter()
+        .filter(|(_, caps, _)| caps.models.iter().any(|m| m.name == model))
+        .map(|(_, caps, _)| i64::from(caps.max_concurrent_shards))
+        .sum())
+}
+
+/// Whether a live, active node other than `node` holds `model`.
+pub async fn another_serves(
+    pool: &PgPool,
+    liveness: &Liveness,
+    model: &str,
+    node: &str,
+) -> anyhow::Result<bool> {
+    Ok(live_nodes(pool, liveness)
+        .await?
+        .iter()
+        .any(|(id, caps, _)| id != node && caps.models.iter().any(|m| m.name == model)))
 }
 
 /// A node as anyone may see it.

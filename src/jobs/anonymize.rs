@@ -492,9 +492,15 @@ async fn try_reduce(state: &AppState, job_id: Uuid) -> anyhow::Result<()> {
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
         .context("the job's input names no file")?;
+    // Each segment's accepted upload: the run (the primary or, after a vote, a replica) whose
+    // node and output the segment settled on.
     let segments: Vec<DoneSegment> = sqlx::query_as(
-        "SELECT idx, assignment_id, row_count, output FROM shards
-         WHERE job_id = $1 AND status = 'done' ORDER BY idx",
+        "SELECT s.idx, r.assignment_id, s.row_count, s.output FROM shards s
+         JOIN LATERAL (SELECT assignment_id FROM shards r
+                       WHERE (r.id = s.id OR r.replica_of = s.id) AND r.node_id = s.node_id
+                         AND r.output_sha256 = s.output_sha256
+                       ORDER BY r.replica_of NULLS FIRST LIMIT 1) r ON true
+         WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL ORDER BY s.idx",
     )
     .bind(job_id)
     .fetch_all(&state.db)

@@ -7,6 +7,7 @@
 pub mod anonymize;
 pub mod forecast;
 pub mod orchestrator;
+pub mod verification;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -22,6 +22,7 @@ use xpand_protocol::{
     Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
 };
 
+use super::verification::{self, Verdict};
 use super::{
     anonymize, check_output, fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS,
 };
@@ -63,6 +64,7 @@ struct PendingShard {
     model: String,
     task: sqlx::types::Json<ShardTask>,
     excluded_nodes: Vec<String>,
+    replica_of: Option<Uuid>,
 }
 
 /// One round: match pending shards to live nodes with room, record the assignments, then send
@@ -79,7 +81,7 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
 
     let mut tx = state.db.begin().await?;
     let pending: Vec<PendingShard> = sqlx::query_as(
-        "SELECT id, job_id, model, task, excluded_nodes FROM shards
+        "SELECT id, job_id, model, task, excluded_nodes, replica_of FROM shards
          WHERE status = 'pending' AND model = ANY($1)
          ORDER BY job_id, idx LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
@@ -91,10 +93,12 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     let lease_expires_at = Utc::now() + state.config.lease;
     let mut assignments = Vec::with_capacity(pending.len());
     for shard in pending {
-        // Prefer nodes that have not already failed this shard, then the least loaded.
+        // Prefer nodes that have not already failed this shard, then the least loaded. A
+        // replica never goes to a node that already ran the shard: it would vote twice.
         let Some(slot) = slots
             .iter_mut()
             .filter(|s| s.free > 0 && s.models.contains(&shard.model))
+            .filter(|s| shard.replica_of.is_none() || !shard.excluded_nodes.contains(&s.id))
             .min_by_key(|s| (shard.excluded_nodes.contains(&s.id), -s.free))
         else {
             continue;
@@ -244,6 +248,8 @@ struct AssignedShard {
     job_id: Uuid,
     idx: i32,
     row_offset: i32,
+    model: String,
+    replica_of: Option<Uuid>,
     task: sqlx::types::Json<ShardTask>,
     status: String,
     node_id: Option<String>,
@@ -303,8 +309,8 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .fetch_one(&mut *tx)
     .await?;
     let shard: AssignedShard = sqlx::query_as(
-        "SELECT id, job_id, idx, row_offset, task, status, node_id, assigned_at, progress_done,
-                progress_chain
+        "SELECT id, job_id, idx, row_offset, model, replica_of, task, status, node_id,
+                assigned_at, progress_done, progress_chain
          FROM shards WHERE assignment_id = $1 FOR UPDATE",
     )
     .bind(r.assignment_id)
@@ -334,21 +340,40 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
         return Err(DropReason::BadResult.into());
     }
 
-    let output = serde_json::to_value(&r.output).expect("outputs serialize");
+    // The run's output goes on its own row either way: a primary's as its result (or, while it
+    // waits for a replica, its candidate), a replica's as its vote.
+    let hold = shard.replica_of.is_none()
+        && verification::wanted(&mut tx, state, node, &shard.model).await?;
     sqlx::query(
-        "UPDATE shards SET status = 'done', output = $2, output_sha256 = $3, completed_at = now(),
+        "UPDATE shards SET status = $4, output = $2, output_sha256 = $3, completed_at = now(),
                 lease_expires_at = NULL
          WHERE id = $1",
     )
     .bind(shard.id)
-    .bind(&output)
+    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
     .bind(&r.output_sha256)
+    .bind(if hold { "verifying" } else { "done" })
     .execute(&mut *tx)
     .await?;
+    // Work done counts for the node's power score, replicas included.
     sqlx::query("UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1")
         .bind(node)
         .execute(&mut *tx)
         .await?;
+    let accepted = if hold {
+        verification::add_replica(&mut tx, shard.id, &[node.to_string()]).await?;
+        None
+    } else if let Some(primary) = shard.replica_of {
+        decide(&mut tx, state, job_id, primary).await?
+    } else {
+        Some((shard.idx, shard.row_offset, r.output))
+    };
+    let Some((idx, row_offset, output)) = accepted else {
+        tx.commit().await?;
+        state.wake_dispatcher();
+        return Ok(());
+    };
+
     let shards_done: i32 = sqlx::query_scalar(
         "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
                 started_at = COALESCE(started_at, now()), updated_at = now()
@@ -359,11 +384,12 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .await?;
     let is_video = matches!(shard.task.0, ShardTask::Anonymize(_));
     let finished = if shards_done == shards_total && !is_video {
-        let outputs: Vec<sqlx::types::Json<ShardOutput>> =
-            sqlx::query_scalar("SELECT output FROM shards WHERE job_id = $1 ORDER BY idx")
-                .bind(job_id)
-                .fetch_all(&mut *tx)
-                .await?;
+        let outputs: Vec<sqlx::types::Json<ShardOutput>> = sqlx::query_scalar(
+            "SELECT output FROM shards WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
+        )
+        .bind(job_id)
+        .fetch_all(&mut *tx)
+        .await?;
         let output = forecast::reduce(outputs.into_iter().map(|o| o.0).collect());
         finish(&mut tx, job_id, Outcome::Succeeded(output)).await?
     } else {
@@ -373,14 +399,14 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     // concurrent results for the same job publish in lock order, so every `partial` precedes
     // the terminal event, which the last shard's task sends after its commit.
     let events = &state.events;
-    if let ShardOutput::Forecast { forecasts } = r.output {
+    if let ShardOutput::Forecast { forecasts } = output {
         events
             .publish(
                 account,
                 JobEvent::Partial {
                     job_id: shard.job_id,
-                    shard: shard.idx,
-                    offset: shard.row_offset,
+                    shard: idx,
+                    offset: row_offset,
                     rows: serde_json::to_value(forecasts).expect("rows serialize"),
                 },
             )
@@ -415,6 +441,50 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     }
     state.wake_dispatcher();
     Ok(())
+}
+
+/// Applies what the runs of a `verifying` primary decide: its accepted result (the primary's own
+/// or the winning replica's, paid to the node that produced it), nothing yet, or a fresh start.
+async fn decide(
+    tx: &mut PgConnection,
+    state: &AppState,
+    job_id: Uuid,
+    primary: Uuid,
+) -> anyhow::Result<Option<(i32, i32, ShardOutput)>> {
+    match verification::resolve(tx, &state.config, job_id, primary).await? {
+        Verdict::Open => Ok(None),
+        Verdict::Rerun => {
+            sqlx::query(
+                "UPDATE shards p SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                        output = NULL, output_sha256 = NULL, completed_at = NULL,
+                        excluded_nodes = p.excluded_nodes || ARRAY(
+                            SELECT node_id FROM shards WHERE replica_of = p.id AND node_id IS NOT NULL)
+                 WHERE p.id = $1",
+            )
+            .bind(primary)
+            .execute(&mut *tx)
+            .await?;
+            tracing::warn!(shard = %primary, "three runs disagreed; the shard runs again");
+            Ok(None)
+        }
+        Verdict::Accept {
+            node,
+            output,
+            output_sha256,
+        } => {
+            let (idx, row_offset): (i32, i32) = sqlx::query_as(
+                "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4
+                 WHERE id = $1 RETURNING idx, row_offset",
+            )
+            .bind(primary)
+            .bind(&node)
+            .bind(serde_json::to_value(&output).expect("outputs serialize"))
+            .bind(&output_sha256)
+            .fetch_one(&mut *tx)
+            .await?;
+            Ok(Some((idx, row_offset, output)))
+        }
+    }
 }
 
 /// For a video shard, whether the node's upload is what its result claims: `Some(why)` when
@@ -471,7 +541,7 @@ pub async fn finish(
     }
     sqlx::query(
         "UPDATE shards SET status = 'canceled', lease_expires_at = NULL
-         WHERE job_id = $1 AND status IN ('pending', 'assigned')",
+         WHERE job_id = $1 AND status IN ('pending', 'assigned', 'verifying')",
     )
     .bind(job_id)
     .execute(&mut *conn)
@@ -529,7 +599,8 @@ async fn done_shard_payouts(
 ) -> sqlx::Result<Vec<(Uuid, i64)>> {
     sqlx::query_as(
         "SELECT n.account_id, sum(s.fee)::bigint FROM shards s JOIN nodes n ON n.id = s.node_id
-         WHERE s.job_id = $1 AND s.status = 'done' GROUP BY n.account_id ORDER BY 1",
+         WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL
+         GROUP BY n.account_id ORDER BY 1",
     )
     .bind(job_id)
     .fetch_all(conn)

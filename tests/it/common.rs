@@ -134,6 +134,9 @@ pub fn test_config(db_name: &str) -> Config {
         scratch_dir: std::env::temp_dir().join(format!("xpand-scratch-{prefix}")),
         public_url: None,
         max_video_seconds: 600,
+        // Redundancy has its own tests; elsewhere one run per shard keeps results predictable.
+        redundancy_bps: 0,
+        verify_new_node_shards: 0,
         max_upload_bytes: 8 * 1024 * 1024,
         pool: xpand::epochs::PoolConfig {
             issuance: 1_000_000,

@@ -434,3 +434,134 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
     node.die().await;
     app.teardown().await;
 }
+
+/// A node that returns wrong forecasts — with a consistent digest and hash chain, so only a second
+/// run can tell — is outvoted: the job's output is the honest one, the liar is charged a
+/// `disputed` failure and paid nothing, and each challenge is signed and sealed into the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_worker_is_outvoted_and_the_challenge_is_sealed() {
+    let mut app = TestApp::spawn_with(|c| c.redundancy_bps = 10_000).await;
+    let liar_key = NodeKey::generate();
+    xpand::nodes::register(&app.db, liar_key.id(), "liar")
+        .await
+        .unwrap();
+    let mut liar = FakeNode::start(&app, liar_key.clone()).await;
+    app.wait_until_alive(liar_key.id()).await;
+    let (_, customer) = app.customer(50_000_000).await;
+    let sheet = forecast_job(16, 4);
+    let job: Value = app
+        .post_json(&customer, "/v1/jobs", &sheet)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    // The liar takes both shards while it is alone, and answers once honest nodes are up.
+    let assignments = [liar.next_assignment().await, liar.next_assignment().await];
+    app.start_worker().await;
+    app.start_worker().await;
+    for a in &assignments {
+        let lie = answer(a);
+        liar.send(UpKind::Result, liar.seal(UpKind::Result, &lie))
+            .await;
+    }
+    let job = tokio::time::timeout(
+        Duration::from_secs(60),
+        app.wait_for_job(&customer, &job_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    liar.die().await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while app
+            .state
+            .liveness
+            .alive(&[liar_key.id().to_string()])
+            .await
+            .unwrap()
+            == [true]
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the silent liar stops counting as alive");
+
+    // The same sheet, honest nodes only (each checked by the other): the same forecasts.
+    let again: Value = app
+        .post_json(&customer, "/v1/jobs", &sheet)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let again = app
+        .wait_for_job(&customer, again["id"].as_str().unwrap())
+        .await;
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(
+        job["output"], again["output"],
+        "the lies did not reach the output"
+    );
+
+    let challenges: Vec<(String, String)> =
+        sqlx::query_as("SELECT loser, job_id::text FROM challenges ORDER BY created_at")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        challenges,
+        vec![(liar_key.id().to_string(), job_id.clone()); 2],
+        "one challenge per lie, none between honest nodes"
+    );
+    let disputed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM node_failures WHERE node_id = $1 AND reason = 'disputed'",
+    )
+    .bind(liar_key.id())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(disputed, 2);
+    let node = app
+        .get_json(&customer, &format!("/v1/nodes/{}", liar_key.id()))
+        .await;
+    assert_eq!(node["earnings"], 0, "{node}");
+    assert_eq!(node["shards_failed"], 2, "{node}");
+    // Replicas are free to the caller: it paid each job's quote once.
+    assert_eq!(job["cost"], job["quote"]);
+    let replicas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shards WHERE replica_of IS NOT NULL AND fee = 0 AND status = 'done'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        replicas,
+        2 * 2 + 2,
+        "two votes per lie, one check per honest shard"
+    );
+
+    // The challenges are signed by the gateway and sealed.
+    let key = app.config.gateway_key.signing_key().clone();
+    xpand::ledger::blocks::seal_all(&app.db, &key)
+        .await
+        .unwrap();
+    let sealed: Vec<String> = sqlx::query_scalar(
+        "SELECT r.envelope FROM chain_records r
+         WHERE r.kind = 'challenge'
+           AND EXISTS (SELECT 1 FROM ledger_blocks b WHERE r.id BETWEEN b.first_record_id AND b.last_record_id)",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(sealed.len(), 2);
+    let topic = format!("{}/v1/challenges", app.config.topic_prefix);
+    for envelope in &sealed {
+        let opened = Envelope::open(envelope.as_bytes(), &topic, now_ms(), 600_000).unwrap();
+        assert_eq!(opened.signer, app.config.gateway_key.id());
+        let body: Value = opened.parse().unwrap();
+        assert_eq!(body["loser"], liar_key.id());
+    }
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
