@@ -77,7 +77,7 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-async fn create_database() -> String {
+pub async fn create_database() -> String {
     let name = unique("xpand_t");
     let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
         .await
@@ -326,34 +326,7 @@ impl TestApp {
 
     /// Ledger invariants over the whole database.
     pub async fn assert_ledger_invariants(&self) {
-        let unbalanced: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT tx_id FROM ledger_entries GROUP BY tx_id HAVING sum(amount) <> 0) t",
-        )
-        .fetch_one(&self.db)
-        .await
-        .unwrap();
-        assert_eq!(unbalanced, 0, "every ledger transaction sums to zero");
-        let negative: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM ledger_accounts WHERE balance < 0 AND purpose <> 'issuance'",
-        )
-        .fetch_one(&self.db)
-        .await
-        .unwrap();
-        assert_eq!(negative, 0, "only issuance may be negative");
-        let drift: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM ledger_accounts a
-             WHERE a.balance <> COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.ledger_account_id = a.id), 0)",
-        )
-        .fetch_one(&self.db)
-        .await
-        .unwrap();
-        assert_eq!(drift, 0, "balances equal the sum of their entries");
-        let total: Option<i64> =
-            sqlx::query_scalar("SELECT sum(balance)::bigint FROM ledger_accounts")
-                .fetch_one(&self.db)
-                .await
-                .unwrap();
-        assert_eq!(total.unwrap_or(0), 0, "money is neither created nor lost");
+        assert_ledger_invariants(&self.db).await;
     }
 
     /// Stops workers and the gateway, clears the workers' retained announces and drops the
@@ -452,4 +425,35 @@ pub async fn delete_redis_prefix(prefix: &str) {
             .await
             .unwrap();
     }
+}
+
+/// Ledger invariants over the whole database.
+pub async fn assert_ledger_invariants(db: &PgPool) {
+    let unbalanced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT tx_id FROM ledger_entries GROUP BY tx_id HAVING sum(amount) <> 0) t",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(unbalanced, 0, "every ledger transaction sums to zero");
+    let negative: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_accounts WHERE balance < 0 AND purpose <> 'issuance'",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(negative, 0, "only issuance may be negative");
+    let drift: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_accounts a
+         WHERE a.balance <> COALESCE((SELECT sum(amount) FROM ledger_entries e WHERE e.ledger_account_id = a.id), 0)",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(drift, 0, "balances equal the sum of their entries");
+    let total: Option<i64> = sqlx::query_scalar("SELECT sum(balance)::bigint FROM ledger_accounts")
+        .fetch_one(db)
+        .await
+        .unwrap();
+    assert_eq!(total.unwrap_or(0), 0, "money is neither created nor lost");
 }

@@ -1,0 +1,397 @@
+//! Chaos, with real processes: two `xpand serve` replicas and three `xpand-worker`s on their own
+//! Mosquitto, a stream of forecast jobs, and `kill -9` of workers and gateways at random (each
+//! restarted a moment later) plus one broker restart. Afterwards every job has ended, each
+//! failed or canceled one was refunded in full, no shard was paid twice, the ledger's invariants
+//! hold and `xpand verify` passes on the sealed chain.
+//!
+//! The window is `XPAND_CHAOS_SECS` (default 25 s); the figures it prints (jobs, kills,
+//! re-dispatch delay after a worker died) are the ones in the README.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+use xpand_protocol::NodeKey;
+
+use crate::common::{
+    assert_ledger_invariants, create_database, delete_redis_prefix, forecast_job, pg_server,
+    redis_url,
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What the processes share.
+struct Cluster {
+    dir: PathBuf,
+    db_url: String,
+    mqtt_port: u16,
+    prefix: String,
+    gateway_key: NodeKey,
+}
+
+impl Cluster {
+    fn broker(&self) -> Child {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n",
+                self.mqtt_port
+            ),
+        )
+        .unwrap();
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto runs")
+    }
+
+    fn gateway(&self, port: u16) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_xpand"))
+            .arg("serve")
+            .env("XPAND_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", redis_url())
+            .env("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.mqtt_port))
+            .env("XPAND_TOPIC_PREFIX", &self.prefix)
+            .env("XPAND_REDIS_PREFIX", &self.prefix)
+            .env("XPAND_GATEWAY_KEY_FILE", self.dir.join("gateway.key"))
+            .env("XPAND_FILES_DIR", self.dir.join("files"))
+            .env("XPAND_SCRATCH_DIR", self.dir.join("scratch"))
+            .env("XPAND_LEASE_SECS", "2")
+            .env("XPAND_NODE_TTL_SECS", "3")
+            .env("XPAND_SEAL_INTERVAL_SECS", "2")
+            .env("XPAND_JOB_TIMEOUT_SECS", "300")
+            .env("XPAND_MAX_SHARD_ATTEMPTS", "20")
+            .env("XPAND_VERIFY_NEW_NODE_SHARDS", "0")
+            .env("XPAND_DB_POOL", "6")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("xpand serve runs")
+    }
+
+    fn worker(&self, key_file: &Path) -> Child {
+        let exe = Path::new(env!("CARGO_BIN_EXE_xpand")).with_file_name("xpand-worker");
+        Command::new(exe)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("--key-file")
+            .arg(key_file)
+            .args(["--gateway-key", self.gateway_key.id()])
+            .args(["--max-concurrent-shards", "2", "--inference-threads", "1"])
+            .args(["--heartbeat-ms", "500"])
+            .env(
+                "XPAND_MQTT_URL",
+                format!("mqtt://127.0.0.1:{}", self.mqtt_port),
+            )
+            .env("XPAND_TOPIC_PREFIX", &self.prefix)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("xpand-worker runs (cargo builds it with the workspace)")
+    }
+}
+
+fn kill9(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+/// Submits forecast jobs until `stop`, each to a random live gateway, retrying another with the
+/// same idempotency key when a gateway dies under the request. Returns the job ids.
+async fn submitter(gateways: Vec<String>, key: String, stop: Arc<AtomicBool>) -> Vec<Uuid> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut jobs = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let idempotency = Uuid::new_v4().to_string();
+        let body = forecast_job(24, 6);
+        for attempt in 0.. {
+            let base = gateways.choose(&mut rand::thread_rng()).unwrap();
+            let sent = http
+                .post(format!("{base}/v1/jobs"))
+                .bearer_auth(&key)
+                .header("idempotency-key", &idempotency)
+                .json(&body)
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if resp.status().is_success() => {
+                    let job: Value = resp.json().await.unwrap();
+                    jobs.push(job["id"].as_str().unwrap().parse().unwrap());
+                    break;
+                }
+                Ok(resp) if resp.status().is_client_error() => {
+                    panic!("a valid job was refused: {}", resp.text().await.unwrap())
+                }
+                _ => {
+                    assert!(attempt < 100, "no gateway took the job for 100 tries");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    jobs
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
+    let window = Duration::from_secs(
+        std::env::var("XPAND_CHAOS_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(25),
+    );
+    let db_name = create_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = &Uuid::new_v4().simple().to_string()[..12];
+    let gateway_key = NodeKey::create_file(&dir.path().join("gateway.key")).unwrap();
+    let cluster = Cluster {
+        dir: dir.path().to_path_buf(),
+        db_url: format!("{}/{db_name}", pg_server()),
+        mqtt_port: free_port(),
+        prefix: format!("xpand-chaos-{tag}"),
+        gateway_key,
+    };
+    let mut broker = cluster.broker();
+    let ports = [free_port(), free_port()];
+    let mut gateways: Vec<Child> = ports.iter().map(|p| cluster.gateway(*p)).collect();
+    let bases: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let http = reqwest::Client::new();
+    for base in &bases {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while !http
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("gateways become ready");
+    }
+    let db = PgPool::connect(&cluster.db_url).await.unwrap();
+    let mut key_files = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let path = dir.path().join(format!("node-{i}.key"));
+        let key = NodeKey::create_file(&path).unwrap();
+        xpand::nodes::register(&db, key.id(), &format!("chaos-{i}"))
+            .await
+            .unwrap();
+        workers.push(cluster.worker(&path));
+        key_files.push((path, key.id().to_string()));
+    }
+    let (_, api_key) = xpand::accounts::create_customer(&db, "chaos", 1_000_000_000)
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let submitters: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(submitter(bases.clone(), api_key.clone(), stop.clone())))
+        .collect();
+
+    // kill -9 something every 1.5–3 s; the broker once, half way.
+    let mut kills: Vec<(String, DateTime<Utc>)> = Vec::new();
+    let (mut worker_kills, mut gateway_kills, mut broker_restarted) = (0, 0, false);
+    let started = Instant::now();
+    while started.elapsed() < window {
+        let pause = rand::thread_rng().gen_range(1500..3000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if !broker_restarted && started.elapsed() > window / 2 {
+            kill9(&mut broker);
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            broker = cluster.broker();
+            broker_restarted = true;
+        } else if rand::thread_rng().gen_bool(0.65) {
+            let i = rand::thread_rng().gen_range(0..workers.len());
+            kill9(&mut workers[i]);
+            kills.push((key_files[i].1.clone(), Utc::now()));
+            worker_kills += 1;
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            workers[i] = cluster.worker(&key_files[i].0);
+        } else {
+            let i = rand::thread_rng().gen_range(0..gateways.len());
+            kill9(&mut gateways[i]);
+            gateway_kills += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            gateways[i] = cluster.gateway(ports[i]);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut job_ids = Vec::new();
+    for s in submitters {
+        job_ids.extend(s.await.unwrap());
+    }
+    assert!(job_ids.len() >= 20, "only {} jobs ran", job_ids.len());
+
+    // Every job ends.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(&job_ids)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} jobs never ended");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let statuses: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM jobs WHERE id = ANY($1) GROUP BY status ORDER BY status",
+    )
+    .bind(&job_ids)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    // Idempotency keys made retried submissions one job each.
+    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let mut distinct = job_ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(created, distinct.len() as i64, "no job was created twice");
+
+    // Money: each job held once and released once; failed ones cost nothing; a succeeded one
+    // costs its quote; what nodes were paid per job is exactly its done shards' fees, once.
+    let unbalanced_jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j WHERE
+            (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_hold') <> 1
+         OR (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_release') <> 1
+         OR (j.status = 'failed' AND j.cost <> 0)
+         OR (j.status = 'succeeded' AND j.cost <> j.quote)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        unbalanced_jobs, 0,
+        "every job held once, released once, charged right"
+    );
+    let overpaid: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j WHERE j.status = 'succeeded' AND
+            (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
+               JOIN ledger_transactions t ON t.id = e.tx_id
+               JOIN ledger_accounts a ON a.id = e.ledger_account_id
+             WHERE t.job_id = j.id AND t.kind = 'escrow_release' AND a.purpose = 'earnings')
+            <> (SELECT COALESCE(sum(fee), 0) FROM shards s
+                WHERE s.job_id = j.id AND s.status = 'done' AND s.replica_of IS NULL)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        overpaid, 0,
+        "nodes were paid each done shard's fee exactly once"
+    );
+    let held: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(balance), 0)::bigint FROM ledger_accounts WHERE purpose = 'held'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "no money left in escrow");
+    assert_ledger_invariants(&db).await;
+
+    // The sealed chain verifies through the public API.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let verified = Command::new(env!("CARGO_BIN_EXE_xpand"))
+        .args(["verify", "--url", &bases[0]])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "xpand verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    // How long a dead worker's shards waited: from the kill to their re-queue (the lease).
+    let mut redispatch = Vec::new();
+    for (node, killed_at) in &kills {
+        let lapsed: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT at FROM node_failures WHERE node_id = $1 AND reason = 'lease_lapsed'
+               AND at > $2 AND at < $2 + interval '10 seconds'",
+        )
+        .bind(node)
+        .bind(killed_at)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        redispatch.extend(
+            lapsed
+                .iter()
+                .map(|at| (*at - *killed_at).num_milliseconds() as f64 / 1000.0),
+        );
+    }
+    redispatch.sort_by(f64::total_cmp);
+    eprintln!(
+        "chaos: {} s, {} jobs {statuses:?}, {worker_kills} worker and {gateway_kills} gateway \
+         kill -9s, broker restarted: {broker_restarted}; shards re-queued after a worker died: {} \
+         (p50 {:.2} s, p99 {:.2} s after the kill)",
+        window.as_secs(),
+        distinct.len(),
+        redispatch.len(),
+        if redispatch.is_empty() {
+            0.0
+        } else {
+            percentile(&redispatch, 0.5)
+        },
+        if redispatch.is_empty() {
+            0.0
+        } else {
+            percentile(&redispatch, 0.99)
+        },
+    );
+
+    for child in workers.iter_mut().chain(gateways.iter_mut()) {
+        kill9(child);
+    }
+    kill9(&mut broker);
+    db.close().await;
+    delete_redis_prefix(&cluster.prefix).await;
+    let mut conn =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", pg_server()))
+            .await
+            .unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await;
+}
