@@ -174,6 +174,8 @@ pub enum DropReason {
     StaleAssignment,
     /// A result that failed verification (digest, hash chain or shape).
     BadResult,
+    /// More messages this second than a node may send (`XPAND_NODE_MSGS_PER_SEC`).
+    RateLimited,
 }
 
 impl DropReason {
@@ -191,6 +193,7 @@ impl DropReason {
             DropReason::BadBody => "bad_body",
             DropReason::StaleAssignment => "stale_assignment",
             DropReason::BadResult => "bad_result",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -232,22 +235,34 @@ pub async fn admit(
         }
     }
     if kind != UpKind::Announce {
-        let key = format!(
-            "{}:nonce:{}:{}",
-            state.config.redis_prefix, opened.signer, opened.nonce
-        );
+        // One round trip: remember the nonce, and count the node's messages this second (a
+        // window shared by every replica).
+        let prefix = &state.config.redis_prefix;
+        let nonce = format!("{prefix}:nonce:{}:{}", opened.signer, opened.nonce);
+        let second = now_ms() / 1000;
+        let rate = format!("{prefix}:rate:{}:{second}", opened.signer);
         let mut conn = state.redis.clone();
-        let fresh: redis::RedisResult<Option<String>> = redis::cmd("SET")
-            .arg(key)
+        let checked: redis::RedisResult<(Option<String>, u64)> = redis::pipe()
+            .cmd("SET")
+            .arg(nonce)
             .arg(1)
             .arg("NX")
             .arg("PX")
             .arg(2 * MAX_SKEW_MS)
+            .cmd("INCR")
+            .arg(&rate)
+            .cmd("EXPIRE")
+            .arg(&rate)
+            .arg(2)
+            .ignore()
             .query_async(&mut conn)
             .await;
-        match fresh {
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(DropReason::Replayed),
+        match checked {
+            Ok((_, count)) if count > u64::from(state.config.node_msgs_per_sec) => {
+                return Err(DropReason::RateLimited)
+            }
+            Ok((Some(_), _)) => {}
+            Ok((None, _)) => return Err(DropReason::Replayed),
             Err(e) => {
                 tracing::warn!(error = %e, "replay check failed; dropping the message");
                 return Err(DropReason::ReplayCheckUnavailable);

@@ -98,6 +98,9 @@ pub struct GatewayArgs {
     /// A node's results are all checked until it has done this many shards.
     #[arg(long, env = "XPAND_VERIFY_NEW_NODE_SHARDS", default_value_t = 20)]
     pub verify_new_node_shards: i64,
+    /// Messages a node may send per second (all replicas together); more are dropped.
+    #[arg(long, env = "XPAND_NODE_MSGS_PER_SEC", default_value_t = 2_000)]
+    pub node_msgs_per_sec: u32,
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -130,6 +133,7 @@ pub struct Config {
     pub max_upload_bytes: u64,
     pub redundancy_bps: u32,
     pub verify_new_node_shards: i64,
+    pub node_msgs_per_sec: u32,
     pub db_pool: u32,
 }
 
@@ -207,6 +211,7 @@ impl GatewayArgs {
             max_upload_bytes: self.max_upload_bytes,
             redundancy_bps: self.redundancy_bps,
             verify_new_node_shards: self.verify_new_node_shards,
+            node_msgs_per_sec: self.node_msgs_per_sec,
             db_pool: self.db_pool,
         })
     }

@@ -137,6 +137,7 @@ pub fn test_config(db_name: &str) -> Config {
         // Redundancy has its own tests; elsewhere one run per shard keeps results predictable.
         redundancy_bps: 0,
         verify_new_node_shards: 0,
+        node_msgs_per_sec: 2_000,
         max_upload_bytes: 8 * 1024 * 1024,
         pool: xpand::epochs::PoolConfig {
             issuance: 1_000_000,

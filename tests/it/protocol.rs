@@ -565,3 +565,32 @@ async fn a_lying_worker_is_outvoted_and_the_challenge_is_sealed() {
     app.assert_ledger_invariants().await;
     app.teardown().await;
 }
+
+/// A node that floods the gateway is cut off at its per-second allowance; the excess is dropped
+/// and counted, and the next second it is heard again.
+#[tokio::test]
+async fn a_flooding_node_is_rate_limited() {
+    let app = TestApp::spawn_with(|c| c.node_msgs_per_sec = 20).await;
+    let key = NodeKey::generate();
+    xpand::nodes::register(&app.db, key.id(), "flood")
+        .await
+        .unwrap();
+    let node = FakeNode::start(&app, key.clone()).await;
+    app.wait_until_alive(key.id()).await;
+    for _ in 0..200 {
+        node.send(
+            UpKind::Heartbeat,
+            node.seal(UpKind::Heartbeat, &Heartbeat { active_shards: 0 }),
+        )
+        .await;
+    }
+    // At most 20 a second get through (the test's own heartbeats included).
+    wait_rejected(&app, "rate_limited", 100).await;
+    assert!(
+        rejected(&app, "rate_limited").await <= 200,
+        "only the excess is dropped"
+    );
+    assert_eq!(rejected(&app, "replayed").await, 0);
+    node.die().await;
+    app.teardown().await;
+}
