@@ -98,6 +98,9 @@ pub struct GatewayArgs {
     /// A node's results are all checked until it has done this many shards.
     #[arg(long, env = "XPAND_VERIFY_NEW_NODE_SHARDS", default_value_t = 20)]
     pub verify_new_node_shards: i64,
+    /// Nodes whose last closed epoch scored below this get no shards.
+    #[arg(long, env = "XPAND_MIN_POWER_SCORE", default_value_t = -1_000, allow_negative_numbers = true)]
+    pub min_power_score: i64,
     /// Messages a node may send per second (all replicas together); more are dropped.
     #[arg(long, env = "XPAND_NODE_MSGS_PER_SEC", default_value_t = 2_000)]
     pub node_msgs_per_sec: u32,
@@ -134,6 +137,7 @@ pub struct Config {
     pub redundancy_bps: u32,
     pub verify_new_node_shards: i64,
     pub node_msgs_per_sec: u32,
+    pub min_power_score: i64,
     pub db_pool: u32,
 }
 
@@ -212,6 +216,7 @@ impl GatewayArgs {
             redundancy_bps: self.redundancy_bps,
             verify_new_node_shards: self.verify_new_node_shards,
             node_msgs_per_sec: self.node_msgs_per_sec,
+            min_power_score: self.min_power_score,
             db_pool: self.db_pool,
         })
     }

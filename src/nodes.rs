@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::Mutex;
 use utoipa::ToSchema;
 use uuid::Uuid;
-use xpand_protocol::{parse_node_id, Announce};
+use xpand_protocol::{parse_node_id, Accelerator, Announce};
 
 use crate::error::AppError;
 use crate::ledger::{self, Purpose};
@@ -237,16 +237,26 @@ pub struct NodeSlot {
     pub id: String,
     pub models: Vec<String>,
     pub free: i64,
+    pub accelerator: Accelerator,
+    /// Power score of the node's last closed epoch, if it has one.
+    pub score: Option<i64>,
 }
 
-/// Active nodes with a current heartbeat and a capability statement, with their busy shards.
-async fn live_nodes(
-    pool: &PgPool,
-    liveness: &Liveness,
-) -> anyhow::Result<Vec<(String, Announce, i64)>> {
-    let rows: Vec<(String, sqlx::types::Json<Announce>, i64)> = sqlx::query_as(
+/// An active node with a current heartbeat and a capability statement.
+struct LiveNode {
+    id: String,
+    caps: Announce,
+    /// Shards assigned to it now.
+    busy: i64,
+    score: Option<i64>,
+}
+
+async fn live_nodes(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<LiveNode>> {
+    let rows: Vec<(String, sqlx::types::Json<Announce>, i64, Option<i64>)> = sqlx::query_as(
         "SELECT n.id, n.capabilities,
-                (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned')
+                (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned'),
+                (SELECT es.score FROM epoch_scores es WHERE es.node_id = n.id
+                 ORDER BY es.epoch DESC LIMIT 1)
          FROM nodes n WHERE n.status = 'active' AND n.capabilities IS NOT NULL",
     )
     .fetch_all(pool)
@@ -257,7 +267,12 @@ async fn live_nodes(
         .into_iter()
         .zip(alive)
         .filter(|(_, alive)| *alive)
-        .map(|((id, caps, busy), _)| (id, caps.0, busy))
+        .map(|((id, caps, busy, score), _)| LiveNode {
+            id,
+            caps: caps.0,
+            busy,
+            score,
+        })
         .collect())
 }
 
@@ -266,10 +281,12 @@ pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec
     Ok(live_nodes(pool, liveness)
         .await?
         .into_iter()
-        .map(|(id, caps, busy)| NodeSlot {
-            id,
-            models: caps.models.iter().map(|m| m.name.clone()).collect(),
-            free: caps.max_concurrent_shards as i64 - busy,
+        .map(|n| NodeSlot {
+            models: n.caps.models.iter().map(|m| m.name.clone()).collect(),
+            free: n.caps.max_concurrent_shards as i64 - n.busy,
+            accelerator: n.caps.accelerator,
+            score: n.score,
+            id: n.id,
         })
         .filter(|slot| slot.free > 0)
         .collect())
@@ -280,8 +297,8 @@ pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> a
     Ok(live_nodes(pool, liveness)
         .await?
         .iter()
-        .filter(|(_, caps, _)| caps.models.iter().any(|m| m.name == model))
-        .map(|(_, caps, _)| i64::from(caps.max_concurrent_shards))
+        .filter(|n| n.caps.models.iter().any(|m| m.name == model))
+        .map(|n| i64::from(n.caps.max_concurrent_shards))
         .sum())
 }
 
@@ -295,7 +312,7 @@ pub async fn another_serves(
     Ok(live_nodes(pool, liveness)
         .await?
         .iter()
-        .any(|(id, caps, _)| id != node && caps.models.iter().any(|m| m.name == model)))
+        .any(|n| n.id != node && n.caps.models.iter().any(|m| m.name == model)))
 }
 
 /// A node as anyone may see it.

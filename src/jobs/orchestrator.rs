@@ -19,7 +19,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 use xpand_protocol::{
-    Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
+    Accelerator, Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
 };
 
 use super::verification::{self, Verdict};
@@ -71,6 +71,9 @@ struct PendingShard {
 /// them. Returns how many were sent.
 async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     let mut slots = nodes::available(&state.db, &state.liveness).await?;
+    // A node whose last epoch scored below the floor (failures, disputes) gets no work.
+    let floor = state.config.min_power_score;
+    slots.retain(|s| s.score.is_none_or(|score| score >= floor));
     let capacity: i64 = slots.iter().map(|s| s.free).sum();
     if capacity == 0 {
         return Ok(0);
@@ -93,14 +96,12 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     let lease_expires_at = Utc::now() + state.config.lease;
     let mut assignments = Vec::with_capacity(pending.len());
     for shard in pending {
-        // Prefer nodes that have not already failed this shard, then the least loaded. A
-        // replica never goes to a node that already ran the shard: it would vote twice.
-        let Some(slot) = slots
-            .iter_mut()
-            .filter(|s| s.free > 0 && s.models.contains(&shard.model))
-            .filter(|s| shard.replica_of.is_none() || !shard.excluded_nodes.contains(&s.id))
-            .min_by_key(|s| (shard.excluded_nodes.contains(&s.id), -s.free))
-        else {
+        let Some(slot) = choose_slot(
+            &mut slots,
+            &shard.model,
+            &shard.excluded_nodes,
+            shard.replica_of.is_some(),
+        ) else {
             continue;
         };
         slot.free -= 1;
@@ -194,6 +195,30 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
             .await;
     }
     Ok(assignments.len())
+}
+
+/// Where a shard of `model` goes: a node with a free slot, preferring nodes not in `excluded`
+/// (they failed or already ran the shard), then GPUs, then the least loaded (which spreads a
+/// job's shards), then the best power score. A replica never goes to an excluded node: it
+/// would vote twice.
+fn choose_slot<'a>(
+    slots: &'a mut [nodes::NodeSlot],
+    model: &str,
+    excluded: &[String],
+    replica: bool,
+) -> Option<&'a mut nodes::NodeSlot> {
+    slots
+        .iter_mut()
+        .filter(|s| s.free > 0 && s.models.iter().any(|m| m == model))
+        .filter(|s| !replica || !excluded.contains(&s.id))
+        .min_by_key(|s| {
+            (
+                excluded.contains(&s.id),
+                s.accelerator != Accelerator::Cuda,
+                -s.free,
+                -s.score.unwrap_or(0),
+            )
+        })
 }
 
 fn task_kind(task: &ShardTask) -> &'static str {
@@ -764,4 +789,55 @@ pub(crate) async fn fail(
         publish_finished(state, account, job).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: &str, free: i64, accelerator: Accelerator, score: Option<i64>) -> nodes::NodeSlot {
+        nodes::NodeSlot {
+            id: id.into(),
+            models: vec!["m".into()],
+            free,
+            accelerator,
+            score,
+        }
+    }
+
+    fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], replica: bool) -> Option<String> {
+        let excluded: Vec<String> = excluded.iter().map(|s| s.to_string()).collect();
+        choose_slot(slots, "m", &excluded, replica).map(|s| s.id.clone())
+    }
+
+    #[test]
+    fn placement_prefers_fresh_nodes_then_gpus_then_room_then_score() {
+        use Accelerator::{Cpu, Cuda};
+        let mut slots = [
+            slot("cpu-roomy", 4, Cpu, Some(900)),
+            slot("gpu-busy", 1, Cuda, None),
+            slot("cpu-best", 4, Cpu, Some(5_000)),
+        ];
+        assert_eq!(chosen(&mut slots, &[], false).as_deref(), Some("gpu-busy"));
+        assert_eq!(
+            chosen(&mut slots, &["gpu-busy"], false).as_deref(),
+            Some("cpu-best")
+        );
+        slots[2].free = 2;
+        assert_eq!(
+            chosen(&mut slots, &["gpu-busy"], false).as_deref(),
+            Some("cpu-roomy")
+        );
+        // Everyone failed it before: a primary still goes somewhere, a replica does not.
+        let all = ["gpu-busy", "cpu-roomy", "cpu-best"];
+        assert!(chosen(&mut slots, &all, false).is_some());
+        assert_eq!(chosen(&mut slots, &all, true), None);
+        for s in &mut slots {
+            s.free = 0;
+        }
+        assert_eq!(chosen(&mut slots, &[], false), None);
+        let mut other_model = [slot("x", 4, Cpu, None)];
+        other_model[0].models = vec!["other".into()];
+        assert_eq!(chosen(&mut other_model, &[], false), None);
+    }
 }

@@ -468,3 +468,57 @@ async fn server_sent_events_follow_a_job_to_the_end() {
     );
     app.teardown().await;
 }
+
+/// A node whose last epoch scored below the floor gets no work while a better one is alive; the
+/// job's shards spread over the nodes that qualify.
+#[tokio::test]
+async fn nodes_below_the_power_score_floor_get_no_shards() {
+    let mut app = TestApp::spawn_with(|c| c.min_power_score = 0).await;
+    let penalised = app.start_worker().await;
+    let good = [app.start_worker().await, app.start_worker().await];
+    sqlx::query(
+        "INSERT INTO epochs (number, starts_at, ends_at, issuance, fee_share, pool)
+         VALUES (0, now() - interval '2 hours', now() - interval '1 hour', 0, 0, 0)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    for (node, score) in [(&penalised, -1_500), (&good[0], 300), (&good[1], 200)] {
+        sqlx::query(
+            "INSERT INTO epoch_scores (epoch, node_id, alive_slots, total_slots, capacity,
+                                       shards_done, failures, score, reward)
+             VALUES (0, $1, 0, 360, 1, 0, 3, $2, 0)",
+        )
+        .bind(node)
+        .bind(score)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    let (_, key) = app.customer(50_000_000).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &forecast_job(64, 6))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded");
+    let ran_on: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT node_id, count(*) FROM shards WHERE job_id = $1::uuid GROUP BY node_id",
+    )
+    .bind(job["id"].as_str().unwrap())
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        ran_on.iter().all(|(node, _)| node != &penalised),
+        "{ran_on:?}"
+    );
+    assert_eq!(
+        ran_on.len(),
+        2,
+        "the shards spread over both good nodes: {ran_on:?}"
+    );
+    app.teardown().await;
+}
