@@ -95,11 +95,37 @@ pub enum AppError {
 
 impl From<sqlx::Error> for AppError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+        if database_unreachable(&e) {
+            AppError::Unavailable("database".into())
+        } else {
+            AppError::Internal(anyhow::Error::new(e))
+        }
+    }
+}
+
+/// Whether `e` means Postgres cannot be reached right now (as opposed to a bad query).
+fn database_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+    )
+}
+
+impl AppError {
+    /// An internal error whose cause is an unreachable database becomes a 503, however deep in
+    /// the call chain it was wrapped: the client should retry, nothing was half-written.
+    pub fn settled(self) -> Self {
+        match self {
+            AppError::Internal(e)
+                if e.chain().any(|cause| {
+                    cause
+                        .downcast_ref::<sqlx::Error>()
+                        .is_some_and(database_unreachable)
+                }) =>
+            {
                 AppError::Unavailable("database".into())
             }
-            other => AppError::Internal(anyhow::Error::new(other)),
+            other => other,
         }
     }
 }
@@ -174,10 +200,11 @@ pub fn problem_type(slug: &str) -> String {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        if let AppError::Internal(e) = &self {
+        let err = self.settled();
+        if let AppError::Internal(e) = &err {
             tracing::error!(error = ?e, "request failed");
         }
-        let problem = self.problem();
+        let problem = err.problem();
         let mut response = (
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             axum::Json(&problem),
@@ -187,7 +214,7 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let AppError::RangeNotSatisfiable { size } = self {
+        if let AppError::RangeNotSatisfiable { size } = err {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 response.headers_mut().insert(header::CONTENT_RANGE, v);
             }

@@ -305,6 +305,7 @@ fn to_frame<T: Serialize>(value: &T) -> String {
 }
 
 fn error_frame(reference: Option<String>, error: AppError) -> String {
+    let error = error.settled();
     if let AppError::Internal(e) = &error {
         tracing::error!(error = ?e, "websocket op failed");
     }

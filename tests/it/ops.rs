@@ -1,5 +1,7 @@
 //! Operations endpoints and the OpenAPI contract.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::common::TestApp;
@@ -90,5 +92,106 @@ async fn health_readiness_and_metrics() {
     assert!(metrics.contains(
         "xpand_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
     ));
+    app.teardown().await;
+}
+
+/// Forwards TCP to Postgres until cut: then open connections drop and new ones are refused.
+struct CuttableProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    async fn start(target: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Self {
+            port,
+            cut: Default::default(),
+            links: Default::default(),
+        };
+        let (cut, links) = (proxy.cut.clone(), proxy.links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused, as good as
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                links.lock().unwrap().push(link);
+            }
+        });
+        proxy
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+    }
+}
+
+/// While Postgres is unreachable, requests get 503 problems (retry later), nothing is
+/// half-written, and the gateway recovers on its own when the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_requests_get_503_and_nothing_is_half_written() {
+    let proxy = CuttableProxy::start("127.0.0.1:5432").await;
+    let port = proxy.port;
+    let mut app = TestApp::spawn_with(|c| {
+        c.database_url = c.database_url.replace(":5432/", &format!(":{port}/"));
+    })
+    .await;
+    app.start_worker().await;
+    let (_, key) = app.customer(50_000_000).await;
+    let before = app.balances(&key).await;
+
+    proxy.set_cut(true);
+    let resp = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "https://xpand.dev/problems/unavailable",
+        "{problem}"
+    );
+    assert_eq!(app.get(&key, "/v1/account").await.status(), 503);
+    assert_eq!(app.get(&key, "/readyz").await.status(), 503);
+
+    proxy.set_cut(false);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !app.get(&key, "/readyz").await.status().is_success() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the gateway recovers when the database is back");
+    assert_eq!(
+        app.balances(&key).await,
+        before,
+        "the refused submit moved nothing"
+    );
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no half-made job");
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded");
     app.teardown().await;
 }
