@@ -489,6 +489,11 @@ async fn decide(
             .bind(primary)
             .execute(&mut *tx)
             .await?;
+            // Their votes were about the discarded run; the new run gets new replicas.
+            sqlx::query("UPDATE shards SET status = 'canceled' WHERE replica_of = $1")
+                .bind(primary)
+                .execute(&mut *tx)
+                .await?;
             tracing::warn!(shard = %primary, "three runs disagreed; the shard runs again");
             Ok(None)
         }

@@ -41,15 +41,14 @@ pub async fn wanted(
 ) -> anyhow::Result<bool> {
     let config = &state.config;
     let sampled = rand::random::<u32>() % 10_000 < config.redundancy_bps;
-    let new_node = sampled || {
+    if !sampled {
         let done: i64 = sqlx::query_scalar("SELECT shards_done FROM nodes WHERE id = $1")
             .bind(node)
             .fetch_one(&mut *conn)
             .await?;
-        done < config.verify_new_node_shards
-    };
-    if !(sampled || new_node) {
-        return Ok(false);
+        if done >= config.verify_new_node_shards {
+            return Ok(false);
+        }
     }
     nodes::another_serves(&state.db, &state.liveness, model, node).await
 }
