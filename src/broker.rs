@@ -15,7 +15,7 @@ use rumqttc::NetworkOptions;
 use tokio::sync::Semaphore;
 use xpand_protocol::{
     now_ms, Announce, Assignment, Envelope, EnvelopeError, NodeKey, OpenedEnvelope, Progress,
-    Reject, ShardResult, Topics, UpKind,
+    Reject, ShardResult, Stop, Topics, UpKind,
 };
 
 use crate::config::Config;
@@ -80,6 +80,16 @@ impl Broker {
         let topic = self.topics.assign(&assignment.node);
         let payload = self.key.seal(&topic, assignment);
         SealedMessage { topic, payload }
+    }
+
+    /// Tells `node` to stop running `assignment_id` (best effort: a worker that misses it just
+    /// finishes, and its result is dropped as stale).
+    pub async fn send_stop(&self, stop: &Stop) {
+        let topic = self.topics.stop(&stop.node);
+        let payload = self.key.seal(&topic, stop);
+        if let Err(e) = self.send(SealedMessage { topic, payload }).await {
+            tracing::warn!(error = %e, node = %stop.node, "sending a stop failed");
+        }
     }
 
     /// Sends a sealed message (QoS 1).

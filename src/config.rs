@@ -98,6 +98,13 @@ pub struct GatewayArgs {
     /// A node's results are all checked until it has done this many shards.
     #[arg(long, env = "XPAND_VERIFY_NEW_NODE_SHARDS", default_value_t = 20)]
     pub verify_new_node_shards: i64,
+    /// A running shard gets a speculative copy on another node once it has run this many times
+    /// longer than the median of its job's finished shards...
+    #[arg(long, env = "XPAND_STRAGGLER_FACTOR", default_value_t = 3.0)]
+    pub straggler_factor: f64,
+    /// ... and at least this many seconds.
+    #[arg(long, env = "XPAND_STRAGGLER_MIN_SECS", default_value_t = 10.0)]
+    pub straggler_min_secs: f64,
     /// Nodes whose last closed epoch scored below this get no shards.
     #[arg(long, env = "XPAND_MIN_POWER_SCORE", default_value_t = -1_000, allow_negative_numbers = true)]
     pub min_power_score: i64,
@@ -138,6 +145,8 @@ pub struct Config {
     pub verify_new_node_shards: i64,
     pub node_msgs_per_sec: u32,
     pub min_power_score: i64,
+    pub straggler_factor: f64,
+    pub straggler_min_secs: f64,
     pub db_pool: u32,
 }
 
@@ -183,6 +192,9 @@ impl GatewayArgs {
         if self.redundancy_bps > 10_000 || self.verify_new_node_shards < 0 {
             bail!("XPAND_REDUNDANCY_BPS must be 0..=10000 and XPAND_VERIFY_NEW_NODE_SHARDS >= 0");
         }
+        if !(self.straggler_factor >= 1.0 && self.straggler_min_secs >= 0.0) {
+            bail!("XPAND_STRAGGLER_FACTOR must be >= 1 and XPAND_STRAGGLER_MIN_SECS >= 0");
+        }
         if self.max_video_secs == 0 {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
@@ -217,6 +229,8 @@ impl GatewayArgs {
             verify_new_node_shards: self.verify_new_node_shards,
             node_msgs_per_sec: self.node_msgs_per_sec,
             min_power_score: self.min_power_score,
+            straggler_factor: self.straggler_factor,
+            straggler_min_secs: self.straggler_min_secs,
             db_pool: self.db_pool,
         })
     }

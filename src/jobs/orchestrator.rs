@@ -20,6 +20,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 use xpand_protocol::{
     Accelerator, Assignment, Progress, ProgressChain, Reject, ShardOutput, ShardResult, ShardTask,
+    Stop,
 };
 
 use super::verification::{self, Verdict};
@@ -275,6 +276,7 @@ struct AssignedShard {
     row_offset: i32,
     model: String,
     replica_of: Option<Uuid>,
+    speculative: bool,
     task: sqlx::types::Json<ShardTask>,
     status: String,
     node_id: Option<String>,
@@ -334,8 +336,8 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .fetch_one(&mut *tx)
     .await?;
     let shard: AssignedShard = sqlx::query_as(
-        "SELECT id, job_id, idx, row_offset, model, replica_of, task, status, node_id,
-                assigned_at, progress_done, progress_chain
+        "SELECT id, job_id, idx, row_offset, model, replica_of, speculative, task, status,
+                node_id, assigned_at, progress_done, progress_chain
          FROM shards WHERE assignment_id = $1 FOR UPDATE",
     )
     .bind(r.assignment_id)
@@ -366,7 +368,8 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     }
 
     // The run's output goes on its own row either way: a primary's as its result (or, while it
-    // waits for a replica, its candidate), a replica's as its vote.
+    // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
+    // answer that may beat its primary.
     let hold = shard.replica_of.is_none()
         && verification::wanted(&mut tx, state, node, &shard.model).await?;
     sqlx::query(
@@ -385,7 +388,11 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
         .bind(node)
         .execute(&mut *tx)
         .await?;
-    let accepted = if hold {
+    let mut stops = Vec::new();
+    let accepted = if shard.speculative {
+        let primary = shard.replica_of.expect("a speculative copy has a primary");
+        supersede(&mut tx, primary, node, &r, &mut stops).await?
+    } else if hold {
         verification::add_replica(&mut tx, shard.id, &[node.to_string()]).await?;
         None
     } else if let Some(primary) = shard.replica_of {
@@ -393,8 +400,15 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     } else {
         Some((shard.idx, shard.row_offset, r.output))
     };
+    if !shard.speculative && shard.replica_of.is_none() {
+        // The primary answered: a speculative copy still running is not needed any more.
+        stop_copies(&mut tx, shard.id, &mut stops).await?;
+    }
     let Some((idx, row_offset, output)) = accepted else {
         tx.commit().await?;
+        for stop in &stops {
+            state.broker.send_stop(stop).await;
+        }
         state.wake_dispatcher();
         return Ok(());
     };
@@ -464,7 +478,81 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     if is_video && shards_done == shards_total {
         tokio::spawn(anonymize::reduce(state.clone(), job_id));
     }
+    for stop in &stops {
+        state.broker.send_stop(stop).await;
+    }
     state.wake_dispatcher();
+    Ok(())
+}
+
+/// A speculative copy answered: if its primary is still running, the copy's result becomes the
+/// primary's (its node is paid) and the primary's node is told to stop. A copy that lost the race
+/// changes nothing.
+async fn supersede(
+    tx: &mut PgConnection,
+    primary: Uuid,
+    node: &str,
+    r: &ShardResult,
+    stops: &mut Vec<Stop>,
+) -> anyhow::Result<Option<(i32, i32, ShardOutput)>> {
+    let running: Option<(Option<String>, Option<Uuid>, i32, i32)> = sqlx::query_as(
+        "SELECT node_id, assignment_id, idx, row_offset FROM shards
+         WHERE id = $1 AND status = 'assigned' FOR UPDATE",
+    )
+    .bind(primary)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((Some(slow_node), Some(slow_assignment), idx, row_offset)) = running else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4,
+                completed_at = now(), lease_expires_at = NULL
+         WHERE id = $1",
+    )
+    .bind(primary)
+    .bind(node)
+    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
+    .bind(&r.output_sha256)
+    .execute(&mut *tx)
+    .await?;
+    stops.push(Stop {
+        assignment_id: slow_assignment,
+        shard_id: primary,
+        node: slow_node,
+        reason: "a speculative copy on another node finished first".into(),
+    });
+    Ok(Some((idx, row_offset, r.output.clone())))
+}
+
+/// Cancels the speculative copies of `primary` that have not answered, collecting stops for
+/// the ones running.
+async fn stop_copies(
+    tx: &mut PgConnection,
+    primary: Uuid,
+    stops: &mut Vec<Stop>,
+) -> sqlx::Result<()> {
+    let running: Vec<(Uuid, Option<String>, Option<Uuid>)> = sqlx::query_as(
+        "WITH live AS (SELECT id, node_id, assignment_id, status FROM shards
+                       WHERE replica_of = $1 AND speculative AND status IN ('pending', 'assigned')
+                       FOR UPDATE)
+         UPDATE shards s SET status = 'canceled', lease_expires_at = NULL
+         FROM live WHERE s.id = live.id
+         RETURNING s.id, live.node_id, live.assignment_id",
+    )
+    .bind(primary)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (_, node, assignment) in running {
+        if let (Some(node), Some(assignment_id)) = (node, assignment) {
+            stops.push(Stop {
+                assignment_id,
+                shard_id: primary,
+                node,
+                reason: "the shard's first run finished".into(),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -693,6 +781,40 @@ pub async fn run_sweeper(state: AppState, shutdown: Shutdown) {
     }
 }
 
+/// Gives each straggler — a primary running `XPAND_STRAGGLER_FACTOR` times longer than the median
+/// of its job's finished shards, and at least `XPAND_STRAGGLER_MIN_SECS` — one speculative copy
+/// for another node. The first valid result wins ([`supersede`], [`stop_copies`]).
+async fn speculate(state: &AppState) -> anyhow::Result<()> {
+    let copies: Vec<Uuid> = sqlx::query_scalar(
+        "WITH finished AS (
+             SELECT job_id, percentile_cont(0.5) WITHIN GROUP (
+                        ORDER BY extract(epoch FROM completed_at - assigned_at)) AS median
+             FROM shards
+             WHERE status IN ('done', 'verifying') AND replica_of IS NULL
+               AND assigned_at IS NOT NULL AND completed_at IS NOT NULL
+               AND job_id IN (SELECT job_id FROM shards WHERE status = 'assigned')
+             GROUP BY job_id)
+         INSERT INTO shards (id, job_id, idx, row_offset, row_count, model, task, fee, status,
+                             excluded_nodes, replica_of, speculative)
+         SELECT gen_random_uuid(), s.job_id, s.idx, s.row_offset, s.row_count, s.model, s.task,
+                0, 'pending', s.excluded_nodes || s.node_id, s.id, true
+         FROM shards s JOIN finished f ON f.job_id = s.job_id
+         WHERE s.status = 'assigned' AND s.replica_of IS NULL
+           AND s.assigned_at < now() - make_interval(secs => greatest($1, $2 * f.median))
+           AND NOT EXISTS (SELECT 1 FROM shards c WHERE c.replica_of = s.id AND c.speculative)
+         RETURNING replica_of",
+    )
+    .bind(state.config.straggler_min_secs)
+    .bind(state.config.straggler_factor)
+    .fetch_all(&state.db)
+    .await?;
+    if !copies.is_empty() {
+        tracing::info!(shards = ?copies, "stragglers got speculative copies");
+        state.wake_dispatcher();
+    }
+    Ok(())
+}
+
 async fn sweep(state: &AppState) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
     let mut tx = state.db.begin().await?;
@@ -716,6 +838,8 @@ async fn sweep(state: &AppState) -> anyhow::Result<()> {
         tracing::info!(shards = lapsed.len(), "re-queued shards whose lease lapsed");
         state.wake_dispatcher();
     }
+
+    speculate(state).await?;
 
     // Video jobs whose segments are all done but whose join was never claimed, or whose
     // claimant went quiet (crashed mid-join).

@@ -126,7 +126,7 @@ pub async fn resolve(
     };
     let runs: Vec<Run> = sqlx::query_as(
         "SELECT node_id, output, output_sha256 FROM shards
-         WHERE (id = $1 OR (replica_of = $1 AND status = 'done'))
+         WHERE (id = $1 OR (replica_of = $1 AND status = 'done' AND NOT speculative))
          ORDER BY replica_of NULLS FIRST, completed_at",
     )
     .bind(primary)

@@ -139,6 +139,8 @@ pub fn test_config(db_name: &str) -> Config {
         verify_new_node_shards: 0,
         node_msgs_per_sec: 2_000,
         min_power_score: -1_000,
+        straggler_factor: 3.0,
+        straggler_min_secs: 10.0,
         max_upload_bytes: 8 * 1024 * 1024,
         pool: xpand::epochs::PoolConfig {
             issuance: 1_000_000,

@@ -23,6 +23,7 @@ struct FakeNode {
     client: AsyncClient,
     topics: Topics,
     assignments: mpsc::UnboundedReceiver<Assignment>,
+    stops: mpsc::UnboundedReceiver<xpand_protocol::Stop>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
@@ -45,22 +46,28 @@ impl FakeNode {
         options.set_max_packet_size(Some(1 << 20));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (tx, assignments) = mpsc::unbounded_channel();
+        let (stop_tx, stops) = mpsc::unbounded_channel();
         let gateway = app.config.gateway_key.id().to_string();
         let assign_topic = topics.assign(key.id());
+        let stop_topic = topics.stop(key.id());
         let sub_client = client.clone();
         tokio::spawn(async move {
             while let Ok(event) = eventloop.poll().await {
                 match event {
                     Event::Incoming(Packet::ConnAck(_)) => {
-                        let _ = sub_client
-                            .subscribe(assign_topic.clone(), QoS::AtLeastOnce)
-                            .await;
+                        for topic in [&assign_topic, &stop_topic] {
+                            let _ = sub_client.subscribe(topic.clone(), QoS::AtLeastOnce).await;
+                        }
                     }
                     Event::Incoming(Packet::Publish(p)) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let opened = Envelope::open(&p.payload, &topic, now_ms(), 60_000).unwrap();
-                        assert_eq!(opened.signer, gateway, "assignments come from the gateway");
-                        let _ = tx.send(opened.parse::<Assignment>().unwrap());
+                        assert_eq!(opened.signer, gateway, "the gateway signs what it sends");
+                        if topic == stop_topic {
+                            let _ = stop_tx.send(opened.parse().unwrap());
+                        } else {
+                            let _ = tx.send(opened.parse::<Assignment>().unwrap());
+                        }
                     }
                     _ => {}
                 }
@@ -72,6 +79,7 @@ impl FakeNode {
             client,
             topics,
             assignments,
+            stops,
         };
         let announce = Announce {
             name: "fake".into(),
@@ -592,5 +600,94 @@ async fn a_flooding_node_is_rate_limited() {
     );
     assert_eq!(rejected(&app, "replayed").await, 0);
     node.die().await;
+    app.teardown().await;
+}
+
+/// A node that keeps its lease alive with progress but never finishes is a straggler: once it
+/// has run well past its siblings, a speculative copy runs elsewhere, the first valid result
+/// wins (and is paid), the straggler is told to stop, and its late answer changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
+    let mut app = TestApp::spawn_with(|c| {
+        c.straggler_min_secs = 1.0;
+        c.straggler_factor = 3.0;
+    })
+    .await;
+    let slow_key = NodeKey::generate();
+    xpand::nodes::register(&app.db, slow_key.id(), "slow")
+        .await
+        .unwrap();
+    let mut slow = FakeNode::start(&app, slow_key.clone()).await;
+    app.wait_until_alive(slow_key.id()).await;
+    let (_, customer) = app.customer(50_000_000).await;
+    let job: Value = app
+        .post_json(&customer, "/v1/jobs", &forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    // The slow node takes one shard; a real worker joins and takes the rest.
+    let a = slow.next_assignment().await;
+    let fast = app.start_worker().await;
+    let b = slow.next_assignment().await;
+    // Give the second one back: the real worker runs it, and it sets the pace.
+    let reject = xpand_protocol::Reject {
+        assignment_id: b.assignment_id,
+        shard_id: b.shard_id,
+        reason: "busy".into(),
+    };
+    slow.send(UpKind::Reject, slow.seal(UpKind::Reject, &reject))
+        .await;
+    // Keep the first lease alive without ever finishing.
+    let progress = Progress {
+        assignment_id: a.assignment_id,
+        shard_id: a.shard_id,
+        done: 0,
+        total: 8,
+        chain: xpand_protocol::ProgressChain::new(a.assignment_id).hex(),
+    };
+    let job = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            slow.send(UpKind::Progress, slow.seal(UpKind::Progress, &progress))
+                .await;
+            let job = app.get_json(&customer, &format!("/v1/jobs/{job_id}")).await;
+            if job["status"] != "running" && job["status"] != "queued" {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await
+    .expect("the speculative copy finishes the job");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let stop = tokio::time::timeout(Duration::from_secs(10), slow.stops.recv())
+        .await
+        .expect("the straggler is told to stop")
+        .unwrap();
+    assert_eq!(
+        (stop.assignment_id, stop.shard_id, stop.node.as_str()),
+        (a.assignment_id, a.shard_id, slow_key.id())
+    );
+    // The winner ran it and is paid for it; the straggler earns nothing and its late answer is
+    // dropped.
+    let node: Option<String> = sqlx::query_scalar("SELECT node_id FROM shards WHERE id = $1")
+        .bind(a.shard_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(node.as_deref(), Some(fast.as_str()));
+    let before = rejected(&app, "stale_assignment").await;
+    slow.send(UpKind::Result, slow.seal(UpKind::Result, &answer(&a)))
+        .await;
+    wait_rejected(&app, "stale_assignment", before + 1).await;
+    let earned = app
+        .get_json(&customer, &format!("/v1/nodes/{}", slow_key.id()))
+        .await;
+    assert_eq!(earned["earnings"], 0);
+    let again = app.get_json(&customer, &format!("/v1/jobs/{job_id}")).await;
+    assert_eq!(again["output"], job["output"]);
+    slow.die().await;
+    app.assert_ledger_invariants().await;
     app.teardown().await;
 }

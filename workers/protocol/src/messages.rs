@@ -195,6 +195,17 @@ pub struct ShardResult {
     pub elapsed_ms: u64,
 }
 
+/// Gateway → worker: stop running this assignment; its result is no longer wanted (a speculative
+/// copy on another node finished first, or the job ended).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub assignment_id: Uuid,
+    pub shard_id: Uuid,
+    /// The node this is for; a worker ignores a stop addressed to someone else.
+    pub node: String,
+    pub reason: String,
+}
+
 /// Worker → gateway: the worker will not (or cannot) run this shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Reject {

@@ -4,6 +4,8 @@
 //!   `result`, `reject`). Gateways read these through a shared subscription, so each message is
 //!   handled by one replica; `announce` is retained and read by every replica.
 //! - `{prefix}/v1/down/{node}/assign`: gateway → one worker.
+//! - `{prefix}/v1/down/{node}/stop`: gateway → one worker: drop a running shard (another node
+//!   answered it first).
 
 use crate::PROTOCOL_VERSION;
 
@@ -61,6 +63,10 @@ impl Topics {
 
     pub fn assign(&self, node: &str) -> String {
         format!("{}/down/{node}/assign", self.root)
+    }
+
+    pub fn stop(&self, node: &str) -> String {
+        format!("{}/down/{node}/stop", self.root)
     }
 
     /// Filter for every worker → gateway message of one kind.

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use uuid::Uuid;
-use xpand_protocol::{Assignment, Envelope, EnvelopeError};
+use xpand_protocol::{Assignment, Envelope, EnvelopeError, Stop};
 
 /// How far an assignment's timestamp may be from our clock. Nonces are remembered this long: an
 /// older replay already fails the staleness check.
@@ -93,7 +93,34 @@ impl AssignmentGate {
         &self.dropped
     }
 
-    fn check(&mut self, topic: &str, payload: &[u8], now_ms: i64) -> Result<Admitted, Dropped> {
+    /// Checks a payload received on the stop `topic`: signed by the gateway, fresh, new and
+    /// addressed to this node.
+    pub fn admit_stop(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<Stop, Dropped> {
+        let result = self.open(topic, payload, now_ms).and_then(|opened| {
+            let stop: Stop = opened
+                .parse()
+                .map_err(|e| Dropped::Malformed(e.to_string()))?;
+            self.check_addressee(&stop.node)?;
+            Ok(stop)
+        });
+        if let Err(dropped) = &result {
+            *self.dropped.entry(dropped.label()).or_default() += 1;
+        }
+        result
+    }
+
+    /// Opens an envelope from the gateway, refusing other signers, stale messages and replays.
+    fn open(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<xpand_protocol::OpenedEnvelope, Dropped> {
         let opened = Envelope::open(payload, topic, now_ms, MAX_SKEW_MS)?;
         if opened.signer != self.gateway_key {
             return Err(Dropped::NotGateway(opened.signer));
@@ -106,6 +133,11 @@ impl AssignmentGate {
         {
             return Err(Dropped::Replay);
         }
+        Ok(opened)
+    }
+
+    fn check(&mut self, topic: &str, payload: &[u8], now_ms: i64) -> Result<Admitted, Dropped> {
+        let opened = self.open(topic, payload, now_ms)?;
         let assignment: Assignment = match opened.parse() {
             Ok(assignment) => assignment,
             Err(error) => {
@@ -264,6 +296,35 @@ mod tests {
                 ("replay", 1)
             ]
         );
+    }
+
+    #[test]
+    fn stops_are_admitted_only_from_the_gateway_for_this_node_once() {
+        let mut f = fixture();
+        let topic = Topics::new("test").stop(f.node.id());
+        let stop = |node: &str| Stop {
+            assignment_id: Uuid::new_v4(),
+            shard_id: Uuid::new_v4(),
+            node: node.to_string(),
+            reason: "test".into(),
+        };
+        let sent = stop(f.node.id());
+        let payload = f.gateway.seal(&topic, &sent);
+        assert_eq!(f.gate.admit_stop(&topic, &payload, now_ms()).unwrap(), sent);
+        assert!(matches!(
+            f.gate.admit_stop(&topic, &payload, now_ms()),
+            Err(Dropped::Replay)
+        ));
+        let forged = NodeKey::generate().seal(&topic, &stop(f.node.id()));
+        assert!(matches!(
+            f.gate.admit_stop(&topic, &forged, now_ms()),
+            Err(Dropped::NotGateway(_))
+        ));
+        let elsewhere = f.gateway.seal(&topic, &stop(NodeKey::generate().id()));
+        assert!(matches!(
+            f.gate.admit_stop(&topic, &elsewhere, now_ms()),
+            Err(Dropped::OtherNode(_))
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
@@ -56,6 +56,8 @@ struct Worker {
     max_shards: usize,
     /// Shards running now.
     running: watch::Sender<usize>,
+    /// Stop flags of the running shards, by assignment; set when the gateway says stop.
+    stops: std::sync::Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
     /// Cleared at shutdown: new assignments are rejected from then on.
     accepting: AtomicBool,
     connected: AtomicBool,
@@ -106,6 +108,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         models,
         max_shards: config.max_concurrent_shards,
         running: watch::Sender::new(0),
+        stops: Default::default(),
         accepting: AtomicBool::new(true),
         connected: AtomicBool::new(false),
         disconnecting: AtomicBool::new(false),
@@ -233,6 +236,7 @@ fn total_memory_mb() -> u64 {
 /// arrives. Never blocks on publishing: anything that publishes runs in its own task.
 async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gate: AssignmentGate) {
     let assign_topic = worker.topics.assign(worker.key.id());
+    let stop_topic = worker.topics.stop(worker.key.id());
     let mut reconnect_delay = MIN_RECONNECT_DELAY;
     loop {
         match eventloop.poll().await {
@@ -245,6 +249,8 @@ async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gat
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 if publish.topic.as_ref() == assign_topic.as_bytes() {
                     worker.on_assignment(&mut gate, &assign_topic, &publish.payload);
+                } else if publish.topic.as_ref() == stop_topic.as_bytes() {
+                    worker.on_stop(&mut gate, &stop_topic, &publish.payload);
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(disconnect))) => {
@@ -312,10 +318,14 @@ impl Worker {
     /// Subscribes to our assignments and (re)announces; runs after every ConnAck, since a new
     /// session starts without subscriptions.
     async fn on_connected(self: Arc<Self>) {
-        let topic = self.topics.assign(self.key.id());
-        if let Err(e) = self.client.subscribe(topic, QoS::AtLeastOnce).await {
-            tracing::warn!(error = %e, "could not subscribe to assignments");
-            return;
+        for topic in [
+            self.topics.assign(self.key.id()),
+            self.topics.stop(self.key.id()),
+        ] {
+            if let Err(e) = self.client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                tracing::warn!(error = %e, topic, "could not subscribe");
+                return;
+            }
         }
         self.publish(UpKind::Announce, &self.announce).await;
     }
@@ -335,6 +345,25 @@ impl Worker {
                 reason,
             }) => self.spawn_reject(assignment_id, shard_id, reason),
             Ok(Admitted::Run(assignment)) => self.start(*assignment),
+        }
+    }
+
+    /// Sets the stop flag of a running shard the gateway no longer wants.
+    fn on_stop(&self, gate: &mut AssignmentGate, topic: &str, payload: &[u8]) {
+        match gate.admit_stop(topic, payload, now_ms()) {
+            Err(dropped) => tracing::warn!(reason = %dropped, "stop dropped"),
+            Ok(stop) => {
+                let flag = self
+                    .stops
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&stop.assignment_id)
+                    .cloned();
+                if let Some(flag) = flag {
+                    tracing::info!(assignment_id = %stop.assignment_id, reason = %stop.reason, "stopping a shard");
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
 
@@ -415,6 +444,12 @@ impl Worker {
             done: 0,
             chain: ProgressChain::new(assignment_id).hex(),
         });
+        let stopped = Arc::new(AtomicBool::new(false));
+        self.stops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(assignment_id, stopped.clone());
+        let stop_flag = stopped.clone();
         let mut inference = tokio::task::spawn_blocking(move || {
             let mut chain = ProgressChain::new(assignment_id);
             let mut done = 0;
@@ -427,6 +462,7 @@ impl Worker {
                     done,
                     chain: chain.hex(),
                 });
+                !stop_flag.load(Ordering::SeqCst)
             })
         });
 
@@ -442,6 +478,15 @@ impl Worker {
             }
         };
         let reported = progress_rx.borrow().clone();
+        self.stops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&assignment_id);
+        if stopped.load(Ordering::SeqCst) {
+            // The gateway has what it needs from another node; it wants no answer from us.
+            tracing::info!("shard stopped at the gateway's request");
+            return;
+        }
         match outcome {
             Ok(Ok(output)) => {
                 self.publish_result(assignment_id, shard_id, total, reported, output, started)

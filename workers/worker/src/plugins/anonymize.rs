@@ -224,7 +224,7 @@ impl Plugin for AnonymizePlugin {
     fn run(
         &self,
         task: &ShardTask,
-        progress: &mut dyn FnMut(&ShardOutput),
+        progress: &mut dyn FnMut(&ShardOutput) -> bool,
     ) -> anyhow::Result<ShardOutput> {
         let ShardTask::Anonymize(task) = task else {
             bail!(
@@ -286,14 +286,14 @@ impl Plugin for AnonymizePlugin {
 /// an existing file is replaced). The video must decode to exactly `spec.frames` frames of
 /// `spec.width`x`spec.height`; anything else is an error, as is running past `spec.time_limit`.
 ///
-/// Calls `progress` with each newly masked run of frames' detections, in order; returns the
-/// detections of every frame. No ffmpeg process outlives the call; on error `output` is removed.
+/// Calls `progress` with each newly masked run of frames' detections, in order, and stops with
+/// an error when it answers `false`; returns the detections of every frame. No ffmpeg process outlives the call; on error `output` is removed.
 pub fn anonymize_file(
     detector: &FaceDetector,
     input: &Path,
     output: &Path,
     spec: &VideoSpec,
-    progress: &mut dyn FnMut(&[Vec<Detection>]),
+    progress: &mut dyn FnMut(&[Vec<Detection>]) -> bool,
 ) -> anyhow::Result<Vec<Vec<Detection>>> {
     spec.check()?;
     let result = run_ffmpegs(detector, input, output, spec, progress);
@@ -308,7 +308,7 @@ fn run_ffmpegs(
     input: &Path,
     output: &Path,
     spec: &VideoSpec,
-    progress: &mut dyn FnMut(&[Vec<Detection>]),
+    progress: &mut dyn FnMut(&[Vec<Detection>]) -> bool,
 ) -> anyhow::Result<Vec<Vec<Detection>>> {
     let started = Instant::now();
     // Declared first, so it is dropped (killing and reaping what it holds) last.
@@ -394,7 +394,7 @@ fn pipeline<'scope>(
     spec: &VideoSpec,
     pipes: Pipes,
     children: &Children,
-    progress: &mut dyn FnMut(&[Vec<Detection>]),
+    progress: &mut dyn FnMut(&[Vec<Detection>]) -> bool,
 ) -> Result<Vec<Vec<Detection>>, Failure> {
     let Pipes {
         decoded,
@@ -438,7 +438,11 @@ fn pipeline<'scope>(
             };
             return Err(Failure::Encode(error));
         }
-        progress(std::slice::from_ref(&found));
+        if !progress(std::slice::from_ref(&found)) {
+            // Dropping the pipes and reaping the children (as every early return does) ends
+            // both ffmpegs.
+            return Err(Failure::Other(anyhow!("stopped by the gateway")));
+        }
         detections.push(found);
     }
     // The reader closed the channel, so it has returned.
@@ -1478,7 +1482,8 @@ mod tests {
 
         let mut reported = Vec::new();
         let detections = anonymize_file(detector(), &input, &output, &spec, &mut |done| {
-            reported.extend_from_slice(done)
+            reported.extend_from_slice(done);
+            true
         })
         .unwrap();
         assert!(ffmpeg_children().is_empty());
@@ -1577,7 +1582,8 @@ mod tests {
             let started = Instant::now();
             let mut reported = 0;
             let err = anonymize_file(detector(), input, &output, &spec, &mut |done| {
-                reported += done.len()
+                reported += done.len();
+                true
             })
             .unwrap_err();
             let err = format!("{err:#}");
@@ -1597,11 +1603,36 @@ mod tests {
             &clip,
             &output,
             &spec(25, 320, 180, MaskStyle::Solid),
-            &mut |_| {},
+            &mut |_| true,
         )
         .unwrap();
         assert_eq!(detections.len(), 25);
         assert_eq!(probe(&output), (25, 320, 180));
+    }
+
+    #[test]
+    fn a_shard_the_host_stops_ends_promptly_without_output_or_children() {
+        let _one = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let clip = dir.path().join("clip.mkv");
+        make_clip(&clip, 320, 180, 2, 80);
+        let output = dir.path().join("out.mp4");
+        let mut frames = 0;
+        let err = anonymize_file(
+            detector(),
+            &clip,
+            &output,
+            &spec(50, 320, 180, MaskStyle::Blur),
+            &mut |done| {
+                frames += done.len();
+                frames < 5
+            },
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("stopped"), "{err:#}");
+        assert_eq!(frames, 5, "no frame is masked after the stop");
+        assert!(ffmpeg_children().is_empty());
+        assert!(!output.exists());
     }
 
     #[test]
@@ -1625,7 +1656,7 @@ mod tests {
                 &fifo,
                 &output,
                 &spec,
-                &mut |_| {},
+                &mut |_| true,
             ));
         });
         let err = result
@@ -1783,6 +1814,7 @@ mod tests {
                         chain.push(&chunk);
                         done += 1;
                     }
+                    true
                 })?;
                 assert_eq!(done, task.chunks());
                 assert_eq!(chain.hex(), output.chain(assignment));
@@ -1836,7 +1868,7 @@ mod tests {
             series: vec![vec![1.0]],
             horizon: 1,
         };
-        assert!(plugin.run(&wrong_kind, &mut |_| {}).is_err());
+        assert!(plugin.run(&wrong_kind, &mut |_| true).is_err());
 
         // Every shard's temporary directory is gone, whether it succeeded or failed.
         assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
@@ -1865,7 +1897,7 @@ mod tests {
                 let spec = spec(frames.len() as u32, width, height, style);
                 let output = dir.path().join("out.mp4");
                 let started = Instant::now();
-                anonymize_file(detector(), &input, &output, &spec, &mut |_| {}).unwrap();
+                anonymize_file(detector(), &input, &output, &spec, &mut |_| true).unwrap();
                 let elapsed = started.elapsed().as_secs_f64();
                 println!(
                     "{width}x{height} {style:?}: anonymize_file {:.1} frames/s, bare detector \

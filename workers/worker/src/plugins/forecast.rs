@@ -108,7 +108,7 @@ impl Plugin for ForecastPlugin {
     fn run(
         &self,
         task: &ShardTask,
-        progress: &mut dyn FnMut(&ShardOutput),
+        progress: &mut dyn FnMut(&ShardOutput) -> bool,
     ) -> anyhow::Result<ShardOutput> {
         let ShardTask::Forecast { series, horizon } = task else {
             bail!(
@@ -127,7 +127,7 @@ impl Plugin for ForecastPlugin {
         let forecasts = self.infer(batch, series.len(), horizon)?;
         // One batched run finishes every row at once.
         let output = ShardOutput::Forecast { forecasts };
-        progress(&output);
+        ensure!(progress(&output), "stopped by the gateway");
         Ok(output)
     }
 }
@@ -326,7 +326,10 @@ mod tests {
         };
         let mut reported = Vec::new();
         let output = plugin
-            .run(&task, &mut |done| reported.push(done.clone()))
+            .run(&task, &mut |done| {
+                reported.push(done.clone());
+                true
+            })
             .unwrap();
         assert_eq!(reported, std::slice::from_ref(&output));
         let ShardOutput::Forecast { forecasts } = output else {
@@ -365,6 +368,6 @@ mod tests {
             series: vec![history],
             horizon: 1000,
         };
-        assert!(plugin.run(&too_far, &mut |_| {}).is_err());
+        assert!(plugin.run(&too_far, &mut |_| true).is_err());
     }
 }

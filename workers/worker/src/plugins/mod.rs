@@ -18,11 +18,13 @@ pub trait Plugin: Send + Sync {
 
     /// Runs `task`, calling `progress` with each newly finished run of chunks, in order, as a
     /// partial output (so the progress chain covers [`ShardOutput::chunk_bytes`]), and returns
-    /// the whole output. Invalid input is an error, never a panic.
+    /// the whole output. `progress` answers `false` when the gateway no longer wants the shard
+    /// (another node answered it first): the plugin then stops and returns an error. Invalid
+    /// input is an error, never a panic.
     fn run(
         &self,
         task: &ShardTask,
-        progress: &mut dyn FnMut(&ShardOutput),
+        progress: &mut dyn FnMut(&ShardOutput) -> bool,
     ) -> anyhow::Result<ShardOutput>;
 }
 
