@@ -62,9 +62,16 @@ impl Application {
         migrate(&db).await?;
         let redis_client = redis::Client::open(config.redis_url.as_str())
             .with_context(|| format!("bad REDIS_URL {}", config.redis_url))?;
-        let redis = redis::aio::ConnectionManager::new(redis_client.clone())
-            .await
-            .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
+        // Bounded: a request on a connection that died silently must fail (and reconnect), not
+        // hang the dispatcher or the message admission that wait on it.
+        let redis_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_max_delay(2_000);
+        let redis =
+            redis::aio::ConnectionManager::new_with_config(redis_client.clone(), redis_config)
+                .await
+                .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

@@ -461,3 +461,47 @@ pub async fn assert_ledger_invariants(db: &PgPool) {
         .unwrap();
     assert_eq!(total.unwrap_or(0), 0, "money is neither created nor lost");
 }
+
+/// Forwards TCP to a service (Postgres, Redis) until cut: then open connections drop and new ones are refused.
+pub struct CuttableProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Self {
+            port,
+            cut: Default::default(),
+            links: Default::default(),
+        };
+        let (cut, links) = (proxy.cut.clone(), proxy.links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused, as good as
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                links.lock().unwrap().push(link);
+            }
+        });
+        proxy
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            for link in self.links.lock().unwrap().drain(..) {
+                link.abort();
+            }
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::TestApp;
+use crate::common::{CuttableProxy, TestApp};
 
 #[tokio::test]
 async fn served_openapi_matches_the_committed_spec() {
@@ -95,50 +95,6 @@ async fn health_readiness_and_metrics() {
     app.teardown().await;
 }
 
-/// Forwards TCP to Postgres until cut: then open connections drop and new ones are refused.
-struct CuttableProxy {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl CuttableProxy {
-    async fn start(target: &'static str) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let proxy = Self {
-            port,
-            cut: Default::default(),
-            links: Default::default(),
-        };
-        let (cut, links) = (proxy.cut.clone(), proxy.links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if cut.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused, as good as
-                }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                links.lock().unwrap().push(link);
-            }
-        });
-        proxy
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
-        if cut {
-            for link in self.links.lock().unwrap().drain(..) {
-                link.abort();
-            }
-        }
-    }
-}
-
 /// While Postgres is unreachable, requests get 503 problems (retry later), nothing is
 /// half-written, and the gateway recovers on its own when the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,5 +149,65 @@ async fn while_postgres_is_down_requests_get_503_and_nothing_is_half_written() {
         .unwrap();
     let job = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "succeeded");
+    app.teardown().await;
+}
+
+/// While Redis is unreachable nothing is dispatched (liveness lives there) and readiness says
+/// so; when it is back, the queued job runs and its events flow again over SSE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_delays_work_and_loses_nothing() {
+    use futures::StreamExt;
+    let proxy = CuttableProxy::start("127.0.0.1:6379").await;
+    let port = proxy.port;
+    let mut app = TestApp::spawn_with(|c| c.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    app.start_worker().await;
+    let (_, key) = app.customer(50_000_000).await;
+
+    proxy.set_cut(true);
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.get(&key, "/readyz").await.status(), 503);
+    let waiting = app.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert_eq!(waiting["status"], "queued", "nothing is dispatched blind");
+
+    proxy.set_cut(false);
+    let job = tokio::time::timeout(Duration::from_secs(60), app.wait_for_job(&key, &id))
+        .await
+        .expect("the job runs once Redis is back");
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // The event subscription reconnects with back-off (at most 5 s apart); after that a new
+    // job's events arrive over SSE again. (Events published while it was down are not replayed:
+    // a client that missed them reads the job.)
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let resp = app
+        .get(
+            &key,
+            &format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()),
+        )
+        .await;
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        if text.contains("\"event\":\"succeeded\"") {
+            break;
+        }
+    }
+    assert!(text.contains("\"event\":\"succeeded\""), "{text}");
+    app.assert_ledger_invariants().await;
     app.teardown().await;
 }
