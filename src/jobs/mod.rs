@@ -89,6 +89,12 @@ impl JobStatus {
 pub struct JobProgress {
     pub shards_total: i32,
     pub shards_done: i32,
+    /// Video jobs, on `GET /v1/jobs/{id}`: frames masked so far (as workers report them) and in
+    /// all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_done: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_total: Option<i64>,
 }
 
 /// Why a job failed.
@@ -166,6 +172,8 @@ impl From<JobRow> for Job {
             progress: JobProgress {
                 shards_total: r.shards_total,
                 shards_done: r.shards_done,
+                frames_done: None,
+                frames_total: None,
             },
             quote: r.quote,
             max_fee: r.max_fee,
@@ -429,9 +437,10 @@ pub(crate) async fn fetch_row(conn: &mut PgConnection, id: Uuid) -> sqlx::Result
         .await
 }
 
-/// One of the caller's jobs; another account's job is "not found", never "forbidden".
+/// One of the caller's jobs; another account's job is "not found", never "forbidden". A video
+/// job also reports frames done, from its segments' progress.
 pub async fn get(pool: &PgPool, account: Uuid, id: Uuid) -> Result<Job, AppError> {
-    sqlx::query_as::<_, JobRow>(&format!(
+    let mut job: Job = sqlx::query_as::<_, JobRow>(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2"
     ))
     .bind(id)
@@ -439,7 +448,22 @@ pub async fn get(pool: &PgPool, account: Uuid, id: Uuid) -> Result<Job, AppError
     .fetch_optional(pool)
     .await?
     .map(Job::from)
-    .ok_or(AppError::NotFound("job"))
+    .ok_or(AppError::NotFound("job"))?;
+    if job.kind == anonymize::KIND {
+        let (done, total): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(sum(CASE WHEN status IN ('done', 'verifying') THEN row_count
+                                      WHEN status = 'assigned' THEN LEAST(progress_done, row_count)
+                                      ELSE 0 END), 0)::bigint,
+                    COALESCE(sum(row_count), 0)::bigint
+             FROM shards WHERE job_id = $1 AND replica_of IS NULL",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+        job.progress.frames_done = Some(done);
+        job.progress.frames_total = Some(total);
+    }
+    Ok(job)
 }
 
 /// Filters for listing jobs.

@@ -236,6 +236,8 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     assert_eq!(job["cost"].as_i64(), Some(quote));
     let output = &job["output"];
     assert_eq!(output["frames"], 100);
+    assert_eq!(job["progress"]["frames_total"], 100, "{job}");
+    assert_eq!(job["progress"]["frames_done"], 100, "{job}");
     assert_eq!(output["segments"].as_i64(), Some(segments));
     assert_eq!(output["audio"], true);
     assert!(output["faces_masked"].as_i64().unwrap() >= 90, "{output}");
