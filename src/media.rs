@@ -236,19 +236,7 @@ pub async fn count_frames(path: &Path) -> anyhow::Result<(u32, u32, u32, String)
 /// stream copy into Matroska files in `dir`. Returns the segment paths in order.
 pub async fn split(input: &Path, cuts: &[u32], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let pattern = dir.join("segment-%05d.mkv");
-    let mut args: Vec<String> = [
-        "-nostdin",
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-protocol_whitelist",
-        "file",
-        "-format_whitelist",
-        VIDEO_DEMUXERS,
-        "-i",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = ffmpeg_reading(VIDEO_DEMUXERS);
     args.push(path_arg(input)?);
     args.extend(
         [
@@ -305,23 +293,10 @@ pub async fn concat_with_audio(
         text.push_str(&format!("file '{}'\n", path.replace('\'', "'\\''")));
     }
     std::fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
-    let mut args: Vec<String> = [
-        "-nostdin",
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-protocol_whitelist",
-        "file",
-        "-format_whitelist",
-        "concat,mov",
-        "-f",
-        "concat",
-        "-safe",
-        "0",
-        "-i",
-    ]
-    .map(String::from)
-    .to_vec();
+    // Our own list of our own files: the one place the concat demuxer is allowed.
+    let mut args = ffmpeg_reading("concat,mov");
+    let i = args.len() - 1;
+    args.splice(i..i, ["-f", "concat", "-safe", "0"].map(String::from));
     args.push(path_arg(&list)?);
     args.extend(
         [
@@ -346,6 +321,24 @@ pub async fn concat_with_audio(
         bail!("joining the segments failed: {}", first_line(&out.stderr));
     }
     Ok(())
+}
+
+/// ffmpeg's arguments up to its first `-i`: quiet but for errors, local files only, through
+/// the demuxers in `demuxers`.
+fn ffmpeg_reading(demuxers: &str) -> Vec<String> {
+    [
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-protocol_whitelist",
+        "file",
+        "-format_whitelist",
+        demuxers,
+        "-i",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn path_arg(path: &Path) -> anyhow::Result<String> {

@@ -370,8 +370,16 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     // The run's output goes on its own row either way: a primary's as its result (or, while it
     // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
     // answer that may beat its primary.
+    // Work done counts for the node's power score, replicas included.
+    let node_done: i64 = sqlx::query_scalar(
+        "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1 RETURNING shards_done",
+    )
+    .bind(node)
+    .fetch_one(&mut *tx)
+    .await?;
+    // `node_done` counts this run: the node had done one fewer before it.
     let hold = shard.replica_of.is_none()
-        && verification::wanted(&mut tx, state, node, &shard.model).await?;
+        && verification::wanted(state, node, node_done - 1, &shard.model).await?;
     sqlx::query(
         "UPDATE shards SET status = $4, output = $2, output_sha256 = $3, completed_at = now(),
                 lease_expires_at = NULL
@@ -383,11 +391,6 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .bind(if hold { "verifying" } else { "done" })
     .execute(&mut *tx)
     .await?;
-    // Work done counts for the node's power score, replicas included.
-    sqlx::query("UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1")
-        .bind(node)
-        .execute(&mut *tx)
-        .await?;
     let mut stops = Vec::new();
     let accepted = if shard.speculative {
         let primary = shard.replica_of.expect("a speculative copy has a primary");
@@ -613,6 +616,11 @@ async fn check_upload(
     node: &str,
     r: &ShardResult,
 ) -> anyhow::Result<Option<String>> {
+    // Other outputs have no upload (and a forecast answer to a video shard fails its checks
+    // later): keep the forecast path free of this extra query.
+    if !matches!(r.output, ShardOutput::Anonymize { .. }) {
+        return Ok(None);
+    }
     let shard: Option<(Uuid, i32, sqlx::types::Json<ShardTask>)> = sqlx::query_as(
         "SELECT job_id, idx, task FROM shards
          WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",

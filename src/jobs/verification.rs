@@ -30,25 +30,19 @@ const BOX_IOU: f64 = 0.5;
 /// Two video runs agree when at least this share of frames has matching detections.
 const FRAMES_AGREEING: f64 = 0.95;
 
-/// Whether a primary result of `model` from `node` should wait for a replica: sampled, or the
-/// node is new — and another live node holds the model (a lone node cannot be checked; its
-/// results are taken as they are).
+/// Whether a primary result of `model` from `node` (which had done `done_before` shards) should
+/// wait for a replica: sampled, or the node is new — and another live node holds the model (a
+/// lone node cannot be checked; its results are taken as they are).
 pub async fn wanted(
-    conn: &mut PgConnection,
     state: &AppState,
     node: &str,
+    done_before: i64,
     model: &str,
 ) -> anyhow::Result<bool> {
     let config = &state.config;
     let sampled = rand::random::<u32>() % 10_000 < config.redundancy_bps;
-    if !sampled {
-        let done: i64 = sqlx::query_scalar("SELECT shards_done FROM nodes WHERE id = $1")
-            .bind(node)
-            .fetch_one(&mut *conn)
-            .await?;
-        if done >= config.verify_new_node_shards {
-            return Ok(false);
-        }
+    if !sampled && done_before >= config.verify_new_node_shards {
+        return Ok(false);
     }
     nodes::another_serves(&state.db, &state.liveness, model, node).await
 }

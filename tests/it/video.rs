@@ -166,6 +166,17 @@ fn anonymize_job(file: &str, params: Value) -> Value {
     json!({"kind": "anonymize", "input": {"file": file}, "params": params, "max_fee": 10_000_000})
 }
 
+/// Submits an anonymize job for `file`, which must be accepted; returns the job.
+async fn submit_anonymize(app: &TestApp, key: &str, file: &str, params: Value) -> Value {
+    let resp = app
+        .post_json(key, "/v1/jobs", &anonymize_job(file, params))
+        .await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 async fn wait_long(app: &TestApp, key: &str, id: &str) -> Value {
     tokio::time::timeout(Duration::from_secs(240), async {
         loop {
@@ -207,15 +218,7 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     let clip = make_clip(dir.path(), width, height, 4, true);
     let file = upload_file(&app, &key, &clip).await;
 
-    let resp = app
-        .post_json(
-            &key,
-            "/v1/jobs",
-            &anonymize_job(&file, json!({"style": "blur"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 201);
-    let job: Value = resp.json().await.unwrap();
+    let job = submit_anonymize(&app, &key, &file, json!({"style": "blur"})).await;
     let id = job["id"].as_str().unwrap();
     let quote = job["quote"].as_i64().unwrap();
     // 100 frames of 640x360 at 20 µc per megapixel-frame (461), each segment rounded up, plus
@@ -479,11 +482,7 @@ async fn a_segment_no_worker_can_decode_fails_the_job_with_a_refund() {
         .unwrap()
         .to_string();
     let (available, _) = app.balances(&key).await;
-    let resp = app
-        .post_json(&key, "/v1/jobs", &anonymize_job(&file, json!({})))
-        .await;
-    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
-    let job: Value = resp.json().await.unwrap();
+    let job = submit_anonymize(&app, &key, &file, json!({})).await;
     let job = wait_long(&app, &key, job["id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "shard_attempts_exhausted");
@@ -575,15 +574,7 @@ async fn a_video_job_runs_on_an_s3_compatible_store() {
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(dir.path(), 320, 240, 2, true);
     let file = upload_file(&app, &key, &clip).await;
-    let resp = app
-        .post_json(
-            &key,
-            "/v1/jobs",
-            &anonymize_job(&file, json!({"style": "solid"})),
-        )
-        .await;
-    assert_eq!(resp.status(), 201);
-    let job: Value = resp.json().await.unwrap();
+    let job = submit_anonymize(&app, &key, &file, json!({"style": "solid"})).await;
     let job = wait_long(&app, &key, job["id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let out = app
