@@ -65,7 +65,7 @@ struct PendingShard {
     model: String,
     task: sqlx::types::Json<ShardTask>,
     excluded_nodes: Vec<String>,
-    replica_of: Option<Uuid>,
+    ran_on: Vec<String>,
 }
 
 /// One round: match pending shards to live nodes with room, record the assignments, then send
@@ -85,9 +85,18 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
 
     let mut tx = state.db.begin().await?;
     let pending: Vec<PendingShard> = sqlx::query_as(
-        "SELECT id, job_id, model, task, excluded_nodes, replica_of FROM shards
-         WHERE status = 'pending' AND model = ANY($1)
-         ORDER BY job_id, idx LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "SELECT s.id, s.job_id, s.model, s.task, s.excluded_nodes,
+                -- For a replica or speculative copy: the nodes that already produced (or are
+                -- producing) a run of its primary. Nodes that merely lost it stay eligible.
+                CASE WHEN s.replica_of IS NULL THEN '{}'::text[] ELSE ARRAY(
+                    SELECT r.node_id FROM shards r
+                    WHERE r.node_id IS NOT NULL
+                      AND (r.id = s.replica_of
+                           OR (r.replica_of = s.replica_of AND r.status IN ('assigned', 'done'))))
+                END AS ran_on
+         FROM shards s
+         WHERE s.status = 'pending' AND s.model = ANY($1)
+         ORDER BY s.job_id, s.idx LIMIT $2 FOR UPDATE OF s SKIP LOCKED",
     )
     .bind(&models)
     .bind(capacity)
@@ -101,7 +110,7 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
             &mut slots,
             &shard.model,
             &shard.excluded_nodes,
-            shard.replica_of.is_some(),
+            &shard.ran_on,
         ) else {
             continue;
         };
@@ -199,19 +208,19 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
 }
 
 /// Where a shard of `model` goes: a node with a free slot, preferring nodes not in `excluded`
-/// (they failed or already ran the shard), then GPUs, then the least loaded (which spreads a
-/// job's shards), then the best power score. A replica never goes to an excluded node: it
-/// would vote twice.
+/// (they failed or rejected the shard), then GPUs, then the least loaded (which spreads a job's
+/// shards), then the best power score. Never a node in `ran_on` (for a replica or speculative
+/// copy, the nodes with a run of the same shard): it would vote twice or race itself.
 fn choose_slot<'a>(
     slots: &'a mut [nodes::NodeSlot],
     model: &str,
     excluded: &[String],
-    replica: bool,
+    ran_on: &[String],
 ) -> Option<&'a mut nodes::NodeSlot> {
     slots
         .iter_mut()
         .filter(|s| s.free > 0 && s.models.iter().any(|m| m == model))
-        .filter(|s| !replica || !excluded.contains(&s.id))
+        .filter(|s| !ran_on.contains(&s.id))
         .min_by_key(|s| {
             (
                 excluded.contains(&s.id),
@@ -942,9 +951,9 @@ mod tests {
         }
     }
 
-    fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], replica: bool) -> Option<String> {
-        let excluded: Vec<String> = excluded.iter().map(|s| s.to_string()).collect();
-        choose_slot(slots, "m", &excluded, replica).map(|s| s.id.clone())
+    fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], ran_on: &[&str]) -> Option<String> {
+        let owned = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        choose_slot(slots, "m", &owned(excluded), &owned(ran_on)).map(|s| s.id.clone())
     }
 
     #[test]
@@ -955,26 +964,31 @@ mod tests {
             slot("gpu-busy", 1, Cuda, None),
             slot("cpu-best", 4, Cpu, Some(5_000)),
         ];
-        assert_eq!(chosen(&mut slots, &[], false).as_deref(), Some("gpu-busy"));
+        assert_eq!(chosen(&mut slots, &[], &[]).as_deref(), Some("gpu-busy"));
         assert_eq!(
-            chosen(&mut slots, &["gpu-busy"], false).as_deref(),
+            chosen(&mut slots, &["gpu-busy"], &[]).as_deref(),
             Some("cpu-best")
         );
         slots[2].free = 2;
         assert_eq!(
-            chosen(&mut slots, &["gpu-busy"], false).as_deref(),
+            chosen(&mut slots, &["gpu-busy"], &[]).as_deref(),
             Some("cpu-roomy")
         );
-        // Everyone failed it before: a primary still goes somewhere, a replica does not.
+        // Everyone failed it before: it still goes somewhere. Nodes that ran it never get a
+        // replica, but a node that only lost it does.
         let all = ["gpu-busy", "cpu-roomy", "cpu-best"];
-        assert!(chosen(&mut slots, &all, false).is_some());
-        assert_eq!(chosen(&mut slots, &all, true), None);
+        assert!(chosen(&mut slots, &all, &[]).is_some());
+        assert_eq!(chosen(&mut slots, &all, &all), None);
+        assert_eq!(
+            chosen(&mut slots, &all, &["gpu-busy", "cpu-best"]).as_deref(),
+            Some("cpu-roomy")
+        );
         for s in &mut slots {
             s.free = 0;
         }
-        assert_eq!(chosen(&mut slots, &[], false), None);
+        assert_eq!(chosen(&mut slots, &[], &[]), None);
         let mut other_model = [slot("x", 4, Cpu, None)];
         other_model[0].models = vec!["other".into()];
-        assert_eq!(chosen(&mut other_model, &[], false), None);
+        assert_eq!(chosen(&mut other_model, &[], &[]), None);
     }
 }
