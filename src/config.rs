@@ -98,6 +98,10 @@ pub struct GatewayArgs {
     /// A node's results are all checked until it has done this many shards.
     #[arg(long, env = "XPAND_VERIFY_NEW_NODE_SHARDS", default_value_t = 20)]
     pub verify_new_node_shards: i64,
+    /// A held result whose replica no node has taken this many seconds after it was held (no
+    /// eligible live node, or its only checker died) is accepted unverified.
+    #[arg(long, env = "XPAND_VERIFY_WAIT_SECS", default_value_t = 20)]
+    pub verify_wait_secs: u64,
     /// A running shard gets a speculative copy on another node once it has run this many times
     /// longer than the median of its job's finished shards...
     #[arg(long, env = "XPAND_STRAGGLER_FACTOR", default_value_t = 3.0)]
@@ -143,6 +147,7 @@ pub struct Config {
     pub max_upload_bytes: u64,
     pub redundancy_bps: u32,
     pub verify_new_node_shards: i64,
+    pub verify_wait: Duration,
     pub node_msgs_per_sec: u32,
     pub min_power_score: i64,
     pub straggler_factor: f64,
@@ -227,6 +232,7 @@ impl GatewayArgs {
             max_upload_bytes: self.max_upload_bytes,
             redundancy_bps: self.redundancy_bps,
             verify_new_node_shards: self.verify_new_node_shards,
+            verify_wait: Duration::from_secs(self.verify_wait_secs),
             node_msgs_per_sec: self.node_msgs_per_sec,
             min_power_score: self.min_power_score,
             straggler_factor: self.straggler_factor,

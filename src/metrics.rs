@@ -17,6 +17,8 @@ pub struct Metrics {
     pub worker_messages: IntCounterVec,
     pub rejected_messages: IntCounterVec,
     pub dispatched_shards: IntCounterVec,
+    /// Held results accepted without a second run (no node could check them in time).
+    pub unverified_shards: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,6 +73,14 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let unverified_shards = IntCounterVec::new(
+            Opts::new(
+                "unverified_shards_total",
+                "Held results accepted unchecked: no eligible node ran their replica in time",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -80,6 +90,7 @@ impl Metrics {
             Box::new(worker_messages.clone()),
             Box::new(rejected_messages.clone()),
             Box::new(dispatched_shards.clone()),
+            Box::new(unverified_shards.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -93,6 +104,7 @@ impl Metrics {
             worker_messages,
             rejected_messages,
             dispatched_shards,
+            unverified_shards,
         }
     }
 

@@ -124,7 +124,9 @@ pub struct Job {
     /// Kind-specific result, once succeeded. `forecast`: `{"forecasts": [[...], ...]}` in row
     /// order. `anonymize`: `{"file": "<file id>", "frames", "width", "height",
     /// "duration_seconds", "segments", "faces_masked", "audio", "size", "sha256"}`; the masked
-    /// video (H.264 MP4, original audio) is `GET /v1/files/{file}`.
+    /// video (H.264 MP4, original audio) is `GET /v1/files/{file}`. Either may carry
+    /// `"unverified_shards": [idx, ...]`: shards held for a check by a second node that no node
+    /// could run in time, accepted as the first node answered.
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     pub error: Option<JobError>,
@@ -156,11 +158,13 @@ pub(crate) struct JobRow {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Indexes of shards accepted without the check they were held for.
+    pub unverified_shards: Vec<i32>,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "id, kind, status, params, output, error, quote, \
     max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, request_hash, \
-    created_at, updated_at, started_at, finished_at";
+    created_at, updated_at, started_at, finished_at, unverified_shards";
 
 impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {

@@ -79,29 +79,8 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     if capacity == 0 {
         return Ok(0);
     }
-    let mut models: Vec<String> = slots.iter().flat_map(|s| s.models.clone()).collect();
-    models.sort();
-    models.dedup();
-
     let mut tx = state.db.begin().await?;
-    let pending: Vec<PendingShard> = sqlx::query_as(
-        "SELECT s.id, s.job_id, s.model, s.task, s.excluded_nodes,
-                -- For a replica or speculative copy: the nodes that already produced (or are
-                -- producing) a run of its primary. Nodes that merely lost it stay eligible.
-                CASE WHEN s.replica_of IS NULL THEN '{}'::text[] ELSE ARRAY(
-                    SELECT r.node_id FROM shards r
-                    WHERE r.node_id IS NOT NULL
-                      AND (r.id = s.replica_of
-                           OR (r.replica_of = s.replica_of AND r.status IN ('assigned', 'done'))))
-                END AS ran_on
-         FROM shards s
-         WHERE s.status = 'pending' AND s.model = ANY($1)
-         ORDER BY s.job_id, s.idx LIMIT $2 FOR UPDATE OF s SKIP LOCKED",
-    )
-    .bind(&models)
-    .bind(capacity)
-    .fetch_all(&mut *tx)
-    .await?;
+    let pending = placeable_pending(&mut tx, &slots, capacity).await?;
 
     let lease_expires_at = Utc::now() + state.config.lease;
     let mut assignments = Vec::with_capacity(pending.len());
@@ -207,6 +186,77 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     Ok(assignments.len())
 }
 
+/// Up to `limit` pending shards that some slot in `slots` may run, fairest first, locked for
+/// this round.
+///
+/// Only placeable shards are taken: a shard no free node may run now (its model is on no live
+/// node with room, or every such node already ran it) is skipped, never returned at the head of
+/// the round, so it cannot block the shards behind it. Whatever is returned first can be
+/// placed, hence a round with a free slot that may run some pending shard dispatches one.
+///
+/// Fairness is least-served first, by the shards of unfinished jobs already started (running or
+/// done): accounts first, then each account's jobs. An account that has had 40 shards of its
+/// 10,000-row job started waits behind another account's first shard; a new job of the same
+/// account likewise gets its turn before the old job's 41st.
+async fn placeable_pending(
+    conn: &mut PgConnection,
+    slots: &[nodes::NodeSlot],
+    limit: i64,
+) -> sqlx::Result<Vec<PendingShard>> {
+    let (free_nodes, free_models): (Vec<&str>, Vec<&str>) = slots
+        .iter()
+        .filter(|s| s.free > 0)
+        .flat_map(|s| s.models.iter().map(|m| (s.id.as_str(), m.as_str())))
+        .unzip();
+    sqlx::query_as(
+        "WITH free AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS f(node, model)),
+         candidate AS (
+             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, j.account_id, j.created_at,
+                    j.shards_total,
+                    -- For a replica or speculative copy: the nodes that already produced (or
+                    -- are producing) a run of its primary. Nodes that merely lost it stay
+                    -- eligible.
+                    CASE WHEN s.replica_of IS NULL THEN '{}'::text[] ELSE ARRAY(
+                        SELECT r.node_id FROM shards r
+                        WHERE r.node_id IS NOT NULL
+                          AND (r.id = s.replica_of
+                               OR (r.replica_of = s.replica_of
+                                   AND r.status IN ('assigned', 'done'))))
+                    END AS ran_on
+             FROM shards s JOIN jobs j ON j.id = s.job_id
+             WHERE s.status = 'pending' AND s.model = ANY($2)),
+         -- Shards of each job (and account) started already: not pending any more.
+         per_job AS (
+             SELECT job_id, account_id,
+                    max(shards_total) - count(*) FILTER (WHERE replica_of IS NULL) AS started
+             FROM candidate GROUP BY job_id, account_id),
+         per_account AS (
+             SELECT account_id, sum(started) AS started FROM per_job GROUP BY account_id),
+         placeable AS (
+             SELECT c.*, pj.started + row_number() OVER (
+                        PARTITION BY c.job_id ORDER BY c.idx, c.id) AS job_turn
+             FROM candidate c JOIN per_job pj ON pj.job_id = c.job_id
+             WHERE EXISTS (SELECT 1 FROM free f
+                           WHERE f.model = c.model AND f.node <> ALL(c.ran_on))),
+         ranked AS (
+             SELECT p.*, pa.started + row_number() OVER (
+                        PARTITION BY p.account_id
+                        ORDER BY p.job_turn, p.created_at, p.job_id, p.idx, p.id) AS account_turn
+             FROM placeable p JOIN per_account pa ON pa.account_id = p.account_id)
+         SELECT s.id, s.job_id, s.model, s.task, s.excluded_nodes, r.ran_on
+         FROM ranked r JOIN shards s ON s.id = r.id
+         WHERE s.status = 'pending'
+         ORDER BY r.account_turn, r.job_turn, r.created_at, r.job_id, r.idx, r.id
+         LIMIT $3
+         FOR UPDATE OF s SKIP LOCKED",
+    )
+    .bind(&free_nodes)
+    .bind(&free_models)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
 /// Where a shard of `model` goes: a node with a free slot, preferring nodes not in `excluded`
 /// (they failed or rejected the shard), then GPUs, then the least loaded (which spreads a job's
 /// shards), then the best power score. Never a node in `ran_on` (for a replica or speculative
@@ -280,7 +330,6 @@ pub async fn on_reject(state: &AppState, node: &str, r: &Reject) -> anyhow::Resu
 #[derive(sqlx::FromRow)]
 struct AssignedShard {
     id: Uuid,
-    job_id: Uuid,
     idx: i32,
     row_offset: i32,
     model: String,
@@ -345,7 +394,7 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     .fetch_one(&mut *tx)
     .await?;
     let shard: AssignedShard = sqlx::query_as(
-        "SELECT id, job_id, idx, row_offset, model, replica_of, speculative, task, status,
+        "SELECT id, idx, row_offset, model, replica_of, speculative, task, status,
                 node_id, assigned_at, progress_done, progress_chain
          FROM shards WHERE assignment_id = $1 FOR UPDATE",
     )
@@ -410,13 +459,17 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
     } else if let Some(primary) = shard.replica_of {
         decide(&mut tx, state, job_id, primary).await?
     } else {
-        Some((shard.idx, shard.row_offset, r.output))
+        Some(Accepted {
+            idx: shard.idx,
+            row_offset: shard.row_offset,
+            output: r.output,
+        })
     };
     if !shard.speculative && shard.replica_of.is_none() {
         // The primary answered: a speculative copy still running is not needed any more.
         stop_copies(&mut tx, shard.id, &mut stops).await?;
     }
-    let Some((idx, row_offset, output)) = accepted else {
+    let Some(accepted) = accepted else {
         tx.commit().await?;
         for stop in &stops {
             state.broker.send_stop(stop).await;
@@ -424,58 +477,6 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
         state.wake_dispatcher();
         return Ok(());
     };
-
-    let shards_done: i32 = sqlx::query_scalar(
-        "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
-                started_at = COALESCE(started_at, now()), updated_at = now()
-         WHERE id = $1 RETURNING shards_done",
-    )
-    .bind(job_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let is_video = matches!(shard.task.0, ShardTask::Anonymize(_));
-    let finished = if shards_done == shards_total && !is_video {
-        let outputs: Vec<sqlx::types::Json<ShardOutput>> = sqlx::query_scalar(
-            "SELECT output FROM shards WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
-        )
-        .bind(job_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let output = forecast::reduce(outputs.into_iter().map(|o| o.0).collect());
-        finish(&mut tx, job_id, Outcome::Succeeded(output)).await?
-    } else {
-        None
-    };
-    // Partial and progress events go out while this transaction still holds the job row lock:
-    // concurrent results for the same job publish in lock order, so every `partial` precedes
-    // the terminal event, which the last shard's task sends after its commit.
-    let events = &state.events;
-    if let ShardOutput::Forecast { forecasts } = output {
-        events
-            .publish(
-                account,
-                JobEvent::Partial {
-                    job_id: shard.job_id,
-                    shard: idx,
-                    offset: row_offset,
-                    rows: serde_json::to_value(forecasts).expect("rows serialize"),
-                },
-            )
-            .await;
-    }
-    events
-        .publish(
-            account,
-            JobEvent::Progress {
-                job_id,
-                status: finished.as_ref().map_or(JobStatus::Running, |j| j.status),
-                shards_done,
-                shards_total,
-            },
-        )
-        .await;
-    tx.commit().await?;
-
     if let Some(assigned_at) = shard.assigned_at {
         let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         state
@@ -484,16 +485,99 @@ pub async fn on_result(state: &AppState, node: &str, r: ShardResult) -> anyhow::
             .with_label_values(&[task_kind(&shard.task.0)])
             .observe(secs);
     }
-    if let Some(job) = finished {
-        publish_finished(state, account, job).await;
-    }
-    if is_video && shards_done == shards_total {
-        tokio::spawn(anonymize::reduce(state.clone(), job_id));
-    }
+    let job = LockedJob {
+        id: job_id,
+        account,
+        shards_total,
+    };
+    complete_shard(state, tx, &job, accepted).await?;
     for stop in &stops {
         state.broker.send_stop(stop).await;
     }
     state.wake_dispatcher();
+    Ok(())
+}
+
+/// A job whose row the caller's transaction holds locked.
+struct LockedJob {
+    id: Uuid,
+    account: Uuid,
+    shards_total: i32,
+}
+
+/// A primary shard's accepted answer: where its rows go and what they are.
+struct Accepted {
+    idx: i32,
+    row_offset: i32,
+    output: ShardOutput,
+}
+
+/// Counts an accepted shard on its job and commits `tx`: the last shard reduces and settles a
+/// forecast job in the same transaction, or (video) spawns the join after the commit.
+async fn complete_shard(
+    state: &AppState,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &LockedJob,
+    accepted: Accepted,
+) -> anyhow::Result<()> {
+    let shards_done: i32 = sqlx::query_scalar(
+        "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
+                started_at = COALESCE(started_at, now()), updated_at = now()
+         WHERE id = $1 RETURNING shards_done",
+    )
+    .bind(job.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let is_video = matches!(accepted.output, ShardOutput::Anonymize { .. });
+    let last = shards_done == job.shards_total;
+    let finished = if last && !is_video {
+        let outputs: Vec<sqlx::types::Json<ShardOutput>> = sqlx::query_scalar(
+            "SELECT output FROM shards WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
+        )
+        .bind(job.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let output = forecast::reduce(outputs.into_iter().map(|o| o.0).collect());
+        finish(&mut tx, job.id, Outcome::Succeeded(output)).await?
+    } else {
+        None
+    };
+    // Partial and progress events go out while this transaction still holds the job row lock:
+    // concurrent results for the same job publish in lock order, so every `partial` precedes
+    // the terminal event, which is sent after the commit.
+    let events = &state.events;
+    if let ShardOutput::Forecast { forecasts } = accepted.output {
+        events
+            .publish(
+                job.account,
+                JobEvent::Partial {
+                    job_id: job.id,
+                    shard: accepted.idx,
+                    offset: accepted.row_offset,
+                    rows: serde_json::to_value(forecasts).expect("rows serialize"),
+                },
+            )
+            .await;
+    }
+    events
+        .publish(
+            job.account,
+            JobEvent::Progress {
+                job_id: job.id,
+                status: finished.as_ref().map_or(JobStatus::Running, |j| j.status),
+                shards_done,
+                shards_total: job.shards_total,
+            },
+        )
+        .await;
+    tx.commit().await?;
+
+    if let Some(finished) = finished {
+        publish_finished(state, job.account, finished).await;
+    }
+    if is_video && last {
+        tokio::spawn(anonymize::reduce(state.clone(), job.id));
+    }
     Ok(())
 }
 
@@ -506,7 +590,7 @@ async fn supersede(
     node: &str,
     r: &ShardResult,
     stops: &mut Vec<Stop>,
-) -> anyhow::Result<Option<(i32, i32, ShardOutput)>> {
+) -> anyhow::Result<Option<Accepted>> {
     let running: Option<(Option<String>, Option<Uuid>, i32, i32)> = sqlx::query_as(
         "SELECT node_id, assignment_id, idx, row_offset FROM shards
          WHERE id = $1 AND status = 'assigned' FOR UPDATE",
@@ -534,7 +618,11 @@ async fn supersede(
         node: slow_node,
         reason: "a speculative copy on another node finished first".into(),
     });
-    Ok(Some((idx, row_offset, r.output.clone())))
+    Ok(Some(Accepted {
+        idx,
+        row_offset,
+        output: r.output.clone(),
+    }))
 }
 
 /// Cancels the speculative copies of `primary` that have not answered, collecting stops for
@@ -575,7 +663,7 @@ async fn decide(
     state: &AppState,
     job_id: Uuid,
     primary: Uuid,
-) -> anyhow::Result<Option<(i32, i32, ShardOutput)>> {
+) -> anyhow::Result<Option<Accepted>> {
     match verification::resolve(tx, &state.config, job_id, primary).await? {
         Verdict::Open => Ok(None),
         Verdict::Rerun => {
@@ -612,7 +700,11 @@ async fn decide(
             .bind(&output_sha256)
             .fetch_one(&mut *tx)
             .await?;
-            Ok(Some((idx, row_offset, output)))
+            Ok(Some(Accepted {
+                idx,
+                row_offset,
+                output,
+            }))
         }
     }
 }
@@ -682,13 +774,20 @@ pub async fn finish(
     .execute(&mut *conn)
     .await?;
     let (status, release, output, error) = match outcome {
-        Outcome::Succeeded(output) => (
+        Outcome::Succeeded(mut output) => (
             JobStatus::Succeeded,
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: job.gateway_fee,
             },
-            Some(output),
+            {
+                if let (false, Some(fields)) =
+                    (job.unverified_shards.is_empty(), output.as_object_mut())
+                {
+                    fields.insert("unverified_shards".into(), job.unverified_shards.into());
+                }
+                Some(output)
+            },
             None,
         ),
         Outcome::Canceled => (
@@ -832,6 +931,85 @@ async fn speculate(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Held results that no node has checked `XPAND_VERIFY_WAIT_SECS` after they were held, with
+/// no replica running now (none eligible is alive, or the only checker died and its lease
+/// lapsed): each is accepted as its node answered, marked unverified on the shard and the job,
+/// and its outstanding replicas are dropped. A job never waits out its timeout for a check
+/// that cannot happen.
+async fn accept_unchecked(state: &AppState) -> anyhow::Result<()> {
+    const NO_RUNNING_REPLICA: &str = "NOT EXISTS (SELECT 1 FROM shards r
+                                      WHERE r.replica_of = p.id AND r.status = 'assigned')";
+    let stuck: Vec<(Uuid, Uuid)> = sqlx::query_as(&format!(
+        "SELECT p.id, p.job_id FROM shards p
+         WHERE p.status = 'verifying' AND p.completed_at < now() - $1 * interval '1 second'
+           AND {NO_RUNNING_REPLICA}"
+    ))
+    .bind(state.config.verify_wait.as_secs_f64())
+    .fetch_all(&state.db)
+    .await?;
+    for (primary, job_id) in stuck {
+        let mut tx = state.db.begin().await?;
+        let (account, status, shards_total): (Uuid, JobStatus, i32) = sqlx::query_as(
+            "SELECT account_id, status, shards_total FROM jobs WHERE id = $1 FOR UPDATE",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if status.is_terminal() {
+            continue;
+        }
+        // Re-checked under the job lock: a replica may have been dispatched or answered since.
+        let held: Option<(
+            i32,
+            i32,
+            sqlx::types::Json<ShardOutput>,
+            sqlx::types::Json<ShardTask>,
+        )> = sqlx::query_as(&format!(
+            "UPDATE shards p SET status = 'done', unverified = true
+                 WHERE p.id = $1 AND p.status = 'verifying' AND {NO_RUNNING_REPLICA}
+                 RETURNING p.idx, p.row_offset, p.output, p.task"
+        ))
+        .bind(primary)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((idx, row_offset, output, task)) = held else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE shards SET status = 'canceled', lease_expires_at = NULL
+             WHERE replica_of = $1 AND status = 'pending'",
+        )
+        .bind(primary)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET unverified_shards = array_append(unverified_shards, $2) WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(idx)
+        .execute(&mut *tx)
+        .await?;
+        let job = LockedJob {
+            id: job_id,
+            account,
+            shards_total,
+        };
+        let accepted = Accepted {
+            idx,
+            row_offset,
+            output: output.0,
+        };
+        complete_shard(state, tx, &job, accepted).await?;
+        state
+            .metrics
+            .unverified_shards
+            .with_label_values(&[task_kind(&task.0)])
+            .inc();
+        tracing::warn!(job = %job_id, shard = %primary, "no node could check a held result in time; accepted it unverified");
+    }
+    Ok(())
+}
+
 async fn sweep(state: &AppState) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
     let mut tx = state.db.begin().await?;
@@ -857,6 +1035,7 @@ async fn sweep(state: &AppState) -> anyhow::Result<()> {
     }
 
     speculate(state).await?;
+    accept_unchecked(state).await?;
 
     // Video jobs whose segments are all done but whose join was never claimed, or whose
     // claimant went quiet (crashed mid-join).

@@ -137,6 +137,7 @@ pub fn test_config(db_name: &str) -> Config {
         // Redundancy has its own tests; elsewhere one run per shard keeps results predictable.
         redundancy_bps: 0,
         verify_new_node_shards: 0,
+        verify_wait: Duration::from_secs(20),
         node_msgs_per_sec: 2_000,
         min_power_score: -1_000,
         straggler_factor: 3.0,

@@ -29,17 +29,22 @@ struct FakeNode {
 
 impl FakeNode {
     async fn start(app: &TestApp, key: NodeKey) -> Self {
+        Self::start_with_slots(app, key, 4).await
+    }
+
+    /// A forecast node with room for `slots` shards at once.
+    async fn start_with_slots(app: &TestApp, key: NodeKey, slots: u32) -> Self {
         let forecast = ModelInfo {
             name: xpand::jobs::forecast::MODEL.into(),
             version: "1.0.0".into(),
             kind: "forecast".into(),
             sha256: "0".repeat(64),
         };
-        Self::start_with(app, key, forecast).await
+        Self::start_with(app, key, forecast, slots).await
     }
 
     /// A node announcing `model`.
-    async fn start_with(app: &TestApp, key: NodeKey, model: ModelInfo) -> Self {
+    async fn start_with(app: &TestApp, key: NodeKey, model: ModelInfo, slots: u32) -> Self {
         let topics = Topics::new(&app.config.topic_prefix);
         let mut options =
             MqttOptions::new(format!("fake-{}", &key.id()[..12]), MQTT_HOST, MQTT_PORT);
@@ -81,18 +86,22 @@ impl FakeNode {
             assignments,
             stops,
         };
+        node.announce(model, slots).await;
+        node
+    }
+
+    async fn announce(&self, model: ModelInfo, slots: u32) {
         let announce = Announce {
             name: "fake".into(),
             models: vec![model],
             accelerator: Accelerator::Cpu,
             memory_mb: 1024,
             cpu_cores: 1,
-            max_concurrent_shards: 4,
+            max_concurrent_shards: slots,
             worker_version: "test".into(),
         };
-        node.send(UpKind::Announce, node.seal(UpKind::Announce, &announce))
+        self.send(UpKind::Announce, self.seal(UpKind::Announce, &announce))
             .await;
-        node
     }
 
     fn seal<T: serde::Serialize>(&self, kind: UpKind, body: &T) -> Vec<u8> {
@@ -339,7 +348,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
         kind: "face_detect".into(),
         sha256: "0".repeat(64),
     };
-    let mut node = FakeNode::start_with(&app, key.clone(), model).await;
+    let mut node = FakeNode::start_with(&app, key.clone(), model, 4).await;
     app.wait_until_alive(key.id()).await;
     let (_, api_key) = app.customer(10_000_000).await;
     let dir = tempfile::tempdir().unwrap();
@@ -769,4 +778,145 @@ async fn replica_of_shard(app: &TestApp, primary: uuid::Uuid) -> uuid::Uuid {
         .fetch_one(&app.db)
         .await
         .unwrap()
+}
+
+/// The minimal topology's failure, by hand: a held result's replica may only run on the node
+/// that died, and the survivor has one slot. The replica must not block the next job (it once
+/// did, for every later job), and the held result is accepted unverified once nobody can check
+/// it, long before the job's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unverified() {
+    let app = TestApp::spawn_with(|c| {
+        c.redundancy_bps = 10_000;
+        c.lease = Duration::from_secs(2);
+        c.verify_wait = Duration::from_secs(3);
+    })
+    .await;
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let key = NodeKey::generate();
+        xpand::nodes::register(&app.db, key.id(), &format!("fake-{i}"))
+            .await
+            .unwrap();
+        nodes.push(FakeNode::start_with_slots(&app, key.clone(), 1).await);
+        app.wait_until_alive(key.id()).await;
+    }
+    let (_, customer) = app.customer(50_000_000).await;
+    let job = forecast_job(8, 3);
+    let submit = || app.post_json(&customer, "/v1/jobs", &job);
+    let held: Value = submit().await.json().await.unwrap();
+    let [a, b] = &mut nodes[..] else {
+        unreachable!()
+    };
+    let (first, primary) = tokio::select! {
+        p = a.next_assignment() => (0, p),
+        p = b.next_assignment() => (1, p),
+    };
+    let mut doomed = nodes.remove(1 - first);
+    let mut survivor = nodes.remove(0);
+    survivor
+        .send(
+            UpKind::Result,
+            survivor.seal(UpKind::Result, &answer(&primary)),
+        )
+        .await;
+    let replica = doomed.next_assignment().await;
+    assert_eq!(
+        replica.shard_id,
+        replica_of_shard(&app, primary.shard_id).await
+    );
+    // The checker dies holding the replica.
+    let doomed_id = doomed.key.id().to_string();
+    doomed.die().await;
+    while app
+        .state
+        .liveness
+        .alive(&[doomed_id.clone()])
+        .await
+        .unwrap()
+        == [true]
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The next job's shard reaches the survivor's one slot, ahead of the replica it may not run.
+    let next: Value = submit().await.json().await.unwrap();
+    let assignment = survivor.next_assignment().await;
+    assert_eq!(assignment.job_id.to_string(), next["id"].as_str().unwrap());
+    survivor
+        .send(
+            UpKind::Result,
+            survivor.seal(UpKind::Result, &answer(&assignment)),
+        )
+        .await;
+    let next = app
+        .wait_for_job(&customer, next["id"].as_str().unwrap())
+        .await;
+    assert_eq!(next["status"], "succeeded", "{next}");
+    assert!(next["output"].get("unverified_shards").is_none(), "{next}");
+
+    // Nobody may check the held result any more: it is taken as it is, and says so.
+    let held = app
+        .wait_for_job(&customer, held["id"].as_str().unwrap())
+        .await;
+    assert_eq!(held["status"], "succeeded", "{held}");
+    assert_eq!(held["output"]["unverified_shards"], serde_json::json!([0]));
+    let (unverified, replica_status): (bool, String) = sqlx::query_as(
+        "SELECT p.unverified, r.status FROM shards p JOIN shards r ON r.replica_of = p.id
+         WHERE p.id = $1",
+    )
+    .bind(primary.shard_id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(unverified);
+    assert_eq!(replica_status, "canceled");
+    assert!(app
+        .metrics()
+        .await
+        .contains("xpand_unverified_shards_total{kind=\"forecast\"} 1"));
+    app.assert_ledger_invariants().await;
+    survivor.die().await;
+    app.teardown().await;
+}
+
+/// One account's big job does not starve another account's small one: with a single slot, the
+/// small job's shard is the next one dispatched after the big job's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_job_does_not_starve_another_accounts_small_one() {
+    let app = TestApp::spawn().await;
+    let key = NodeKey::generate();
+    xpand::nodes::register(&app.db, key.id(), "fake-0")
+        .await
+        .unwrap();
+    let mut node = FakeNode::start_with_slots(&app, key.clone(), 1).await;
+    app.wait_until_alive(key.id()).await;
+    let (_, big_owner) = app.customer(500_000_000).await;
+    let (_, small_owner) = app.customer(50_000_000).await;
+    let big: Value = app
+        .post_json(&big_owner, "/v1/jobs", &forecast_job(400, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let first = node.next_assignment().await;
+    assert_eq!(first.job_id.to_string(), big["id"].as_str().unwrap());
+    let small: Value = app
+        .post_json(&small_owner, "/v1/jobs", &forecast_job(1, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    node.send(UpKind::Result, node.seal(UpKind::Result, &answer(&first)))
+        .await;
+    let second = node.next_assignment().await;
+    assert_eq!(second.job_id.to_string(), small["id"].as_str().unwrap());
+    node.send(UpKind::Result, node.seal(UpKind::Result, &answer(&second)))
+        .await;
+    let small = app
+        .wait_for_job(&small_owner, small["id"].as_str().unwrap())
+        .await;
+    assert_eq!(small["status"], "succeeded", "{small}");
+    node.die().await;
+    app.teardown().await;
 }
