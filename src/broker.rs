@@ -14,13 +14,13 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::NetworkOptions;
 use tokio::sync::Semaphore;
 use xpand_protocol::{
-    now_ms, Announce, Assignment, Envelope, EnvelopeError, NodeKey, OpenedEnvelope, Progress,
-    Reject, ShardResult, Stop, Topics, UpKind,
+    now_ms, Announce, AnnounceRequest, Assignment, Envelope, EnvelopeError, NodeKey,
+    OpenedEnvelope, Progress, Reject, ShardResult, Stop, Topics, UpKind,
 };
 
 use crate::config::Config;
 use crate::jobs::orchestrator;
-use crate::nodes::NodeStanding;
+use crate::nodes::{DirectoryEntry, NodeStanding};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
 
@@ -89,6 +89,18 @@ impl Broker {
         let payload = self.key.seal(&topic, stop);
         if let Err(e) = self.send(SealedMessage { topic, payload }).await {
             tracing::warn!(error = %e, node = %stop.node, "sending a stop failed");
+        }
+    }
+
+    /// Asks `node` to publish its capability statement again (best effort: the next heartbeat
+    /// asks again).
+    pub async fn request_announce(&self, node: &str) {
+        let topic = self.topics.announce_request(node);
+        let payload = self
+            .key
+            .seal(&topic, &AnnounceRequest { node: node.into() });
+        if let Err(e) = self.send(SealedMessage { topic, payload }).await {
+            tracing::warn!(error = %e, node, "asking for an announce failed");
         }
     }
 
@@ -208,12 +220,8 @@ impl DropReason {
     }
 }
 
-/// Verifies a worker message and returns its signer, kind and envelope.
-pub async fn admit(
-    state: &AppState,
-    topic: &str,
-    payload: &[u8],
-) -> Result<(UpKind, OpenedEnvelope), DropReason> {
+/// Verifies a worker message; returns it opened, with its kind and its node's entry.
+pub async fn admit(state: &AppState, topic: &str, payload: &[u8]) -> Result<Admitted, DropReason> {
     let topics = &state.broker.topics;
     let (topic_node, kind) = topics.parse_up(topic).ok_or(DropReason::BadTopic)?;
     // A capability statement is retained and re-read on every (re)subscribe, so it may be old;
@@ -231,19 +239,17 @@ pub async fn admit(
     if opened.signer != topic_node {
         return Err(DropReason::CrossNode);
     }
-    match state
-        .node_directory
-        .standing(&state.db, &opened.signer)
-        .await
-    {
-        Ok(Some(NodeStanding::Active)) => {}
-        Ok(Some(NodeStanding::Banned)) => return Err(DropReason::BannedNode),
+    let entry = match state.node_directory.lookup(&state.db, &opened.signer).await {
+        Ok(Some(entry)) if entry.standing == NodeStanding::Banned => {
+            return Err(DropReason::BannedNode)
+        }
+        Ok(Some(entry)) => entry,
         Ok(None) => return Err(DropReason::UnknownNode),
         Err(e) => {
             tracing::warn!(error = %e, "node lookup failed");
             return Err(DropReason::UnknownNode);
         }
-    }
+    };
     if kind != UpKind::Announce {
         // One round trip: remember the nonce, and count the node's messages this second (a
         // window shared by every replica).
@@ -279,11 +285,26 @@ pub async fn admit(
             }
         }
     }
-    Ok((kind, opened))
+    Ok(Admitted {
+        kind,
+        opened,
+        entry,
+    })
+}
+
+/// A worker message that passed every check, with what the gateway knows of its node.
+pub struct Admitted {
+    pub kind: UpKind,
+    pub opened: OpenedEnvelope,
+    pub entry: DirectoryEntry,
 }
 
 async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
-    let (kind, opened) = match admit(state, topic, payload).await {
+    let Admitted {
+        kind,
+        opened,
+        entry,
+    } = match admit(state, topic, payload).await {
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::debug!(topic, reason = reason.label(), "dropped a worker message");
@@ -302,7 +323,14 @@ async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
             Ok(announce) => on_announce(state, node, opened.ts, &announce, payload).await,
             Err(_) => Err(DropReason::BadBody.into()),
         },
-        UpKind::Heartbeat => on_heartbeat(state, node).await,
+        UpKind::Heartbeat => {
+            if !entry.announced {
+                // A live node we hold no statement of (it announced before it was registered,
+                // or the broker lost its retained statement): without one it gets no work.
+                state.broker.request_announce(node).await;
+            }
+            on_heartbeat(state, node).await
+        }
         UpKind::Progress => match opened.parse::<Progress>() {
             Ok(p) => orchestrator::on_progress(state, node, &p).await,
             Err(_) => Err(DropReason::BadBody.into()),
@@ -343,6 +371,7 @@ async fn on_announce(
 ) -> anyhow::Result<()> {
     if crate::nodes::record_announce(&state.db, node, signed_at_ms, announce, envelope).await? {
         tracing::info!(node, name = %announce.name, models = announce.models.len(), "node announced");
+        state.node_directory.forget(node).await;
     }
     // An announce is proof of life only while it is fresh (a retained one may be old).
     if now_ms().saturating_sub(signed_at_ms).saturating_abs() <= MAX_SKEW_MS {

@@ -45,8 +45,22 @@ pub async fn register(pool: &PgPool, node_id: &str, name: &str) -> anyhow::Resul
         .execute(&mut *tx)
         .await
         .context("inserting the node")?;
+    notify_directory(&mut tx, node_id).await?;
     tx.commit().await?;
     Ok(account)
+}
+
+/// Postgres channel on which registrations and bans are announced to every gateway replica's
+/// [`NodeDirectory`] (delivered when the changing transaction commits).
+pub const DIRECTORY_CHANNEL: &str = "xpand_node_directory";
+
+async fn notify_directory(conn: &mut sqlx::PgConnection, node_id: &str) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(DIRECTORY_CHANNEL)
+        .bind(node_id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Why a node is charged with a failure (it lowers its power score).
@@ -94,11 +108,14 @@ pub async fn charge_failures(
 
 /// Bans a node: its messages are dropped and it gets no more work. False if there is no such node.
 pub async fn ban(pool: &PgPool, node_id: &str) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
     let n = sqlx::query("UPDATE nodes SET status = 'banned' WHERE id = $1")
         .bind(node_id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+    notify_directory(&mut tx, node_id).await?;
+    tx.commit().await?;
     Ok(n == 1)
 }
 
@@ -108,12 +125,22 @@ pub enum NodeStanding {
     Banned,
 }
 
-/// Node standing, cached for a few seconds: every worker message needs it.
-pub struct NodeDirectory {
-    cache: Mutex<HashMap<String, (Option<NodeStanding>, Instant)>>,
+/// What every worker message needs to know about its node: registered or not, banned or not,
+/// and whether a capability statement is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub standing: NodeStanding,
+    pub announced: bool,
 }
 
-const STANDING_TTL: Duration = Duration::from_secs(5);
+/// Node entries, cached for a few seconds. A registration or ban anywhere reaches every
+/// replica's cache through [`DIRECTORY_CHANNEL`] ([`run_directory_listener`]), so "unknown" is
+/// never remembered past a registration.
+pub struct NodeDirectory {
+    cache: Mutex<HashMap<String, (Option<DirectoryEntry>, Instant)>>,
+}
+
+const DIRECTORY_TTL: Duration = Duration::from_secs(5);
 
 impl NodeDirectory {
     pub fn new() -> Self {
@@ -123,33 +150,44 @@ impl NodeDirectory {
     }
 
     /// `None` for a node nobody registered.
-    pub async fn standing(
+    pub async fn lookup(
         &self,
         pool: &PgPool,
         node_id: &str,
-    ) -> Result<Option<NodeStanding>, sqlx::Error> {
-        if let Some((standing, at)) = self.cache.lock().await.get(node_id) {
-            if at.elapsed() < STANDING_TTL {
-                return Ok(*standing);
+    ) -> Result<Option<DirectoryEntry>, sqlx::Error> {
+        if let Some((entry, at)) = self.cache.lock().await.get(node_id) {
+            if at.elapsed() < DIRECTORY_TTL {
+                return Ok(*entry);
             }
         }
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM nodes WHERE id = $1")
-            .bind(node_id)
-            .fetch_optional(pool)
-            .await?;
-        let standing = status.map(|s| {
-            if s == "banned" {
+        let row: Option<(String, bool)> =
+            sqlx::query_as("SELECT status, capabilities IS NOT NULL FROM nodes WHERE id = $1")
+                .bind(node_id)
+                .fetch_optional(pool)
+                .await?;
+        let entry = row.map(|(status, announced)| DirectoryEntry {
+            standing: if status == "banned" {
                 NodeStanding::Banned
             } else {
                 NodeStanding::Active
-            }
+            },
+            announced,
         });
         let mut cache = self.cache.lock().await;
         if cache.len() > 100_000 {
             cache.clear();
         }
-        cache.insert(node_id.to_string(), (standing, Instant::now()));
-        Ok(standing)
+        cache.insert(node_id.to_string(), (entry, Instant::now()));
+        Ok(entry)
+    }
+
+    /// Drops what is cached of `node_id`: it was registered, banned or announced.
+    pub async fn forget(&self, node_id: &str) {
+        self.cache.lock().await.remove(node_id);
+    }
+
+    async fn forget_all(&self) {
+        self.cache.lock().await.clear();
     }
 }
 
@@ -159,8 +197,68 @@ impl Default for NodeDirectory {
     }
 }
 
+/// Keeps `directory` in step with registrations and bans made anywhere (another replica, or
+/// `xpand admin` on the database), until `shutdown`. Notifications missed while the listening
+/// connection was down are made up for by forgetting everything.
+pub async fn run_directory_listener(
+    pool: PgPool,
+    directory: std::sync::Arc<NodeDirectory>,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(DIRECTORY_CHANNEL).await {
+                Ok(()) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listening for node registrations failed");
+                    if !continue_after(&shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "connecting to listen for node registrations failed");
+                if !continue_after(&shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Whatever changed while nobody listened.
+        directory.forget_all().await;
+        loop {
+            let next = tokio::select! {
+                next = listener.try_recv() => next,
+                _ = shutdown.wait() => return,
+            };
+            match next {
+                Ok(Some(notification)) => directory.forget(notification.payload()).await,
+                // The connection dropped and was re-established: notifications may be lost.
+                Ok(None) => directory.forget_all().await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node registration feed lost");
+                    break;
+                }
+            }
+        }
+        if !continue_after(&shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Waits a retry interval; false when shutdown came first.
+async fn continue_after(shutdown: &crate::shutdown::Shutdown) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+        _ = shutdown.wait() => false,
+    }
+}
+
 /// Stores a verified capability statement unless a newer one is already stored, and records its
-/// signed `envelope` for sealing. True when it was new.
+/// signed `envelope` for sealing when it says something new (workers re-announce periodically
+/// with the same capabilities). True when it changed the stored statement.
 pub async fn record_announce(
     pool: &PgPool,
     node_id: &str,
@@ -169,16 +267,19 @@ pub async fn record_announce(
     envelope: &[u8],
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE nodes SET capabilities = $2, announced_ts = $3, announced_at = now()
-         WHERE id = $1 AND (announced_ts IS NULL OR announced_ts < $3)",
+    let changed: Option<bool> = sqlx::query_scalar(
+        "WITH old AS (SELECT capabilities FROM nodes WHERE id = $1 FOR UPDATE)
+         UPDATE nodes n SET capabilities = $2, announced_ts = $3, announced_at = now()
+         FROM old
+         WHERE n.id = $1 AND (n.announced_ts IS NULL OR n.announced_ts < $3)
+         RETURNING old.capabilities IS DISTINCT FROM $2",
     )
     .bind(node_id)
     .bind(serde_json::to_value(announce).expect("announces serialize"))
     .bind(signed_at_ms)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    let new = updated.rows_affected() == 1;
+    let new = changed == Some(true);
     if new {
         crate::ledger::blocks::record(&mut tx, "capability", node_id, envelope).await?;
     }

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::events::EventHub;
 use crate::jobs::orchestrator;
 use crate::metrics::Metrics;
-use crate::nodes::{Liveness, NodeDirectory};
+use crate::nodes::{self, Liveness};
 use crate::shutdown::{self, Trigger};
 use crate::state::{AppState, Inner};
 use crate::transfers::TransferUrls;
@@ -99,12 +99,17 @@ impl Application {
             db,
             redis,
             broker,
-            node_directory: NodeDirectory::new(),
+            node_directory: Default::default(),
             metrics: Metrics::new(),
             dispatch_wakeup: Default::default(),
             shutdown: streams,
         });
         let tasks = vec![
+            tokio::spawn(nodes::run_directory_listener(
+                state.db.clone(),
+                state.node_directory.clone(),
+                background.clone(),
+            )),
             tokio::spawn(broker::run_inbound(
                 state.clone(),
                 eventloop,

@@ -24,7 +24,7 @@ pub struct Inner {
     pub broker: Broker,
     pub events: EventHub,
     pub liveness: Liveness,
-    pub node_directory: NodeDirectory,
+    pub node_directory: Arc<NodeDirectory>,
     pub metrics: Metrics,
     pub jwt: JwtKeys,
     pub epoch_clock: crate::epochs::EpochClock,

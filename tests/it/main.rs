@@ -10,6 +10,7 @@ mod ledger_chain;
 mod ledger_properties;
 mod ops;
 mod protocol;
+mod registration;
 mod up;
 mod video;
 mod webhooks;

@@ -206,6 +206,15 @@ pub struct Stop {
     pub reason: String,
 }
 
+/// Gateway → worker: publish your capability statement again. Sent when the gateway hears from a
+/// node it holds no statement for (the statement was dropped before the node was registered,
+/// or was lost with the broker's retained messages).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnnounceRequest {
+    /// The node this is for; a worker ignores a request addressed to someone else.
+    pub node: String,
+}
+
 /// Worker → gateway: the worker will not (or cannot) run this shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Reject {

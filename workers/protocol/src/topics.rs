@@ -6,6 +6,8 @@
 //! - `{prefix}/v1/down/{node}/assign`: gateway → one worker.
 //! - `{prefix}/v1/down/{node}/stop`: gateway → one worker: drop a running shard (another node
 //!   answered it first).
+//! - `{prefix}/v1/down/{node}/announce`: gateway → one worker: announce again (the gateway has
+//!   no capability statement of this node).
 
 use crate::PROTOCOL_VERSION;
 
@@ -67,6 +69,10 @@ impl Topics {
 
     pub fn stop(&self, node: &str) -> String {
         format!("{}/down/{node}/stop", self.root)
+    }
+
+    pub fn announce_request(&self, node: &str) -> String {
+        format!("{}/down/{node}/announce", self.root)
     }
 
     /// Filter for every worker → gateway message of one kind.

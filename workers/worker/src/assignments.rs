@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use uuid::Uuid;
-use xpand_protocol::{Assignment, Envelope, EnvelopeError, Stop};
+use xpand_protocol::{AnnounceRequest, Assignment, Envelope, EnvelopeError, Stop};
 
 /// How far an assignment's timestamp may be from our clock. Nonces are remembered this long: an
 /// older replay already fails the staleness check.
@@ -101,12 +101,33 @@ impl AssignmentGate {
         payload: &[u8],
         now_ms: i64,
     ) -> Result<Stop, Dropped> {
+        self.admit_addressed(topic, payload, now_ms, |stop: &Stop| &stop.node)
+    }
+
+    /// Checks a request to announce again, as [`AssignmentGate::admit_stop`] checks a stop.
+    pub fn admit_announce_request(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<AnnounceRequest, Dropped> {
+        self.admit_addressed(topic, payload, now_ms, |r: &AnnounceRequest| &r.node)
+    }
+
+    /// Opens a gateway message of type `T` and checks it names this node; counts what it drops.
+    fn admit_addressed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+        addressee: impl Fn(&T) -> &str,
+    ) -> Result<T, Dropped> {
         let result = self.open(topic, payload, now_ms).and_then(|opened| {
-            let stop: Stop = opened
+            let body: T = opened
                 .parse()
                 .map_err(|e| Dropped::Malformed(e.to_string()))?;
-            self.check_addressee(&stop.node)?;
-            Ok(stop)
+            self.check_addressee(addressee(&body))?;
+            Ok(body)
         });
         if let Err(dropped) = &result {
             *self.dropped.entry(dropped.label()).or_default() += 1;

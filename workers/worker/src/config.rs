@@ -126,9 +126,45 @@ pub fn load_node_key(path: &Path, generate: bool) -> anyhow::Result<NodeKey> {
     Ok(key)
 }
 
+/// Exclusive use of a node identity on this machine, held while the returned file lives.
+///
+/// Two processes with one key would take each other's MQTT session (the client id is derived
+/// from the key) every few hundred milliseconds; the second one is refused instead. The lock
+/// is the kernel's, so it goes with the process however the process ends.
+pub fn lock_node_key(path: &Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening key file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "the node key {} is in use by another running xpand-worker: one node identity runs \
+             in one process (stop the other one, or give this one its own --key-file)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking key file {}", path.display()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_key_is_used_by_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        load_node_key(&path, true).unwrap();
+        let held = lock_node_key(&path).unwrap();
+        let refused = lock_node_key(&path).unwrap_err().to_string();
+        assert!(
+            refused.contains("in use by another running xpand-worker"),
+            "{refused}"
+        );
+        drop(held);
+        lock_node_key(&path).expect("free again once the holder is gone");
+    }
 
     #[test]
     fn key_file_is_created_only_when_asked_and_then_reused() {

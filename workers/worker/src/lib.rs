@@ -16,7 +16,8 @@ mod plugins;
 mod worker;
 
 pub use config::{
-    default_ort_dylib_path, load_node_key, AcceleratorChoice, WorkerConfig, ONNXRUNTIME_VERSION,
+    default_ort_dylib_path, load_node_key, lock_node_key, AcceleratorChoice, WorkerConfig,
+    ONNXRUNTIME_VERSION,
 };
 pub use plugins::face_detect;
 pub use worker::run;

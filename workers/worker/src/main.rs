@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use xpand_worker::{
-    default_ort_dylib_path, load_node_key, run, AcceleratorChoice, BrokerAddress, WorkerConfig,
+    default_ort_dylib_path, load_node_key, lock_node_key, run, AcceleratorChoice, BrokerAddress,
+    WorkerConfig,
 };
 
 /// Worker node of the xpand compute network: runs ONNX models on shards the gateway assigns over
@@ -93,6 +94,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         println!("{}", node_key.id());
         return Ok(());
     }
+    let _identity = lock_node_key(&cli.key_file)?;
     let gateway_key = cli
         .gateway_key
         .context("--gateway-key (XPAND_GATEWAY_KEY) is required")?;

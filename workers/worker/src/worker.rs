@@ -7,7 +7,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{NetworkOptions, Outgoing};
@@ -40,6 +40,15 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// How long shutdown waits for running shards to finish and publish their results.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The capability statement is published again this often, so a gateway that lost or never
+/// stored it (a node registered after its first announce) learns it without a restart.
+const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(60);
+/// Announces asked for by the gateway are answered at most this often.
+const MIN_ANNOUNCE_GAP: Duration = Duration::from_secs(1);
+/// Reconnect delay after the broker handed our session to another client with our node id:
+/// another process runs this identity, and reconnecting at once would take turns with it.
+const TAKEN_OVER_DELAY: Duration = Duration::from_secs(5);
+const MAX_TAKEN_OVER_DELAY: Duration = Duration::from_secs(60);
 
 /// A verified model behind its plugin.
 struct LoadedModel {
@@ -63,6 +72,8 @@ struct Worker {
     connected: AtomicBool,
     /// Set once we asked the broker to close the session, so a lost connection ends the loop.
     disconnecting: AtomicBool,
+    /// When the capability statement was last published.
+    announced_at: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Runs a worker until `shutdown` completes, then stops taking assignments, lets running shards
@@ -112,6 +123,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         accepting: AtomicBool::new(true),
         connected: AtomicBool::new(false),
         disconnecting: AtomicBool::new(false),
+        announced_at: std::sync::Mutex::new(None),
     });
     tracing::info!(
         node_id = worker.key.id(),
@@ -237,7 +249,9 @@ fn total_memory_mb() -> u64 {
 async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gate: AssignmentGate) {
     let assign_topic = worker.topics.assign(worker.key.id());
     let stop_topic = worker.topics.stop(worker.key.id());
+    let announce_topic = worker.topics.announce_request(worker.key.id());
     let mut reconnect_delay = MIN_RECONNECT_DELAY;
+    let mut taken_over = false;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -247,14 +261,37 @@ async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gat
                 tokio::spawn(worker.clone().on_connected());
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publish.topic.as_ref() == assign_topic.as_bytes() {
+                let topic = publish.topic.as_ref();
+                if topic == assign_topic.as_bytes() {
                     worker.on_assignment(&mut gate, &assign_topic, &publish.payload);
-                } else if publish.topic.as_ref() == stop_topic.as_bytes() {
+                } else if topic == stop_topic.as_bytes() {
                     worker.on_stop(&mut gate, &stop_topic, &publish.payload);
+                } else if topic == announce_topic.as_bytes() {
+                    match gate.admit_announce_request(&announce_topic, &publish.payload, now_ms()) {
+                        Ok(_) => {
+                            tokio::spawn(worker.clone().reannounce());
+                        }
+                        Err(dropped) => {
+                            tracing::warn!(reason = %dropped, "announce request dropped")
+                        }
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(disconnect))) => {
-                tracing::warn!(reason = ?disconnect.reason_code, "the broker closed the session");
+                if disconnect.reason_code == DisconnectReasonCode::SessionTakenOver {
+                    if !taken_over {
+                        tracing::error!(
+                            node_id = worker.key.id(),
+                            "another process connected with this node's identity and took \
+                             over its session; one identity must run in one process. Backing \
+                             off until it stops"
+                        );
+                    }
+                    taken_over = true;
+                    reconnect_delay = reconnect_delay.max(TAKEN_OVER_DELAY);
+                } else {
+                    tracing::warn!(reason = ?disconnect.reason_code, "the broker closed the session");
+                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -269,7 +306,12 @@ async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gat
                     "broker connection lost"
                 );
                 sleep(reconnect_delay).await;
-                reconnect_delay = (reconnect_delay * 2).min(MAX_RECONNECT_DELAY);
+                let max = if taken_over {
+                    MAX_TAKEN_OVER_DELAY
+                } else {
+                    MAX_RECONNECT_DELAY
+                };
+                reconnect_delay = (reconnect_delay * 2).min(max);
             }
         }
     }
@@ -283,6 +325,14 @@ async fn send_heartbeats(worker: Arc<Worker>, every: Duration) {
         ticker.tick().await;
         // Heartbeats queued while offline would arrive late and say nothing; skip them.
         if worker.connected.load(Ordering::SeqCst) {
+            let due = worker
+                .announced_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|at| at.elapsed() >= REANNOUNCE_INTERVAL);
+            if due {
+                worker.publish_announce().await;
+            }
             let active_shards = u32::try_from(*worker.running.borrow()).unwrap_or(u32::MAX);
             worker
                 .publish(UpKind::Heartbeat, &Heartbeat { active_shards })
@@ -321,13 +371,36 @@ impl Worker {
         for topic in [
             self.topics.assign(self.key.id()),
             self.topics.stop(self.key.id()),
+            self.topics.announce_request(self.key.id()),
         ] {
             if let Err(e) = self.client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
                 tracing::warn!(error = %e, topic, "could not subscribe");
                 return;
             }
         }
+        self.publish_announce().await;
+    }
+
+    /// Publishes the capability statement (retained, so gateways that start later read it).
+    async fn publish_announce(&self) {
+        *self
+            .announced_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.publish(UpKind::Announce, &self.announce).await;
+    }
+
+    /// Announces again at the gateway's request, unless we just did.
+    async fn reannounce(self: Arc<Self>) {
+        let recent = self
+            .announced_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < MIN_ANNOUNCE_GAP);
+        if !recent {
+            tracing::info!("the gateway asked for our capability statement; announcing again");
+            self.publish_announce().await;
+        }
     }
 
     fn on_assignment(self: &Arc<Self>, gate: &mut AssignmentGate, topic: &str, payload: &[u8]) {
