@@ -372,6 +372,17 @@ async fn on_announce(
     if crate::nodes::record_announce(&state.db, node, signed_at_ms, announce, envelope).await? {
         tracing::info!(node, name = %announce.name, models = announce.models.len(), "node announced");
         state.node_directory.forget(node).await;
+        if announce.started_at_ms > 0 {
+            // A new process: shards its predecessor held are not coming back.
+            orchestrator::requeue_lost(
+                state,
+                orchestrator::Lost::Restarted {
+                    node,
+                    started_at_ms: announce.started_at_ms,
+                },
+            )
+            .await?;
+        }
     }
     // An announce is proof of life only while it is fresh (a retained one may be old).
     if now_ms().saturating_sub(signed_at_ms).saturating_abs() <= MAX_SKEW_MS {

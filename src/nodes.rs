@@ -67,6 +67,8 @@ async fn notify_directory(conn: &mut sqlx::PgConnection, node_id: &str) -> sqlx:
 #[derive(Debug, Clone, Copy)]
 pub enum Failure {
     LeaseLapsed,
+    /// The node died (its heartbeats stopped) or restarted while it held the shard.
+    NodeLost,
     BadResult,
     /// Outvoted by two other nodes on the same shard.
     Disputed,
@@ -81,6 +83,7 @@ pub async fn charge_failures(
 ) -> sqlx::Result<()> {
     let reason = match why {
         Failure::LeaseLapsed => "lease_lapsed",
+        Failure::NodeLost => "node_lost",
         Failure::BadResult => "bad_result",
         Failure::Disputed => "disputed",
     };

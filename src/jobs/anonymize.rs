@@ -499,6 +499,8 @@ async fn try_reduce(state: &AppState, job_id: Uuid) -> anyhow::Result<()> {
          JOIN LATERAL (SELECT assignment_id FROM shards r
                        WHERE (r.id = s.id OR r.replica_of = s.id) AND r.node_id = s.node_id
                          AND r.output_sha256 = s.output_sha256
+                         -- A primary a speculative copy superseded has no assignment left.
+                         AND r.assignment_id IS NOT NULL
                        ORDER BY r.replica_of NULLS FIRST LIMIT 1) r ON true
          WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL ORDER BY s.idx",
     )

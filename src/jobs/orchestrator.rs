@@ -194,10 +194,10 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
 /// the round, so it cannot block the shards behind it. Whatever is returned first can be
 /// placed, hence a round with a free slot that may run some pending shard dispatches one.
 ///
-/// Fairness is least-served first, by the shards of unfinished jobs already started (running or
-/// done): accounts first, then each account's jobs. An account that has had 40 shards of its
-/// 10,000-row job started waits behind another account's first shard; a new job of the same
-/// account likewise gets its turn before the old job's 41st.
+/// Fairness: accounts take turns, least served first, where an account's service is the shards
+/// of its unfinished jobs already started (running or done). An account with 40 shards of its
+/// 10,000-row job started waits behind another account's first shard. Within an account, jobs
+/// run oldest first (a job's replicas with it), so each job finishes as soon as it can.
 async fn placeable_pending(
     conn: &mut PgConnection,
     slots: &[nodes::NodeSlot],
@@ -212,7 +212,6 @@ async fn placeable_pending(
         "WITH free AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS f(node, model)),
          candidate AS (
              SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, j.account_id, j.created_at,
-                    j.shards_total,
                     -- For a replica or speculative copy: the nodes that already produced (or
                     -- are producing) a run of its primary. Nodes that merely lost it stay
                     -- eligible.
@@ -225,28 +224,27 @@ async fn placeable_pending(
                     END AS ran_on
              FROM shards s JOIN jobs j ON j.id = s.job_id
              WHERE s.status = 'pending' AND s.model = ANY($2)),
-         -- Shards of each job (and account) started already: not pending any more.
-         per_job AS (
-             SELECT job_id, account_id,
-                    max(shards_total) - count(*) FILTER (WHERE replica_of IS NULL) AS started
-             FROM candidate GROUP BY job_id, account_id),
-         per_account AS (
-             SELECT account_id, sum(started) AS started FROM per_job GROUP BY account_id),
-         placeable AS (
-             SELECT c.*, pj.started + row_number() OVER (
-                        PARTITION BY c.job_id ORDER BY c.idx, c.id) AS job_turn
-             FROM candidate c JOIN per_job pj ON pj.job_id = c.job_id
-             WHERE EXISTS (SELECT 1 FROM free f
-                           WHERE f.model = c.model AND f.node <> ALL(c.ran_on))),
+         -- What each waiting account has started already: its unfinished jobs' shards that are
+         -- no longer pending.
+         served AS (
+             SELECT j.account_id, sum(j.shards_total - COALESCE(p.pending, 0)) AS started
+             FROM jobs j
+             LEFT JOIN (SELECT job_id, count(*) FILTER (WHERE replica_of IS NULL) AS pending
+                        FROM candidate GROUP BY job_id) p ON p.job_id = j.id
+             WHERE j.status IN ('queued', 'running')
+               AND j.account_id IN (SELECT account_id FROM candidate)
+             GROUP BY j.account_id),
          ranked AS (
-             SELECT p.*, pa.started + row_number() OVER (
-                        PARTITION BY p.account_id
-                        ORDER BY p.job_turn, p.created_at, p.job_id, p.idx, p.id) AS account_turn
-             FROM placeable p JOIN per_account pa ON pa.account_id = p.account_id)
+             SELECT c.*, s.started + row_number() OVER (
+                        PARTITION BY c.account_id ORDER BY c.created_at, c.job_id, c.idx, c.id
+                    ) AS account_turn
+             FROM candidate c JOIN served s ON s.account_id = c.account_id
+             WHERE EXISTS (SELECT 1 FROM free f
+                           WHERE f.model = c.model AND f.node <> ALL(c.ran_on)))
          SELECT s.id, s.job_id, s.model, s.task, s.excluded_nodes, r.ran_on
          FROM ranked r JOIN shards s ON s.id = r.id
          WHERE s.status = 'pending'
-         ORDER BY r.account_turn, r.job_turn, r.created_at, r.job_id, r.idx, r.id
+         ORDER BY r.account_turn, r.created_at, r.job_id, r.idx, r.id
          LIMIT $3
          FOR UPDATE OF s SKIP LOCKED",
     )
@@ -601,9 +599,10 @@ async fn supersede(
     let Some((Some(slow_node), Some(slow_assignment), idx, row_offset)) = running else {
         return Ok(None);
     };
+    // The slow run's assignment stops being current: its late progress and result are stale.
     sqlx::query(
         "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4,
-                completed_at = now(), lease_expires_at = NULL
+                completed_at = now(), lease_expires_at = NULL, assignment_id = NULL
          WHERE id = $1",
     )
     .bind(primary)
@@ -897,6 +896,58 @@ pub async fn run_sweeper(state: AppState, shutdown: Shutdown) {
     }
 }
 
+/// Why assigned shards are taken back from their nodes.
+pub enum Lost<'a> {
+    /// Their leases lapsed without progress.
+    LeaseLapsed,
+    /// Their nodes' heartbeats stopped.
+    NodesGone(&'a [String]),
+    /// `node` started a new process at `started_at_ms`: what it was given before is gone.
+    Restarted { node: &'a str, started_at_ms: i64 },
+}
+
+/// Returns lost shards to the queue, each node charged a failure for each, and wakes the
+/// dispatcher. Returns how many went back.
+pub async fn requeue_lost(state: &AppState, lost: Lost<'_>) -> anyhow::Result<usize> {
+    let (lapsed, gone, restarted, started_at_ms, why) = match lost {
+        Lost::LeaseLapsed => (true, &[][..], None, 0, Failure::LeaseLapsed),
+        Lost::NodesGone(nodes) => (false, nodes, None, 0, Failure::NodeLost),
+        Lost::Restarted {
+            node,
+            started_at_ms,
+        } => (false, &[][..], Some(node), started_at_ms, Failure::NodeLost),
+    };
+    let mut tx = state.db.begin().await?;
+    let requeued: Vec<(String, Uuid)> = sqlx::query_as(
+        "WITH lost AS (
+             SELECT id, node_id FROM shards
+             WHERE status = 'assigned'
+               AND (($1 AND lease_expires_at < now())
+                    OR node_id = ANY($2)
+                    OR (node_id = $3 AND assigned_at < to_timestamp($4 / 1000.0)))
+             FOR UPDATE SKIP LOCKED)
+         UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                lease_expires_at = NULL, excluded_nodes = array_append(s.excluded_nodes, l.node_id)
+         FROM lost l WHERE s.id = l.id
+         RETURNING l.node_id, s.id",
+    )
+    .bind(lapsed)
+    .bind(gone)
+    .bind(restarted)
+    .bind(started_at_ms as f64)
+    .fetch_all(&mut *tx)
+    .await?;
+    if !requeued.is_empty() {
+        nodes::charge_failures(&mut tx, &requeued, why).await?;
+    }
+    tx.commit().await?;
+    if !requeued.is_empty() {
+        tracing::info!(shards = requeued.len(), reason = ?why, "re-queued lost shards");
+        state.wake_dispatcher();
+    }
+    Ok(requeued.len())
+}
+
 /// Gives each straggler — a primary running `XPAND_STRAGGLER_FACTOR` times longer than the median
 /// of its job's finished shards, and at least `XPAND_STRAGGLER_MIN_SECS` — one speculative copy
 /// for another node. The first valid result wins ([`supersede`], [`stop_copies`]).
@@ -1012,26 +1063,23 @@ async fn accept_unchecked(state: &AppState) -> anyhow::Result<()> {
 
 async fn sweep(state: &AppState) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
-    let mut tx = state.db.begin().await?;
-    let lapsed: Vec<(String, Uuid)> = sqlx::query_as(
-        "WITH lapsed AS (
-             SELECT id, node_id FROM shards
-             WHERE status = 'assigned' AND lease_expires_at < now()
-             FOR UPDATE SKIP LOCKED)
-         UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
-                lease_expires_at = NULL, excluded_nodes = array_append(s.excluded_nodes, l.node_id)
-         FROM lapsed l WHERE s.id = l.id
-         RETURNING l.node_id, s.id",
+    requeue_lost(state, Lost::LeaseLapsed).await?;
+    // Shards held by nodes whose heartbeats stopped: no need to wait out their leases. (A Redis
+    // that lost its keys makes live nodes look gone for a heartbeat; their shards then run
+    // twice and the first run's late result is dropped as stale: wasted work, nothing wrong.)
+    let holders: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT node_id FROM shards WHERE status = 'assigned' AND node_id IS NOT NULL",
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&state.db)
     .await?;
-    if !lapsed.is_empty() {
-        nodes::charge_failures(&mut tx, &lapsed, Failure::LeaseLapsed).await?;
-    }
-    tx.commit().await?;
-    if !lapsed.is_empty() {
-        tracing::info!(shards = lapsed.len(), "re-queued shards whose lease lapsed");
-        state.wake_dispatcher();
+    let alive = state.liveness.alive(&holders).await?;
+    let gone: Vec<String> = holders
+        .into_iter()
+        .zip(alive)
+        .filter_map(|(node, alive)| (!alive).then_some(node))
+        .collect();
+    if !gone.is_empty() {
+        requeue_lost(state, Lost::NodesGone(&gone)).await?;
     }
 
     speculate(state).await?;

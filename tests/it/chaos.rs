@@ -1,11 +1,15 @@
-//! Chaos, with real processes: two `xpand serve` replicas and three `xpand-worker`s on their own
-//! Mosquitto, a stream of forecast jobs, and `kill -9` of workers and gateways at random (each
-//! restarted a moment later) plus one broker restart. Afterwards every job has ended, each
-//! failed or canceled one was refunded in full, no shard was paid twice, the ledger's invariants
-//! hold and `xpand verify` passes on the sealed chain.
+//! Chaos, with real processes on their own Mosquitto and a stream of forecast jobs, in two
+//! topologies:
+//! - comfortable: two `xpand serve` replicas and three `xpand-worker`s, `kill -9` of workers and
+//!   gateways at random (each restarted a moment later) plus one broker restart;
+//! - minimal, what a new user runs first: one gateway and two workers with redundancy sampling
+//!   on, one worker killed for good a third of the way in.
+//!
+//! Afterwards every job has ended, each failed or canceled one was refunded in full, no shard
+//! was paid twice, the ledger's invariants hold and `xpand verify` passes on the sealed chain.
 //!
 //! The window is `XPAND_CHAOS_SECS` (default 25 s); the figures it prints (jobs, kills,
-//! re-dispatch delay after a worker died) are the ones in the README.
+//! re-queue delay after a worker died) are the ones in the README.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,6 +45,19 @@ struct Cluster {
     mqtt_port: u16,
     prefix: String,
     gateway_key: NodeKey,
+    redundancy_bps: u32,
+}
+
+/// The shape of one chaos run.
+struct Topology {
+    gateways: usize,
+    workers: usize,
+    /// Share of results checked by a second node, in basis points.
+    redundancy_bps: u32,
+    /// Kill one worker once, a third of the way in, and never restart it; nothing else dies.
+    one_worker_killed_for_good: bool,
+    /// Clients submitting jobs back to back.
+    submitters: usize,
 }
 
 impl Cluster {
@@ -81,6 +98,8 @@ impl Cluster {
             .env("XPAND_JOB_TIMEOUT_SECS", "300")
             .env("XPAND_MAX_SHARD_ATTEMPTS", "20")
             .env("XPAND_VERIFY_NEW_NODE_SHARDS", "0")
+            .env("XPAND_REDUNDANCY_BPS", self.redundancy_bps.to_string())
+            .env("XPAND_VERIFY_WAIT_SECS", "5")
             .env("XPAND_DB_POOL", "6")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -162,6 +181,30 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
+    run(Topology {
+        gateways: 2,
+        workers: 3,
+        redundancy_bps: 500,
+        one_worker_killed_for_good: false,
+        submitters: 3,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_gateway_two_workers_survive_one_worker_dying_for_good() {
+    run(Topology {
+        gateways: 1,
+        workers: 2,
+        redundancy_bps: 2_000,
+        one_worker_killed_for_good: true,
+        // One worker is left to drain what was submitted: one client keeps the backlog short.
+        submitters: 1,
+    })
+    .await;
+}
+
+async fn run(topology: Topology) {
     let window = Duration::from_secs(
         std::env::var("XPAND_CHAOS_SECS")
             .ok()
@@ -178,9 +221,10 @@ async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
         mqtt_port: free_port(),
         prefix: format!("xpand-chaos-{tag}"),
         gateway_key,
+        redundancy_bps: topology.redundancy_bps,
     };
     let mut broker = cluster.broker();
-    let ports = [free_port(), free_port()];
+    let ports: Vec<u16> = (0..topology.gateways).map(|_| free_port()).collect();
     let mut gateways: Vec<Child> = ports.iter().map(|p| cluster.gateway(*p)).collect();
     let bases: Vec<String> = ports
         .iter()
@@ -204,7 +248,7 @@ async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
     let db = PgPool::connect(&cluster.db_url).await.unwrap();
     let mut key_files = Vec::new();
     let mut workers = Vec::new();
-    for i in 0..3 {
+    for i in 0..topology.workers {
         let path = dir.path().join(format!("node-{i}.key"));
         let key = NodeKey::create_file(&path).unwrap();
         xpand::nodes::register(&db, key.id(), &format!("chaos-{i}"))
@@ -218,15 +262,23 @@ async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
         .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let submitters: Vec<_> = (0..3)
+    let submitters: Vec<_> = (0..topology.submitters)
         .map(|_| tokio::spawn(submitter(bases.clone(), api_key.clone(), stop.clone())))
         .collect();
 
-    // kill -9 something every 1.5–3 s; the broker once, half way.
+    // kill -9 something every 1.5–3 s; the broker once, half way. Or, in the minimal topology,
+    // one worker for good.
     let mut kills: Vec<(String, DateTime<Utc>)> = Vec::new();
     let (mut worker_kills, mut gateway_kills, mut broker_restarted) = (0, 0, false);
     let started = Instant::now();
-    while started.elapsed() < window {
+    if topology.one_worker_killed_for_good {
+        tokio::time::sleep(window / 3).await;
+        kill9(&mut workers[1]);
+        kills.push((key_files[1].1.clone(), Utc::now()));
+        worker_kills += 1;
+        tokio::time::sleep(window.saturating_sub(started.elapsed())).await;
+    }
+    while !topology.one_worker_killed_for_good && started.elapsed() < window {
         let pause = rand::thread_rng().gen_range(1500..3000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if !broker_restarted && started.elapsed() > window / 2 {
@@ -343,11 +395,13 @@ async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
         String::from_utf8_lossy(&verified.stderr)
     );
 
-    // How long a dead worker's shards waited: from the kill to their re-queue (the lease).
+    // How long a dead worker's shards waited: from the kill to their re-queue (the restarted
+    // process's announce, the lapse of its heartbeats, or its lease).
     let mut redispatch = Vec::new();
     for (node, killed_at) in &kills {
         let lapsed: Vec<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT at FROM node_failures WHERE node_id = $1 AND reason = 'lease_lapsed'
+            "SELECT at FROM node_failures WHERE node_id = $1
+               AND reason IN ('lease_lapsed', 'node_lost')
                AND at > $2 AND at < $2 + interval '10 seconds'",
         )
         .bind(node)
@@ -362,10 +416,18 @@ async fn jobs_survive_kill_9_of_workers_and_gateways_and_a_broker_restart() {
         );
     }
     redispatch.sort_by(f64::total_cmp);
+    let unverified: i64 = sqlx::query_scalar("SELECT count(*) FROM shards WHERE unverified")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     eprintln!(
-        "chaos: {} s, {} jobs {statuses:?}, {worker_kills} worker and {gateway_kills} gateway \
-         kill -9s, broker restarted: {broker_restarted}; shards re-queued after a worker died: {} \
-         (p50 {:.2} s, p99 {:.2} s after the kill)",
+        "chaos ({} gateways, {} workers, redundancy {} bps): {} s, {} jobs {statuses:?}, \
+         {worker_kills} worker and {gateway_kills} gateway kill -9s, broker restarted: \
+         {broker_restarted}, {unverified} shards accepted unverified; shards re-queued after a \
+         worker died: {} (p50 {:.2} s, p99 {:.2} s after the kill)",
+        topology.gateways,
+        topology.workers,
+        topology.redundancy_bps,
         window.as_secs(),
         distinct.len(),
         redispatch.len(),

@@ -99,6 +99,7 @@ impl FakeNode {
             cpu_cores: 1,
             max_concurrent_shards: slots,
             worker_version: "test".into(),
+            started_at_ms: 0,
         };
         self.send(UpKind::Announce, self.seal(UpKind::Announce, &announce))
             .await;
@@ -831,7 +832,7 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
     while app
         .state
         .liveness
-        .alive(&[doomed_id.clone()])
+        .alive(std::slice::from_ref(&doomed_id))
         .await
         .unwrap()
         == [true]

@@ -32,6 +32,11 @@ pub struct Announce {
     /// How many shards the worker runs at once; the gateway never assigns more.
     pub max_concurrent_shards: u32,
     pub worker_version: String,
+    /// When this worker process started (Unix ms; 0 if unknown). A statement with a new start
+    /// tells the gateway that shards assigned to the node before it were lost with the old
+    /// process, so they go back to the queue at once instead of waiting out their leases.
+    #[serde(default)]
+    pub started_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -108,6 +108,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         max_concurrent_shards: u32::try_from(config.max_concurrent_shards)
             .context("max_concurrent_shards is too large")?,
         worker_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at_ms: now_ms(),
     };
 
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), REQUEST_QUEUE);
