@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test setup services lint openapi fmt
+.PHONY: run test soak setup services lint openapi fmt
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -32,6 +32,10 @@ test: setup
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi
+
+# The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
+soak: services
+	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run -E 'test(scheduler_simulation)' --no-capture
 
 lint:
 	cargo fmt --all -- --check

@@ -33,6 +33,7 @@ const SHARED_GROUP: &str = "xpand-gateways";
 const INBOUND_CONCURRENCY: usize = 64;
 
 /// A signed envelope and the topic it goes to.
+#[derive(Debug)]
 pub struct SealedMessage {
     pub topic: String,
     pub payload: Vec<u8>,
@@ -299,7 +300,9 @@ pub struct Admitted {
     pub entry: DirectoryEntry,
 }
 
-async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
+/// Admits one worker message and acts on it; drops are counted, never returned. The MQTT loop
+/// calls this for each publish (the scheduler simulation calls it directly).
+pub async fn handle_message(state: &AppState, topic: &str, payload: &[u8]) {
     let Admitted {
         kind,
         opened,

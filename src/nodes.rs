@@ -322,6 +322,15 @@ impl Liveness {
             .await
     }
 
+    /// Ends `node_id`'s liveness now, as if its heartbeats had lapsed.
+    pub async fn forget(&self, node_id: &str) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::cmd("DEL")
+            .arg(self.key(node_id))
+            .query_async(&mut conn)
+            .await
+    }
+
     /// Which of `nodes` are alive, in order.
     pub async fn alive(&self, nodes: &[String]) -> redis::RedisResult<Vec<bool>> {
         if nodes.is_empty() {
@@ -361,7 +370,9 @@ async fn live_nodes(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<Li
                 (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned'),
                 (SELECT es.score FROM epoch_scores es WHERE es.node_id = n.id
                  ORDER BY es.epoch DESC LIMIT 1)
-         FROM nodes n WHERE n.status = 'active' AND n.capabilities IS NOT NULL",
+         FROM nodes n WHERE n.status = 'active' AND n.capabilities IS NOT NULL
+         -- A stable order: placement breaks ties by it.
+         ORDER BY n.registered_at, n.id",
     )
     .fetch_all(pool)
     .await?;

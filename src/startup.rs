@@ -54,10 +54,21 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
         .context("applying migrations")
 }
 
-impl Application {
-    /// Connects to Postgres (applying migrations), Redis and the broker, binds the listener and
-    /// starts the background loops.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+/// The state the gateway runs on, connected (Postgres with migrations applied, Redis, an MQTT
+/// client that sends nothing until its event loop is polled) but with no loop started.
+/// [`Application::build`] starts the loops; the scheduler simulation drives the domain through
+/// it by hand.
+pub struct Connected {
+    pub state: AppState,
+    pub eventloop: rumqttc::v5::EventLoop,
+    redis_client: redis::Client,
+    stop_streams: Trigger,
+}
+
+impl Connected {
+    /// `public_url` is where workers fetch and upload transfers (the gateway's own address
+    /// unless `XPAND_PUBLIC_URL` says otherwise).
+    pub async fn connect(config: Config, public_url: &str) -> anyhow::Result<Self> {
         let db = connect_db(&config).await?;
         migrate(&db).await?;
         let redis_client = redis::Client::open(config.redis_url.as_str())
@@ -72,29 +83,18 @@ impl Application {
             redis::aio::ConnectionManager::new_with_config(redis_client.clone(), redis_config)
                 .await
                 .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
         let (broker, eventloop) = Broker::new(&config);
         let (stop_streams, streams) = shutdown::channel();
-        let (stop_dispatch, dispatch) = shutdown::channel();
-        let (stop_background, background) = shutdown::channel();
-        let events = EventHub::new(redis.clone(), &config.redis_prefix);
         let epoch_clock = crate::epochs::EpochClock::load(&db, config.epoch_length).await?;
-        let bound = listener.local_addr().context("reading the bound address")?;
-        let public_url = config
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{bound}"));
         std::fs::create_dir_all(&config.scratch_dir)
             .with_context(|| format!("creating {}", config.scratch_dir.display()))?;
         let state = AppState::new(Inner {
-            transfers: TransferUrls::new(&config.gateway_key, &public_url),
+            transfers: TransferUrls::new(&config.gateway_key, public_url),
             jwt: JwtKeys::new(&config.gateway_key)?,
             epoch_clock,
             files: crate::files::open_store(&config)?,
             liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
-            events: events.clone(),
+            events: EventHub::new(redis.clone(), &config.redis_prefix),
             config,
             db,
             redis,
@@ -104,6 +104,35 @@ impl Application {
             dispatch_wakeup: Default::default(),
             shutdown: streams,
         });
+        Ok(Self {
+            state,
+            eventloop,
+            redis_client,
+            stop_streams,
+        })
+    }
+}
+
+impl Application {
+    /// Connects to Postgres (applying migrations), Redis and the broker, binds the listener and
+    /// starts the background loops.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let bound = listener.local_addr().context("reading the bound address")?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        let Connected {
+            state,
+            eventloop,
+            redis_client,
+            stop_streams,
+        } = Connected::connect(config, &public_url).await?;
+        let (stop_dispatch, dispatch) = shutdown::channel();
+        let (stop_background, background) = shutdown::channel();
         let tasks = vec![
             tokio::spawn(nodes::run_directory_listener(
                 state.db.clone(),
@@ -115,7 +144,12 @@ impl Application {
                 eventloop,
                 background.clone(),
             )),
-            tokio::spawn(events.run_subscriber(redis_client, background.clone())),
+            tokio::spawn(
+                state
+                    .events
+                    .clone()
+                    .run_subscriber(redis_client, background.clone()),
+            ),
             tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
             tokio::spawn(webhooks::run_deliverer(state.clone(), background.clone())),
             tokio::spawn(crate::ledger::blocks::run_sealer(

@@ -27,7 +27,7 @@ use super::verification::{self, Verdict};
 use super::{
     anonymize, check_output, fetch_row, forecast, Job, JobError, JobRow, JobStatus, JOB_COLUMNS,
 };
-use crate::broker::DropReason;
+use crate::broker::{DropReason, SealedMessage};
 use crate::error::AppError;
 use crate::events::JobEvent;
 use crate::ledger::escrow::{self, Release};
@@ -68,16 +68,38 @@ struct PendingShard {
     ran_on: Vec<String>,
 }
 
-/// One round: match pending shards to live nodes with room, record the assignments, then send
-/// them. Returns how many were sent.
+/// One round: [`assign`], then send what it signed. Returns how many were sent.
 async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
+    let round = assign(state).await?;
+    let sent = round.len();
+    for (a, message) in round {
+        if let Err(e) = state.broker.send(message).await {
+            // The lease will lapse and the shard will be offered again.
+            tracing::warn!(error = %e, shard = %a.shard_id, "sending an assignment failed");
+        }
+        state
+            .metrics
+            .dispatched_shards
+            .with_label_values(&[task_kind(&a.task)])
+            .inc();
+    }
+    Ok(sent)
+}
+
+/// Matches pending shards to live nodes with room and records the assignments (each signed
+/// once: the same bytes are sealed into the ledger and returned for sending). Jobs that got
+/// their first shard turn `running`.
+///
+/// Invariant: while a live node with a free slot may run some pending shard, the round
+/// assigns at least one ([`placeable_pending`]).
+pub async fn assign(state: &AppState) -> anyhow::Result<Vec<(Assignment, SealedMessage)>> {
     let mut slots = nodes::available(&state.db, &state.liveness).await?;
     // A node whose last epoch scored below the floor (failures, disputes) gets no work.
     let floor = state.config.min_power_score;
     slots.retain(|s| s.score.is_none_or(|score| score >= floor));
     let capacity: i64 = slots.iter().map(|s| s.free).sum();
     if capacity == 0 {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut tx = state.db.begin().await?;
     let pending = placeable_pending(&mut tx, &slots, capacity).await?;
@@ -117,7 +139,7 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
         });
     }
     if assignments.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let shard_ids: Vec<Uuid> = assignments.iter().map(|a| a.shard_id).collect();
     let node_ids: Vec<&str> = assignments.iter().map(|a| a.node.as_str()).collect();
@@ -158,17 +180,6 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
     .fetch_all(&state.db)
     .await?;
 
-    for (a, message) in assignments.iter().zip(messages) {
-        if let Err(e) = state.broker.send(message).await {
-            // The lease will lapse and the shard will be offered again.
-            tracing::warn!(error = %e, shard = %a.shard_id, "sending an assignment failed");
-        }
-        state
-            .metrics
-            .dispatched_shards
-            .with_label_values(&[task_kind(&a.task)])
-            .inc();
-    }
     for (job_id, account, shards_done, shards_total) in started {
         state
             .events
@@ -183,7 +194,7 @@ async fn dispatch_once(state: &AppState) -> anyhow::Result<usize> {
             )
             .await;
     }
-    Ok(assignments.len())
+    Ok(assignments.into_iter().zip(messages).collect())
 }
 
 /// Up to `limit` pending shards that some slot in `slots` may run, fairest first, locked for
@@ -1061,7 +1072,9 @@ async fn accept_unchecked(state: &AppState) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sweep(state: &AppState) -> anyhow::Result<()> {
+/// One pass of the sweeper: lost shards back to the queue, stragglers copied, unchecked held
+/// results accepted, stranded joins restarted, exhausted and timed-out jobs failed.
+pub async fn sweep(state: &AppState) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
     requeue_lost(state, Lost::LeaseLapsed).await?;
     // Shards held by nodes whose heartbeats stopped: no need to wait out their leases. (A Redis

@@ -26,8 +26,8 @@ use uuid::Uuid;
 use xpand_protocol::NodeKey;
 
 use crate::common::{
-    assert_ledger_invariants, create_database, delete_redis_prefix, forecast_job, pg_server,
-    redis_url,
+    assert_every_job_settled, assert_ledger_invariants, create_database, delete_redis_prefix,
+    forecast_job, pg_server, redis_url,
 };
 
 fn free_port() -> u16 {
@@ -341,45 +341,7 @@ async fn run(topology: Topology) {
     distinct.dedup();
     assert_eq!(created, distinct.len() as i64, "no job was created twice");
 
-    // Money: each job held once and released once; failed ones cost nothing; a succeeded one
-    // costs its quote; what nodes were paid per job is exactly its done shards' fees, once.
-    let unbalanced_jobs: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs j WHERE
-            (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_hold') <> 1
-         OR (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_release') <> 1
-         OR (j.status = 'failed' AND j.cost <> 0)
-         OR (j.status = 'succeeded' AND j.cost <> j.quote)",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(
-        unbalanced_jobs, 0,
-        "every job held once, released once, charged right"
-    );
-    let overpaid: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs j WHERE j.status = 'succeeded' AND
-            (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
-               JOIN ledger_transactions t ON t.id = e.tx_id
-               JOIN ledger_accounts a ON a.id = e.ledger_account_id
-             WHERE t.job_id = j.id AND t.kind = 'escrow_release' AND a.purpose = 'earnings')
-            <> (SELECT COALESCE(sum(fee), 0) FROM shards s
-                WHERE s.job_id = j.id AND s.status = 'done' AND s.replica_of IS NULL)",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(
-        overpaid, 0,
-        "nodes were paid each done shard's fee exactly once"
-    );
-    let held: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(balance), 0)::bigint FROM ledger_accounts WHERE purpose = 'held'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!(held, 0, "no money left in escrow");
+    assert_every_job_settled(&db).await;
     assert_ledger_invariants(&db).await;
 
     // The sealed chain verifies through the public API.

@@ -463,6 +463,49 @@ pub async fn assert_ledger_invariants(db: &PgPool) {
     assert_eq!(total.unwrap_or(0), 0, "money is neither created nor lost");
 }
 
+/// Money per job, over every job in `db` (all ended): held once and released once; a failed
+/// job cost nothing and a succeeded one its quote; nodes were paid each done shard's fee
+/// exactly once; nothing is left in escrow.
+pub async fn assert_every_job_settled(db: &PgPool) {
+    let unbalanced_jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j WHERE
+            (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_hold') <> 1
+         OR (SELECT count(*) FROM ledger_transactions t WHERE t.job_id = j.id AND t.kind = 'escrow_release') <> 1
+         OR (j.status = 'failed' AND j.cost <> 0)
+         OR (j.status = 'succeeded' AND j.cost <> j.quote)",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(
+        unbalanced_jobs, 0,
+        "every job held once, released once, charged right"
+    );
+    let overpaid: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j WHERE j.status IN ('succeeded', 'canceled') AND
+            (SELECT COALESCE(sum(e.amount), 0) FROM ledger_entries e
+               JOIN ledger_transactions t ON t.id = e.tx_id
+               JOIN ledger_accounts a ON a.id = e.ledger_account_id
+             WHERE t.job_id = j.id AND t.kind = 'escrow_release' AND a.purpose = 'earnings')
+            <> (SELECT COALESCE(sum(fee), 0) FROM shards s
+                WHERE s.job_id = j.id AND s.status = 'done' AND s.replica_of IS NULL)",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(
+        overpaid, 0,
+        "nodes were paid each done shard's fee exactly once"
+    );
+    let held: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(balance), 0)::bigint FROM ledger_accounts WHERE purpose = 'held'",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "no money left in escrow");
+}
+
 /// Forwards TCP to a service (Postgres, Redis) until cut: then open connections drop and new ones are refused.
 pub struct CuttableProxy {
     pub port: u16,

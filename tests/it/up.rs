@@ -45,15 +45,17 @@ async fn xpand_up_runs_a_whole_local_network() {
             .env("RUST_LOG", "info");
         command
     };
-    let mut child = up()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("xpand runs");
+    let mut child = Running(Some(
+        up().stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("xpand runs"),
+    ));
+    let pid = child.id();
 
     // The banner names the address; read it off stdout, and keep draining stdout after it (a
     // closed pipe would make the process's next print fail).
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.as_mut().unwrap().stdout.take().unwrap();
     let (address_tx, address_rx) = tokio::sync::oneshot::channel();
     let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let transcript = printed.clone();
@@ -83,7 +85,7 @@ async fn xpand_up_runs_a_whole_local_network() {
     assert!(!second.status.success());
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(
-        said.contains("already running") && said.contains(&format!("PID {}", child.id())),
+        said.contains("already running") && said.contains(&format!("PID {pid}")),
         "{said}"
     );
 
@@ -129,11 +131,12 @@ async fn xpand_up_runs_a_whole_local_network() {
 
     let stopping = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
+    let mut stopped = child.0.take().unwrap();
+    let exit = tokio::task::spawn_blocking(move || stopped.wait())
         .await
         .unwrap()
         .unwrap();
@@ -158,6 +161,25 @@ async fn xpand_up_runs_a_whole_local_network() {
         .await
         .unwrap();
     std::fs::remove_dir_all(&state_dir).unwrap();
+}
+
+/// `xpand up` as the test runs it: killed (its workers get SIGTERM from the kernel) if the test
+/// fails before stopping it.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The PIDs of processes running with `key_file` as their node key.

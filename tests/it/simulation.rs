@@ -1,0 +1,653 @@
+//! A deterministic simulation of the scheduler, as FoundationDB and TigerBeetle test theirs.
+//!
+//! Each seed drives the gateway's real placement and state machine against a real Postgres
+//! (its own database) and Redis (its own prefix), with no MQTT and no wall clock:
+//! - worker messages are sealed by simulated nodes and handed to `broker::handle_message`, the
+//!   function the MQTT loop calls; assignments come straight from `orchestrator::assign`;
+//! - time is virtual: each step moves every stored timestamp back onto a grid of whole seconds,
+//!   one second older, so leases, waits and timeouts pass in steps, not seconds, and come out
+//!   the same on every run;
+//! - a seeded RNG chooses everything: nodes joining, dying, restarting, lying, straggling and
+//!   rejecting; jobs of every size from three accounts; cancels; redundancy off, sampled at
+//!   100%, or only for new nodes.
+//!
+//! After every step: no starvation (if a live node with a free slot may run some pending shard,
+//! the dispatch round assigns one), no job outlives its timeout, the ledger balances. At the
+//! end: every job ended, nothing was paid twice, escrow is empty.
+//!
+//! `XPAND_SIM_SEEDS` seeds run (default 100; `make soak` runs more), from `XPAND_SIM_FIRST_SEED`;
+//! `XPAND_SIM_SEED=n` reruns one. A failure names its seed. Video jobs are not simulated: their
+//! shards take the same path, plus an upload check and a deferred join that need real files.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use futures::{FutureExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+use xpand::jobs::{JobStatus, SubmitJob, Submitted};
+use xpand::startup::Connected;
+use xpand::state::AppState;
+use xpand_protocol::{
+    Accelerator, Announce, Assignment, Heartbeat, ModelInfo, NodeKey, Progress, ProgressChain,
+    Reject, ShardOutput, ShardResult, ShardTask, Topics, UpKind,
+};
+
+use crate::common::{
+    assert_every_job_settled, assert_ledger_invariants, delete_redis_prefix, pg_server, test_config,
+};
+
+/// Steps with arrivals and failures; then the network calms down and every job must end.
+const ACTIVE_STEPS: u32 = 40;
+/// Steps after the active phase within which every job must have ended (its timeout and then
+/// some).
+const DRAIN_STEPS: u32 = 100;
+/// Virtual seconds per step; a step must take less real time than this.
+const STEP_SECS: f64 = 1.0;
+const JOB_TIMEOUT_SECS: f64 = 80.5;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Behaviour {
+    Honest,
+    /// Answers with wrong numbers: caught when another node checks it.
+    Liar,
+    /// Takes 6–12 steps, reporting progress to keep its lease.
+    Straggler,
+    /// Gives back half of what it is sent.
+    Rejecter,
+}
+
+/// Work a node holds: answered at step `due`.
+struct Held {
+    assignment: Assignment,
+    due: u32,
+}
+
+struct SimNode {
+    key: NodeKey,
+    slots: u32,
+    behaviour: Behaviour,
+    alive: bool,
+    held: Vec<Held>,
+}
+
+struct Sim {
+    rng: StdRng,
+    state: AppState,
+    topics: Topics,
+    nodes: Vec<SimNode>,
+    accounts: Vec<Uuid>,
+    jobs: Vec<(Uuid, Uuid)>,
+    step: u32,
+    last_advance: Instant,
+    /// What the run did, for the summary line.
+    counts: HashMap<&'static str, u64>,
+}
+
+impl Sim {
+    fn count(&mut self, what: &'static str) {
+        *self.counts.entry(what).or_default() += 1;
+    }
+
+    /// Sends `body` as node `i` would: sealed with its key on its topic, admitted by the
+    /// gateway's own checks.
+    async fn send<T: serde::Serialize>(&self, i: usize, kind: UpKind, body: &T) {
+        let key = &self.nodes[i].key;
+        let topic = self.topics.up(key.id(), kind);
+        let payload = key.seal(&topic, body);
+        xpand::broker::handle_message(&self.state, &topic, &payload).await;
+    }
+
+    /// A node process starting: it announces (with its start time) and beats.
+    async fn start_process(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let announce = Announce {
+            name: format!("sim-{i}"),
+            models: vec![ModelInfo {
+                name: xpand::jobs::forecast::MODEL.into(),
+                version: "1.0.0".into(),
+                kind: "forecast".into(),
+                sha256: "0".repeat(64),
+            }],
+            accelerator: Accelerator::Cpu,
+            memory_mb: 1024,
+            cpu_cores: 1,
+            max_concurrent_shards: node.slots,
+            worker_version: "sim".into(),
+            started_at_ms: xpand_protocol::now_ms(),
+        };
+        self.nodes[i].alive = true;
+        self.nodes[i].held.clear();
+        self.send(i, UpKind::Announce, &announce).await;
+    }
+
+    async fn add_node(&mut self) {
+        let behaviour = match self.rng.gen_range(0..10) {
+            0 => Behaviour::Liar,
+            1 => Behaviour::Straggler,
+            2 => Behaviour::Rejecter,
+            _ => Behaviour::Honest,
+        };
+        let key = NodeKey::generate();
+        let i = self.nodes.len();
+        xpand::nodes::register(&self.state.db, key.id(), &format!("sim-{i}"))
+            .await
+            .unwrap();
+        self.nodes.push(SimNode {
+            key,
+            slots: self.rng.gen_range(1..=3),
+            behaviour,
+            alive: false,
+            held: Vec::new(),
+        });
+        self.start_process(i).await;
+        self.count("nodes");
+    }
+
+    async fn submit(&mut self) {
+        let account = self.accounts[self.rng.gen_range(0..self.accounts.len())];
+        let rows = if self.rng.gen_bool(0.2) {
+            self.rng.gen_range(60..=160)
+        } else {
+            self.rng.gen_range(1..=24)
+        };
+        let len = self.rng.gen_range(3..=20);
+        let series: Vec<Vec<f64>> = (0..rows)
+            .map(|r| (0..len).map(|c| (r * 7 + c) as f64).collect())
+            .collect();
+        let req = SubmitJob {
+            kind: "forecast".into(),
+            input: json!({ "series": series }),
+            params: json!({ "horizon": self.rng.gen_range(1..=6) }),
+            max_fee: 100_000_000,
+            webhook: None,
+        };
+        match xpand::jobs::submit(&self.state, account, &req, None).await {
+            Ok(Submitted::Created(job)) => self.jobs.push((account, job.id)),
+            Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
+            Err(e) => panic!("a valid job was refused: {e}"),
+        }
+        self.count("jobs");
+    }
+
+    async fn cancel_one(&mut self) {
+        let Some(&(account, job)) = self.jobs.get(self.rng.gen_range(0..self.jobs.len().max(1)))
+        else {
+            return;
+        };
+        if xpand::jobs::orchestrator::cancel(&self.state, account, job)
+            .await
+            .is_ok()
+        {
+            self.count("cancels");
+        }
+    }
+
+    /// What happens to the network this step.
+    async fn events(&mut self) {
+        if self.rng.gen_bool(0.5) {
+            self.submit().await;
+        }
+        if !self.jobs.is_empty() && self.rng.gen_bool(0.03) {
+            self.cancel_one().await;
+        }
+        if self.nodes.len() < 6 && self.rng.gen_bool(0.04) {
+            self.add_node().await;
+        }
+        let i = self.rng.gen_range(0..self.nodes.len());
+        if self.nodes[i].alive && self.rng.gen_bool(0.05) {
+            // Dies (kill -9): it stops beating and its work is lost with it.
+            self.nodes[i].alive = false;
+            self.nodes[i].held.clear();
+            let id = self.nodes[i].key.id().to_string();
+            self.state.liveness.forget(&id).await.unwrap();
+            self.count("deaths");
+        } else if !self.nodes[i].alive && self.rng.gen_bool(0.3) {
+            self.start_process(i).await;
+            self.count("restarts");
+        }
+    }
+
+    /// Every live node beats and answers what is due.
+    async fn node_actions(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].alive {
+                continue;
+            }
+            let active = self.nodes[i].held.len() as u32;
+            self.send(
+                i,
+                UpKind::Heartbeat,
+                &Heartbeat {
+                    active_shards: active,
+                },
+            )
+            .await;
+            let (due, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.nodes[i].held)
+                .into_iter()
+                .partition(|h| h.due <= self.step);
+            self.nodes[i].held = waiting;
+            for held in &self.nodes[i].held {
+                let a = &held.assignment;
+                let progress = Progress {
+                    assignment_id: a.assignment_id,
+                    shard_id: a.shard_id,
+                    done: 0,
+                    total: 1,
+                    chain: ProgressChain::new(a.assignment_id).hex(),
+                };
+                self.send(i, UpKind::Progress, &progress).await;
+            }
+            for held in due {
+                self.answer(i, &held.assignment).await;
+            }
+        }
+    }
+
+    async fn answer(&mut self, i: usize, a: &Assignment) {
+        let behaviour = self.nodes[i].behaviour;
+        if behaviour == Behaviour::Rejecter && self.rng.gen_bool(0.5) {
+            let reject = Reject {
+                assignment_id: a.assignment_id,
+                shard_id: a.shard_id,
+                reason: "sim: busy".into(),
+            };
+            self.send(i, UpKind::Reject, &reject).await;
+            self.count("rejects");
+            return;
+        }
+        let ShardTask::Forecast { series, horizon } = &a.task else {
+            panic!("only forecasts are simulated");
+        };
+        // The "model": each row's last value, repeated. A liar answers something else.
+        let lie = if behaviour == Behaviour::Liar {
+            1e6
+        } else {
+            0.0
+        };
+        let output = ShardOutput::Forecast {
+            forecasts: series
+                .iter()
+                .map(|row| vec![row.last().copied().unwrap_or(0.0) + lie; *horizon as usize])
+                .collect(),
+        };
+        let result = ShardResult {
+            assignment_id: a.assignment_id,
+            shard_id: a.shard_id,
+            output_sha256: output.digest(),
+            chain: output.chain(a.assignment_id),
+            output,
+            elapsed_ms: 1,
+        };
+        self.send(i, UpKind::Result, &result).await;
+        self.count("results");
+    }
+
+    /// Whether some pending shard may run on some live node with a free slot, decided here
+    /// from the rows, independently of the dispatch query.
+    async fn placeable_exists(&self) -> bool {
+        let db = &self.state.db;
+        let busy: HashMap<String, i64> = sqlx::query_as(
+            "SELECT node_id, count(*) FROM shards WHERE status = 'assigned' GROUP BY node_id",
+        )
+        .fetch_all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+        let free: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive && busy.get(n.key.id()).copied().unwrap_or(0) < i64::from(n.slots))
+            .map(|n| n.key.id())
+            .collect();
+        if free.is_empty() {
+            return false;
+        }
+        let pending: Vec<Option<Uuid>> =
+            sqlx::query_scalar("SELECT replica_of FROM shards WHERE status = 'pending'")
+                .fetch_all(db)
+                .await
+                .unwrap();
+        for replica_of in pending {
+            let Some(primary) = replica_of else {
+                return true;
+            };
+            // A replica or copy never goes to a node with a run of its shard.
+            let ran: Vec<String> = sqlx::query_scalar(
+                "SELECT node_id FROM shards WHERE node_id IS NOT NULL
+                   AND (id = $1 OR (replica_of = $1 AND status IN ('assigned', 'done')))",
+            )
+            .bind(primary)
+            .fetch_all(db)
+            .await
+            .unwrap();
+            if free.iter().any(|n| !ran.iter().any(|r| r == n)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One dispatch pass as the dispatcher runs it (rounds until one assigns nothing),
+    /// checking that a placeable shard is never left waiting.
+    async fn dispatch(&mut self) {
+        let must_assign = self.placeable_exists().await;
+        let mut first = true;
+        loop {
+            let round = xpand::jobs::orchestrator::assign(&self.state)
+                .await
+                .unwrap();
+            assert!(
+                !(first && must_assign && round.is_empty()),
+                "starvation at step {}: a live node with a free slot may run a pending shard, \
+                 yet the round assigned nothing",
+                self.step
+            );
+            first = false;
+            if round.is_empty() {
+                return;
+            }
+            for (assignment, _) in round {
+                self.count("assignments");
+                let Some(node) = self
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.key.id() == assignment.node)
+                else {
+                    panic!("assigned to a node the simulation does not know");
+                };
+                if !node.alive {
+                    continue; // Lost on the wire: the node is dead and does not know it.
+                }
+                let delay = match node.behaviour {
+                    Behaviour::Straggler => self.rng.gen_range(6..=12),
+                    _ => self.rng.gen_range(0..=2),
+                };
+                node.held.push(Held {
+                    assignment,
+                    due: self.step + delay,
+                });
+            }
+        }
+    }
+
+    /// Moves virtual time on by one step. Every timestamp the scheduler compares with `now()`
+    /// is moved back so that its age becomes whole seconds plus one: what was written during
+    /// the step (real age under a second) is one step old, what was n steps old is n + 1. All
+    /// ages sit on the grid, and `now()` at a decision is the grid plus the milliseconds the
+    /// step has run, so every comparison comes out the same on every run of a seed.
+    async fn advance(&mut self) {
+        assert!(
+            self.last_advance.elapsed().as_secs_f64() < STEP_SECS,
+            "a step took longer than a virtual second of real time: the grid would slip"
+        );
+        let on_grid = |column: &str| {
+            format!(
+                "{column} = now() - make_interval(secs => \
+                 floor(extract(epoch FROM now() - {column})) + {STEP_SECS})"
+            )
+        };
+        let db = &self.state.db;
+        // Ended jobs' rows take part in no decision.
+        sqlx::query(&format!(
+            "UPDATE shards SET {}, {}, {}
+             WHERE job_id IN (SELECT id FROM jobs WHERE status IN ('queued', 'running'))",
+            on_grid("lease_expires_at"),
+            on_grid("assigned_at"),
+            on_grid("completed_at")
+        ))
+        .execute(db)
+        .await
+        .unwrap();
+        sqlx::query(&format!(
+            "UPDATE jobs SET {}, {}, {} WHERE status IN ('queued', 'running')",
+            on_grid("created_at"),
+            on_grid("updated_at"),
+            on_grid("started_at")
+        ))
+        .execute(db)
+        .await
+        .unwrap();
+        self.last_advance = Instant::now();
+        self.step += 1;
+    }
+
+    async fn open_jobs(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+            .fetch_one(&self.state.db)
+            .await
+            .unwrap()
+    }
+
+    /// Invariants after every step.
+    async fn check_step(&self) {
+        let overdue: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')
+               AND created_at < now() - make_interval(secs => $1)",
+        )
+        .bind(JOB_TIMEOUT_SECS + 2.0 * STEP_SECS)
+        .fetch_one(&self.state.db)
+        .await
+        .unwrap();
+        assert_eq!(
+            overdue, 0,
+            "a job outlived its timeout at step {}",
+            self.step
+        );
+        let unbalanced: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT tx_id FROM ledger_entries
+                                   GROUP BY tx_id HAVING sum(amount) <> 0) t",
+        )
+        .fetch_one(&self.state.db)
+        .await
+        .unwrap();
+        assert_eq!(
+            unbalanced, 0,
+            "an unbalanced ledger transaction at step {}",
+            self.step
+        );
+    }
+
+    async fn run(&mut self) {
+        for _ in 0..self.rng.gen_range(2..=4) {
+            self.add_node().await;
+        }
+        loop {
+            if self.step < ACTIVE_STEPS {
+                self.events().await;
+            }
+            self.node_actions().await;
+            self.dispatch().await;
+            xpand::jobs::orchestrator::sweep(&self.state).await.unwrap();
+            self.check_step().await;
+            if self.step >= ACTIVE_STEPS && self.open_jobs().await == 0 {
+                break;
+            }
+            assert!(
+                self.step < ACTIVE_STEPS + DRAIN_STEPS,
+                "{} jobs never ended",
+                self.open_jobs().await
+            );
+            self.advance().await;
+        }
+        // A job that succeeded has a forecast for every row it was given.
+        let done: Vec<(serde_json::Value, serde_json::Value)> =
+            sqlx::query_as("SELECT input, output FROM jobs WHERE status = $1")
+                .bind(JobStatus::Succeeded.as_str())
+                .fetch_all(&self.state.db)
+                .await
+                .unwrap();
+        for (input, output) in &done {
+            assert_eq!(
+                output["forecasts"].as_array().map(Vec::len),
+                input["series"].as_array().map(Vec::len),
+                "a succeeded job lost rows"
+            );
+        }
+        assert_every_job_settled(&self.state.db).await;
+        assert_ledger_invariants(&self.state.db).await;
+    }
+}
+
+/// Runs one seed in its own database (a copy of `template`) and Redis prefix.
+async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
+    let db_name = format!("{template}_s{seed}");
+    create_from_template(&db_name, template).await;
+    // The simulation checks decisions, not durability: no fsync per commit (milliseconds each
+    // on this disk, most of a step's time otherwise).
+    admin(&format!(
+        "ALTER DATABASE {db_name} SET synchronous_commit = off"
+    ))
+    .await;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut config = test_config(&db_name);
+    config.lease = std::time::Duration::from_secs_f64(4.5);
+    config.verify_wait = std::time::Duration::from_secs_f64(6.5);
+    config.straggler_min_secs = 5.5;
+    config.job_timeout = std::time::Duration::from_secs_f64(JOB_TIMEOUT_SECS);
+    // Liveness ends only when the simulation says a node died.
+    config.node_ttl = std::time::Duration::from_secs(3600);
+    (config.redundancy_bps, config.verify_new_node_shards) = match rng.gen_range(0..4) {
+        0 => (0, 0),
+        1 => (10_000, 0),
+        2 => (0, 3),
+        _ => (10_000, 3),
+    };
+    let redis_prefix = config.redis_prefix.clone();
+    let (files, scratch) = (config.files_dir.clone(), config.scratch_dir.clone());
+    let topics = Topics::new(&config.topic_prefix);
+    let connected = Connected::connect(config, "http://127.0.0.1:9")
+        .await
+        .unwrap();
+    // No MQTT: with its event loop gone, anything the gateway sends fails at once.
+    drop(connected.eventloop);
+    let state = connected.state;
+    let mut accounts = Vec::new();
+    for _ in 0..3 {
+        let (id, _) = xpand::accounts::create_customer(&state.db, "sim", 10_000_000_000)
+            .await
+            .unwrap();
+        accounts.push(id);
+    }
+    let mut sim = Sim {
+        rng,
+        state: state.clone(),
+        topics,
+        nodes: Vec::new(),
+        accounts,
+        jobs: Vec::new(),
+        step: 0,
+        last_advance: Instant::now(),
+        counts: HashMap::new(),
+    };
+    let outcome = std::panic::AssertUnwindSafe(sim.run()).catch_unwind().await;
+    let counts = std::mem::take(&mut sim.counts);
+    let steps = sim.step;
+    drop(sim);
+    state.db.close().await;
+    drop(state);
+    delete_redis_prefix(&redis_prefix).await;
+    let _ = std::fs::remove_dir_all(files);
+    let _ = std::fs::remove_dir_all(scratch);
+    admin(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).await;
+    if let Err(panic) = outcome {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        panic!(
+            "simulation seed {seed} failed after {steps} steps: {why}\n  reproduce: \
+             XPAND_SIM_SEED={seed} cargo nextest run -E 'test(scheduler_simulation)'"
+        );
+    }
+    let mut counts = counts;
+    counts.insert("steps", u64::from(steps));
+    counts
+}
+
+/// Copies the template (which nobody may be connected to while it is copied).
+async fn create_from_template(name: &str, template: &str) {
+    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
+        .await
+        .unwrap();
+    for attempt in 0.. {
+        // The migrator can leave an idle connection on the template behind its pool's close.
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(template)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let created = sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .execute(&mut conn)
+            .await;
+        match created {
+            Ok(_) => return,
+            Err(e) if attempt < 50 && e.to_string().contains("being accessed by other users") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("copying the template database: {e}"),
+        }
+    }
+}
+
+async fn admin(sql: &str) {
+    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
+        .await
+        .unwrap();
+    sqlx::query(sql).execute(&mut conn).await.unwrap();
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_simulation_keeps_every_invariant() {
+    let seeds: Vec<u64> = match env_u64("XPAND_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let first = env_u64("XPAND_SIM_FIRST_SEED").unwrap_or(1);
+            (first..first + env_u64("XPAND_SIM_SEEDS").unwrap_or(100)).collect()
+        }
+    };
+    // One migrated database, copied for each seed.
+    let template = crate::common::create_database().await;
+    let pool = PgPool::connect(&format!("{}/{template}", pg_server()))
+        .await
+        .unwrap();
+    xpand::startup::migrate(&pool).await.unwrap();
+    pool.close().await;
+
+    let started = Instant::now();
+    let totals = std::sync::Mutex::new(HashMap::<&'static str, u64>::new());
+    let outcome = std::panic::AssertUnwindSafe(
+        futures::stream::iter(seeds.iter().copied()).for_each_concurrent(4, |seed| {
+            let (template, totals) = (&template, &totals);
+            async move {
+                let counts = run_seed(seed, template).await;
+                let mut totals = totals.lock().unwrap();
+                for (k, v) in counts {
+                    *totals.entry(k).or_default() += v;
+                }
+            }
+        }),
+    )
+    .catch_unwind()
+    .await;
+    admin(&format!("DROP DATABASE IF EXISTS {template} WITH (FORCE)")).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let mut totals: Vec<_> = totals.into_inner().unwrap().into_iter().collect();
+    totals.sort();
+    eprintln!(
+        "simulation: {} seeds in {:.1} s: {totals:?}",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
