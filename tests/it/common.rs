@@ -307,6 +307,16 @@ impl TestApp {
         resp.text().await.unwrap()
     }
 
+    /// Worker messages the gateway dropped for `reason` so far.
+    pub async fn rejected(&self, reason: &str) -> u64 {
+        let needle = format!("xpand_rejected_messages_total{{reason=\"{reason}\"}} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
     pub async fn balances(&self, key: &str) -> (i64, i64) {
         let a = self.get_json(key, "/v1/account").await;
         (

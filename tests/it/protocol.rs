@@ -168,17 +168,9 @@ fn answer(a: &Assignment) -> ShardResult {
     }
 }
 
-async fn rejected(app: &TestApp, reason: &str) -> u64 {
-    let text = app.metrics().await;
-    let needle = format!("xpand_rejected_messages_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 async fn wait_rejected(app: &TestApp, reason: &str, at_least: u64) {
     for _ in 0..100 {
-        if rejected(app, reason).await >= at_least {
+        if app.rejected(reason).await >= at_least {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -606,17 +598,17 @@ async fn a_flooding_node_is_rate_limited() {
     }
     // The gateway may take a while to work through the burst on a loaded machine.
     tokio::time::timeout(Duration::from_secs(30), async {
-        while rejected(&app, "rate_limited").await < 100 {
+        while app.rejected("rate_limited").await < 100 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
     .expect("the excess is dropped as rate_limited");
     assert!(
-        rejected(&app, "rate_limited").await <= 200,
+        app.rejected("rate_limited").await <= 200,
         "only the excess is dropped"
     );
-    assert_eq!(rejected(&app, "replayed").await, 0);
+    assert_eq!(app.rejected("replayed").await, 0);
     node.die().await;
     app.teardown().await;
 }
@@ -695,7 +687,7 @@ async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
         .await
         .unwrap();
     assert_eq!(node.as_deref(), Some(fast.as_str()));
-    let before = rejected(&app, "stale_assignment").await;
+    let before = app.rejected("stale_assignment").await;
     slow.send(UpKind::Result, slow.seal(UpKind::Result, &answer(&a)))
         .await;
     wait_rejected(&app, "stale_assignment", before + 1).await;
@@ -736,25 +728,9 @@ async fn a_lapsed_replica_goes_back_to_any_node_that_has_not_voted() {
         .await
         .unwrap();
     // Whichever node gets the shard answers at once; the other gets the replica.
-    let [a, b] = &mut nodes[..] else {
-        unreachable!()
-    };
-    let (voter, other, primary) = tokio::select! {
-        p = a.next_assignment() => (a, b, p),
-        p = b.next_assignment() => (b, a, p),
-    };
-    voter
-        .send(
-            UpKind::Result,
-            voter.seal(UpKind::Result, &answer(&primary)),
-        )
-        .await;
+    let (voter, _, replica) = first_vote(&app, &mut nodes).await;
+    let other = &mut nodes[1 - voter];
     // The other node lets the replica's lease lapse...
-    let replica = other.next_assignment().await;
-    assert_eq!(
-        replica.shard_id,
-        replica_of_shard(&app, primary.shard_id).await
-    );
     // ...and then gets it again, since it never voted, and agrees.
     let again = other.next_assignment().await;
     assert_eq!(again.shard_id, replica.shard_id);
@@ -770,6 +746,32 @@ async fn a_lapsed_replica_goes_back_to_any_node_that_has_not_voted() {
         node.die().await;
     }
     app.teardown().await;
+}
+
+/// With two fake nodes and every result held: whichever node gets the job's one shard answers
+/// it at once, and the other gets its replica. Returns the voter's index, the primary's and the
+/// replica's assignments.
+async fn first_vote(app: &TestApp, nodes: &mut [FakeNode]) -> (usize, Assignment, Assignment) {
+    let [a, b] = nodes else {
+        panic!("two nodes expected")
+    };
+    let (voter, primary) = tokio::select! {
+        p = a.next_assignment() => (0, p),
+        p = b.next_assignment() => (1, p),
+    };
+    let answering = &nodes[voter];
+    answering
+        .send(
+            UpKind::Result,
+            answering.seal(UpKind::Result, &answer(&primary)),
+        )
+        .await;
+    let replica = nodes[1 - voter].next_assignment().await;
+    assert_eq!(
+        replica.shard_id,
+        replica_of_shard(app, primary.shard_id).await
+    );
+    (voter, primary, replica)
 }
 
 /// The replica row of `primary`.
@@ -806,26 +808,9 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
     let job = forecast_job(8, 3);
     let submit = || app.post_json(&customer, "/v1/jobs", &job);
     let held: Value = submit().await.json().await.unwrap();
-    let [a, b] = &mut nodes[..] else {
-        unreachable!()
-    };
-    let (first, primary) = tokio::select! {
-        p = a.next_assignment() => (0, p),
-        p = b.next_assignment() => (1, p),
-    };
-    let mut doomed = nodes.remove(1 - first);
+    let (voter, primary, _) = first_vote(&app, &mut nodes).await;
+    let doomed = nodes.remove(1 - voter);
     let mut survivor = nodes.remove(0);
-    survivor
-        .send(
-            UpKind::Result,
-            survivor.seal(UpKind::Result, &answer(&primary)),
-        )
-        .await;
-    let replica = doomed.next_assignment().await;
-    assert_eq!(
-        replica.shard_id,
-        replica_of_shard(&app, primary.shard_id).await
-    );
     // The checker dies holding the replica.
     let doomed_id = doomed.key.id().to_string();
     doomed.die().await;

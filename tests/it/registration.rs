@@ -9,15 +9,6 @@ use xpand_protocol::NodeKey;
 
 use crate::common::{forecast_job, TestApp};
 
-async fn dropped_unknown(app: &TestApp) -> u64 {
-    let needle = "xpand_rejected_messages_total{reason=\"unknown_node\"} ";
-    app.metrics()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(needle))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 async fn one_job_succeeds(app: &TestApp) {
     let (_, customer) = app.customer(50_000_000).await;
     let job: Value = app
@@ -55,7 +46,7 @@ async fn a_node_that_announced_before_its_registration_gets_work() {
     let mut app = TestApp::spawn().await;
     let key = NodeKey::generate();
     app.run_worker(key.clone()).await;
-    while dropped_unknown(&app).await < 2 {
+    while app.rejected("unknown_node").await < 2 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let registered: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = $1)")

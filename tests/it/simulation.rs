@@ -4,8 +4,8 @@
 //! (its own database) and Redis (its own prefix), with no MQTT and no wall clock:
 //! - worker messages are sealed by simulated nodes and handed to `broker::handle_message`, the
 //!   function the MQTT loop calls; assignments come straight from `orchestrator::assign`;
-//! - time is virtual: each step moves every stored timestamp back onto a grid of whole seconds,
-//!   one second older, so leases, waits and timeouts pass in steps, not seconds, and come out
+//! - time is virtual: each step moves every stored timestamp back onto a grid of whole steps
+//!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not seconds, and come out
 //!   the same on every run;
 //! - a seeded RNG chooses everything: nodes joining, dying, restarting, lying, straggling and
 //!   rejecting; jobs of every size from three accounts; cancels; redundancy off, sampled at
@@ -45,9 +45,11 @@ const ACTIVE_STEPS: u32 = 40;
 /// Steps after the active phase within which every job must have ended (its timeout and then
 /// some).
 const DRAIN_STEPS: u32 = 100;
-/// Virtual seconds per step; a step must take less real time than this.
-const STEP_SECS: f64 = 1.0;
-const JOB_TIMEOUT_SECS: f64 = 80.5;
+/// Virtual seconds per step, the grid's unit. A step must take less real time than this (it
+/// takes tens of milliseconds, a second or two on a loaded machine); durations below are in
+/// steps.
+const STEP_SECS: f64 = 10.0;
+const JOB_TIMEOUT_SECS: f64 = 80.5 * STEP_SECS;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Behaviour {
@@ -376,19 +378,19 @@ impl Sim {
     }
 
     /// Moves virtual time on by one step. Every timestamp the scheduler compares with `now()`
-    /// is moved back so that its age becomes whole seconds plus one: what was written during
-    /// the step (real age under a second) is one step old, what was n steps old is n + 1. All
-    /// ages sit on the grid, and `now()` at a decision is the grid plus the milliseconds the
-    /// step has run, so every comparison comes out the same on every run of a seed.
+    /// is moved back so that its age becomes whole steps plus one: what was written during the
+    /// step (real age under a step) is one step old, what was n steps old is n + 1. All ages sit
+    /// on the grid, and `now()` at a decision is the grid plus the real time the step has run,
+    /// so every comparison comes out the same on every run of a seed.
     async fn advance(&mut self) {
         assert!(
             self.last_advance.elapsed().as_secs_f64() < STEP_SECS,
-            "a step took longer than a virtual second of real time: the grid would slip"
+            "a step took longer in real time than a virtual step: the grid would slip"
         );
         let on_grid = |column: &str| {
             format!(
-                "{column} = now() - make_interval(secs => \
-                 floor(extract(epoch FROM now() - {column})) + {STEP_SECS})"
+                "{column} = now() - make_interval(secs => {STEP_SECS} * \
+                 (floor(extract(epoch FROM now() - {column}) / {STEP_SECS}) + 1))"
             )
         };
         let db = &self.state.db;
@@ -505,9 +507,9 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
     .await;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut config = test_config(&db_name);
-    config.lease = std::time::Duration::from_secs_f64(4.5);
-    config.verify_wait = std::time::Duration::from_secs_f64(6.5);
-    config.straggler_min_secs = 5.5;
+    config.lease = std::time::Duration::from_secs_f64(4.5 * STEP_SECS);
+    config.verify_wait = std::time::Duration::from_secs_f64(6.5 * STEP_SECS);
+    config.straggler_min_secs = 5.5 * STEP_SECS;
     config.job_timeout = std::time::Duration::from_secs_f64(JOB_TIMEOUT_SECS);
     // Liveness ends only when the simulation says a node died.
     config.node_ttl = std::time::Duration::from_secs(3600);

@@ -87,13 +87,22 @@ async fn a_finished_job_is_posted_signed_and_retried_until_accepted() {
     *forged.last_mut().unwrap() ^= 1;
     assert!(public.verify(&forged, &signature).is_err());
 
-    let (attempts, delivered): (i32, bool) = sqlx::query_as(
-        "SELECT attempts, delivered_at IS NOT NULL FROM webhook_deliveries WHERE job_id = $1::uuid",
-    )
-    .bind(id)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!((attempts, delivered), (2, true));
+    // The deliverer records the delivery after the receiver answered: wait for that write.
+    let mut recorded = (0, false);
+    for _ in 0..100 {
+        recorded = sqlx::query_as(
+            "SELECT attempts, delivered_at IS NOT NULL FROM webhook_deliveries
+             WHERE job_id = $1::uuid",
+        )
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        if recorded.1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded, (2, true));
     app.teardown().await;
 }
