@@ -196,7 +196,8 @@ impl LocalWorker {
             .process_group(0)
             .kill_on_drop(true);
         // If `xpand up` itself dies (even by SIGKILL) the kernel tells the worker to stop, so
-        // no orphan keeps the node identity while a new `xpand up` starts.
+        // no orphan keeps the node identity while a new `xpand up` starts. (Linux sends it when
+        // the spawning *thread* ends; tokio's runtime threads live as long as `xpand up`.)
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             command.pre_exec(|| {

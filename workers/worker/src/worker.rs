@@ -256,7 +256,11 @@ async fn drive_connection(mut eventloop: EventLoop, worker: Arc<Worker>, mut gat
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                reconnect_delay = MIN_RECONNECT_DELAY;
+                // After a takeover the delay keeps growing across reconnects: the two
+                // processes would otherwise keep taking the session from each other.
+                if !taken_over {
+                    reconnect_delay = MIN_RECONNECT_DELAY;
+                }
                 worker.connected.store(true, Ordering::SeqCst);
                 tracing::info!("connected to the broker");
                 tokio::spawn(worker.clone().on_connected());
