@@ -396,6 +396,21 @@ pub fn forecast_job(rows: usize, horizon: u32) -> Value {
     })
 }
 
+/// The result a node sends for `output` of assignment `a`: its digest and its hash chain.
+pub fn result_for(
+    a: &xpand_protocol::Assignment,
+    output: xpand_protocol::ShardOutput,
+) -> xpand_protocol::ShardResult {
+    xpand_protocol::ShardResult {
+        assignment_id: a.assignment_id,
+        shard_id: a.shard_id,
+        output_sha256: output.digest(),
+        chain: output.chain(a.assignment_id),
+        output,
+        elapsed_ms: 1,
+    }
+}
+
 /// Publishing an empty retained message deletes the broker's retained one.
 pub async fn clear_retained(prefix: &str, nodes: &[String]) {
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};

@@ -15,7 +15,7 @@ use xpand_protocol::{
     ShardOutput, ShardResult, ShardTask, Topics, UpKind,
 };
 
-use crate::common::{forecast_job, TestApp, MQTT_HOST, MQTT_PORT};
+use crate::common::{forecast_job, result_for, TestApp, MQTT_HOST, MQTT_PORT};
 
 /// A node driven by hand: it announces and heartbeats, and hands the test its assignments.
 struct FakeNode {
@@ -41,6 +41,17 @@ impl FakeNode {
             sha256: "0".repeat(64),
         };
         Self::start_with(app, key, forecast, slots).await
+    }
+
+    /// A fresh node, registered, with room for `slots` shards, once the gateway sees it alive.
+    async fn join(app: &TestApp, name: &str, slots: u32) -> Self {
+        let key = NodeKey::generate();
+        xpand::nodes::register(&app.db, key.id(), name)
+            .await
+            .unwrap();
+        let node = Self::start_with_slots(app, key, slots).await;
+        app.wait_until_alive(node.key.id()).await;
+        node
     }
 
     /// A node announcing `model`.
@@ -158,14 +169,7 @@ fn answer(a: &Assignment) -> ShardResult {
     let output = ShardOutput::Forecast {
         forecasts: vec![vec![1.0; *horizon as usize]; series.len()],
     };
-    ShardResult {
-        assignment_id: a.assignment_id,
-        shard_id: a.shard_id,
-        output_sha256: output.digest(),
-        chain: output.chain(a.assignment_id),
-        output,
-        elapsed_ms: 1,
-    }
+    result_for(a, output)
 }
 
 async fn wait_rejected(app: &TestApp, reason: &str, at_least: u64) {
@@ -711,15 +715,10 @@ async fn a_lapsed_replica_goes_back_to_any_node_that_has_not_voted() {
         c.lease = Duration::from_secs(2);
     })
     .await;
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let key = NodeKey::generate();
-        xpand::nodes::register(&app.db, key.id(), &format!("fake-{i}"))
-            .await
-            .unwrap();
-        nodes.push(FakeNode::start(&app, key.clone()).await);
-        app.wait_until_alive(key.id()).await;
-    }
+    let mut nodes = vec![
+        FakeNode::join(&app, "fake-0", 4).await,
+        FakeNode::join(&app, "fake-1", 4).await,
+    ];
     let (_, customer) = app.customer(50_000_000).await;
     let job: Value = app
         .post_json(&customer, "/v1/jobs", &forecast_job(8, 3))
@@ -795,15 +794,10 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
         c.verify_wait = Duration::from_secs(3);
     })
     .await;
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let key = NodeKey::generate();
-        xpand::nodes::register(&app.db, key.id(), &format!("fake-{i}"))
-            .await
-            .unwrap();
-        nodes.push(FakeNode::start_with_slots(&app, key.clone(), 1).await);
-        app.wait_until_alive(key.id()).await;
-    }
+    let mut nodes = vec![
+        FakeNode::join(&app, "fake-0", 1).await,
+        FakeNode::join(&app, "fake-1", 1).await,
+    ];
     let (_, customer) = app.customer(50_000_000).await;
     let job = forecast_job(8, 3);
     let submit = || app.post_json(&customer, "/v1/jobs", &job);
@@ -871,12 +865,7 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_job_does_not_starve_another_accounts_small_one() {
     let app = TestApp::spawn().await;
-    let key = NodeKey::generate();
-    xpand::nodes::register(&app.db, key.id(), "fake-0")
-        .await
-        .unwrap();
-    let mut node = FakeNode::start_with_slots(&app, key.clone(), 1).await;
-    app.wait_until_alive(key.id()).await;
+    let mut node = FakeNode::join(&app, "fake-0", 1).await;
     let (_, big_owner) = app.customer(500_000_000).await;
     let (_, small_owner) = app.customer(50_000_000).await;
     let big: Value = app
