@@ -33,11 +33,12 @@ use xpand::startup::Connected;
 use xpand::state::AppState;
 use xpand_protocol::{
     Accelerator, Announce, Assignment, Heartbeat, ModelInfo, NodeKey, Progress, ProgressChain,
-    Reject, ShardOutput, ShardResult, ShardTask, Topics, UpKind,
+    Reject, ShardOutput, ShardTask, Topics, UpKind,
 };
 
 use crate::common::{
-    assert_every_job_settled, assert_ledger_invariants, delete_redis_prefix, pg_server, test_config,
+    assert_every_job_settled, assert_ledger_invariants, delete_redis_prefix, pg_server, result_for,
+    test_config,
 };
 
 /// Steps with arrivals and failures; then the network calms down and every job must end.
@@ -276,15 +277,7 @@ impl Sim {
                 .map(|row| vec![row.last().copied().unwrap_or(0.0) + lie; *horizon as usize])
                 .collect(),
         };
-        let result = ShardResult {
-            assignment_id: a.assignment_id,
-            shard_id: a.shard_id,
-            output_sha256: output.digest(),
-            chain: output.chain(a.assignment_id),
-            output,
-            elapsed_ms: 1,
-        };
-        self.send(i, UpKind::Result, &result).await;
+        self.send(i, UpKind::Result, &result_for(a, output)).await;
         self.count("results");
     }
 
