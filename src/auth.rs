@@ -1,5 +1,7 @@
 //! Who is calling. Backends send an API key (`Authorization: Bearer xp_...`); browsers and
 //! add-ins exchange it for a short-lived, scoped EdDSA JWT signed with the gateway key.
+//! Two more credentials read the ledger: the operator's auditor key (everything), and a node's
+//! signed request (`Authorization: XpandNode ...`, its own records only).
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -167,5 +169,96 @@ impl FromRequestParts<AppState> for Caller {
             "send Authorization: Bearer <api key or token>",
         ))?;
         authenticate(state, credential).await
+    }
+}
+
+/// The auditor: the operator's credential (`XPAND_AUDITOR_KEY_FILE`) that may read every sealed
+/// entry and record and every balance.
+pub struct Auditor;
+
+fn is_auditor(state: &AppState, credential: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    // Comparing digests keeps the comparison's timing independent of the secret.
+    Sha256::digest(credential.as_bytes()) == Sha256::digest(state.config.auditor_key.as_bytes())
+}
+
+impl FromRequestParts<AppState> for Auditor {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        match bearer(parts) {
+            Some(credential) if is_auditor(state, credential) => Ok(Auditor),
+            Some(_) => Err(AppError::Forbidden("the auditor key".into())),
+            None => Err(AppError::Unauthorized(
+                "send Authorization: Bearer <auditor key>",
+            )),
+        }
+    }
+}
+
+/// Whoever may read one ledger entry: its owner's account, or the auditor.
+pub enum LedgerReader {
+    Account(Caller),
+    Auditor,
+}
+
+impl LedgerReader {
+    /// Whether this reader may see an entry of `owner`.
+    pub fn may_read(&self, owner: Uuid) -> bool {
+        match self {
+            LedgerReader::Account(caller) => caller.account_id == owner,
+            LedgerReader::Auditor => true,
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for LedgerReader {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        if bearer(parts).is_some_and(|c| is_auditor(state, c)) {
+            return Ok(LedgerReader::Auditor);
+        }
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require(Scope::AccountRead)?;
+        Ok(LedgerReader::Account(caller))
+    }
+}
+
+/// A node proving who it is by signing the request (`xpand_protocol::NodeKey::
+/// request_authorization`). The signature covers method, path and query, and is valid for a
+/// minute.
+pub struct NodeCaller {
+    pub node_id: String,
+}
+
+/// How far a node's request signature may be from the gateway's clock.
+const NODE_REQUEST_SKEW_MS: i64 = 60_000;
+
+impl FromRequestParts<AppState> for NodeCaller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, AppError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(AppError::Unauthorized(
+                "send Authorization: XpandNode <signed request>",
+            ))?;
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or(parts.uri.path(), |p| p.as_str());
+        let opened = xpand_protocol::open_request_authorization(
+            header,
+            parts.method.as_str(),
+            target,
+            NODE_REQUEST_SKEW_MS,
+        )
+        .map_err(|_| AppError::Unauthorized("the node request signature is invalid or stale"))?;
+        Ok(NodeCaller {
+            node_id: opened.signer,
+        })
     }
 }

@@ -41,6 +41,14 @@ pub struct GatewayArgs {
         default_value = ".xpand/gateway.key"
     )]
     pub gateway_key_file: PathBuf,
+    /// File holding the auditor key: a bearer secret that may read every sealed entry and
+    /// record and every balance (`xpand verify --auditor-key-file`). Created when missing.
+    #[arg(
+        long,
+        env = "XPAND_AUDITOR_KEY_FILE",
+        default_value = ".xpand/auditor.key"
+    )]
+    pub auditor_key_file: PathBuf,
     /// Seconds a worker holds a shard without progress before it is given to another.
     #[arg(long, env = "XPAND_LEASE_SECS", default_value_t = 30)]
     pub lease_secs: u64,
@@ -130,6 +138,8 @@ pub struct Config {
     pub topic_prefix: String,
     pub redis_prefix: String,
     pub gateway_key: NodeKey,
+    /// The auditor's bearer secret (see `GatewayArgs::auditor_key_file`).
+    pub auditor_key: String,
     pub lease: Duration,
     pub node_ttl: Duration,
     pub job_timeout: Duration,
@@ -204,6 +214,7 @@ impl GatewayArgs {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
+        let auditor_key = load_or_create_secret(&self.auditor_key_file, AUDITOR_KEY_PREFIX)?;
         Ok(Config {
             listen: self.listen,
             database_url: self.database_url,
@@ -212,6 +223,7 @@ impl GatewayArgs {
             topic_prefix: self.topic_prefix,
             redis_prefix: self.redis_prefix,
             gateway_key,
+            auditor_key,
             lease: Duration::from_secs(self.lease_secs),
             node_ttl: Duration::from_secs(self.node_ttl_secs.max(1)),
             job_timeout: Duration::from_secs(self.job_timeout_secs),
@@ -249,6 +261,30 @@ pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<NodeKey> {
     } else {
         NodeKey::create_file(path).with_context(|| format!("creating {}", path.display()))
     }
+}
+
+/// How an auditor key starts, so it is never mistaken for an API key.
+pub const AUDITOR_KEY_PREFIX: &str = "xpa_";
+
+/// Reads a bearer secret from `path`, creating it (owner-readable only) when missing.
+pub fn load_or_create_secret(path: &std::path::Path, prefix: &str) -> anyhow::Result<String> {
+    if path.exists() {
+        let secret =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let secret = secret.trim().to_string();
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "{} must hold a secret of at least 32 characters",
+            path.display()
+        );
+        return Ok(secret);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let secret = format!("{prefix}{}", hex::encode(rand::random::<[u8; 32]>()));
+    write_private(path, &secret)?;
+    Ok(secret)
 }
 
 /// Writes a secret readable by its owner only.

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use uuid::Uuid;
 use xpand::config::{GatewayArgs, DEFAULT_DATABASE_URL};
 use xpand::startup::{self, Application};
+use xpand::verify::{Credential, Verifier};
 use xpand::{accounts, ledger, nodes, telemetry, up};
 
 #[derive(Parser)]
@@ -46,15 +47,22 @@ enum Command {
         )]
         key_file: std::path::PathBuf,
     },
-    /// Verify the whole ledger through a gateway's public API: signatures, hash links, Merkle
-    /// roots; and inclusion proofs for `--entry` ids. Exits 1 when anything fails.
+    /// Verify the ledger through a gateway's API: signatures, hash links and Merkle roots for
+    /// anyone; with `--api-key`, also every entry of that account and its balances; with
+    /// `--auditor-key-file`, every entry, record and balance. Exits 1 when anything fails.
     Verify {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
         /// Expected gateway public key (hex); without it, the served key is trusted and printed.
         #[arg(long)]
         public_key: Option<String>,
-        /// Also check the inclusion proof of these ledger entry ids.
+        /// Account mode: an API key (or token with account:read) of the account to check.
+        #[arg(long, env = "XPAND_API_KEY", conflicts_with = "auditor_key_file")]
+        api_key: Option<String>,
+        /// Auditor mode: the file holding the gateway's auditor key.
+        #[arg(long)]
+        auditor_key_file: Option<std::path::PathBuf>,
+        /// Also check the inclusion proof of these ledger entry ids (yours, or any as auditor).
         #[arg(long)]
         entry: Vec<i64>,
     },
@@ -125,8 +133,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Verify {
             url,
             public_key,
+            api_key,
+            auditor_key_file,
             entry,
-        } => verify(&url, public_key.as_deref(), &entry).await,
+        } => {
+            let credential = match (api_key, auditor_key_file) {
+                (Some(key), _) => Credential::Account(key),
+                (None, Some(file)) => Credential::Auditor(
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => Credential::Public,
+            };
+            verify(&url, public_key.as_deref(), credential, &entry).await
+        }
         Command::GatewayKey { key_file } => {
             println!("{}", xpand::config::load_or_create_key(&key_file)?.id());
             Ok(())
@@ -144,10 +166,20 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn verify(url: &str, public_key: Option<&str>, entries: &[i64]) -> anyhow::Result<()> {
+async fn verify(
+    url: &str,
+    public_key: Option<&str>,
+    credential: Credential,
+    entries: &[i64],
+) -> anyhow::Result<()> {
+    let mode = match credential {
+        Credential::Public => "public",
+        Credential::Account(_) => "account",
+        Credential::Auditor(_) => "auditor",
+    };
     let outcome = async {
-        let verifier = xpand::verify::Verifier::connect(url, public_key).await?;
-        let report = verifier.verify_chain().await?;
+        let verifier = Verifier::connect(url, public_key, credential.clone()).await?;
+        let report = verifier.verify().await?;
         for &id in entries {
             let proof = verifier.verify_entry(id).await?;
             println!("entry {id}: included in block {}", proof.block.height);
@@ -157,14 +189,14 @@ async fn verify(url: &str, public_key: Option<&str>, entries: &[i64]) -> anyhow:
     .await;
     match outcome {
         Ok(report) => {
-            println!(
-                "ledger verified: {} blocks, {} entries, {} records, signed by {}",
-                report.blocks, report.entries, report.records, report.public_key
-            );
+            println!("ledger verified ({mode} mode):");
+            for line in report.lines(&credential) {
+                println!("  {line}");
+            }
             Ok(())
         }
         Err(e) => {
-            eprintln!("ledger verification FAILED: {e}");
+            eprintln!("ledger verification FAILED ({mode} mode): {e}");
             std::process::exit(1);
         }
     }

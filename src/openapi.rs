@@ -19,8 +19,8 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
         files::upload, files::download, transfers::input, transfers::output,
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
-        ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_entries,
-        ledger::block_records,
+        ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_leaves,
+        ledger::block_entries, ledger::block_records, ledger::audit, ledger::node_records,
         ledger::entry_proof, ledger::settlement_proof, ledger::epoch,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -47,6 +47,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "node_signature",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "Authorization",
+                    "XpandNode <base64 envelope signed by the node over the method, path and query>",
+                ),
+            )),
         );
     }
 }

@@ -87,6 +87,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("workers: {}", args.workers);
     println!("dev API key: {api_key}   (also in {})", key_file.display());
     println!(
+        "auditor key: in {}   (xpand verify --auditor-key-file ...)",
+        args.gateway.auditor_key_file.display()
+    );
+    println!(
         "try: curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\\n     \
          -d '{{\"kind\":\"forecast\",\"input\":{{\"series\":[[1,2,3,4,5,6,7,8]]}},\"params\":{{\"horizon\":3}},\"max_fee\":100000}}' {base}/v1/jobs"
     );

@@ -1,5 +1,6 @@
-//! `/v1/ledger`: the sealed, signed ledger, public so anyone can check it (`xpand verify`).
-//! Account ids in it are pseudonymous UUIDs.
+//! `/v1/ledger`: the sealed, signed ledger. Anyone can check that history was not rewritten
+//! (signed, hash-linked headers and their leaf commitments); an account proves its own entries
+//! against them; the auditor reads everything. See `crate::ledger::blocks` for who sees what.
 
 use axum::extract::State;
 use axum::Json;
@@ -8,12 +9,12 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{Path, Query};
-use crate::auth::{Caller, Scope};
+use crate::auth::{Auditor, Caller, LedgerReader, NodeCaller, Scope};
 use crate::epochs::{self, Epoch};
 use crate::error::{AppError, AppResult, Problem};
 use crate::jobs;
-use crate::ledger::blocks::{self, InclusionProof};
-use crate::ledger::chain::{Block, SealedEntry, SealedRecord};
+use crate::ledger::blocks::{self, AuditSnapshot, InclusionProof, RecordProof};
+use crate::ledger::chain::{Block, BlockLeaves, SealedEntry, SealedRecord};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -80,56 +81,163 @@ pub async fn get_block(
         .ok_or(AppError::NotFound("block"))
 }
 
-/// The entries a block covers, in id order: recompute its Merkle root from them.
+/// A block's leaf hashes, in id order: recompute its two roots from them. Salted, they reveal
+/// nothing of the entries and records they commit to.
+#[utoipa::path(
+    get, path = "/v1/ledger/blocks/{height}/leaves", tag = "ledger",
+    params(("height" = i64, Path, description = "Block height, from 1")),
+    responses((status = 200, body = BlockLeaves), (status = 404, body = Problem, content_type = "application/problem+json"))
+)]
+pub async fn block_leaves(
+    State(state): State<AppState>,
+    Path(height): Path<i64>,
+) -> AppResult<Json<BlockLeaves>> {
+    let block = sealed_block(&state, height).await?;
+    Ok(Json(blocks::leaves(&state.db, &block).await?))
+}
+
+async fn sealed_block(state: &AppState, height: i64) -> AppResult<Block> {
+    blocks::get(&state.db, height)
+        .await?
+        .ok_or(AppError::NotFound("block"))
+}
+
+/// Auditor only: the entries a block covers, in id order, with their salts.
 #[utoipa::path(
     get, path = "/v1/ledger/blocks/{height}/entries", tag = "ledger",
     params(("height" = i64, Path, description = "Block height, from 1")),
-    responses((status = 200, body = Vec<SealedEntry>), (status = 404, body = Problem, content_type = "application/problem+json"))
+    responses(
+        (status = 200, body = Vec<SealedEntry>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not the auditor key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
 )]
 pub async fn block_entries(
     State(state): State<AppState>,
+    _: Auditor,
     Path(height): Path<i64>,
 ) -> AppResult<Json<Vec<SealedEntry>>> {
-    let block = blocks::get(&state.db, height)
-        .await?
-        .ok_or(AppError::NotFound("block"))?;
+    let block = sealed_block(&state, height).await?;
     Ok(Json(blocks::entries(&state.db, &block).await?))
 }
 
-/// The capability statements and assignments a block covers, in id order: recompute its
-/// `records_root` from them, and check each envelope's signature.
+/// Auditor only: the capability statements, assignments and challenges a block covers, in id
+/// order: digests of their envelopes, with salts.
 #[utoipa::path(
     get, path = "/v1/ledger/blocks/{height}/records", tag = "ledger",
     params(("height" = i64, Path, description = "Block height, from 1")),
-    responses((status = 200, body = Vec<SealedRecord>), (status = 404, body = Problem, content_type = "application/problem+json"))
+    responses(
+        (status = 200, body = Vec<SealedRecord>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not the auditor key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
 )]
 pub async fn block_records(
     State(state): State<AppState>,
+    _: Auditor,
     Path(height): Path<i64>,
 ) -> AppResult<Json<Vec<SealedRecord>>> {
-    let block = blocks::get(&state.db, height)
-        .await?
-        .ok_or(AppError::NotFound("block"))?;
+    let block = sealed_block(&state, height).await?;
     Ok(Json(blocks::records(&state.db, &block).await?))
 }
 
-/// An inclusion proof for one ledger entry: verify it with nothing but the public key.
+/// Auditor only: every ledger account's balance and the sum of its unsealed entries, at one
+/// instant: with the sealed entries, every balance can be recomputed.
+#[utoipa::path(
+    get, path = "/v1/ledger/audit", tag = "ledger",
+    responses(
+        (status = 200, body = AuditSnapshot),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not the auditor key", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn audit(State(state): State<AppState>, _: Auditor) -> AppResult<Json<AuditSnapshot>> {
+    Ok(Json(blocks::audit(&state.db).await?))
+}
+
+/// An inclusion proof for one of your ledger entries (any entry, for the auditor): the entry
+/// with its salt, the path to its block's root, and the signed block.
 #[utoipa::path(
     get, path = "/v1/ledger/entries/{id}/proof", tag = "ledger",
     params(("id" = i64, Path, description = "Ledger entry id")),
     responses(
         (status = 200, body = InclusionProof),
-        (status = 404, description = "No such entry, or not sealed yet (blocks are sealed every few seconds)", body = Problem, content_type = "application/problem+json"),
-    )
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such entry of yours, or not sealed yet (blocks are sealed every few seconds)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
 )]
 pub async fn entry_proof(
     State(state): State<AppState>,
+    reader: LedgerReader,
     Path(id): Path<i64>,
 ) -> AppResult<Json<InclusionProof>> {
     blocks::prove(&state.db, id)
         .await?
+        // Another account's entry is "not found": its existence is not the caller's business.
+        .filter(|proof| reader.may_read(proof.entry.owner))
         .map(Json)
         .ok_or(AppError::NotFound("sealed entry"))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RecordParams {
+    /// Only records with a higher id (default 0: from the first).
+    after: Option<i64>,
+    /// Page size, 1 to 200 (default 50).
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecordPage {
+    /// The node's sealed records, ascending by id, each with its inclusion proof.
+    pub records: Vec<RecordProof>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// A node's own sealed records (its capability statements, the assignments and challenges it
+/// was sent), with inclusion proofs. The node signs the request with its key
+/// (`Authorization: XpandNode <envelope>`); match each digest against the envelope received.
+#[utoipa::path(
+    get, path = "/v1/nodes/{id}/records", tag = "ledger",
+    params(("id" = String, Path, description = "Node id (hex public key)"), RecordParams),
+    responses(
+        (status = 200, body = RecordPage),
+        (status = 401, description = "Not signed by a node", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Signed by another node", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("node_signature" = []))
+)]
+pub async fn node_records(
+    State(state): State<AppState>,
+    node: NodeCaller,
+    Path(id): Path<String>,
+    Query(params): Query<RecordParams>,
+) -> AppResult<Json<RecordPage>> {
+    if node.node_id != id {
+        return Err(AppError::Forbidden(
+            "the key of the node named in the path".into(),
+        ));
+    }
+    let limit = super::page_limit(params.limit, 50, 200)?;
+    let ids =
+        blocks::sealed_record_ids(&state.db, &id, params.after.unwrap_or(0), limit + 1).await?;
+    let mut records = Vec::with_capacity(ids.len());
+    for record in ids {
+        records.extend(blocks::prove_record(&state.db, record).await?);
+    }
+    let next_after = super::next_cursor(&mut records, limit, |r| r.record.id);
+    Ok(Json(RecordPage {
+        records,
+        next_after,
+    }))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

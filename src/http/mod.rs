@@ -46,6 +46,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ledger/blocks", get(ledger::list_blocks))
         .route("/v1/ledger/blocks/{height}", get(ledger::get_block))
         .route(
+            "/v1/ledger/blocks/{height}/leaves",
+            get(ledger::block_leaves),
+        )
+        .route("/v1/ledger/audit", get(ledger::audit))
+        .route("/v1/nodes/{id}/records", get(ledger::node_records))
+        .route(
             "/v1/ledger/blocks/{height}/entries",
             get(ledger::block_entries),
         )

@@ -6,6 +6,10 @@
 //! while it reads, so a sealed id range can never later gain an entry. Sealers on several
 //! replicas are serialised by an advisory lock. The same holds for the records sealed beside the
 //! entries (capability statements and assignments, [`record`]).
+//!
+//! What is public and what is not: block headers and their leaf hashes ([`leaves`]) are for
+//! anyone; an entry with its salt ([`prove`]) is for its owner and the auditor; whole blocks of
+//! entries and records ([`entries`], [`records`]) and the balances ([`audit`]) for the auditor.
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -13,7 +17,9 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::chain::{self, Block, Hash, ProofStep, SealedEntry, SealedRecord, GENESIS_PREV_HASH};
+use super::chain::{
+    self, Block, BlockLeaves, Hash, ProofStep, Sealed, SealedEntry, SealedRecord, GENESIS_PREV_HASH,
+};
 
 /// Most entries one block covers; a backlog is sealed into several blocks.
 pub const MAX_ENTRIES_PER_BLOCK: i64 = 10_000;
@@ -22,28 +28,30 @@ const SEAL_LOCK: i64 = 0x7870_616e_6462_6c6b;
 
 const ENTRY_SELECT: &str =
     "SELECT e.id, e.tx_id, t.kind AS tx_kind, t.job_id, t.epoch, e.ledger_account_id,
-        a.owner, a.purpose, e.amount, e.created_at
+        a.owner, a.purpose, e.amount, e.created_at, e.salt
     FROM ledger_entries e
     JOIN ledger_transactions t ON t.id = e.tx_id
     JOIN ledger_accounts a ON a.id = e.ledger_account_id";
 
-const RECORD_SELECT: &str = "SELECT id, kind, node_id, envelope, created_at FROM chain_records";
+const RECORD_SELECT: &str =
+    "SELECT id, kind, node_id, digest, envelope, created_at, salt FROM chain_records";
 
 const BLOCK_COLUMNS: &str = "height, first_entry_id, last_entry_id, entry_count, merkle_root, \
     first_record_id, last_record_id, record_count, records_root, prev_hash, sealed_at, \
     block_hash, signature";
 
 /// Records that `node` said or was told `envelope` (in the caller's transaction), for sealing.
+/// Only the envelope's sha256 is kept: an assignment carries the customer's input.
 pub async fn record(
     conn: &mut PgConnection,
     kind: &str,
     node: &str,
     envelope: &[u8],
 ) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO chain_records (kind, node_id, envelope) VALUES ($1, $2, $3)")
+    sqlx::query("INSERT INTO chain_records (kind, node_id, digest) VALUES ($1, $2, $3)")
         .bind(kind)
         .bind(node)
-        .bind(String::from_utf8_lossy(envelope))
+        .bind(xpand_protocol::sha256_hex(envelope))
         .execute(conn)
         .await?;
     Ok(())
@@ -200,8 +208,20 @@ pub async fn records(pool: &PgPool, block: &Block) -> sqlx::Result<Vec<SealedRec
     .await
 }
 
+/// The leaf hashes of a block's entries and records: what anyone may see of its contents.
+pub async fn leaves(pool: &PgPool, block: &Block) -> sqlx::Result<BlockLeaves> {
+    fn hex_leaves<T: Sealed>(items: &[T]) -> Vec<String> {
+        items.iter().map(|i| hex::encode(i.leaf())).collect()
+    }
+    Ok(BlockLeaves {
+        height: block.height,
+        entries: hex_leaves(&entries(pool, block).await?),
+        records: hex_leaves(&records(pool, block).await?),
+    })
+}
+
 /// Everything needed to check that one entry is in the ledger, given only the gateway's key:
-/// the entry, the path to its block's Merkle root, and the signed block.
+/// the entry with its salt, the path to its block's Merkle root, and the signed block.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct InclusionProof {
     pub entry: SealedEntry,
@@ -214,48 +234,189 @@ pub struct InclusionProof {
 impl InclusionProof {
     /// Checks the path leads from the entry to the block's root, and the block's signature.
     pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), String> {
-        self.block.verify_signature(key)?;
-        let root = chain::parse_hash(&self.block.merkle_root).ok_or("bad merkle_root")?;
-        if !(self.block.first_entry_id..=self.block.last_entry_id).contains(&self.entry.id) {
-            return Err(format!(
-                "entry {} is outside block {}'s range",
-                self.entry.id, self.block.height
-            ));
-        }
-        if chain::verify_proof(&self.entry.leaf(), &self.path, &root) {
-            Ok(())
-        } else {
-            Err(format!(
-                "entry {} does not prove against block {}'s Merkle root",
-                self.entry.id, self.block.height
-            ))
-        }
+        let range = self.block.first_entry_id..=self.block.last_entry_id;
+        verify_inclusion(
+            &self.entry,
+            &range,
+            &self.path,
+            &self.block.merkle_root,
+            &self.block,
+            key,
+        )
     }
 }
 
-/// A proof for entry `id`, or `None` while it is not sealed (or does not exist).
-pub async fn prove(pool: &PgPool, id: i64) -> sqlx::Result<Option<InclusionProof>> {
-    let block: Option<Block> = sqlx::query_as(&format!(
+/// The same for a record: what a node operator checks its assignments against.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecordProof {
+    pub record: SealedRecord,
+    pub index: usize,
+    pub path: Vec<ProofStep>,
+    pub block: Block,
+}
+
+impl RecordProof {
+    pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), String> {
+        let range = self.block.first_record_id..=self.block.last_record_id;
+        verify_inclusion(
+            &self.record,
+            &range,
+            &self.path,
+            &self.block.records_root,
+            &self.block,
+            key,
+        )
+    }
+}
+
+fn verify_inclusion(
+    item: &dyn Sealed,
+    range: &std::ops::RangeInclusive<i64>,
+    path: &[ProofStep],
+    root: &str,
+    block: &Block,
+    key: &ed25519_dalek::VerifyingKey,
+) -> Result<(), String> {
+    block.verify_signature(key)?;
+    let root = chain::parse_hash(root).ok_or("the block's root is not a hash")?;
+    if !range.contains(&item.id()) {
+        return Err(format!(
+            "{} is outside block {}'s range",
+            item.id(),
+            block.height
+        ));
+    }
+    if chain::verify_proof(&item.leaf(), path, &root) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} does not prove against block {}'s root",
+            item.id(),
+            block.height
+        ))
+    }
+}
+
+/// The block whose `first_{what}_id..=last_{what}_id` holds `id`.
+async fn block_holding(pool: &PgPool, what: &str, id: i64) -> sqlx::Result<Option<Block>> {
+    sqlx::query_as(&format!(
         "SELECT {BLOCK_COLUMNS} FROM ledger_blocks
-         WHERE first_entry_id <= $1 AND last_entry_id >= $1"
+         WHERE first_{what}_id <= $1 AND last_{what}_id >= $1"
     ))
     .bind(id)
     .fetch_optional(pool)
-    .await?;
-    let Some(block) = block else {
+    .await
+}
+
+/// Where `id` sits among `items` and its path to their root.
+fn path_to<T: Sealed + Clone>(items: &[T], id: i64) -> Option<(T, usize, Vec<ProofStep>)> {
+    let index = items.iter().position(|i| i.id() == id)?;
+    let leaves: Vec<Hash> = items.iter().map(Sealed::leaf).collect();
+    Some((
+        items[index].clone(),
+        index,
+        chain::merkle_proof(&leaves, index),
+    ))
+}
+
+/// A proof for entry `id`, or `None` while it is not sealed (or does not exist). The caller
+/// decides who may see it: it carries the entry's owner, amount and salt.
+pub async fn prove(pool: &PgPool, id: i64) -> sqlx::Result<Option<InclusionProof>> {
+    let Some(block) = block_holding(pool, "entry", id).await? else {
         return Ok(None);
     };
     let entries = entries(pool, &block).await?;
-    let Some(index) = entries.iter().position(|e| e.id == id) else {
+    Ok(
+        path_to(&entries, id).map(|(entry, index, path)| InclusionProof {
+            entry,
+            index,
+            path,
+            block,
+        }),
+    )
+}
+
+/// A proof for record `id`, or `None` while it is not sealed (or does not exist).
+pub async fn prove_record(pool: &PgPool, id: i64) -> sqlx::Result<Option<RecordProof>> {
+    let Some(block) = block_holding(pool, "record", id).await? else {
         return Ok(None);
     };
-    let leaves: Vec<Hash> = entries.iter().map(SealedEntry::leaf).collect();
-    Ok(Some(InclusionProof {
-        entry: entries[index].clone(),
-        index,
-        path: chain::merkle_proof(&leaves, index),
-        block,
-    }))
+    let records = records(pool, &block).await?;
+    Ok(
+        path_to(&records, id).map(|(record, index, path)| RecordProof {
+            record,
+            index,
+            path,
+            block,
+        }),
+    )
+}
+
+/// Ids of `node`'s sealed records after `after`, oldest first.
+pub async fn sealed_record_ids(
+    pool: &PgPool,
+    node: &str,
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM chain_records
+         WHERE node_id = $1 AND id > $2
+           AND id <= (SELECT coalesce(max(last_record_id), 0) FROM ledger_blocks)
+         ORDER BY id LIMIT $3",
+    )
+    .bind(node)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One ledger account's balance, split at the last sealed entry: the auditor checks that the
+/// sealed entries it verified plus `unsealed` make `balance`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct AuditAccount {
+    pub ledger_account_id: i64,
+    pub owner: Uuid,
+    pub purpose: String,
+    pub balance: i64,
+    /// Sum of this account's entries after `sealed_through`.
+    pub unsealed: i64,
+}
+
+/// Every ledger account at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditSnapshot {
+    /// The last entry id sealed at that instant.
+    pub sealed_through: i64,
+    pub accounts: Vec<AuditAccount>,
+}
+
+/// Reads every balance and the unsealed sums in one snapshot.
+pub async fn audit(pool: &PgPool) -> sqlx::Result<AuditSnapshot> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let sealed_through: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(last_entry_id), 0) FROM ledger_blocks")
+            .fetch_one(&mut *tx)
+            .await?;
+    let accounts = sqlx::query_as(
+        "SELECT a.id AS ledger_account_id, a.owner, a.purpose, a.balance,
+                coalesce(sum(e.amount), 0)::bigint AS unsealed
+         FROM ledger_accounts a
+         LEFT JOIN ledger_entries e ON e.ledger_account_id = a.id AND e.id > $1
+         GROUP BY a.id ORDER BY a.id",
+    )
+    .bind(sealed_through)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(AuditSnapshot {
+        sealed_through,
+        accounts,
+    })
 }
 
 /// Ids of the entries that released a job's escrow (its settlement, refund or payout).

@@ -8,6 +8,10 @@
 //! - An odd node at the end of a level is promoted unchanged to the next level (not paired with
 //!   itself), so no two different entry lists share a root.
 //! - block hash = sha256(canonical header); the signature is ed25519 over the 32-byte hash.
+//! - A leaf is a salted commitment (v2): it hashes a random per-leaf salt with the content, so
+//!   the leaf list a block publishes says nothing about whose money moved or what a node was
+//!   told, and the owner, given its salt, proves its entry against the root. Leaves sealed
+//!   before salts existed (salt `None`) are v1: the hash of the content alone.
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use chrono::{DateTime, Utc};
@@ -40,13 +44,20 @@ pub struct SealedEntry {
     /// Signed micro-credits.
     pub amount: i64,
     pub created_at: DateTime<Utc>,
+    /// Hex salt of the leaf's commitment; absent for entries sealed before salting (v1).
+    #[serde(default)]
+    pub salt: Option<String>,
 }
 
 impl SealedEntry {
     /// The exact bytes a leaf commits to.
     pub fn canonical(&self) -> String {
+        let version = match &self.salt {
+            Some(salt) => format!("xpand-entry-v2|{salt}"),
+            None => "xpand-entry-v1".to_string(),
+        };
         format!(
-            "xpand-entry-v1|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            "{version}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
             self.id,
             self.tx_id,
             self.tx_kind,
@@ -65,29 +76,45 @@ impl SealedEntry {
     }
 }
 
-/// A statement sealed beside the money: a node's capability announce or a shard assignment, as
-/// the exact signed envelope that travelled over MQTT (anyone can check its signature too).
+/// A statement sealed beside the money: a node's capability announce, a shard assignment or a
+/// verification challenge, committed to by the sha256 of the signed envelope that travelled
+/// over MQTT (the node holds the envelope and can match it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct SealedRecord {
     pub id: i64,
-    /// `capability` (signed by the node) or `assignment` (signed by the gateway).
+    /// `capability` (signed by the node), `assignment` or `challenge` (signed by the gateway).
     pub kind: String,
     pub node_id: String,
-    /// The envelope JSON, byte for byte.
-    pub envelope: String,
+    /// Hex sha256 of the envelope JSON, byte for byte (v2 records).
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The envelope itself, only for records sealed before digests (v1).
+    #[serde(default)]
+    pub envelope: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Hex salt of the leaf's commitment; absent for v1 records.
+    #[serde(default)]
+    pub salt: Option<String>,
 }
 
 impl SealedRecord {
     pub fn canonical(&self) -> String {
-        format!(
-            "xpand-record-v1|{}|{}|{}|{}|{}",
+        let (id, kind, node, at) = (
             self.id,
-            self.kind,
-            self.node_id,
+            &self.kind,
+            &self.node_id,
             self.created_at.timestamp_micros(),
-            self.envelope,
-        )
+        );
+        match &self.salt {
+            Some(salt) => format!(
+                "xpand-record-v2|{salt}|{id}|{kind}|{node}|{at}|{}",
+                self.digest.as_deref().unwrap_or_default()
+            ),
+            None => format!(
+                "xpand-record-v1|{id}|{kind}|{node}|{at}|{}",
+                self.envelope.as_deref().unwrap_or_default()
+            ),
+        }
     }
 
     pub fn leaf(&self) -> Hash {
@@ -117,6 +144,23 @@ impl Sealed for SealedRecord {
     fn leaf(&self) -> Hash {
         SealedRecord::leaf(self)
     }
+}
+
+/// What a block publishes of its contents: the leaf hashes, in id order. Anyone recomputes the
+/// roots from them; the salts keep them from revealing what they commit to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BlockLeaves {
+    pub height: i64,
+    /// Hex leaf hashes of the block's entries.
+    pub entries: Vec<String>,
+    /// Hex leaf hashes of the block's records.
+    pub records: Vec<String>,
+}
+
+/// The Merkle root, as hex, of hex leaf hashes; `None` if one is not a hash.
+pub fn root_of_hex(leaves: &[String]) -> Option<String> {
+    let leaves: Option<Vec<Hash>> = leaves.iter().map(|l| parse_hash(l)).collect();
+    Some(hex::encode(merkle_root(&leaves?)))
 }
 
 fn leaf_hash(bytes: &[u8]) -> Hash {
@@ -361,6 +405,50 @@ mod tests {
     }
 
     #[test]
+    fn a_salted_leaf_hides_its_entry_and_v1_leaves_still_hash_as_before() {
+        let entry = SealedEntry {
+            id: 1,
+            tx_id: 1,
+            tx_kind: "deposit".into(),
+            job_id: None,
+            epoch: None,
+            ledger_account_id: 2,
+            owner: Uuid::nil(),
+            purpose: "available".into(),
+            amount: 5,
+            created_at: DateTime::from_timestamp_micros(1_000_000).unwrap(),
+            salt: None,
+        };
+        // The v1 encoding is frozen: blocks sealed before salting must keep their roots.
+        assert_eq!(
+            entry.canonical(),
+            format!(
+                "xpand-entry-v1|1|1|deposit|-|2|{}|available|5|1000000",
+                Uuid::nil()
+            )
+        );
+        let salted = |salt: &str| SealedEntry {
+            salt: Some(salt.into()),
+            ..entry.clone()
+        };
+        assert_ne!(salted("aa").leaf(), salted("bb").leaf());
+        assert_ne!(salted("aa").leaf(), entry.leaf());
+        let record = SealedRecord {
+            id: 3,
+            kind: "assignment".into(),
+            node_id: "n".into(),
+            digest: Some("d".into()),
+            envelope: None,
+            created_at: entry.created_at,
+            salt: Some("s".into()),
+        };
+        assert_eq!(
+            record.canonical(),
+            "xpand-record-v2|s|3|assignment|n|1000000|d"
+        );
+    }
+
+    #[test]
     fn blocks_sign_their_header() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let entry = SealedEntry {
@@ -374,6 +462,7 @@ mod tests {
             purpose: "available".into(),
             amount: 100,
             created_at: Utc::now(),
+            salt: Some("5a17".into()),
         };
         let block = Block::seal(
             1,

@@ -121,6 +121,7 @@ pub fn test_config(db_name: &str) -> Config {
         topic_prefix: format!("xpand-test/{prefix}"),
         redis_prefix: format!("xpand-test:{prefix}"),
         gateway_key: NodeKey::generate(),
+        auditor_key: format!("xpa_{}", Uuid::new_v4().simple()),
         lease: Duration::from_secs(30),
         node_ttl: Duration::from_secs(5),
         job_timeout: Duration::from_secs(300),

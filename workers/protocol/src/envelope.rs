@@ -166,6 +166,46 @@ impl NodeKey {
     }
 }
 
+/// The scheme of a node's signed HTTP request: `Authorization: XpandNode <base64 envelope>`.
+pub const NODE_AUTH_SCHEME: &str = "XpandNode";
+
+/// What a node's HTTP request signature covers in place of a topic: the method and the path
+/// with its query, so a signature lifted from one request does not authorise another.
+fn request_topic(method: &str, path_and_query: &str) -> String {
+    format!("http {method} {path_and_query}")
+}
+
+impl NodeKey {
+    /// An `Authorization` header value that proves this node sends `method path_and_query` now
+    /// (a node operator reading its own sealed records, for instance).
+    pub fn request_authorization(&self, method: &str, path_and_query: &str) -> String {
+        let envelope = self.seal_bytes(&request_topic(method, path_and_query), b"", now_ms());
+        format!("{NODE_AUTH_SCHEME} {}", B64.encode(envelope))
+    }
+}
+
+/// Checks a node's `Authorization` header for `method path_and_query`: returns the signer.
+pub fn open_request_authorization(
+    header: &str,
+    method: &str,
+    path_and_query: &str,
+    max_skew_ms: i64,
+) -> Result<OpenedEnvelope, EnvelopeError> {
+    let encoded = header
+        .strip_prefix(NODE_AUTH_SCHEME)
+        .map(str::trim)
+        .ok_or_else(|| EnvelopeError::Malformed(format!("not {NODE_AUTH_SCHEME}")))?;
+    let envelope = B64
+        .decode(encoded)
+        .map_err(|_| EnvelopeError::Malformed("the envelope is not base64".into()))?;
+    Envelope::open(
+        &envelope,
+        &request_topic(method, path_and_query),
+        now_ms(),
+        max_skew_ms,
+    )
+}
+
 /// Parses a hex node id into its public key.
 pub fn parse_node_id(id: &str) -> Result<VerifyingKey, EnvelopeError> {
     let bytes =

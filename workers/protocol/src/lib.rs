@@ -13,7 +13,10 @@ pub mod topics;
 pub mod transfer;
 
 pub use broker_address::{BrokerAddress, InvalidBrokerUrl};
-pub use envelope::{now_ms, parse_node_id, Envelope, EnvelopeError, NodeKey, OpenedEnvelope};
+pub use envelope::{
+    now_ms, open_request_authorization, parse_node_id, Envelope, EnvelopeError, NodeKey,
+    OpenedEnvelope, NODE_AUTH_SCHEME,
+};
 pub use messages::*;
 pub use topics::{Topics, UpKind};
 
