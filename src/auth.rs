@@ -53,7 +53,10 @@ impl Caller {
         if self.scopes.contains(&scope) {
             Ok(())
         } else {
-            Err(AppError::Forbidden(scope.as_str().into()))
+            Err(AppError::Forbidden(format!(
+                "the credential lacks scope {}",
+                scope.as_str()
+            )))
         }
     }
 }
@@ -188,7 +191,7 @@ impl FromRequestParts<AppState> for Auditor {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
         match bearer(parts) {
             Some(credential) if is_auditor(state, credential) => Ok(Auditor),
-            Some(_) => Err(AppError::Forbidden("the auditor key".into())),
+            Some(_) => Err(AppError::Forbidden("this needs the auditor key".into())),
             None => Err(AppError::Unauthorized(
                 "send Authorization: Bearer <auditor key>",
             )),

@@ -126,6 +126,56 @@ pub struct GatewayArgs {
     /// Database connections per gateway.
     #[arg(long, env = "XPAND_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
+    /// Networks webhooks may reach although they are not public (comma-separated CIDRs, e.g.
+    /// `127.0.0.0/8` for a receiver on this machine during development). Empty: public only.
+    #[arg(long, env = "XPAND_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<ipnet::IpNet>,
+    /// Concurrent HTTP connections; more wait in the listen backlog.
+    #[arg(long, env = "XPAND_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, env = "XPAND_HEADER_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.header_timeout.as_secs())]
+    pub header_timeout_secs: u64,
+    /// Seconds a request may take, streams (SSE, WebSocket) and file transfers excepted.
+    #[arg(long, env = "XPAND_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs())]
+    pub request_timeout_secs: u64,
+    /// Requests per second one credential (API key or token) may make, on all replicas.
+    #[arg(long, env = "XPAND_RATE_LIMIT", default_value_t = Limits::DEFAULT.requests_per_sec)]
+    pub rate_limit: u32,
+    /// Bytes of stored files (uploads and outputs) one account may keep.
+    #[arg(long, env = "XPAND_STORAGE_QUOTA_BYTES", default_value_t = Limits::DEFAULT.storage_quota_bytes)]
+    pub storage_quota_bytes: i64,
+    /// Unfinished (queued or running) jobs one account may have.
+    #[arg(long, env = "XPAND_MAX_UNFINISHED_JOBS", default_value_t = Limits::DEFAULT.max_unfinished_jobs)]
+    pub max_unfinished_jobs: i64,
+    /// Hours files are kept after upload (inputs) or after their job finished (outputs).
+    #[arg(long, env = "XPAND_RETENTION_HOURS", default_value_t = Limits::DEFAULT.retention.as_secs() / 3600)]
+    pub retention_hours: u64,
+}
+
+/// What one client or account may use: the defenses against abuse of the public surface.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub requests_per_sec: u32,
+    pub storage_quota_bytes: i64,
+    pub max_unfinished_jobs: i64,
+    pub retention: Duration,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        max_connections: 1024,
+        header_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(30),
+        requests_per_sec: 100,
+        storage_quota_bytes: 10 * 1024 * 1024 * 1024,
+        max_unfinished_jobs: 1000,
+        retention: Duration::from_secs(7 * 24 * 3600),
+    };
 }
 
 /// Validated configuration the application is built from.
@@ -163,6 +213,8 @@ pub struct Config {
     pub straggler_factor: f64,
     pub straggler_min_secs: f64,
     pub db_pool: u32,
+    pub egress: crate::egress::EgressPolicy,
+    pub limits: Limits,
 }
 
 impl GatewayArgs {
@@ -213,6 +265,14 @@ impl GatewayArgs {
         if self.max_video_secs == 0 {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
+        if self.max_connections == 0 || self.header_timeout_secs == 0 || self.rate_limit == 0 {
+            bail!(
+                "XPAND_MAX_CONNECTIONS, XPAND_HEADER_TIMEOUT_SECS and XPAND_RATE_LIMIT must be > 0"
+            );
+        }
+        if self.request_timeout_secs == 0 || self.retention_hours == 0 {
+            bail!("XPAND_REQUEST_TIMEOUT_SECS and XPAND_RETENTION_HOURS must be > 0");
+        }
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
         let auditor_key = load_or_create_secret(&self.auditor_key_file, AUDITOR_KEY_PREFIX)?;
         Ok(Config {
@@ -250,6 +310,18 @@ impl GatewayArgs {
             straggler_factor: self.straggler_factor,
             straggler_min_secs: self.straggler_min_secs,
             db_pool: self.db_pool,
+            egress: crate::egress::EgressPolicy {
+                allow: self.webhook_allow,
+            },
+            limits: Limits {
+                max_connections: self.max_connections,
+                header_timeout: Duration::from_secs(self.header_timeout_secs),
+                request_timeout: Duration::from_secs(self.request_timeout_secs),
+                requests_per_sec: self.rate_limit,
+                storage_quota_bytes: self.storage_quota_bytes,
+                max_unfinished_jobs: self.max_unfinished_jobs,
+                retention: Duration::from_secs(self.retention_hours * 3600),
+            },
         })
     }
 }

@@ -71,7 +71,8 @@ pub enum AppError {
     Validation(Vec<FieldError>),
     #[error("missing or invalid credentials")]
     Unauthorized(&'static str),
-    #[error("the credential lacks scope {0}")]
+    /// The whole detail: what the caller lacks or why the request is refused.
+    #[error("{0}")]
     Forbidden(String),
     #[error("{0} not found")]
     NotFound(&'static str),

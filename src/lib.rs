@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod egress;
 pub mod epochs;
 pub mod error;
 pub mod events;

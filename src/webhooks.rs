@@ -8,8 +8,8 @@
 //! Each request is signed with the gateway key: `X-Xpand-Signature` is the base64 ed25519
 //! signature of `{X-Xpand-Timestamp}.{body}`, verifiable with the key `xpand gateway-key` prints.
 //!
-//! Operators: the gateway calls whatever URL a customer gives; put it behind an egress policy
-//! that keeps it away from internal services.
+//! The gateway only calls public addresses ([`crate::egress`]): checked at submit, and again
+//! on the addresses the URL resolves to at each delivery. Redirects are not followed.
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use ed25519_dalek::Signer;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::egress::PolicyResolver;
 use crate::jobs::{fetch_row, Job};
 use crate::shutdown::Shutdown;
 use crate::state::AppState;
@@ -42,9 +43,12 @@ pub async fn enqueue(conn: &mut PgConnection, job_id: Uuid, url: &str) -> sqlx::
 
 /// Delivers due webhooks until `shutdown`.
 pub async fn run_deliverer(state: AppState, shutdown: Shutdown) {
+    let policy = std::sync::Arc::new(state.config.egress.clone());
     let client = match reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(PolicyResolver(policy)))
         .user_agent(concat!("xpand/", env!("CARGO_PKG_VERSION")))
         .build()
     {
@@ -98,6 +102,13 @@ async fn deliver(
     job_id: Uuid,
     url: &str,
 ) -> Result<(), String> {
+    // An address literal never reaches the resolver: check it (and a name, early) here.
+    state
+        .config
+        .egress
+        .check_url(url)
+        .await
+        .map_err(|why| format!("refused: the URL {why}"))?;
     let mut conn = state.db.acquire().await.map_err(|e| e.to_string())?;
     let job: Job = fetch_row(&mut conn, job_id)
         .await

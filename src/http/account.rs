@@ -114,7 +114,7 @@ pub async fn token(
 ) -> AppResult<Json<TokenResponse>> {
     if !caller.via_api_key {
         return Err(AppError::Forbidden(
-            "an API key (tokens cannot mint tokens)".into(),
+            "only an API key can mint tokens, not a token".into(),
         ));
     }
     let max = state.config.token_ttl.as_secs();

@@ -1,9 +1,10 @@
 //! Extractors whose rejections are problem documents: a malformed body, a wrong type or a bad
 //! path never reaches the client as axum's plain-text error.
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::{AppError, FieldError};
 use crate::state::AppState;
@@ -50,9 +51,55 @@ async fn read_json_body(req: Request, state: &AppState) -> Result<axum::body::By
         .map_err(|_| AppError::PayloadTooLarge { limit })
 }
 
-/// Parses JSON the way [`JsonBody`] does (the WebSocket uses it for frames).
+/// Parses JSON the way [`JsonBody`] does (the WebSocket uses it for frames): one value and
+/// nothing after it, and no NUL character in any string or key (Postgres text cannot hold one).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = deserialize(de)?;
+    de.end()
+        .map_err(|_| AppError::MalformedJson("the body continues after the JSON value".into()))?;
+    // Raw control characters are invalid JSON, so a NUL can only arrive escaped.
+    if bytes.windows(6).any(|w| w == b"\\u0000") {
+        let tree: Value =
+            serde_json::from_slice(bytes).map_err(|e| AppError::MalformedJson(e.to_string()))?;
+        if let Some(field) = nul_path(&tree, String::new()) {
+            return Err(AppError::field(field, "must not contain a NUL character"));
+        }
+    }
+    Ok(value)
+}
+
+/// The path of the first string or key holding a NUL, e.g. `input.series[0]` or `webhook`.
+fn nul_path(value: &Value, path: String) -> Option<String> {
+    let at = |suffix: String| {
+        if path.is_empty() {
+            suffix.trim_start_matches('.').to_string()
+        } else {
+            format!("{path}{suffix}")
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            Some(if path.is_empty() { "body".into() } else { path })
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v, at(format!("[{i}]")))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(at(format!(".{}", k.replace('\0', "\\u0000"))))
+            } else {
+                nul_path(v, at(format!(".{k}")))
+            }
+        }),
+        _ => None,
+    }
+}
+
+fn deserialize<'de, T: DeserializeOwned>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+) -> Result<T, AppError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let inner = e.inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -69,24 +116,47 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     })
 }
 
-/// `axum::extract::Path` with a problem rejection.
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(AppError))]
+/// `axum::extract::Path` with a problem rejection; a NUL in the path is refused.
 pub struct Path<T>(pub T);
 
-impl From<PathRejection> for AppError {
-    fn from(e: PathRejection) -> Self {
-        AppError::field("path", e.body_text())
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Path<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        if contains_nul(parts.uri.path()) {
+            return Err(AppError::field("path", "must not contain a NUL character"));
+        }
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| AppError::field("path", e.body_text()))
     }
 }
 
-/// `axum::extract::Query` with a problem rejection.
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(AppError))]
+/// `axum::extract::Query` with a problem rejection naming the parameter; a NUL is refused.
 pub struct Query<T>(pub T);
 
-impl From<QueryRejection> for AppError {
-    fn from(e: QueryRejection) -> Self {
-        AppError::field("query", e.body_text())
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Query<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let query = parts.uri.query().unwrap_or_default();
+        if let Some((name, _)) = url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(AppError::field(
+                name.replace('\0', "\\u0000"),
+                "must not contain a NUL character",
+            ));
+        }
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| AppError::field("query", e.body_text()))
     }
+}
+
+/// Whether a percent-encoded path decodes to something with a NUL in it.
+fn contains_nul(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| w == b"%00")
 }

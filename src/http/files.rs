@@ -98,9 +98,20 @@ pub async fn download(
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, end - start + 1),
         None => (StatusCode::OK, size),
     };
+    // Media plays inline; anything else (HTML, SVG, scripts...) downloads, so an uploaded page
+    // can never run in the gateway's origin.
+    let inline = ["video/", "audio/", "image/"]
+        .iter()
+        .any(|p| file.content_type.starts_with(p))
+        && !file.content_type.contains("svg");
+    let disposition = if inline { "inline" } else { "attachment" };
     let mut response = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, &file.content_type)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("{disposition}; filename=\"{id}\""),
+        )
         .header(header::CONTENT_LENGTH, length)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, format!("\"{}\"", file.sha256));

@@ -223,7 +223,7 @@ pub async fn node_records(
 ) -> AppResult<Json<RecordPage>> {
     if node.node_id != id {
         return Err(AppError::Forbidden(
-            "the key of the node named in the path".into(),
+            "the request is signed by another node than the path names".into(),
         ));
     }
     let limit = super::page_limit(params.limit, 50, 200)?;

@@ -74,6 +74,14 @@ pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
 }
 
 fn parse_series(input: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<Vec<f64>>> {
+    if let Some(obj) = input.as_object() {
+        for key in obj.keys().filter(|k| *k != "series") {
+            errors.push(FieldError::new(
+                format!("input.{key}"),
+                "is not a forecast input",
+            ));
+        }
+    }
     let Some(rows) = input.get("series") else {
         errors.push(FieldError::new("input.series", "is required"));
         return None;

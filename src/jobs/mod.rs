@@ -231,11 +231,13 @@ async fn plan(
         errors.push(FieldError::new("max_fee", "must be a non-negative integer"));
     }
     if let Some(url) = &req.webhook {
-        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
+        if url.len() > 2048 {
             errors.push(FieldError::new(
                 "webhook",
-                "must be an http(s) URL of at most 2048 characters",
+                "must be at most 2048 characters",
             ));
+        } else if let Err(why) = state.config.egress.check_url(url).await {
+            errors.push(FieldError::new("webhook", why));
         }
     }
     if !req.params.is_object() {

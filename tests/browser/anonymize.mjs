@@ -5,7 +5,7 @@
 //   node tests/browser/anonymize.mjs <base_url> <api_key> <video_path> <expected_duration_seconds>
 //   SCREENSHOT=/tmp/anonymize.png node tests/browser/anonymize.mjs http://127.0.0.1:8080 xp_... in.mp4 2.0
 //
-// It opens <base_url>/anonymize?key=<api_key>, uploads the video, starts the job, waits (180 s at
+// It opens <base_url>/anonymize, types the API key, uploads the video, starts the job, waits (180 s at
 // most) for body[data-state=done] — failing fast with the page's #message if it turns `failed` —
 // and then checks that the #result video loads (readyState >= 2, videoWidth > 0, a decoded frame
 // that is not one flat colour), has the expected duration (within 0.25 s) and plays (currentTime
@@ -35,7 +35,7 @@ if (!existsSync(videoPath) || !statSync(videoPath).isFile()) {
   process.exit(2);
 }
 const base = baseArg.replace(/\/+$/, '');
-const pageUrl = `${base}/anonymize?key=${encodeURIComponent(apiKey)}`;
+const pageUrl = `${base}/anonymize`;
 
 class Failure extends Error {}
 const consoleErrors = [];
@@ -122,6 +122,8 @@ try {
   const initial = await page.evaluate(() => document.body.dataset.state);
   if (initial !== 'idle') throw new Failure(`the page starts in state ${JSON.stringify(initial)}, not "idle"`);
 
+  await page.fill('#api-key', apiKey);
+  await page.dispatchEvent('#api-key', 'change');
   await page.setInputFiles('#video-file', videoPath);
   const jobStarted = Date.now();
   await page.click('#start');

@@ -149,6 +149,15 @@ pub fn test_config(db_name: &str) -> Config {
             fee_share_bps: 5_000,
         },
         db_pool: 8,
+        // Test receivers (webhooks) listen on this machine.
+        egress: xpand::egress::EgressPolicy {
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+        },
+        // The rate limit has its own test; elsewhere tests poll as fast as they like.
+        limits: xpand::config::Limits {
+            requests_per_sec: 1_000_000,
+            ..xpand::config::Limits::DEFAULT
+        },
     }
 }
 

@@ -11,6 +11,7 @@ mod ledger_properties;
 mod ops;
 mod protocol;
 mod registration;
+mod security;
 mod simulation;
 mod up;
 mod video;
