@@ -46,6 +46,8 @@ pub struct Caller {
     pub scopes: Vec<Scope>,
     /// True for an API key, false for a token; only API keys may mint tokens.
     pub via_api_key: bool,
+    /// When a token stops being valid (Unix seconds); `None` for an API key.
+    pub expires_at: Option<u64>,
 }
 
 impl Caller {
@@ -118,6 +120,11 @@ impl JwtKeys {
         )?)
     }
 
+    /// The account a valid token speaks for (`None` for anything else, API keys included).
+    pub fn subject(&self, token: &str) -> Option<Uuid> {
+        self.verify(token).ok().map(|c| c.account_id)
+    }
+
     fn verify(&self, token: &str) -> Result<Caller, AppError> {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
@@ -134,6 +141,7 @@ impl JwtKeys {
             account_id: data.claims.sub,
             scopes,
             via_api_key: false,
+            expires_at: Some(data.claims.exp),
         })
     }
 }
@@ -148,15 +156,41 @@ pub async fn authenticate(state: &AppState, credential: &str) -> Result<Caller, 
             account_id: account,
             scopes: Scope::ALL.to_vec(),
             via_api_key: true,
+            expires_at: None,
         });
     }
     state.jwt.verify(credential)
 }
 
+/// The caller of a request that may carry its credential in the URL (`?token=`), for clients
+/// that cannot set headers: a browser's `EventSource`, a WebSocket. The URL may only carry a
+/// short-lived token: URLs end up in logs and browser history, so an API key there is refused.
+pub async fn authenticate_header_or_query(
+    state: &AppState,
+    parts: &Parts,
+    token: Option<&str>,
+) -> Result<Caller, AppError> {
+    if let Some(credential) = bearer(parts) {
+        return authenticate(state, credential).await;
+    }
+    let token = token.ok_or(AppError::Unauthorized(
+        "send Authorization: Bearer, or ?token=<token from POST /v1/auth/token>",
+    ))?;
+    if token.starts_with(API_KEY_PREFIX) {
+        return Err(AppError::Unauthorized(
+            "an API key must not travel in a URL; exchange it for a token (POST /v1/auth/token)",
+        ));
+    }
+    state.jwt.verify(token)
+}
+
 /// The bearer credential in the `Authorization` header, if any.
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
+    bearer_header(&parts.headers)
+}
+
+pub fn bearer_header(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?

@@ -90,6 +90,16 @@ pub enum AppError {
     MaxFeeBelowQuote { quote: i64, max_fee: i64 },
     #[error("a dependency is unavailable: {0}")]
     Unavailable(String),
+    #[error("the request headers are larger than {limit} bytes or {count} fields")]
+    HeadersTooLarge { limit: usize, count: usize },
+    #[error("the request took longer than {0} seconds; retry it (with the same Idempotency-Key for a submit)")]
+    Timeout(u64),
+    #[error(
+        "more than {limit} requests per second with this credential; retry after {retry_after} s"
+    )]
+    RateLimited { limit: u32, retry_after: u64 },
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -157,6 +167,12 @@ impl AppError {
                 (402, "max-fee-below-quote", "max_fee below quote")
             }
             AppError::Unavailable(_) => (503, "unavailable", "Service unavailable"),
+            AppError::HeadersTooLarge { .. } => {
+                (431, "headers-too-large", "Request header fields too large")
+            }
+            AppError::Timeout(_) => (503, "timeout", "Request timed out"),
+            AppError::RateLimited { .. } => (429, "rate-limited", "Too many requests"),
+            AppError::QuotaExceeded(_) => (403, "quota-exceeded", "Quota exceeded"),
             AppError::Internal(_) => (500, "internal", "Internal error"),
         };
         let detail = match self {
@@ -219,6 +235,11 @@ impl IntoResponse for AppError {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 response.headers_mut().insert(header::CONTENT_RANGE, v);
             }
+        }
+        if let AppError::RateLimited { retry_after, .. } = err {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if problem.status == 401 {
             response

@@ -188,14 +188,17 @@ impl Application {
     ) -> anyhow::Result<()> {
         let router = crate::http::router(self.state.clone());
         let stop_streams = self.stop_streams;
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(async move {
+        crate::http::serve::serve(
+            self.listener,
+            router,
+            &self.state.config.limits,
+            async move {
                 signal.await;
                 tracing::info!("shutting down: no new requests");
                 stop_streams.fire();
-            })
-            .await
-            .context("serving HTTP")?;
+            },
+        )
+        .await;
 
         self.stop_dispatch.fire();
         let _ = self.dispatcher.await;

@@ -179,6 +179,14 @@ pub async fn cancel(
     ))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// A token from `/v1/auth/token`, for a browser's `EventSource`, which cannot set headers
+    /// (never an API key: URLs are logged).
+    token: Option<String>,
+}
+
 /// Follow a job as Server-Sent Events.
 ///
 /// The first event is the job's current state (`progress`, or its terminal event); then
@@ -186,7 +194,7 @@ pub async fn cancel(
 /// ends. Each SSE `data` is a JSON `JobEvent`; the SSE `event` field repeats its `event` tag.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
-    params(("id" = Uuid, Path, description = "Job id")),
+    params(("id" = Uuid, Path, description = "Job id"), EventsParams),
     responses(
         (status = 200, description = "An event stream of JobEvent", content_type = "text/event-stream", body = JobEvent),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -195,14 +203,18 @@ pub async fn cancel(
 )]
 pub async fn events(
     State(state): State<AppState>,
-    caller: Caller,
     Path(id): Path<Uuid>,
+    Query(params): Query<EventsParams>,
+    parts: axum::http::request::Parts,
 ) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let caller =
+        crate::auth::authenticate_header_or_query(&state, &parts, params.token.as_deref()).await?;
     caller.require(Scope::JobsRead)?;
     // Subscribe before reading the job, so nothing between the read and the feed is lost.
     let mut feed = state.events.subscribe();
     let job = jobs::get(&state.db, caller.account_id, id).await?;
     let db = state.db.clone();
+    let shutdown = state.shutdown.clone();
     let account = caller.account_id;
     let stream = async_stream(move |tx| async move {
         let first = JobEvent::finished(job.clone()).unwrap_or(JobEvent::Progress {
@@ -220,6 +232,8 @@ pub async fn events(
                 received = feed.recv() => received,
                 // The client went away: stop waiting for events nobody will read.
                 _ = tx.closed() => return,
+                // The server is stopping: end the stream so the connection can close.
+                _ = shutdown.wait() => return,
             };
             match received {
                 Ok(p) if p.event.job_id() == id => {

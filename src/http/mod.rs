@@ -4,10 +4,12 @@
 pub mod account;
 pub mod extract;
 pub mod files;
+pub mod guard;
 pub mod jobs;
 pub mod ledger;
 pub mod nodes;
 pub mod ops;
+pub mod serve;
 pub mod transfers;
 pub mod ws;
 
@@ -70,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/anonymize", get(ops::anonymize_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

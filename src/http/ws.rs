@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::request::Parts;
 use axum::response::Response;
@@ -17,6 +17,7 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -94,13 +95,23 @@ pub struct WsParams {
     token: Option<String>,
 }
 
+/// Close code when the socket's token expires: reconnect with a fresh token.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// Ops read but not yet answered; past this, ops are refused with a 429 problem, so that a
+/// burst cannot queue unbounded work (or delay pongs).
+const OPS_QUEUE: usize = 256;
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// Open a WebSocket carrying many jobs.
 ///
-/// Authenticate with `Authorization: Bearer` or `?token=<JWT from /v1/auth/token>`.
-/// See `ClientOp` for the frames a client sends and `Reply` / `JobEvent` for what it receives.
+/// Authenticate with `Authorization: Bearer` or `?token=<JWT from /v1/auth/token>` (an API key
+/// is refused in the URL). A socket opened with a token is closed with code 4401 when the token
+/// expires; reconnect with a fresh one. A frame larger than `XPAND_MAX_BODY_BYTES` closes the
+/// socket with 1009. See `ClientOp` for the frames a client sends and `Reply` / `JobEvent` for
+/// what it receives.
 #[utoipa::path(
     get, path = "/v1/ws", tag = "jobs",
-    params(("token" = Option<String>, Query, description = "A token from /v1/auth/token, for clients that cannot set headers")),
+    params(("token" = Option<String>, Query, description = "A token from /v1/auth/token, for clients that cannot set headers (never an API key)")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
@@ -114,38 +125,34 @@ pub async fn upgrade(
     parts: Parts,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
-    let credential = auth::bearer(&parts)
-        .map(str::to_owned)
-        .or(params.token)
-        .ok_or(AppError::Unauthorized(
-            "send Authorization: Bearer or ?token=",
-        ))?;
-    let caller = auth::authenticate(&state, &credential).await?;
+    let caller =
+        auth::authenticate_header_or_query(&state, &parts, params.token.as_deref()).await?;
     let ws = ws.map_err(|e| AppError::field("Upgrade", e.body_text()))?;
     let max = state.config.max_body_bytes;
     Ok(ws
         .max_message_size(max)
+        .max_frame_size(max)
         .on_upgrade(move |socket| serve(state, caller, socket)))
 }
 
+/// Three tasks per socket, so that keepalive never waits behind work: a reader that is always
+/// reading (tungstenite answers pings as it reads) and queues ops; this task, which runs ops
+/// and forwards job events; and a writer that sends what both produce, plus keepalive pings.
 async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    let (out, outgoing) = mpsc::channel::<Message>(OPS_QUEUE);
+    let (ops, mut queued) = mpsc::channel::<axum::extract::ws::Utf8Bytes>(OPS_QUEUE);
+    let writer = tokio::spawn(write_frames(sink, outgoing));
+    let reader = tokio::spawn(read_frames(stream, ops, out.clone()));
     let mut feed = state.events.subscribe();
     let mut subscribed: HashSet<Uuid> = HashSet::new();
-    let mut keepalive = tokio::time::interval(Duration::from_secs(20));
-    keepalive.tick().await;
+    let expiry = token_expiry(&caller);
+    tokio::pin!(expiry);
     loop {
         let frames: Vec<String> = tokio::select! {
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    handle_frame(&state, &caller, &mut subscribed, text.as_bytes()).await
-                }
-                Some(Ok(Message::Binary(_))) => vec![error_frame(
-                    None,
-                    AppError::field("frame", "send JSON text frames"),
-                )],
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => continue,
+            text = queued.recv() => match text {
+                Some(text) => handle_frame(&state, &caller, &mut subscribed, text.as_bytes()).await,
+                None => break,
             },
             event = feed.recv() => match event {
                 Ok(p) if p.account_id == caller.account_id && subscribed.contains(&p.event.job_id()) => {
@@ -158,24 +165,108 @@ async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
                 Err(RecvError::Lagged(_)) => resync(&state, &caller, &mut subscribed).await,
                 Err(RecvError::Closed) => break,
             },
-            _ = keepalive.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break;
-                }
-                continue;
+            _ = &mut expiry => {
+                let _ = out.send(close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token")).await;
+                break;
             }
             _ = state.shutdown.wait() => {
-                let _ = sink.send(Message::Close(Some(CloseFrame {
-                    code: axum::extract::ws::close_code::AWAY,
-                    reason: "server shutting down".into(),
-                }))).await;
+                let _ = out.send(close(close_code::AWAY, "server shutting down")).await;
                 break;
             }
         };
         for frame in frames {
-            if sink.send(Message::Text(frame.into())).await.is_err() {
+            if out.send(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+        }
+    }
+    reader.abort();
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Resolves when the caller's token expires (never for an API key).
+async fn token_expiry(caller: &Caller) {
+    match caller.expires_at {
+        Some(exp) => {
+            let now = jsonwebtoken::get_current_timestamp();
+            tokio::time::sleep(Duration::from_secs(exp.saturating_sub(now))).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+async fn read_frames(
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    ops: mpsc::Sender<axum::extract::ws::Utf8Bytes>,
+    out: mpsc::Sender<Message>,
+) {
+    while let Some(message) = stream.next().await {
+        match message {
+            Ok(Message::Text(text)) => match ops.try_send(text) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(text)) => {
+                    let reference = serde_json::from_slice::<Value>(text.as_bytes())
+                        .ok()
+                        .and_then(|v| v.get("ref").and_then(Value::as_str).map(str::to_owned));
+                    let busy = AppError::RateLimited {
+                        limit: OPS_QUEUE as u32,
+                        retry_after: 1,
+                    };
+                    // Every op is answered; waiting here only happens when the client
+                    // does not read, and then it would not see a pong either.
+                    let _ = out
+                        .send(Message::Text(error_frame(reference, busy).into()))
+                        .await;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            },
+            Ok(Message::Binary(_)) => {
+                let refusal = AppError::field("frame", "send JSON text frames");
+                let _ = out
+                    .send(Message::Text(error_frame(None, refusal).into()))
+                    .await;
+            }
+            Ok(Message::Close(_)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                // tungstenite refuses an oversized frame before reading it: say so with 1009.
+                let text = e.to_string();
+                if text.contains("too long") || text.contains("too big") {
+                    let _ = out
+                        .send(close(close_code::SIZE, "frame larger than the limit"))
+                        .await;
+                }
                 return;
             }
+        }
+    }
+}
+
+async fn write_frames(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut outgoing: mpsc::Receiver<Message>,
+) {
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
+    loop {
+        let message = tokio::select! {
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+            _ = keepalive.tick() => Message::Ping(Default::default()),
+        };
+        let closing = matches!(message, Message::Close(_));
+        if sink.send(message).await.is_err() || closing {
+            return;
         }
     }
 }

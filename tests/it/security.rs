@@ -167,3 +167,260 @@ async fn metrics_labels_stay_bounded_whatever_the_method() {
     );
     app.teardown().await;
 }
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open_socket(app: &TestApp, token: &str) -> Socket {
+    let url = format!(
+        "{}/v1/ws?token={token}",
+        app.base.replace("http://", "ws://")
+    );
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_cut_and_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(|c| {
+        c.limits.header_timeout = std::time::Duration::from_secs(1);
+        c.limits.max_connections = 8;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..24 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Each trickling client is disconnected when its header time runs out; the ones beyond the
+    // cap waited in the backlog and get the same treatment once accepted.
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(15), s.read(&mut buf))
+            .await
+            .expect("a slow-header connection was held past its timeout");
+        assert!(matches!(read, Ok(0) | Err(_)) || buf.starts_with(b"HTTP/1.1 408"));
+    }
+    // An idle keep-alive connection is closed the same way.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection stayed open"
+    );
+    // And the server still answers.
+    let resp = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_a_problem_document() {
+    let app = TestApp::spawn().await;
+    let mut request = app.http.get(format!("{}/v1/account", app.base));
+    for i in 0..150 {
+        request = request.header(format!("x-filler-{i}"), "x".repeat(300));
+    }
+    let (status, p) = problem(request.send().await.unwrap()).await;
+    assert_eq!(status, 431, "{p}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn each_credential_is_rate_limited_across_its_requests() {
+    let app = TestApp::spawn_with(|c| c.limits.requests_per_sec = 5).await;
+    let (_, key) = app.customer(10_000_000).await;
+    let mut limited = None;
+    for _ in 0..40 {
+        let resp = app.get(&key, "/v1/account").await;
+        if resp.status() == 429 {
+            limited = Some(resp);
+            break;
+        }
+    }
+    let resp = limited.expect("40 requests at once passed a limit of 5 per second");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let (_, p) = problem(resp).await;
+    assert!(p["type"].as_str().unwrap().ends_with("rate-limited"));
+    // A submit refused by the limit creates nothing.
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let mut refused = 0;
+    for _ in 0..20 {
+        if app
+            .post_json(&key, "/v1/jobs", &forecast_job(2, 3))
+            .await
+            .status()
+            == 429
+        {
+            refused += 1;
+        }
+    }
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(refused > 0);
+    assert_eq!(after - before, 20 - refused);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn urls_carry_tokens_never_api_keys_and_sse_follows_with_one() {
+    let app = TestApp::spawn().await;
+    let (account, key) = app.customer(10_000_000).await;
+    let ws = format!("{}/v1/ws?token={key}", app.base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!(
+            "an API key in the URL opened a socket: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &forecast_job(2, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let events = format!("{}/v1/jobs/{id}/events", app.base);
+    let resp = app
+        .http
+        .get(format!("{events}?token={key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let token = app
+        .state
+        .jwt
+        .issue(
+            account,
+            &xpand::auth::Scope::ALL,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+    let resp = app
+        .http
+        .get(format!("{events}?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn().await;
+    let (account, key) = app.customer(10_000_000).await;
+    let token = app
+        .state
+        .jwt
+        .issue(
+            account,
+            &xpand::auth::Scope::ALL,
+            std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+    let mut socket = open_socket(&app, &token).await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if let Message::Close(frame) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("the socket outlived its token");
+    assert_eq!(
+        u16::from(closed.unwrap().code),
+        xpand::http::ws::CLOSE_TOKEN_EXPIRED
+    );
+    let before = footprint(&app, &key).await;
+    let submit = json!({"op": "submit", "job": forecast_job(2, 3)});
+    let _ = socket.send(Message::text(submit.to_string())).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(footprint(&app, &key).await, before);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_gets_1009_and_a_burst_does_not_delay_pongs() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn().await;
+    let (account, _) = app.customer(1_000_000_000).await;
+    let token = app
+        .state
+        .jwt
+        .issue(
+            account,
+            &xpand::auth::Scope::ALL,
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+    let mut socket = open_socket(&app, &token).await;
+    let big = "x".repeat(app.config.max_body_bytes + 1024);
+    socket.send(Message::text(big)).await.unwrap();
+    let mut code = None;
+    while let Some(Ok(message)) = socket.next().await {
+        if let Message::Close(Some(frame)) = message {
+            code = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+
+    // 5,000 submits at once, then a ping: the pong is not queued behind the work.
+    let mut socket = open_socket(&app, &token).await;
+    let burst = 5_000;
+    for i in 0..burst {
+        let op = json!({"op": "submit", "ref": i.to_string(), "job": forecast_job(2, 3)});
+        socket.feed(Message::text(op.to_string())).await.unwrap();
+    }
+    socket
+        .send(Message::Ping(b"keepalive".to_vec().into()))
+        .await
+        .unwrap();
+    let (mut answered, mut pong_after) = (0, None);
+    while answered < burst {
+        match tokio::time::timeout(std::time::Duration::from_secs(60), socket.next())
+            .await
+            .expect("ops went unanswered")
+        {
+            Some(Ok(Message::Pong(_))) => pong_after = Some(answered),
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["event"] == "accepted" || frame["event"] == "error" {
+                    answered += 1;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the socket ended: {other:?}"),
+        }
+    }
+    let pong_after = pong_after.expect("no pong");
+    assert!(
+        pong_after < burst - 100,
+        "the pong came after {pong_after} of {burst} answers"
+    );
+    app.teardown().await;
+}
