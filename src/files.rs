@@ -174,28 +174,111 @@ pub async fn fetch_to_file(
     })
 }
 
-/// Streams `body` into storage as a new file of `account` (see [`store_stream`]). A refused or
-/// broken upload leaves no object and no row behind.
+/// How much an upload may store: the per-file limit and the account's storage quota.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    pub max_bytes: u64,
+    pub quota_bytes: i64,
+}
+
+/// Bytes the account's files hold now.
+pub async fn used_bytes<'c, E: sqlx::PgExecutor<'c>>(db: E, account: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT coalesce(sum(size), 0)::bigint FROM files WHERE account_id = $1")
+        .bind(account)
+        .fetch_one(db)
+        .await
+}
+
+fn over_quota(quota: i64) -> AppError {
+    AppError::QuotaExceeded(format!(
+        "the account's files would exceed its storage quota of {quota} bytes; delete some \
+         (DELETE /v1/files/{{id}}) or wait for them to expire"
+    ))
+}
+
+/// Streams `body` into storage as a new file of `account` (see [`store_stream`]), within the
+/// per-file limit and the account's quota. A refused or broken upload leaves no object and no
+/// row behind.
 pub async fn upload<S, E>(
     store: &Arc<dyn ObjectStore>,
     db: &PgPool,
     account: Uuid,
     content_type: &str,
-    limit: u64,
+    limits: UploadLimits,
+    declared: Option<u64>,
     body: S,
 ) -> Result<FileInfo, AppError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let room = u64::try_from(limits.quota_bytes - used_bytes(db, account).await?).unwrap_or(0);
+    if declared.is_some_and(|n| n > room) || room == 0 {
+        return Err(over_quota(limits.quota_bytes));
+    }
     let id = Uuid::now_v7();
     let path = object_path(id);
-    let stored = store_stream(store, &path, limit, body).await?;
-    let row = insert(db, id, account, &stored, content_type).await;
-    if row.is_err() {
+    let stored = match store_stream(store, &path, limits.max_bytes.min(room), body).await {
+        Err(AppError::PayloadTooLarge { .. }) if room < limits.max_bytes => {
+            return Err(over_quota(limits.quota_bytes))
+        }
+        other => other?,
+    };
+    let row = insert_within_quota(db, id, account, &stored, content_type, limits.quota_bytes).await;
+    if !matches!(row, Ok(Some(_))) {
         let _ = store.delete(&path).await;
     }
-    Ok(row?)
+    row?.ok_or_else(|| over_quota(limits.quota_bytes))
+}
+
+/// Inserts the row unless concurrent uploads filled the quota meanwhile (the account row lock
+/// makes the check and the insert one step).
+async fn insert_within_quota(
+    db: &PgPool,
+    id: Uuid,
+    account: Uuid,
+    stored: &Stored,
+    content_type: &str,
+    quota: i64,
+) -> sqlx::Result<Option<FileInfo>> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    if used_bytes(&mut *tx, account).await? + stored.size as i64 > quota {
+        return Ok(None);
+    }
+    let info = insert(&mut *tx, id, account, stored, content_type).await?;
+    tx.commit().await?;
+    Ok(Some(info))
+}
+
+/// Deletes one of the caller's files: its row, then its bytes.
+pub async fn delete(
+    store: &Arc<dyn ObjectStore>,
+    db: &PgPool,
+    account: Uuid,
+    id: Uuid,
+) -> Result<(), AppError> {
+    let deleted = sqlx::query("DELETE FROM files WHERE id = $1 AND account_id = $2")
+        .bind(id)
+        .bind(account)
+        .execute(db)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Err(AppError::NotFound("file"));
+    }
+    remove_object(store, id).await;
+    Ok(())
+}
+
+/// Removes a file's bytes; a failure only leaves an orphan object, which is logged.
+pub async fn remove_object(store: &Arc<dyn ObjectStore>, id: Uuid) {
+    match store.delete(&object_path(id)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(file = %id, error = %e, "deleting a file's bytes failed"),
+    }
 }
 
 /// Records a stored object as a file of `account`.

@@ -16,6 +16,7 @@ pub mod media;
 pub mod metrics;
 pub mod nodes;
 pub mod openapi;
+pub mod retention;
 pub mod shutdown;
 pub mod startup;
 pub mod state;

@@ -16,7 +16,7 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
     ),
     paths(
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
-        files::upload, files::download, transfers::input, transfers::output,
+        files::upload, files::download, files::delete, transfers::input, transfers::output,
         account::token, account::account, account::ledger_entries,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_leaves,

@@ -152,6 +152,10 @@ impl Application {
             ),
             tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
             tokio::spawn(webhooks::run_deliverer(state.clone(), background.clone())),
+            tokio::spawn(crate::retention::run_expirer(
+                state.clone(),
+                background.clone(),
+            )),
             tokio::spawn(crate::ledger::blocks::run_sealer(
                 state.clone(),
                 background.clone(),

@@ -20,6 +20,7 @@ use crate::state::AppState;
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes; its Content-Type is kept"),
     responses(
         (status = 201, description = "Stored", body = FileInfo),
+        (status = 403, description = "The account's storage quota (XPAND_STORAGE_QUOTA_BYTES) would be exceeded", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than XPAND_MAX_UPLOAD_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Empty or broken upload", body = Problem, content_type = "application/problem+json"),
     ),
@@ -36,6 +37,10 @@ pub async fn upload(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let limits = files::UploadLimits {
+        max_bytes: limit,
+        quota_bytes: state.config.limits.storage_quota_bytes,
+    };
     if declared.is_some_and(|n| n > limit) {
         return Err(AppError::PayloadTooLarge {
             limit: limit as usize,
@@ -51,11 +56,32 @@ pub async fn upload(
         &state.db,
         caller.account_id,
         content_type,
-        limit,
+        limits,
+        declared,
         body.into_data_stream(),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Delete one of your files (an upload or a job's output) now, before it expires.
+#[utoipa::path(
+    delete, path = "/v1/files/{id}", tag = "files",
+    params(("id" = Uuid, Path, description = "File id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> AppResult<StatusCode> {
+    caller.require(Scope::JobsWrite)?;
+    files::delete(&state.files, &state.db, caller.account_id, id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Download one of your files; `Range: bytes=...` (one range) gets a 206.

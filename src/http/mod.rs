@@ -33,7 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/files", post(files::upload))
-        .route("/v1/files/{id}", get(files::download))
+        .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/transfers/{assignment}/input", get(transfers::input))
         .route("/v1/transfers/{assignment}/output", put(transfers::output))
         .route("/v1/auth/token", post(account::token))

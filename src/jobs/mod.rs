@@ -135,6 +135,10 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the job's input and output were erased under the retention policy
+    /// (`XPAND_RETENTION_HOURS` after it finished); `output` is null from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_expired_at: Option<DateTime<Utc>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -160,11 +164,12 @@ pub(crate) struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// Indexes of shards accepted without the check they were held for.
     pub unverified_shards: Vec<i32>,
+    pub data_expired_at: Option<DateTime<Utc>>,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "id, kind, status, params, output, error, quote, \
     max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, request_hash, \
-    created_at, updated_at, started_at, finished_at, unverified_shards";
+    created_at, updated_at, started_at, finished_at, unverified_shards, data_expired_at";
 
 impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {
@@ -190,6 +195,7 @@ impl From<JobRow> for Job {
             updated_at: r.updated_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
+            data_expired_at: r.data_expired_at,
         }
     }
 }
@@ -307,11 +313,23 @@ pub async fn submit(
     }
     let id = Uuid::now_v7();
     let plan = plan(state, account, id, req).await?;
-    let stored = store(pool, account, id, req, idempotency_key, &hash, &plan).await;
+    let max_unfinished = state.config.limits.max_unfinished_jobs;
+    let idempotency = Idempotency {
+        key: idempotency_key,
+        hash: &hash,
+    };
+    let stored = store(pool, account, id, req, idempotency, &plan, max_unfinished).await;
     if !matches!(stored, Ok(Submitted::Created(_))) {
         anonymize::delete_all(state, &plan.staged).await;
     }
     stored
+}
+
+/// A submission's idempotency key, if any, and the hash of the request it stands for.
+#[derive(Clone, Copy)]
+struct Idempotency<'a> {
+    key: Option<&'a str>,
+    hash: &'a str,
 }
 
 async fn store(
@@ -319,10 +337,14 @@ async fn store(
     account: Uuid,
     id: Uuid,
     req: &SubmitJob,
-    idempotency_key: Option<&str>,
-    hash: &str,
+    idempotency: Idempotency<'_>,
     plan: &JobPlan,
+    max_unfinished: i64,
 ) -> Result<Submitted, AppError> {
+    let Idempotency {
+        key: idempotency_key,
+        hash,
+    } = idempotency;
     let quote = plan.quote();
     if quote > req.max_fee {
         return Err(AppError::MaxFeeBelowQuote {
@@ -371,6 +393,20 @@ async fn store(
             return Err(AppError::InsufficientFunds { quote, available });
         }
         Err(e) => return Err(AppError::Internal(e.into())),
+    }
+    // Counted after the hold, which locks the account's balance: concurrent submits of one
+    // account pass here one at a time, so the quota cannot be raced past.
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE account_id = $1 AND status IN ('queued', 'running')",
+    )
+    .bind(account)
+    .fetch_one(&mut *tx)
+    .await?;
+    if unfinished > max_unfinished {
+        return Err(AppError::QuotaExceeded(format!(
+            "the account already has {max_unfinished} unfinished jobs, the most it may have; \
+             wait for some to finish"
+        )));
     }
     insert_shards(&mut tx, id, plan).await?;
     let row = fetch_row(&mut tx, id).await?;

@@ -424,3 +424,121 @@ async fn an_oversized_frame_gets_1009_and_a_burst_does_not_delay_pongs() {
     );
     app.teardown().await;
 }
+
+async fn upload(app: &TestApp, key: &str, bytes: usize) -> reqwest::Response {
+    app.http
+        .post(format!("{}/v1/files", app.base))
+        .bearer_auth(key)
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; bytes])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn storage_is_bounded_by_a_quota_and_files_can_be_deleted() {
+    let app = TestApp::spawn_with(|c| c.limits.storage_quota_bytes = 1_000).await;
+    let (_, key) = app.customer(10_000_000).await;
+    let (_, other) = app.customer(10_000_000).await;
+    let first: Value = upload(&app, &key, 600).await.json().await.unwrap();
+    let first = first["id"].as_str().unwrap().to_string();
+    let (status, p) = problem(upload(&app, &key, 600).await).await;
+    assert_eq!(status, 403, "{p}");
+    assert!(p["type"].as_str().unwrap().ends_with("quota-exceeded"));
+    let files: i64 = sqlx::query_scalar("SELECT count(*) FROM files")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(files, 1, "the refused upload left a row");
+
+    // Only the owner may delete; then the bytes are gone and the quota is free again.
+    let path = format!("{}/v1/files/{first}", app.base);
+    let delete = |who: &str| app.http.delete(&path).bearer_auth(who.to_string()).send();
+    assert_eq!(delete(&other).await.unwrap().status(), 404);
+    assert_eq!(
+        app.get(&key, &format!("/v1/files/{first}")).await.status(),
+        200
+    );
+    assert_eq!(delete(&key).await.unwrap().status(), 204);
+    assert_eq!(
+        app.get(&key, &format!("/v1/files/{first}")).await.status(),
+        404
+    );
+    assert_eq!(upload(&app, &key, 600).await.status(), 201);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn unfinished_jobs_per_account_are_bounded() {
+    // No workers: every job stays queued.
+    let app = TestApp::spawn_with(|c| c.limits.max_unfinished_jobs = 2).await;
+    let (_, key) = app.customer(10_000_000).await;
+    for _ in 0..2 {
+        let resp = app.post_json(&key, "/v1/jobs", &forecast_job(2, 3)).await;
+        assert_eq!(resp.status(), 201);
+    }
+    let before = footprint(&app, &key).await;
+    let (status, p) = problem(app.post_json(&key, "/v1/jobs", &forecast_job(2, 3)).await).await;
+    assert_eq!(status, 403, "{p}");
+    assert!(p["type"].as_str().unwrap().ends_with("quota-exceeded"));
+    assert_eq!(footprint(&app, &key).await, before);
+    // Another account is not held back by this one.
+    let (_, other) = app.customer(10_000_000).await;
+    assert_eq!(
+        app.post_json(&other, "/v1/jobs", &forecast_job(2, 3))
+            .await
+            .status(),
+        201
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn customer_data_expires_and_the_money_stays() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &forecast_job(4, 3))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let done = app.wait_for_job(&key, id).await;
+    assert!(done["output"]["forecasts"].is_array());
+    let file: Value = upload(&app, &key, 100).await.json().await.unwrap();
+    let file = file["id"].as_str().unwrap();
+    // Nothing is due yet under the default retention.
+    let retention = app.config.limits.retention;
+    let nothing = xpand::retention::expire(&app.db, &app.state.files, retention)
+        .await
+        .unwrap();
+    assert_eq!(nothing, xpand::retention::Expired::default());
+    let balances = app.balances(&key).await;
+
+    let expired = xpand::retention::expire(&app.db, &app.state.files, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!((expired.files, expired.jobs), (1, 1));
+    let job = app.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert!(job["output"].is_null());
+    assert!(job["data_expired_at"].is_string());
+    assert_eq!(job["cost"], done["cost"]);
+    assert_eq!(
+        app.get(&key, &format!("/v1/files/{file}")).await.status(),
+        404
+    );
+    let leftover: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shards WHERE job_id = $1::uuid AND (output IS NOT NULL OR task <> '{}')",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(leftover, 0, "a shard still holds the job's rows");
+    assert_eq!(app.balances(&key).await, balances);
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}

@@ -1,0 +1,96 @@
+//! Customer data has a lifetime (`XPAND_RETENTION_HOURS`, default 7 days): files are deleted
+//! that long after they were stored, and a finished job's input and output (with its shards'
+//! tasks and outputs, which hold the same rows) are erased that long after it finished. What
+//! the money needs stays: the job's price, status and times, and its ledger entries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::shutdown::Shutdown;
+use crate::state::AppState;
+
+/// Rows handled per statement, so one round never holds locks for long.
+const BATCH: i64 = 500;
+
+/// What one [`expire`] call removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub files: usize,
+    pub jobs: usize,
+}
+
+/// Deletes files and erases finished jobs' data older than `retention`.
+pub async fn expire(
+    db: &PgPool,
+    store: &Arc<dyn ObjectStore>,
+    retention: Duration,
+) -> sqlx::Result<Expired> {
+    let secs = retention.as_secs_f64();
+    let mut expired = Expired::default();
+    loop {
+        let files: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM files WHERE id IN (
+                 SELECT id FROM files WHERE created_at < now() - $1 * interval '1 second'
+                 LIMIT $2)
+             RETURNING id",
+        )
+        .bind(secs)
+        .bind(BATCH)
+        .fetch_all(db)
+        .await?;
+        for id in &files {
+            crate::files::remove_object(store, *id).await;
+        }
+        expired.files += files.len();
+        if (files.len() as i64) < BATCH {
+            break;
+        }
+    }
+    loop {
+        let mut tx = db.begin().await?;
+        let jobs: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE jobs SET input = '{}'::jsonb, output = NULL, data_expired_at = now()
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE data_expired_at IS NULL AND finished_at < now() - $1 * interval '1 second'
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+        )
+        .bind(secs)
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE shards SET task = '{}'::jsonb, output = NULL WHERE job_id = ANY($1)")
+            .bind(&jobs)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        expired.jobs += jobs.len();
+        if (jobs.len() as i64) < BATCH {
+            return Ok(expired);
+        }
+    }
+}
+
+/// Expires what is due every minute (or sooner for short retentions) until `shutdown`.
+pub async fn run_expirer(state: AppState, shutdown: Shutdown) {
+    let retention = state.config.limits.retention;
+    let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
+        match expire(&state.db, &state.files, retention).await {
+            Ok(e) if e != Expired::default() => {
+                tracing::info!(files = e.files, jobs = e.jobs, "expired customer data");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiring customer data failed"),
+        }
+    }
+}
