@@ -25,6 +25,7 @@ run: setup
 test: setup
 	@scripts/setup-browser.sh
 	@scripts/setup-s3-emulator.sh
+	@scripts/setup-schemathesis.sh
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	@if cargo nextest --version >/dev/null 2>&1; then \

@@ -5,6 +5,8 @@ mod chaos;
 mod common;
 mod epochs;
 mod files;
+mod fuzz_api;
+mod fuzz_inputs;
 mod jobs;
 mod ledger_chain;
 mod ledger_properties;
