@@ -18,3 +18,5 @@ ALTER TABLE chain_records ALTER COLUMN envelope DROP NOT NULL;
 ALTER TABLE chain_records ADD CONSTRAINT chain_records_v1_or_v2
     CHECK ((salt IS NULL AND envelope IS NOT NULL) OR (salt IS NOT NULL AND digest IS NOT NULL));
 CREATE INDEX chain_records_by_node ON chain_records (node_id, id);
+-- A challenge's signed envelope is kept with the challenge (the ledger holds its digest).
+ALTER TABLE challenges ADD COLUMN envelope text;

@@ -181,9 +181,13 @@ async fn record_challenge(
         winning_output_sha256: &winners[0].output_sha256,
         detail,
     };
+    // Signed like an assignment, so the sealed record says who judged. The ledger keeps only
+    // its digest; the envelope stays here, to be shown to whoever disputes the verdict.
+    let topic = format!("{}/v1/challenges", config.topic_prefix);
+    let envelope = config.gateway_key.seal(&topic, &challenge);
     sqlx::query(
-        "INSERT INTO challenges (id, job_id, shard_id, loser, winners, detail)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO challenges (id, job_id, shard_id, loser, winners, detail, envelope)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(challenge_id)
     .bind(job_id)
@@ -191,11 +195,9 @@ async fn record_challenge(
     .bind(&loser.node_id)
     .bind([winners[0].node_id.clone(), winners[1].node_id.clone()])
     .bind(detail)
+    .bind(String::from_utf8_lossy(&envelope))
     .execute(&mut *conn)
     .await?;
-    // Signed like an assignment, so the sealed record says who judged.
-    let topic = format!("{}/v1/challenges", config.topic_prefix);
-    let envelope = config.gateway_key.seal(&topic, &challenge);
     ledger::blocks::record(conn, "challenge", &loser.node_id, &envelope).await?;
     nodes::charge_failures(
         conn,

@@ -560,10 +560,12 @@ async fn a_lying_worker_is_outvoted_and_the_challenge_is_sealed() {
     xpand::ledger::blocks::seal_all(&app.db, &key)
         .await
         .unwrap();
+    // The ledger seals each challenge's digest; the envelope it commits to is kept with it.
     let sealed: Vec<String> = sqlx::query_scalar(
-        "SELECT r.envelope FROM chain_records r
-         WHERE r.kind = 'challenge'
-           AND EXISTS (SELECT 1 FROM ledger_blocks b WHERE r.id BETWEEN b.first_record_id AND b.last_record_id)",
+        "SELECT c.envelope FROM challenges c
+         JOIN chain_records r
+           ON r.kind = 'challenge' AND r.digest = encode(sha256(convert_to(c.envelope, 'UTF8')), 'hex')
+         WHERE EXISTS (SELECT 1 FROM ledger_blocks b WHERE r.id BETWEEN b.first_record_id AND b.last_record_id)",
     )
     .fetch_all(&app.db)
     .await
