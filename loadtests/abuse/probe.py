@@ -25,12 +25,18 @@ def loopback_only(url):
 
 def slow(url, pid, n):
     target = urlparse(url)
-    socks = []
+    socks, waiting = [], 0
     for _ in range(n):
-        s = socket.create_connection((target.hostname, target.port), timeout=5)
+        try:
+            s = socket.create_connection((target.hostname, target.port), timeout=1)
+        except OSError:
+            # The cap is reached and the listen backlog is full: the client waits.
+            waiting += 1
+            continue
         s.setblocking(False)
         s.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         socks.append(s)
+    print(f"{len(socks)} connections opened, {waiting} could not connect within 1 s")
     start = time.time()
     for _ in range(16):
         held = 0
