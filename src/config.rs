@@ -137,7 +137,7 @@ pub struct GatewayArgs {
     /// connection stays open).
     #[arg(long, env = "XPAND_HEADER_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.header_timeout.as_secs())]
     pub header_timeout_secs: u64,
-    /// Seconds a request may take, streams (SSE, WebSocket) and file transfers excepted.
+    /// Seconds a request may take; streams (SSE, WebSocket), file transfers and submits excepted.
     #[arg(long, env = "XPAND_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout.as_secs())]
     pub request_timeout_secs: u64,
     /// Requests per second one credential (API key or token) may make, on all replicas.

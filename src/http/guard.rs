@@ -25,7 +25,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
             return refusal.into_response();
         }
     }
-    if streams_its_body(&req) {
+    if exempt_from_timeout(&req) {
         return next.run(req).await;
     }
     let limit = state.config.limits.request_timeout;
@@ -49,16 +49,18 @@ fn check_headers(headers: &axum::http::HeaderMap) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Uploads and worker transfers stream large bodies inside the handler; streams (SSE,
-/// WebSocket) answer at once and are not timed.
-fn streams_its_body(req: &Request) -> bool {
+/// Not timed: uploads and worker transfers, which stream large bodies inside the handler, and
+/// submits, whose video planning (probe and cut, each under its own ffmpeg time limit) must not
+/// be dropped halfway with segments staged. Streams (SSE, WebSocket) answer at once.
+fn exempt_from_timeout(req: &Request) -> bool {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("", MatchedPath::as_str);
     matches!(
         (req.method(), route),
-        (&Method::POST, "/v1/files") | (&Method::PUT, "/v1/transfers/{assignment}/output")
+        (&Method::POST, "/v1/files" | "/v1/jobs")
+            | (&Method::PUT, "/v1/transfers/{assignment}/output")
     )
 }
 

@@ -299,6 +299,15 @@ impl TestApp {
             .unwrap()
     }
 
+    /// A GET with no credentials, as a stranger sends it.
+    pub async fn get_public(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, key: &str, path: &str) -> Value {
         let resp = self.get(key, path).await;
         assert!(resp.status().is_success(), "GET {path}: {}", resp.status());

@@ -95,12 +95,7 @@ async fn the_public_ledger_proves_history_without_showing_it() {
         "/v1/ledger/blocks/1/leaves",
         "/v1/ledger/blocks/2/leaves",
     ] {
-        let resp = app
-            .http
-            .get(format!("{}{path}", app.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get_public(path).await;
         assert_eq!(resp.status(), 200, "{path}");
         public_text.push_str(&resp.text().await.unwrap());
     }
@@ -121,12 +116,7 @@ async fn the_public_ledger_proves_history_without_showing_it() {
         "/v1/ledger/audit",
         "/v1/ledger/entries/1/proof",
     ] {
-        let resp = app
-            .http
-            .get(format!("{}{path}", app.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get_public(path).await;
         assert_eq!(resp.status(), 401, "{path} without credentials");
     }
     for path in [
