@@ -1,6 +1,6 @@
 //! Request guards every route passes through: bounded headers (a 431 problem document), a
 //! per-credential rate limit shared by all replicas through Redis (a 429 with `Retry-After`),
-//! and a request timeout for everything but streams and file transfers.
+//! and a request timeout for everything but streams, file transfers and submits.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
