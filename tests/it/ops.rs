@@ -9,15 +9,7 @@ use crate::common::{CuttableProxy, TestApp};
 #[tokio::test]
 async fn served_openapi_matches_the_committed_spec() {
     let app = TestApp::spawn().await;
-    let served: Value = app
-        .http
-        .get(format!("{}/openapi.json", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served: Value = app.get_public("/openapi.json").await.json().await.unwrap();
     let committed =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
             .expect("openapi/openapi.json exists");
@@ -35,12 +27,7 @@ async fn served_openapi_matches_the_committed_spec() {
     ] {
         assert!(served["paths"].get(path).is_some(), "{path} is documented");
     }
-    let docs = app
-        .http
-        .get(format!("{}/docs", app.base))
-        .send()
-        .await
-        .unwrap();
+    let docs = app.get_public("/docs").await;
     assert_eq!(docs.status(), 200);
     let html = docs.text().await.unwrap();
     assert!(html.contains("/openapi.json"));
@@ -54,12 +41,7 @@ async fn served_openapi_matches_the_committed_spec() {
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let app = TestApp::spawn().await;
-    let health = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let health = app.get_public("/healthz").await;
     assert_eq!(health.status(), 200);
     // The broker connection comes up asynchronously.
     let mut ready = Value::Null;

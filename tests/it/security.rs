@@ -119,15 +119,9 @@ async fn loose_bodies_are_refused() {
 async fn uploaded_pages_download_instead_of_running_in_our_origin() {
     let app = TestApp::spawn().await;
     let (_, key) = app.customer(10_000_000).await;
-    let info: Value = app
-        .http
-        .post(format!("{}/v1/files", app.base))
-        .bearer_auth(&key)
-        .header("content-type", "text/html")
-        .body("<script>alert(document.cookie)</script>")
-        .send()
+    let page = b"<script>alert(document.cookie)</script>".to_vec();
+    let info: Value = upload_as(&app, &key, "text/html", page)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -226,13 +220,7 @@ async fn slow_headers_and_idle_connections_are_cut_and_capped() {
         "an idle connection stayed open"
     );
     // And the server still answers.
-    let resp = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(app.get_public("/healthz").await.status(), 200);
     app.teardown().await;
 }
 
@@ -414,11 +402,20 @@ async fn an_oversized_frame_gets_1009_and_a_burst_does_not_delay_pongs() {
 }
 
 async fn upload(app: &TestApp, key: &str, bytes: usize) -> reqwest::Response {
+    upload_as(app, key, "application/octet-stream", vec![7u8; bytes]).await
+}
+
+async fn upload_as(
+    app: &TestApp,
+    key: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> reqwest::Response {
     app.http
         .post(format!("{}/v1/files", app.base))
         .bearer_auth(key)
-        .header("content-type", "application/octet-stream")
-        .body(vec![7u8; bytes])
+        .header("content-type", content_type)
+        .body(body)
         .send()
         .await
         .unwrap()
