@@ -349,7 +349,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
     app.wait_until_alive(key.id()).await;
     let (_, api_key) = app.customer(10_000_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let clip = crate::video::make_clip(dir.path(), 320, 240, 1, false);
+    let clip = xpand_media::clips::make_clip(dir.path(), 320, 240, 1, false);
     let file: Value = app
         .http
         .post(format!("{}/v1/files", app.base))

@@ -1,94 +1,19 @@
 //! Video anonymization end to end: real uploads, ffprobe/ffmpeg, workers running CenterFace,
 //! segments joined with the original audio; and every bad input refused without a trace.
 //!
-//! Test clips are made here with ffmpeg from scikit-image's astronaut photo (installed by
-//! `scripts/setup-models.sh`), moving and changing size over an animated background, with a
-//! tone for audio.
+//! Test clips are made by `xpand_media::clips` with ffmpeg from scikit-image's astronaut photo
+//! (installed by `scripts/setup-models.sh`), moving and changing size over an animated
+//! background, with a tone for audio.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use xpand_media::clips::{decode_frames, make_clip};
 use xpand_worker::face_detect::{self, FaceBox, FaceDetector};
 
 use crate::common::TestApp;
-
-const FPS: u32 = 25;
-
-fn astronaut() -> PathBuf {
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/workers/models/centerface/testdata/astronaut.png"
-    )
-    .into()
-}
-
-fn ffmpeg(args: &[&str]) {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-y"])
-        .args(args)
-        .output()
-        .expect("ffmpeg runs (make setup installs it)");
-    assert!(
-        out.status.success(),
-        "ffmpeg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A `seconds`-long clip, 25 fps, a keyframe every second, the face drifting right and
-/// pulsing in size; with a 440 Hz tone when `audio`.
-pub fn make_clip(dir: &Path, width: u32, height: u32, seconds: u32, audio: bool) -> PathBuf {
-    let path = dir.join(format!("clip-{width}x{height}-{seconds}s-{audio}.mp4"));
-    let background = format!("testsrc2=s={width}x{height}:r={FPS}:d={seconds}");
-    let tone = format!("sine=f=440:d={seconds}");
-    let face = format!(
-        "[1]scale=w='{h}*0.45+{h}*0.08*sin(2*t)':h=-2:eval=frame[f];\
-         [0][f]overlay=x='{w}*0.08+{w}*0.1*t':y='{h}*0.1':shortest=1[v]",
-        w = width,
-        h = height
-    );
-    let astronaut = astronaut();
-    let seconds = seconds.to_string();
-    let mut args = vec!["-f", "lavfi", "-i", &background, "-loop", "1", "-i"];
-    args.push(astronaut.to_str().unwrap());
-    if audio {
-        args.extend(["-f", "lavfi", "-i", &tone]);
-    }
-    args.extend(["-filter_complex", &face, "-map", "[v]"]);
-    if audio {
-        args.extend(["-map", "2:a", "-c:a", "aac"]);
-    }
-    let g = FPS.to_string();
-    args.extend([
-        "-c:v", "libx264", "-preset", "veryfast", "-g", &g, "-pix_fmt", "yuv420p", "-t", &seconds,
-    ]);
-    let out = path.to_str().unwrap().to_string();
-    args.push(&out);
-    ffmpeg(&args);
-    path
-}
-
-/// Every frame of `path` as RGB24.
-fn decode(path: &Path, width: u32, height: u32) -> Vec<Vec<u8>> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args([
-            "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let frame = (width * height * 3) as usize;
-    assert_eq!(out.stdout.len() % frame, 0);
-    out.stdout.chunks(frame).map(<[u8]>::to_vec).collect()
-}
 
 fn detector() -> FaceDetector {
     FaceDetector::open(
@@ -253,8 +178,8 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     let masked = dir.path().join("masked.mp4");
     std::fs::write(&masked, resp.bytes().await.unwrap()).unwrap();
 
-    let before = xpand::media::probe(&clip).await.unwrap();
-    let after = xpand::media::probe(&masked).await.unwrap();
+    let before = xpand_media::probe(&clip).await.unwrap();
+    let after = xpand_media::probe(&masked).await.unwrap();
     assert_eq!(after.frames, before.frames);
     assert_eq!((after.width, after.height), (before.width, before.height));
     assert!((after.duration_seconds - before.duration_seconds).abs() < 0.1);
@@ -264,8 +189,8 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     // Where a face was, it is gone; everything else is nearly unchanged (which also shows the
     // segments are in order: the background moves every frame).
     let detector = detector();
-    let input = decode(&clip, width, height);
-    let result = decode(&masked, width, height);
+    let input = decode_frames(&clip, width, height);
+    let result = decode_frames(&masked, width, height);
     let (mut faces, mut found_after, mut ratios) = (0, 0, Vec::new());
     for (i, (a, b)) in input.iter().zip(&result).enumerate().step_by(4) {
         let found = detector.detect(a, width, height, 0.5).unwrap();
@@ -586,7 +511,7 @@ async fn a_video_job_runs_on_an_s3_compatible_store() {
     assert_eq!(out.status(), 200);
     let masked = dir.path().join("masked.mp4");
     std::fs::write(&masked, out.bytes().await.unwrap()).unwrap();
-    let probe = xpand::media::probe(&masked).await.unwrap();
+    let probe = xpand_media::probe(&masked).await.unwrap();
     assert_eq!(
         (probe.frames, probe.audio_codec.as_deref()),
         (50, Some("aac"))
