@@ -190,31 +190,55 @@ pub struct Config {
     pub gateway_key: NodeKey,
     /// The auditor's bearer secret (see `GatewayArgs::auditor_key_file`).
     pub auditor_key: String,
-    pub lease: Duration,
     pub node_ttl: Duration,
-    pub job_timeout: Duration,
-    pub max_shard_attempts: u32,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub seal_interval: Duration,
     pub epoch_length: Duration,
-    pub pool: crate::epochs::PoolConfig,
+    pub pool: PoolConfig,
     pub files_dir: PathBuf,
     pub files_url: Option<String>,
     pub scratch_dir: PathBuf,
     pub public_url: Option<String>,
     pub max_video_seconds: u64,
     pub max_upload_bytes: u64,
-    pub redundancy_bps: u32,
-    pub verify_new_node_shards: i64,
-    pub verify_wait: Duration,
     pub node_msgs_per_sec: u32,
-    pub min_power_score: i64,
-    pub straggler_factor: f64,
-    pub straggler_min_secs: f64,
+    pub scheduling: Scheduling,
     pub db_pool: u32,
     pub egress: crate::egress::EgressPolicy,
     pub limits: Limits,
+}
+
+/// The rules the job scheduler runs by: leases, retries, verification sampling, stragglers.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheduling {
+    /// How long an assigned shard stays with its node without progress.
+    pub lease: Duration,
+    /// How long a job may take from submit to a terminal state.
+    pub job_timeout: Duration,
+    /// Runs of a shard before its job fails.
+    pub max_shard_attempts: u32,
+    /// Share of primary results held for a replica's check, in basis points.
+    pub redundancy_bps: u32,
+    /// A node's results are all checked until it has done this many shards.
+    pub verify_new_node_shards: i64,
+    /// How long a held result waits for a check before it is accepted unverified.
+    pub verify_wait: Duration,
+    /// Nodes whose last epoch scored below this get no work.
+    pub min_power_score: i64,
+    /// A primary running this many times its job's median gets a speculative copy...
+    pub straggler_factor: f64,
+    /// ...once it has run at least this long.
+    pub straggler_min_secs: f64,
+}
+
+/// What an epoch's reward pool holds.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Newly issued micro-credits per epoch.
+    pub issuance: i64,
+    /// Share of the epoch's gateway fees added to the pool, in basis points.
+    pub fee_share_bps: i64,
 }
 
 impl GatewayArgs {
@@ -284,15 +308,12 @@ impl GatewayArgs {
             redis_prefix: self.redis_prefix,
             gateway_key,
             auditor_key,
-            lease: Duration::from_secs(self.lease_secs),
             node_ttl: Duration::from_secs(self.node_ttl_secs.max(1)),
-            job_timeout: Duration::from_secs(self.job_timeout_secs),
-            max_shard_attempts: self.max_shard_attempts,
             max_body_bytes: self.max_body_bytes,
             token_ttl: Duration::from_secs(self.token_ttl_secs),
             seal_interval: Duration::from_secs(self.seal_interval_secs.max(1)),
             epoch_length: Duration::from_secs(self.epoch_secs),
-            pool: crate::epochs::PoolConfig {
+            pool: PoolConfig {
                 issuance: self.epoch_issuance,
                 fee_share_bps: self.reward_fee_share_bps,
             },
@@ -302,13 +323,18 @@ impl GatewayArgs {
             public_url: self.public_url,
             max_video_seconds: self.max_video_secs,
             max_upload_bytes: self.max_upload_bytes,
-            redundancy_bps: self.redundancy_bps,
-            verify_new_node_shards: self.verify_new_node_shards,
-            verify_wait: Duration::from_secs(self.verify_wait_secs),
             node_msgs_per_sec: self.node_msgs_per_sec,
-            min_power_score: self.min_power_score,
-            straggler_factor: self.straggler_factor,
-            straggler_min_secs: self.straggler_min_secs,
+            scheduling: Scheduling {
+                lease: Duration::from_secs(self.lease_secs),
+                job_timeout: Duration::from_secs(self.job_timeout_secs),
+                max_shard_attempts: self.max_shard_attempts,
+                redundancy_bps: self.redundancy_bps,
+                verify_new_node_shards: self.verify_new_node_shards,
+                verify_wait: Duration::from_secs(self.verify_wait_secs),
+                min_power_score: self.min_power_score,
+                straggler_factor: self.straggler_factor,
+                straggler_min_secs: self.straggler_min_secs,
+            },
             db_pool: self.db_pool,
             egress: crate::egress::EgressPolicy {
                 allow: self.webhook_allow,

@@ -24,6 +24,7 @@
 //! epoch's row has a primary key, and the ledger allows one `epoch_reward` transaction per epoch.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -33,10 +34,11 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use xpand_protocol::{Accelerator, Announce};
 
+use crate::config::PoolConfig;
 use crate::error::AppError;
 use crate::ledger::{self, Posting, Purpose, Subject, TxKind, SYSTEM_ACCOUNT};
+use crate::nodes::Presence;
 use crate::shutdown::Shutdown;
-use crate::state::AppState;
 
 /// Uptime is sampled in slots of this length.
 pub const SLOT: Duration = Duration::from_secs(10);
@@ -82,29 +84,6 @@ impl EpochClock {
     pub fn slots(&self) -> i64 {
         (self.length.as_millis() as u64).div_ceil(SLOT.as_millis() as u64) as i64
     }
-}
-
-fn uptime_key(prefix: &str, epoch: i64, node: &str) -> String {
-    format!("{prefix}:uptime:{epoch}:{node}")
-}
-
-/// Marks the current slot as alive for `node` (on every verified heartbeat).
-pub async fn record_uptime(state: &AppState, node: &str) -> redis::RedisResult<()> {
-    let (epoch, slot) = state.epoch_clock.locate(Utc::now());
-    let key = uptime_key(&state.config.redis_prefix, epoch, node);
-    let mut conn = state.redis.clone();
-    redis::pipe()
-        .cmd("SETBIT")
-        .arg(&key)
-        .arg(slot)
-        .arg(1)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(&key)
-        .arg(3 * state.epoch_clock.length.as_secs().max(60))
-        .ignore()
-        .query_async(&mut conn)
-        .await
 }
 
 /// What one node did in one epoch, and what it earned.
@@ -171,52 +150,88 @@ pub fn split_pool(pool: i64, scores: &[(&str, i64)]) -> Option<(Vec<i64>, usize)
     Some((rewards, top))
 }
 
-/// Closing parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolConfig {
-    pub issuance: i64,
-    pub fee_share_bps: i64,
+/// Closes epochs: exactly what closing needs, no more.
+#[derive(Clone)]
+pub struct EpochCloser {
+    pub db: PgPool,
+    pub clock: EpochClock,
+    /// Where uptime is read from (heartbeats recorded it).
+    pub presence: Arc<dyn Presence>,
+    pub pool: PoolConfig,
+    /// Seals the ledger after each close.
+    pub key: ed25519_dalek::SigningKey,
 }
 
-/// Closes every epoch that has ended, oldest first; returns the numbers closed here (a racing
-/// replica may close some instead).
-pub async fn close_due(state: &AppState) -> anyhow::Result<Vec<i64>> {
-    let mut closed = Vec::new();
-    loop {
-        let next: i64 = sqlx::query_scalar("SELECT COALESCE(max(number) + 1, 0) FROM epochs")
-            .fetch_one(&state.db)
-            .await?;
-        let (_, ends_at) = state.epoch_clock.bounds(next);
-        if ends_at > Utc::now() {
-            return Ok(closed);
+impl EpochCloser {
+    /// Closes every epoch that has ended, oldest first; returns the numbers closed here (a
+    /// racing replica may close some instead).
+    pub async fn close_due(&self) -> anyhow::Result<Vec<i64>> {
+        let mut closed = Vec::new();
+        loop {
+            let next: i64 = sqlx::query_scalar("SELECT COALESCE(max(number) + 1, 0) FROM epochs")
+                .fetch_one(&self.db)
+                .await?;
+            let (_, ends_at) = self.clock.bounds(next);
+            if ends_at > Utc::now() {
+                return Ok(closed);
+            }
+            if self.close(next).await? {
+                closed.push(next);
+            }
         }
-        if close(state, next).await? {
-            closed.push(next);
+    }
+
+    /// Closes due epochs and seals the ledger after each close, until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let tick =
+            (self.clock.length / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.wait() => return,
+            }
+            match self.close_due().await {
+                Ok(closed) if !closed.is_empty() => {
+                    if let Err(e) = ledger::blocks::seal_all(&self.db, &self.key).await {
+                        tracing::warn!(error = %e, "sealing after an epoch close failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = ?e, "closing epochs failed"),
+            }
         }
+    }
+
+    /// Closes epoch `n`; false when another closer already did.
+    async fn close(&self, n: i64) -> anyhow::Result<bool> {
+        close(&self.db, self.clock, self.presence.as_ref(), self.pool, n).await
     }
 }
 
-/// Closes epoch `n`; false when another closer already did.
-async fn close(state: &AppState, n: i64) -> anyhow::Result<bool> {
-    let clock = state.epoch_clock;
+/// Closes epoch `n` from the nodes' uptime in `presence`; false when another closer already did.
+async fn close(
+    db: &PgPool,
+    clock: EpochClock,
+    presence: &dyn Presence,
+    cfg: PoolConfig,
+    n: i64,
+) -> anyhow::Result<bool> {
     let (starts_at, ends_at) = clock.bounds(n);
     let nodes: Vec<(String, Uuid, Option<sqlx::types::Json<Announce>>)> = sqlx::query_as(
         "SELECT id, account_id, capabilities FROM nodes WHERE status = 'active' ORDER BY id",
     )
-    .fetch_all(&state.db)
+    .fetch_all(db)
     .await?;
-    // Uptime bitmaps live in Redis; read them before taking the locks.
-    let mut alive = HashMap::new();
-    let mut conn = state.redis.clone();
-    for (id, _, _) in &nodes {
-        let slots: i64 = redis::cmd("BITCOUNT")
-            .arg(uptime_key(&state.config.redis_prefix, n, id))
-            .query_async(&mut conn)
-            .await?;
-        alive.insert(id.clone(), slots.min(clock.slots()) as i32);
-    }
+    // Uptime is read before taking the locks.
+    let ids: Vec<String> = nodes.iter().map(|(id, _, _)| id.clone()).collect();
+    let slots = presence.uptime_slots(n, &ids).await?;
+    let alive: HashMap<String, i32> = ids
+        .into_iter()
+        .zip(slots)
+        .map(|(id, slots)| (id, slots.min(clock.slots()) as i32))
+        .collect();
 
-    let mut tx = state.db.begin().await?;
+    let mut tx = db.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(EPOCH_LOCK)
         .execute(&mut *tx)
@@ -287,7 +302,6 @@ async fn close(state: &AppState, n: i64) -> anyhow::Result<bool> {
     .bind(ends_at)
     .fetch_one(&mut *tx)
     .await?;
-    let cfg = state.config.pool;
     let fee_share = fees * cfg.fee_share_bps / 10_000;
     let ranked: Vec<(&str, i64)> = scores
         .iter()
@@ -391,30 +405,6 @@ pub async fn pay(
         &postings,
     )
     .await
-}
-
-/// Closes due epochs and seals the ledger after each close, until `shutdown`.
-pub async fn run_closer(state: AppState, shutdown: Shutdown) {
-    let tick =
-        (state.epoch_clock.length / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
-            _ = shutdown.wait() => return,
-        }
-        match close_due(&state).await {
-            Ok(closed) if !closed.is_empty() => {
-                if let Err(e) =
-                    ledger::blocks::seal_all(&state.db, state.config.gateway_key.signing_key())
-                        .await
-                {
-                    tracing::warn!(error = %e, "sealing after an epoch close failed");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = ?e, "closing epochs failed"),
-        }
-    }
 }
 
 /// A closed epoch with its scores.

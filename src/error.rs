@@ -2,10 +2,9 @@
 //!
 //! Each variant has a stable `type` URI (clients switch on it), a status, and a human `detail`.
 //! Validation errors name the offending field (or spreadsheet cell). Anything unexpected becomes
-//! a 500 whose detail is logged, never shown.
+//! a 500 whose detail is logged, never shown. The domain returns these; `http::problem` turns
+//! them into responses.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -213,41 +212,6 @@ impl AppError {
 
 pub fn problem_type(slug: &str) -> String {
     format!("https://xpand.dev/problems/{slug}")
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let err = self.settled();
-        if let AppError::Internal(e) = &err {
-            tracing::error!(error = ?e, "request failed");
-        }
-        let problem = err.problem();
-        let mut response = (
-            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            axum::Json(&problem),
-        )
-            .into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let AppError::RangeNotSatisfiable { size } = err {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                response.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-        }
-        if let AppError::RateLimited { retry_after, .. } = err {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        }
-        if problem.status == 401 {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
 }
 
 pub type AppResult<T> = Result<T, AppError>;

@@ -1,5 +1,5 @@
 //! Job events, fanned out through Redis pub/sub so a WebSocket or SSE stream on any gateway
-//! replica sees events produced by any other.
+//! replica sees events produced by any other: the adapter behind the domain's [`EventSink`].
 //!
 //! Each replica publishes to one channel and runs one subscriber that feeds a local broadcast;
 //! streams filter it by job. Events are a live feed, not a log: a client that reconnects reads
@@ -8,74 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::jobs::Job;
+use crate::jobs::{EventSink, JobEvent};
 use crate::shutdown::Shutdown;
-
-/// A server → client event about one job (SSE `data`, and WebSocket frames).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum JobEvent {
-    /// Shards finished so far.
-    Progress {
-        job_id: Uuid,
-        status: crate::jobs::JobStatus,
-        shards_done: i32,
-        shards_total: i32,
-    },
-    /// One shard's slice of the output as soon as it is verified: `rows` start at row `offset`.
-    Partial {
-        job_id: Uuid,
-        shard: i32,
-        offset: i32,
-        #[schema(value_type = Vec<Vec<f64>>)]
-        rows: serde_json::Value,
-    },
-    Succeeded {
-        job: Box<Job>,
-    },
-    Failed {
-        job: Box<Job>,
-    },
-    Canceled {
-        job: Box<Job>,
-    },
-}
-
-impl JobEvent {
-    pub fn job_id(&self) -> Uuid {
-        match self {
-            JobEvent::Progress { job_id, .. } | JobEvent::Partial { job_id, .. } => *job_id,
-            JobEvent::Succeeded { job } | JobEvent::Failed { job } | JobEvent::Canceled { job } => {
-                job.id
-            }
-        }
-    }
-
-    pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Canceled { .. }
-        )
-    }
-
-    /// The terminal event for a finished job.
-    pub fn finished(job: Job) -> Option<Self> {
-        use crate::jobs::JobStatus::*;
-        let job = Box::new(job);
-        match job.status {
-            Succeeded => Some(JobEvent::Succeeded { job }),
-            Failed => Some(JobEvent::Failed { job }),
-            Canceled => Some(JobEvent::Canceled { job }),
-            Queued | Running => None,
-        }
-    }
-}
 
 /// An event with its owner, as carried on the Redis channel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,5 +99,11 @@ impl EventHub {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+impl EventSink for EventHub {
+    fn publish(&self, account: Uuid, event: JobEvent) -> BoxFuture<'_, ()> {
+        Box::pin(EventHub::publish(self, account, event))
     }
 }

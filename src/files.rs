@@ -281,6 +281,15 @@ pub async fn remove_object(store: &Arc<dyn ObjectStore>, id: Uuid) {
     }
 }
 
+/// Deletes objects staged for a job (best effort: a failure only leaves an orphan, logged).
+pub async fn delete_all(store: &dyn ObjectStore, paths: &[ObjectPath]) {
+    for path in paths {
+        if let Err(e) = store.delete(path).await {
+            tracing::warn!(%path, error = %e, "could not delete a staged object");
+        }
+    }
+}
+
 /// Records a stored object as a file of `account`.
 pub async fn insert<'c, E: sqlx::PgExecutor<'c>>(
     db: E,

@@ -1,7 +1,6 @@
 //! The xpand gateway. Start with `ARCHITECTURE.md` for the map.
 
 pub mod accounts;
-pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod egress;
@@ -11,15 +10,15 @@ pub mod events;
 pub mod files;
 pub mod http;
 pub mod jobs;
+pub mod kinds;
 pub mod ledger;
 pub mod media;
 pub mod metrics;
 pub mod nodes;
-pub mod openapi;
+pub mod presence;
 pub mod retention;
 pub mod shutdown;
 pub mod startup;
-pub mod state;
 pub mod telemetry;
 pub mod transfers;
 pub mod up;

@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Openapi => {
-            print!("{}", xpand::openapi::render());
+            print!("{}", xpand::http::openapi::render());
             Ok(())
         }
         Command::Verify {

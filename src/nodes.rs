@@ -1,14 +1,17 @@
 //! Worker nodes: registration (an operator registers a node's public key; its messages are
-//! refused until then), signed capability statements, and liveness.
+//! refused until then), signed capability statements, failures charged, and which nodes can
+//! take work now.
 //!
-//! Liveness lives in Redis as a key per node with a TTL that heartbeats renew, so every gateway
-//! replica agrees on who is alive and a dead node disappears without anyone noticing it died.
+//! Whether a node is up comes from its heartbeats, through the [`Presence`] interface: every
+//! gateway replica must agree on who is alive, and a dead node must disappear without anyone
+//! noticing it died (the Redis adapter keeps a key per node with a TTL heartbeats renew).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::Mutex;
@@ -290,58 +293,17 @@ pub async fn record_announce(
     Ok(new)
 }
 
-/// Redis liveness keys.
-#[derive(Clone)]
-pub struct Liveness {
-    redis: redis::aio::ConnectionManager,
-    prefix: String,
-    ttl: Duration,
-}
-
-impl Liveness {
-    pub fn new(redis: redis::aio::ConnectionManager, prefix: &str, ttl: Duration) -> Self {
-        Self {
-            redis,
-            prefix: prefix.to_string(),
-            ttl,
-        }
-    }
-
-    fn key(&self, node_id: &str) -> String {
-        format!("{}:node-alive:{node_id}", self.prefix)
-    }
-
-    pub async fn beat(&self, node_id: &str) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        redis::cmd("SET")
-            .arg(self.key(node_id))
-            .arg(1)
-            .arg("PX")
-            .arg(self.ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await
-    }
-
-    /// Ends `node_id`'s liveness now, as if its heartbeats had lapsed.
-    pub async fn forget(&self, node_id: &str) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        redis::cmd("DEL")
-            .arg(self.key(node_id))
-            .query_async(&mut conn)
-            .await
-    }
-
+/// Which nodes are up, as heartbeats tell: the domain's view of presence. The Redis adapter
+/// ([`crate::presence::RedisPresence`]) implements it; the domain never talks to Redis itself.
+pub trait Presence: Send + Sync {
     /// Which of `nodes` are alive, in order.
-    pub async fn alive(&self, nodes: &[String]) -> redis::RedisResult<Vec<bool>> {
-        if nodes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.redis.clone();
-        let keys: Vec<String> = nodes.iter().map(|n| self.key(n)).collect();
-        let values: Vec<Option<String>> =
-            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
-        Ok(values.into_iter().map(|v| v.is_some()).collect())
-    }
+    fn alive<'a>(&'a self, nodes: &'a [String]) -> BoxFuture<'a, anyhow::Result<Vec<bool>>>;
+    /// In how many of epoch `epoch`'s slots each of `nodes` was up, in order.
+    fn uptime_slots<'a>(
+        &'a self,
+        epoch: i64,
+        nodes: &'a [String],
+    ) -> BoxFuture<'a, anyhow::Result<Vec<i64>>>;
 }
 
 /// A live node with room for more shards.
@@ -364,7 +326,7 @@ struct LiveNode {
     score: Option<i64>,
 }
 
-async fn live_nodes(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<LiveNode>> {
+async fn live_nodes(pool: &PgPool, presence: &dyn Presence) -> anyhow::Result<Vec<LiveNode>> {
     let rows: Vec<(String, sqlx::types::Json<Announce>, i64, Option<i64>)> = sqlx::query_as(
         "SELECT n.id, n.capabilities,
                 (SELECT count(*) FROM shards s WHERE s.node_id = n.id AND s.status = 'assigned'),
@@ -377,7 +339,7 @@ async fn live_nodes(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<Li
     .fetch_all(pool)
     .await?;
     let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    let alive = liveness.alive(&ids).await?;
+    let alive = presence.alive(&ids).await?;
     Ok(rows
         .into_iter()
         .zip(alive)
@@ -392,8 +354,8 @@ async fn live_nodes(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<Li
 }
 
 /// Live, active nodes and how many more shards each can take.
-pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec<NodeSlot>> {
-    Ok(live_nodes(pool, liveness)
+pub async fn available(pool: &PgPool, presence: &dyn Presence) -> anyhow::Result<Vec<NodeSlot>> {
+    Ok(live_nodes(pool, presence)
         .await?
         .into_iter()
         .map(|n| NodeSlot {
@@ -408,8 +370,12 @@ pub async fn available(pool: &PgPool, liveness: &Liveness) -> anyhow::Result<Vec
 }
 
 /// Shard slots of live, active nodes that hold `model`, busy or not: what a job is sized for.
-pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> anyhow::Result<i64> {
-    Ok(live_nodes(pool, liveness)
+pub async fn live_capacity(
+    pool: &PgPool,
+    presence: &dyn Presence,
+    model: &str,
+) -> anyhow::Result<i64> {
+    Ok(live_nodes(pool, presence)
         .await?
         .iter()
         .filter(|n| n.caps.models.iter().any(|m| m.name == model))
@@ -420,11 +386,11 @@ pub async fn live_capacity(pool: &PgPool, liveness: &Liveness, model: &str) -> a
 /// Whether a live, active node other than `node` holds `model`.
 pub async fn another_serves(
     pool: &PgPool,
-    liveness: &Liveness,
+    presence: &dyn Presence,
     model: &str,
     node: &str,
 ) -> anyhow::Result<bool> {
-    Ok(live_nodes(pool, liveness)
+    Ok(live_nodes(pool, presence)
         .await?
         .iter()
         .any(|n| n.id != node && n.caps.models.iter().any(|m| m.name == model)))
@@ -468,9 +434,9 @@ const NODE_SELECT: &str = "SELECT n.id, n.name, n.status, n.capabilities, n.anno
         n.registered_at, n.shards_done, n.shards_failed, COALESCE(l.balance, 0) AS earnings
     FROM nodes n LEFT JOIN ledger_accounts l ON l.owner = n.account_id AND l.purpose = 'earnings'";
 
-async fn with_liveness(liveness: &Liveness, rows: Vec<NodeRow>) -> anyhow::Result<Vec<Node>> {
+async fn with_liveness(presence: &dyn Presence, rows: Vec<NodeRow>) -> anyhow::Result<Vec<Node>> {
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-    let alive = liveness.alive(&ids).await?;
+    let alive = presence.alive(&ids).await?;
     Ok(rows
         .into_iter()
         .zip(alive)
@@ -489,19 +455,19 @@ async fn with_liveness(liveness: &Liveness, rows: Vec<NodeRow>) -> anyhow::Resul
         .collect())
 }
 
-pub async fn list(pool: &PgPool, liveness: &Liveness) -> Result<Vec<Node>, AppError> {
+pub async fn list(pool: &PgPool, presence: &dyn Presence) -> Result<Vec<Node>, AppError> {
     let rows: Vec<NodeRow> = sqlx::query_as(&format!("{NODE_SELECT} ORDER BY n.registered_at"))
         .fetch_all(pool)
         .await?;
-    Ok(with_liveness(liveness, rows).await?)
+    Ok(with_liveness(presence, rows).await?)
 }
 
-pub async fn get(pool: &PgPool, liveness: &Liveness, id: &str) -> Result<Node, AppError> {
+pub async fn get(pool: &PgPool, presence: &dyn Presence, id: &str) -> Result<Node, AppError> {
     let rows: Vec<NodeRow> = sqlx::query_as(&format!("{NODE_SELECT} WHERE n.id = $1"))
         .bind(id)
         .fetch_all(pool)
         .await?;
-    with_liveness(liveness, rows)
+    with_liveness(presence, rows)
         .await?
         .pop()
         .ok_or(AppError::NotFound("node"))

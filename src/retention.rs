@@ -11,7 +11,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::shutdown::Shutdown;
-use crate::state::AppState;
 
 /// Rows handled per statement, so one round never holds locks for long.
 const BATCH: i64 = 500;
@@ -77,15 +76,19 @@ pub async fn expire(
 }
 
 /// Expires what is due every minute (or sooner for short retentions) until `shutdown`.
-pub async fn run_expirer(state: AppState, shutdown: Shutdown) {
-    let retention = state.config.limits.retention;
+pub async fn run_expirer(
+    db: PgPool,
+    store: Arc<dyn ObjectStore>,
+    retention: Duration,
+    shutdown: Shutdown,
+) {
     let every = (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
         }
-        match expire(&state.db, &state.files, retention).await {
+        match expire(&db, &store, retention).await {
             Ok(e) if e != Expired::default() => {
                 tracing::info!(files = e.files, jobs = e.jobs, "expired customer data");
             }

@@ -13,17 +13,21 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::auth::JwtKeys;
-use crate::broker::{self, Broker};
+use std::sync::Arc;
+
+use crate::broker::{self, Broker, Inbound};
 use crate::config::Config;
+use crate::epochs::{EpochClock, EpochCloser};
 use crate::events::EventHub;
-use crate::jobs::orchestrator;
+use crate::http::auth::JwtKeys;
+use crate::http::state::{AppState, Inner};
+use crate::jobs::{dispatch, sweep, Scheduler, SchedulerParts};
 use crate::metrics::Metrics;
-use crate::nodes::{self, Liveness};
+use crate::nodes::{self, NodeDirectory};
+use crate::presence::RedisPresence;
 use crate::shutdown::{self, Trigger};
-use crate::state::{AppState, Inner};
 use crate::transfers::TransferUrls;
-use crate::webhooks;
+use crate::webhooks::{self, Deliverer};
 
 /// How long a stopping gateway keeps reading results for shards already dispatched.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -54,13 +58,19 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
         .context("applying migrations")
 }
 
-/// The state the gateway runs on, connected (Postgres with migrations applied, Redis, an MQTT
-/// client that sends nothing until its event loop is polled) but with no loop started.
+/// The gateway wired but not running: Postgres with migrations applied, Redis, an MQTT client
+/// that sends nothing until its event loop is polled, the scheduler built on their adapters.
 /// [`Application::build`] starts the loops; the scheduler simulation drives the domain through
-/// it by hand.
+/// the same handles by hand.
 pub struct Connected {
     pub state: AppState,
+    pub scheduler: Scheduler,
+    /// Turns worker messages into calls on the scheduler.
+    pub inbound: Inbound,
+    pub presence: RedisPresence,
     pub eventloop: rumqttc::v5::EventLoop,
+    directory: Arc<NodeDirectory>,
+    epoch_clock: EpochClock,
     redis_client: redis::Client,
     stop_streams: Trigger,
 }
@@ -85,28 +95,65 @@ impl Connected {
                 .with_context(|| format!("connecting to Redis at {}", config.redis_url))?;
         let (broker, eventloop) = Broker::new(&config);
         let (stop_streams, streams) = shutdown::channel();
-        let epoch_clock = crate::epochs::EpochClock::load(&db, config.epoch_length).await?;
+        let epoch_clock = EpochClock::load(&db, config.epoch_length).await?;
         std::fs::create_dir_all(&config.scratch_dir)
             .with_context(|| format!("creating {}", config.scratch_dir.display()))?;
-        let state = AppState::new(Inner {
-            transfers: TransferUrls::new(&config.gateway_key, public_url),
-            jwt: JwtKeys::new(&config.gateway_key)?,
+        let transfers = TransferUrls::new(&config.gateway_key, public_url);
+        let files = crate::files::open_store(&config)?;
+        let presence = RedisPresence::new(
+            redis.clone(),
+            &config.redis_prefix,
+            config.node_ttl,
             epoch_clock,
-            files: crate::files::open_store(&config)?,
-            liveness: Liveness::new(redis.clone(), &config.redis_prefix, config.node_ttl),
-            events: EventHub::new(redis.clone(), &config.redis_prefix),
+        );
+        let events = EventHub::new(redis.clone(), &config.redis_prefix);
+        let metrics = Metrics::new();
+        let scheduler = Scheduler::new(SchedulerParts {
+            db: db.clone(),
+            rules: config.scheduling,
+            kinds: crate::kinds::registry(&config, transfers.clone()),
+            presence: Arc::new(presence.clone()),
+            link: Arc::new(broker.clone()),
+            events: Arc::new(events.clone()),
+            metrics: metrics.clone(),
+            files: files.clone(),
+            egress: config.egress.clone(),
+            max_unfinished_jobs: config.limits.max_unfinished_jobs,
+            gateway_key: config.gateway_key.clone(),
+            challenge_topic: format!("{}/v1/challenges", config.topic_prefix),
+        });
+        let directory = Arc::new(NodeDirectory::default());
+        let inbound = Inbound {
+            broker: broker.clone(),
+            scheduler: scheduler.clone(),
+            directory: directory.clone(),
+            presence: presence.clone(),
+            redis: redis.clone(),
+            redis_prefix: config.redis_prefix.clone(),
+            node_msgs_per_sec: config.node_msgs_per_sec,
+        };
+        let state = AppState::new(Inner {
+            jwt: JwtKeys::new(&config.gateway_key)?,
+            transfers,
+            files,
+            presence: presence.clone(),
+            events,
+            scheduler: scheduler.clone(),
             config,
             db,
             redis,
             broker,
-            node_directory: Default::default(),
-            metrics: Metrics::new(),
-            dispatch_wakeup: Default::default(),
+            metrics,
             shutdown: streams,
         });
         Ok(Self {
             state,
+            scheduler,
+            inbound,
+            presence,
             eventloop,
+            directory,
+            epoch_clock,
             redis_client,
             stop_streams,
         })
@@ -127,42 +174,62 @@ impl Application {
             .unwrap_or_else(|| format!("http://{bound}"));
         let Connected {
             state,
+            scheduler,
+            inbound,
+            presence,
             eventloop,
+            directory,
+            epoch_clock,
             redis_client,
             stop_streams,
         } = Connected::connect(config, &public_url).await?;
-        let (stop_dispatch, dispatch) = shutdown::channel();
+        let (stop_dispatch, dispatching) = shutdown::channel();
         let (stop_background, background) = shutdown::channel();
+        let config = &state.config;
+        let db = &state.db;
+        let signing_key = config.gateway_key.signing_key().clone();
+        let closer = EpochCloser {
+            db: db.clone(),
+            clock: epoch_clock,
+            presence: Arc::new(presence),
+            pool: config.pool,
+            key: signing_key.clone(),
+        };
+        let deliverer = Deliverer {
+            db: db.clone(),
+            key: config.gateway_key.clone(),
+            egress: config.egress.clone(),
+        };
         let tasks = vec![
             tokio::spawn(nodes::run_directory_listener(
-                state.db.clone(),
-                state.node_directory.clone(),
+                db.clone(),
+                directory,
                 background.clone(),
             )),
-            tokio::spawn(broker::run_inbound(
-                state.clone(),
-                eventloop,
-                background.clone(),
-            )),
+            tokio::spawn(broker::run_inbound(inbound, eventloop, background.clone())),
             tokio::spawn(
                 state
                     .events
                     .clone()
                     .run_subscriber(redis_client, background.clone()),
             ),
-            tokio::spawn(orchestrator::run_sweeper(state.clone(), background.clone())),
-            tokio::spawn(webhooks::run_deliverer(state.clone(), background.clone())),
+            tokio::spawn(sweep::run_sweeper(scheduler.clone(), background.clone())),
+            tokio::spawn(webhooks::run_deliverer(deliverer, background.clone())),
             tokio::spawn(crate::retention::run_expirer(
-                state.clone(),
+                db.clone(),
+                state.files.clone(),
+                config.limits.retention,
                 background.clone(),
             )),
             tokio::spawn(crate::ledger::blocks::run_sealer(
-                state.clone(),
+                db.clone(),
+                signing_key,
+                config.seal_interval,
                 background.clone(),
             )),
-            tokio::spawn(crate::epochs::run_closer(state.clone(), background)),
+            tokio::spawn(closer.run(background)),
         ];
-        let dispatcher = tokio::spawn(orchestrator::run_dispatcher(state.clone(), dispatch));
+        let dispatcher = tokio::spawn(dispatch::run_dispatcher(scheduler, dispatching));
         Ok(Self {
             listener,
             state,

@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 
 use crate::http::account::{Account, LedgerPage};
 use crate::http::ledger::{BlockPage, PublicKey};
-use crate::ledger::blocks::{AuditSnapshot, InclusionProof};
-use crate::ledger::chain::{
-    self, Block, BlockLeaves, Sealed, SealedEntry, SealedRecord, GENESIS_PREV_HASH,
+use crate::ledger::blocks::AuditSnapshot;
+use xpand_chain::{
+    self as chain, Block, BlockLeaves, InclusionProof, Sealed, SealedEntry, SealedRecord,
+    GENESIS_PREV_HASH,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -15,13 +15,15 @@ use std::time::Duration;
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use ed25519_dalek::Signer;
-use sqlx::PgConnection;
+use sqlx::PgPool;
 use uuid::Uuid;
+use xpand_protocol::NodeKey;
 
+use crate::egress::EgressPolicy;
 use crate::egress::PolicyResolver;
-use crate::jobs::{fetch_row, Job};
+use crate::jobs::store::fetch_row;
+use crate::jobs::Job;
 use crate::shutdown::Shutdown;
-use crate::state::AppState;
 
 /// Attempts before a delivery is given up (about 70 minutes of back-off in all).
 pub const MAX_ATTEMPTS: i32 = 12;
@@ -29,21 +31,16 @@ pub const MAX_ATTEMPTS: i32 = 12;
 const CLAIM: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Records that `job_id`'s outcome must be delivered to `url` (in the caller's transaction).
-pub async fn enqueue(conn: &mut PgConnection, job_id: Uuid, url: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (job_id, url) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(job_id)
-    .bind(url)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// What delivering webhooks takes: the jobs to read, the key that signs, the egress policy.
+pub struct Deliverer {
+    pub db: PgPool,
+    pub key: NodeKey,
+    pub egress: EgressPolicy,
 }
 
 /// Delivers due webhooks until `shutdown`.
-pub async fn run_deliverer(state: AppState, shutdown: Shutdown) {
-    let policy = std::sync::Arc::new(state.config.egress.clone());
+pub async fn run_deliverer(hooks: Deliverer, shutdown: Shutdown) {
+    let policy = std::sync::Arc::new(hooks.egress.clone());
     let client = match reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -63,13 +60,13 @@ pub async fn run_deliverer(state: AppState, shutdown: Shutdown) {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = shutdown.wait() => return,
         }
-        if let Err(e) = deliver_due(&state, &client).await {
+        if let Err(e) = deliver_due(&hooks, &client).await {
             tracing::warn!(error = ?e, "webhook round failed");
         }
     }
 }
 
-async fn deliver_due(state: &AppState, client: &reqwest::Client) -> anyhow::Result<()> {
+async fn deliver_due(hooks: &Deliverer, client: &reqwest::Client) -> anyhow::Result<()> {
     let claimed: Vec<(Uuid, String, i32)> = sqlx::query_as(
         "WITH due AS (
              SELECT job_id FROM webhook_deliveries
@@ -82,13 +79,13 @@ async fn deliver_due(state: &AppState, client: &reqwest::Client) -> anyhow::Resu
     )
     .bind(MAX_ATTEMPTS)
     .bind(CLAIM.as_secs_f64())
-    .fetch_all(&state.db)
+    .fetch_all(&hooks.db)
     .await?;
     let deliveries = claimed
         .into_iter()
         .map(|(job_id, url, attempt)| async move {
-            let outcome = deliver(state, client, job_id, &url).await;
-            record(state, job_id, attempt, outcome).await
+            let outcome = deliver(hooks, client, job_id, &url).await;
+            record(hooks, job_id, attempt, outcome).await
         });
     for result in futures::future::join_all(deliveries).await {
         result?;
@@ -97,19 +94,18 @@ async fn deliver_due(state: &AppState, client: &reqwest::Client) -> anyhow::Resu
 }
 
 async fn deliver(
-    state: &AppState,
+    hooks: &Deliverer,
     client: &reqwest::Client,
     job_id: Uuid,
     url: &str,
 ) -> Result<(), String> {
     // An address literal never reaches the resolver: check it (and a name, early) here.
-    state
-        .config
+    hooks
         .egress
         .check_url(url)
         .await
         .map_err(|why| format!("refused: the URL {why}"))?;
-    let mut conn = state.db.acquire().await.map_err(|e| e.to_string())?;
+    let mut conn = hooks.db.acquire().await.map_err(|e| e.to_string())?;
     let job: Job = fetch_row(&mut conn, job_id)
         .await
         .map_err(|e| e.to_string())?
@@ -121,7 +117,7 @@ async fn deliver(
     signed.extend_from_slice(timestamp.as_bytes());
     signed.push(b'.');
     signed.extend_from_slice(&body);
-    let signature = state.config.gateway_key.signing_key().sign(&signed);
+    let signature = hooks.key.signing_key().sign(&signed);
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -142,7 +138,7 @@ async fn deliver(
 
 /// Marks a delivery done, or schedules the next attempt: 1 s, 2 s, 4 s, ... capped at 1 h.
 async fn record(
-    state: &AppState,
+    hooks: &Deliverer,
     job_id: Uuid,
     attempt: i32,
     outcome: Result<(), String>,
@@ -154,7 +150,7 @@ async fn record(
                  WHERE job_id = $1",
             )
             .bind(job_id)
-            .execute(&state.db)
+            .execute(&hooks.db)
             .await?;
         }
         Err(error) => {
@@ -168,7 +164,7 @@ async fn record(
             .bind(job_id)
             .bind(error)
             .bind(backoff)
-            .execute(&state.db)
+            .execute(&hooks.db)
             .await?;
         }
     }

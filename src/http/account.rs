@@ -7,10 +7,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{JsonBodyOrDefault, Query};
-use crate::auth::{Caller, Scope};
 use crate::error::{AppError, AppResult, Problem};
+use crate::http::auth::{Caller, Scope};
+use crate::http::state::AppState;
 use crate::ledger::{self, LedgerEntry};
-use crate::state::AppState;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Account {

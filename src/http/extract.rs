@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{AppError, FieldError};
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// A JSON body, size-limited by `XPAND_MAX_BODY_BYTES`. Syntax errors are 400
 /// `malformed-json`; type errors are 422 naming the field's path (e.g. `max_fee`).

@@ -9,10 +9,10 @@ use object_store::{GetOptions, GetRange};
 use uuid::Uuid;
 
 use super::extract::Path;
-use crate::auth::{Caller, Scope};
 use crate::error::{AppError, AppResult, Problem};
 use crate::files::{self, FileInfo};
-use crate::state::AppState;
+use crate::http::auth::{Caller, Scope};
+use crate::http::state::AppState;
 
 /// Upload a file (the raw body, streamed; size-limited; sha256 computed on the way).
 #[utoipa::path(

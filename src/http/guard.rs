@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use crate::error::AppError;
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// Largest accepted header section, in bytes, and number of header fields.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -19,7 +19,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     if let Err(refusal) = check_headers(req.headers()) {
         return refusal.into_response();
     }
-    let subject = crate::auth::bearer_header(req.headers()).map(|c| rate_subject(&state, c));
+    let subject = crate::http::auth::bearer_header(req.headers()).map(|c| rate_subject(&state, c));
     if let Some(subject) = subject {
         if let Err(refusal) = rate_limit(&state, &subject).await {
             return refusal.into_response();

@@ -15,11 +15,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{JsonBody, Path, Query};
-use crate::auth::{Caller, Scope};
 use crate::error::{AppError, AppResult, Problem};
-use crate::events::JobEvent;
-use crate::jobs::{self, orchestrator, Job, JobStatus, ListFilter, SubmitJob, Submitted};
-use crate::state::AppState;
+use crate::http::auth::{Caller, Scope};
+use crate::http::state::AppState;
+use crate::jobs::{self, Job, JobEvent, JobStatus, ListFilter, SubmitJob, Submitted};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -63,14 +62,14 @@ pub async fn submit_job(
     req: &SubmitJob,
     key: Option<&str>,
 ) -> AppResult<(StatusCode, Job)> {
-    match jobs::submit(state, caller.account_id, req, key).await? {
+    match jobs::submit(&state.scheduler, caller.account_id, req, key).await? {
         Submitted::Created(job) => {
             state
                 .metrics
                 .job_transitions
                 .with_label_values(&[&job.kind, "queued"])
                 .inc();
-            state.wake_dispatcher();
+            state.scheduler.wake_dispatcher();
             Ok((StatusCode::CREATED, job))
         }
         Submitted::Existing(job) => Ok((StatusCode::OK, job)),
@@ -106,7 +105,9 @@ pub async fn get(
     Path(id): Path<Uuid>,
 ) -> AppResult<Json<Job>> {
     caller.require(Scope::JobsRead)?;
-    Ok(Json(jobs::get(&state.db, caller.account_id, id).await?))
+    Ok(Json(
+        jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, id).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -175,7 +176,7 @@ pub async fn cancel(
 ) -> AppResult<Json<Job>> {
     caller.require(Scope::JobsWrite)?;
     Ok(Json(
-        orchestrator::cancel(&state, caller.account_id, id).await?,
+        jobs::settlement::cancel(&state.scheduler, caller.account_id, id).await?,
     ))
 }
 
@@ -208,12 +209,14 @@ pub async fn events(
     parts: axum::http::request::Parts,
 ) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let caller =
-        crate::auth::authenticate_header_or_query(&state, &parts, params.token.as_deref()).await?;
+        crate::http::auth::authenticate_header_or_query(&state, &parts, params.token.as_deref())
+            .await?;
     caller.require(Scope::JobsRead)?;
     // Subscribe before reading the job, so nothing between the read and the feed is lost.
     let mut feed = state.events.subscribe();
-    let job = jobs::get(&state.db, caller.account_id, id).await?;
+    let job = jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, id).await?;
     let db = state.db.clone();
+    let kinds = state.scheduler.kinds.clone();
     let shutdown = state.shutdown.clone();
     let account = caller.account_id;
     let stream = async_stream(move |tx| async move {
@@ -244,7 +247,7 @@ pub async fn events(
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => {
                     // Fell behind the feed: resynchronise from the database.
-                    if let Ok(job) = jobs::get(&db, account, id).await {
+                    if let Ok(job) = jobs::get(&db, &kinds, account, id).await {
                         if let Some(end) = JobEvent::finished(job) {
                             let _ = tx.send(sse_event(&end)).await;
                             return;

@@ -9,13 +9,13 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{Path, Query};
-use crate::auth::{Auditor, Caller, LedgerReader, NodeCaller, Scope};
 use crate::epochs::{self, Epoch};
 use crate::error::{AppError, AppResult, Problem};
+use crate::http::auth::{Auditor, Caller, LedgerReader, NodeCaller, Scope};
+use crate::http::state::AppState;
 use crate::jobs;
-use crate::ledger::blocks::{self, AuditSnapshot, InclusionProof, RecordProof};
-use crate::ledger::chain::{Block, BlockLeaves, SealedEntry, SealedRecord};
-use crate::state::AppState;
+use crate::ledger::blocks::{self, AuditSnapshot};
+use xpand_chain::{Block, BlockLeaves, InclusionProof, RecordProof, SealedEntry, SealedRecord};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PublicKey {
@@ -264,7 +264,7 @@ pub async fn settlement_proof(
     Path(id): Path<Uuid>,
 ) -> AppResult<Json<SettlementProof>> {
     caller.require(Scope::JobsRead)?;
-    let job = jobs::get(&state.db, caller.account_id, id).await?;
+    let job = jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, id).await?;
     let ids = blocks::settlement_entry_ids(&state.db, job.id).await?;
     if ids.is_empty() {
         return Err(AppError::Conflict("the job is not settled yet".into()));

@@ -2,14 +2,18 @@
 //! `jobs` / `ledger` / `nodes`, and render; every error is an [`crate::error::AppError`].
 
 pub mod account;
+pub mod auth;
 pub mod extract;
 pub mod files;
 pub mod guard;
 pub mod jobs;
 pub mod ledger;
 pub mod nodes;
+pub mod openapi;
 pub mod ops;
+pub mod problem;
 pub mod serve;
+pub mod state;
 pub mod transfers;
 pub mod ws;
 
@@ -23,7 +27,7 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 use crate::error::AppError;
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()

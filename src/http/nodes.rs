@@ -6,11 +6,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::extract::Path;
-use crate::auth::Caller;
 use crate::epochs::{self, NodeScore};
 use crate::error::{AppResult, Problem};
+use crate::http::auth::Caller;
+use crate::http::state::AppState;
 use crate::nodes::{self, Node};
-use crate::state::AppState;
 
 /// List the registered nodes.
 #[utoipa::path(
@@ -19,7 +19,7 @@ use crate::state::AppState;
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>, _caller: Caller) -> AppResult<Json<Vec<Node>>> {
-    Ok(Json(nodes::list(&state.db, &state.liveness).await?))
+    Ok(Json(nodes::list(&state.db, &state.presence).await?))
 }
 
 /// A node with its power scores and rewards in the latest closed epochs.
@@ -43,7 +43,7 @@ pub async fn get(
     _caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<NodeDetail>> {
-    let node = nodes::get(&state.db, &state.liveness, &id).await?;
+    let node = nodes::get(&state.db, &state.presence, &id).await?;
     let recent_epochs = epochs::node_scores(&state.db, &id, 24).await?;
     Ok(Json(NodeDetail {
         node,

@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::state::AppState;
+use crate::http::state::AppState;
 
 /// Alive: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "Alive", body = String)))]
@@ -77,7 +77,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// This API's OpenAPI 3.1 description.
 #[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(crate::openapi::ApiDoc::openapi())
+    Json(super::openapi::ApiDoc::openapi())
 }
 
 /// A browsable reference rendered from `/openapi.json` by a self-contained page (no CDN).

@@ -15,8 +15,8 @@ use xpand_protocol::transfer::{self, NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HE
 use super::extract::{Path, Query};
 use crate::error::{AppError, AppResult, Problem};
 use crate::files;
-use crate::jobs::anonymize;
-use crate::state::AppState;
+use crate::http::state::AppState;
+use crate::kinds::anonymize;
 use crate::transfers::Direction;
 
 /// How far a node's request timestamp may be from the gateway's clock.

@@ -22,11 +22,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::jobs::submit_job;
-use crate::auth::{self, Caller, Scope};
 use crate::error::{AppError, Problem};
-use crate::events::JobEvent;
-use crate::jobs::{self, orchestrator, Job, SubmitJob};
-use crate::state::AppState;
+use crate::http::auth::{self, Caller, Scope};
+use crate::http::state::AppState;
+use crate::jobs::{self, Job, JobEvent, SubmitJob};
 
 /// A client → server frame.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -275,7 +274,7 @@ async fn write_frames(
 async fn resync(state: &AppState, caller: &Caller, subscribed: &mut HashSet<Uuid>) -> Vec<String> {
     let mut frames = Vec::new();
     for id in subscribed.clone() {
-        if let Ok(job) = jobs::get(&state.db, caller.account_id, id).await {
+        if let Ok(job) = jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, id).await {
             if let Some(end) = JobEvent::finished(job.clone()) {
                 subscribed.remove(&id);
                 frames.push(to_frame(&end));
@@ -359,7 +358,8 @@ async fn run_op(
         }
         ClientOp::Subscribe { reference, job_id } => {
             caller.require(Scope::JobsRead)?;
-            let job = jobs::get(&state.db, caller.account_id, job_id).await?;
+            let job =
+                jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, job_id).await?;
             let terminal = JobEvent::finished(job.clone());
             if terminal.is_none() {
                 subscribed.insert(job_id);
@@ -380,7 +380,7 @@ async fn run_op(
             job_id,
         } => {
             caller.require(Scope::JobsWrite)?;
-            let job = orchestrator::cancel(state, caller.account_id, job_id).await?;
+            let job = jobs::settlement::cancel(&state.scheduler, caller.account_id, job_id).await?;
             // The `canceled` event also arrives on the feed for subscribers; answer directly
             // and stop following so it is not sent twice.
             subscribed.remove(&job_id);

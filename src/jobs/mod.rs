@@ -1,26 +1,42 @@
-//! Jobs: what a caller submits, how it is priced and mapped into shards, and how it is read back.
-//! The map → dispatch → reduce state machine that runs them lives in [`orchestrator`].
+//! Jobs: what a caller submits and reads back, and the map → dispatch → reduce state machine
+//! that runs them, whatever their kind.
 //!
 //! Job states: `queued` → `running` → `succeeded` | `failed` | `canceled`. A terminal state is
 //! reached exactly once, in the same transaction that releases the job's escrow.
+//!
+//! Shards live in Postgres: `pending` → `assigned` (to one node, under a lease) → `done`, or back
+//! to `pending` when the lease lapses, the node rejects it, or its result fails verification.
+//! Every gateway replica runs the same loops; `FOR UPDATE SKIP LOCKED` and row locks make sure a
+//! shard is assigned by one replica at a time and a result is accepted once. Lock order,
+//! everywhere: the job row, then its shard rows; the dispatcher locks only shards.
+//!
+//! The stages, one file each: [`store`] (submit, read), [`dispatch`], [`results`],
+//! [`verification`], [`settlement`], [`sweep`]. What differs between kinds is behind
+//! [`kind::JobKind`]; the transports are behind [`ports`]. Nothing here names a kind, MQTT or
+//! Redis.
 
-pub mod anonymize;
-pub mod forecast;
-pub mod orchestrator;
+pub mod dispatch;
+mod event;
+pub mod kind;
+pub mod ports;
+pub mod results;
+mod scheduler;
+pub mod settlement;
+pub mod store;
+pub mod sweep;
 pub mod verification;
+
+pub use event::{EventSink, JobEvent};
+pub use kind::{JobKind, Kinds, Reduction};
+pub use scheduler::{Scheduler, SchedulerParts};
+pub use store::{get, list, submit, ListFilter, Submitted};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 use xpand_protocol::ShardTask;
-
-use crate::error::{AppError, FieldError};
-use crate::ledger::{self, escrow, LedgerError};
-use crate::state::AppState;
 
 /// A job submission.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -223,317 +239,4 @@ pub struct ShardPlan {
     pub row_count: i32,
     pub fee: i64,
     pub task: ShardTask,
-}
-
-/// Validates a submission and maps it into the shards of job `id`, naming every bad field.
-async fn plan(
-    state: &AppState,
-    account: Uuid,
-    id: Uuid,
-    req: &SubmitJob,
-) -> Result<JobPlan, AppError> {
-    let mut errors = Vec::new();
-    if req.max_fee < 0 {
-        errors.push(FieldError::new("max_fee", "must be a non-negative integer"));
-    }
-    if let Some(url) = &req.webhook {
-        if url.len() > 2048 {
-            errors.push(FieldError::new(
-                "webhook",
-                "must be at most 2048 characters",
-            ));
-        } else if let Err(why) = state.config.egress.check_url(url).await {
-            errors.push(FieldError::new("webhook", why));
-        }
-    }
-    if !req.params.is_object() {
-        errors.push(FieldError::new("params", "must be an object"));
-    }
-    let plan = match req.kind.as_str() {
-        "forecast" => forecast::plan(&req.input, &req.params),
-        anonymize::KIND if errors.is_empty() => {
-            // Probing and cutting the video is work: only for an otherwise valid request.
-            return anonymize::plan(state, account, id, &req.input, &req.params).await;
-        }
-        anonymize::KIND => return Err(AppError::Validation(errors)),
-        other => {
-            errors.push(FieldError::new(
-                "kind",
-                format!("unknown job kind {other:?}; supported: forecast, anonymize"),
-            ));
-            return Err(AppError::Validation(errors));
-        }
-    };
-    match plan {
-        Ok(plan) if errors.is_empty() => Ok(plan),
-        Ok(_) => Err(AppError::Validation(errors)),
-        Err(mut more) => {
-            errors.append(&mut more);
-            Err(AppError::Validation(errors))
-        }
-    }
-}
-
-/// Checks a shard's output against its task, whatever the kind.
-pub fn check_output(task: &ShardTask, output: &xpand_protocol::ShardOutput) -> Result<(), String> {
-    match task {
-        ShardTask::Forecast { .. } => forecast::check_output(task, output),
-        ShardTask::Anonymize(task) => anonymize::check_output(task, output),
-    }
-}
-
-/// Hash of a submission, to tell an idempotent retry from a different request under the same key.
-fn request_hash(req: &SubmitJob) -> String {
-    hex::encode(Sha256::digest(
-        serde_json::to_vec(req).expect("submissions serialize"),
-    ))
-}
-
-/// The outcome of [`submit`]: a new job, or the one an earlier request with the same
-/// idempotency key created.
-pub enum Submitted {
-    Created(Job),
-    Existing(Job),
-}
-
-/// Prices, escrows and stores a job with its shards, in one transaction: a refused job leaves
-/// no trace and moves no money (objects staged while planning are deleted again).
-pub async fn submit(
-    state: &AppState,
-    account: Uuid,
-    req: &SubmitJob,
-    idempotency_key: Option<&str>,
-) -> Result<Submitted, AppError> {
-    let pool = &state.db;
-    let hash = request_hash(req);
-    if let Some(key) = idempotency_key {
-        if let Some(existing) = find_by_idempotency_key(pool, account, key).await? {
-            return existing_for(existing, &hash);
-        }
-    }
-    let id = Uuid::now_v7();
-    let plan = plan(state, account, id, req).await?;
-    let max_unfinished = state.config.limits.max_unfinished_jobs;
-    let idempotency = Idempotency {
-        key: idempotency_key,
-        hash: &hash,
-    };
-    let stored = store(pool, account, id, req, idempotency, &plan, max_unfinished).await;
-    if !matches!(stored, Ok(Submitted::Created(_))) {
-        anonymize::delete_all(state, &plan.staged).await;
-    }
-    stored
-}
-
-/// A submission's idempotency key, if any, and the hash of the request it stands for.
-#[derive(Clone, Copy)]
-struct Idempotency<'a> {
-    key: Option<&'a str>,
-    hash: &'a str,
-}
-
-async fn store(
-    pool: &PgPool,
-    account: Uuid,
-    id: Uuid,
-    req: &SubmitJob,
-    idempotency: Idempotency<'_>,
-    plan: &JobPlan,
-    max_unfinished: i64,
-) -> Result<Submitted, AppError> {
-    let Idempotency {
-        key: idempotency_key,
-        hash,
-    } = idempotency;
-    let quote = plan.quote();
-    if quote > req.max_fee {
-        return Err(AppError::MaxFeeBelowQuote {
-            quote,
-            max_fee: req.max_fee,
-        });
-    }
-
-    let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
-                           gateway_fee, shards_total, webhook, idempotency_key, request_hash)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12)",
-    )
-    .bind(id)
-    .bind(account)
-    .bind(&req.kind)
-    .bind(&req.input)
-    .bind(&req.params)
-    .bind(quote)
-    .bind(req.max_fee)
-    .bind(plan.gateway_fee)
-    .bind(plan.shards.len() as i32)
-    .bind(&req.webhook)
-    .bind(idempotency_key)
-    .bind(hash)
-    .execute(&mut *tx)
-    .await;
-    if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {
-        if db.is_unique_violation() {
-            // A concurrent request with the same key won the race; answer with its job.
-            drop(tx);
-            let existing = find_by_idempotency_key(pool, account, key)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("idempotent job vanished"))?;
-            return existing_for(existing, hash);
-        }
-    }
-    inserted?;
-
-    match escrow::hold(&mut tx, account, id, quote).await {
-        Ok(()) => {}
-        Err(LedgerError::Overdrawn) => {
-            drop(tx);
-            let available = ledger::balances(pool, account).await?.available;
-            return Err(AppError::InsufficientFunds { quote, available });
-        }
-        Err(e) => return Err(AppError::Internal(e.into())),
-    }
-    // Counted after the hold, which locks the account's balance: concurrent submits of one
-    // account pass here one at a time, so the quota cannot be raced past.
-    let unfinished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE account_id = $1 AND status IN ('queued', 'running')",
-    )
-    .bind(account)
-    .fetch_one(&mut *tx)
-    .await?;
-    if unfinished > max_unfinished {
-        return Err(AppError::QuotaExceeded(format!(
-            "the account already has {max_unfinished} unfinished jobs, the most it may have; \
-             wait for some to finish"
-        )));
-    }
-    insert_shards(&mut tx, id, plan).await?;
-    let row = fetch_row(&mut tx, id).await?;
-    tx.commit().await?;
-    Ok(Submitted::Created(row.into()))
-}
-
-fn existing_for(row: JobRow, hash: &str) -> Result<Submitted, AppError> {
-    if row.request_hash.as_deref() != Some(hash) {
-        return Err(AppError::IdempotencyMismatch);
-    }
-    Ok(Submitted::Existing(row.into()))
-}
-
-async fn insert_shards(conn: &mut PgConnection, job: Uuid, plan: &JobPlan) -> sqlx::Result<()> {
-    let n = plan.shards.len();
-    let (mut ids, mut idxs, mut offsets, mut counts, mut fees, mut tasks) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (i, s) in plan.shards.iter().enumerate() {
-        ids.push(Uuid::now_v7());
-        idxs.push(i as i32);
-        offsets.push(s.row_offset);
-        counts.push(s.row_count);
-        fees.push(s.fee);
-        tasks.push(serde_json::to_value(&s.task).expect("tasks serialize"));
-    }
-    sqlx::query(
-        "INSERT INTO shards (id, job_id, idx, row_offset, row_count, model, task, fee, status)
-         SELECT u.id, $2, u.idx, u.row_offset, u.row_count, $3, u.task, u.fee, 'pending'
-         FROM UNNEST($1::uuid[], $4::int[], $5::int[], $6::int[], $7::jsonb[], $8::bigint[])
-              AS u(id, idx, row_offset, row_count, task, fee)",
-    )
-    .bind(&ids)
-    .bind(job)
-    .bind(&plan.model)
-    .bind(&idxs)
-    .bind(&offsets)
-    .bind(&counts)
-    .bind(&tasks)
-    .bind(&fees)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn find_by_idempotency_key(
-    pool: &PgPool,
-    account: Uuid,
-    key: &str,
-) -> sqlx::Result<Option<JobRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE account_id = $1 AND idempotency_key = $2"
-    ))
-    .bind(account)
-    .bind(key)
-    .fetch_optional(pool)
-    .await
-}
-
-pub(crate) async fn fetch_row(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<JobRow> {
-    sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_one(conn)
-        .await
-}
-
-/// One of the caller's jobs; another account's job is "not found", never "forbidden". A video
-/// job also reports frames done, from its segments' progress.
-pub async fn get(pool: &PgPool, account: Uuid, id: Uuid) -> Result<Job, AppError> {
-    let mut job: Job = sqlx::query_as::<_, JobRow>(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2"
-    ))
-    .bind(id)
-    .bind(account)
-    .fetch_optional(pool)
-    .await?
-    .map(Job::from)
-    .ok_or(AppError::NotFound("job"))?;
-    if job.kind == anonymize::KIND {
-        let (done, total): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(sum(CASE WHEN status IN ('done', 'verifying') THEN row_count
-                                      WHEN status = 'assigned' THEN LEAST(progress_done, row_count)
-                                      ELSE 0 END), 0)::bigint,
-                    COALESCE(sum(row_count), 0)::bigint
-             FROM shards WHERE job_id = $1 AND replica_of IS NULL",
-        )
-        .bind(id)
-        .fetch_one(pool)
-        .await?;
-        job.progress.frames_done = Some(done);
-        job.progress.frames_total = Some(total);
-    }
-    Ok(job)
-}
-
-/// Filters for listing jobs.
-#[derive(Debug, Default, Clone)]
-pub struct ListFilter {
-    pub status: Option<JobStatus>,
-    pub kind: Option<String>,
-    /// Only jobs older than this one (the previous page's `next_cursor`).
-    pub before: Option<Uuid>,
-    pub limit: i64,
-}
-
-/// The caller's jobs, newest first (ids are UUIDv7, so id order is creation order).
-pub async fn list(pool: &PgPool, account: Uuid, f: &ListFilter) -> Result<Vec<Job>, AppError> {
-    let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs
-         WHERE account_id = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::text IS NULL OR kind = $3)
-           AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5"
-    ))
-    .bind(account)
-    .bind(f.status.map(JobStatus::as_str))
-    .bind(&f.kind)
-    .bind(f.before)
-    .bind(f.limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(Job::from).collect())
 }

@@ -15,36 +15,28 @@
 use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
-use xpand_protocol::{Detection, ShardOutput, ShardTask};
+use xpand_protocol::{ShardOutput, ShardTask};
 
-use crate::config::Config;
+use super::kind::JobKind;
+use super::Scheduler;
 use crate::ledger;
 use crate::nodes::{self, Failure};
-use crate::state::AppState;
-
-/// Forecast values of two runs agree within this relative tolerance (CPU and GPU kernels, or
-/// two ONNX Runtime builds, differ in the last bits).
-const FORECAST_TOLERANCE: f64 = 1e-3;
-/// Two detections are the same face when their boxes overlap at least this much (IoU).
-const BOX_IOU: f64 = 0.5;
-/// Two video runs agree when at least this share of frames has matching detections.
-const FRAMES_AGREEING: f64 = 0.95;
 
 /// Whether a primary result of `model` from `node` (which had done `done_before` shards) should
 /// wait for a replica: sampled, or the node is new — and another live node holds the model (a
 /// lone node cannot be checked; its results are taken as they are).
 pub async fn wanted(
-    state: &AppState,
+    scheduler: &Scheduler,
     node: &str,
     done_before: i64,
     model: &str,
 ) -> anyhow::Result<bool> {
-    let config = &state.config;
-    let sampled = rand::random::<u32>() % 10_000 < config.redundancy_bps;
-    if !sampled && done_before >= config.verify_new_node_shards {
+    let rules = &scheduler.rules;
+    let sampled = rand::random::<u32>() % 10_000 < rules.redundancy_bps;
+    if !sampled && done_before >= rules.verify_new_node_shards {
         return Ok(false);
     }
-    nodes::another_serves(&state.db, &state.liveness, model, node).await
+    nodes::another_serves(&scheduler.db, scheduler.presence.as_ref(), model, node).await
 }
 
 /// Queues one more run of `primary` (same task, no fee) for a node not in `ran_on`.
@@ -100,12 +92,13 @@ struct Challenge<'a> {
     detail: &'a str,
 }
 
-/// Decides a `verifying` primary from its finished runs, in the caller's transaction (which holds
-/// the job row lock). Records the challenge and charges the loser when a third run settled a
-/// disagreement.
+/// Decides a `verifying` primary from its finished runs, by `kind`'s rule for the same answer,
+/// in the caller's transaction (which holds the job row lock). Records the challenge and
+/// charges the loser when a third run settled a disagreement.
 pub async fn resolve(
     conn: &mut PgConnection,
-    config: &Config,
+    scheduler: &Scheduler,
+    kind: &dyn JobKind,
     job_id: Uuid,
     primary: Uuid,
 ) -> anyhow::Result<Verdict> {
@@ -126,7 +119,7 @@ pub async fn resolve(
     .bind(primary)
     .fetch_all(&mut *conn)
     .await?;
-    let agree = |a: &Run, b: &Run| outputs_agree(&task.0, &a.output.0, &b.output.0);
+    let agree = |a: &Run, b: &Run| kind.outputs_agree(&task.0, &a.output.0, &b.output.0);
     match runs.as_slice() {
         [first, second] if agree(first, second) => Ok(accept(first)),
         [first, second] => {
@@ -146,7 +139,7 @@ pub async fn resolve(
             } else {
                 return Ok(Verdict::Rerun);
             };
-            record_challenge(conn, config, job_id, primary, loser, [winner, other]).await?;
+            record_challenge(conn, scheduler, job_id, primary, loser, [winner, other]).await?;
             Ok(accept(winner))
         }
         _ => Ok(Verdict::Open),
@@ -163,7 +156,7 @@ fn accept(run: &Run) -> Verdict {
 
 async fn record_challenge(
     conn: &mut PgConnection,
-    config: &Config,
+    scheduler: &Scheduler,
     job_id: Uuid,
     shard_id: Uuid,
     loser: &Run,
@@ -183,8 +176,9 @@ async fn record_challenge(
     };
     // Signed like an assignment, so the sealed record says who judged. The ledger keeps only
     // its digest; the envelope stays here, to be shown to whoever disputes the verdict.
-    let topic = format!("{}/v1/challenges", config.topic_prefix);
-    let envelope = config.gateway_key.seal(&topic, &challenge);
+    let envelope = scheduler
+        .gateway_key
+        .seal(&scheduler.challenge_topic, &challenge);
     sqlx::query(
         "INSERT INTO challenges (id, job_id, shard_id, loser, winners, detail, envelope)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -207,124 +201,4 @@ async fn record_challenge(
     .await?;
     tracing::warn!(node = %loser.node_id, shard = %shard_id, "a node was outvoted");
     Ok(())
-}
-
-/// The per-kind rule for "the same answer".
-pub fn outputs_agree(task: &ShardTask, a: &ShardOutput, b: &ShardOutput) -> bool {
-    match (task, a, b) {
-        (
-            ShardTask::Forecast { .. },
-            ShardOutput::Forecast { forecasts: x },
-            ShardOutput::Forecast { forecasts: y },
-        ) => {
-            x.len() == y.len()
-                && x.iter().zip(y).all(|(r, s)| {
-                    r.len() == s.len()
-                        && r.iter().zip(s).all(|(u, v)| {
-                            (u - v).abs() <= FORECAST_TOLERANCE * u.abs().max(v.abs()).max(1.0)
-                        })
-                })
-        }
-        (
-            ShardTask::Anonymize(_),
-            ShardOutput::Anonymize { detections: x, .. },
-            ShardOutput::Anonymize { detections: y, .. },
-        ) => {
-            if x.len() != y.len() {
-                return false;
-            }
-            let matching = x.iter().zip(y).filter(|(f, g)| same_faces(f, g)).count();
-            matching as f64 >= FRAMES_AGREEING * x.len() as f64
-        }
-        _ => false,
-    }
-}
-
-fn same_faces(a: &[Detection], b: &[Detection]) -> bool {
-    a.len() == b.len() && a.iter().all(|d| b.iter().any(|e| iou(d, e) >= BOX_IOU))
-}
-
-fn iou(a: &Detection, b: &Detection) -> f64 {
-    let w = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0) as f64;
-    let h = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0) as f64;
-    let inter = w * h;
-    let area = |d: &Detection| ((d.x2 - d.x1) * (d.y2 - d.y1)) as f64;
-    let union = area(a) + area(b) - inter;
-    if union <= 0.0 {
-        0.0
-    } else {
-        inter / union
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn forecast(values: &[f64]) -> ShardOutput {
-        ShardOutput::Forecast {
-            forecasts: vec![values.to_vec()],
-        }
-    }
-
-    #[test]
-    fn forecasts_agree_within_tolerance_only() {
-        let task = ShardTask::Forecast {
-            series: vec![vec![1.0, 2.0, 3.0]],
-            horizon: 2,
-        };
-        assert!(outputs_agree(
-            &task,
-            &forecast(&[100.0, 0.5]),
-            &forecast(&[100.05, 0.5004])
-        ));
-        assert!(!outputs_agree(
-            &task,
-            &forecast(&[100.0, 0.5]),
-            &forecast(&[101.0, 0.5])
-        ));
-        assert!(!outputs_agree(
-            &task,
-            &forecast(&[100.0]),
-            &forecast(&[100.0, 1.0])
-        ));
-    }
-
-    #[test]
-    fn detections_agree_by_overlap() {
-        let d = |x1, y1, x2, y2| Detection {
-            x1,
-            y1,
-            x2,
-            y2,
-            score: 900,
-        };
-        let video = |frames: Vec<Vec<Detection>>| ShardOutput::Anonymize {
-            detections: frames,
-            video_sha256: String::new(),
-            video_bytes: 1,
-        };
-        let task = ShardTask::Anonymize(xpand_protocol::AnonymizeTask {
-            input_url: String::new(),
-            output_url: String::new(),
-            frames: 20,
-            width: 640,
-            height: 360,
-            fps_num: 25,
-            fps_den: 1,
-            style: xpand_protocol::MaskStyle::Blur,
-            threshold: 0.2,
-            crf: 23,
-        });
-        let a = video(vec![vec![d(100, 100, 200, 200)]; 20]);
-        let nudged = video(vec![vec![d(104, 98, 203, 199)]; 20]);
-        assert!(outputs_agree(&task, &a, &nudged));
-        let mut one_off = vec![vec![d(100, 100, 200, 200)]; 20];
-        one_off[3] = vec![];
-        assert!(outputs_agree(&task, &a, &video(one_off)), "19 of 20 frames");
-        let elsewhere = video(vec![vec![d(300, 100, 400, 200)]; 20]);
-        assert!(!outputs_agree(&task, &a, &elsewhere));
-        let none = video(vec![vec![]; 20]);
-        assert!(!outputs_agree(&task, &a, &none));
-    }
 }

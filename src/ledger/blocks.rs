@@ -17,8 +17,9 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::chain::{
-    self, Block, BlockLeaves, Hash, ProofStep, Sealed, SealedEntry, SealedRecord, GENESIS_PREV_HASH,
+use xpand_chain::{
+    self as chain, Block, BlockLeaves, Hash, InclusionProof, ProofStep, RecordProof, Sealed,
+    SealedEntry, SealedRecord, GENESIS_PREV_HASH,
 };
 
 /// Most entries one block covers; a backlog is sealed into several blocks.
@@ -127,13 +128,18 @@ pub async fn seal_next(
 }
 
 /// Seals every `XPAND_SEAL_INTERVAL_SECS` until `shutdown`.
-pub async fn run_sealer(state: crate::state::AppState, shutdown: crate::shutdown::Shutdown) {
+pub async fn run_sealer(
+    db: PgPool,
+    key: ed25519_dalek::SigningKey,
+    every: std::time::Duration,
+    shutdown: crate::shutdown::Shutdown,
+) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(state.config.seal_interval) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
         }
-        match seal_all(&state.db, state.config.gateway_key.signing_key()).await {
+        match seal_all(&db, &key).await {
             Ok(sealed) if !sealed.is_empty() => {
                 let last = sealed.last().expect("non-empty");
                 tracing::info!(
@@ -218,83 +224,6 @@ pub async fn leaves(pool: &PgPool, block: &Block) -> sqlx::Result<BlockLeaves> {
         entries: hex_leaves(&entries(pool, block).await?),
         records: hex_leaves(&records(pool, block).await?),
     })
-}
-
-/// Everything needed to check that one entry is in the ledger, given only the gateway's key:
-/// the entry with its salt, the path to its block's Merkle root, and the signed block.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct InclusionProof {
-    pub entry: SealedEntry,
-    /// Leaf position in the block, in id order.
-    pub index: usize,
-    pub path: Vec<ProofStep>,
-    pub block: Block,
-}
-
-impl InclusionProof {
-    /// Checks the path leads from the entry to the block's root, and the block's signature.
-    pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), String> {
-        let range = self.block.first_entry_id..=self.block.last_entry_id;
-        verify_inclusion(
-            &self.entry,
-            &range,
-            &self.path,
-            &self.block.merkle_root,
-            &self.block,
-            key,
-        )
-    }
-}
-
-/// The same for a record: what a node operator checks its assignments against.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct RecordProof {
-    pub record: SealedRecord,
-    pub index: usize,
-    pub path: Vec<ProofStep>,
-    pub block: Block,
-}
-
-impl RecordProof {
-    pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), String> {
-        let range = self.block.first_record_id..=self.block.last_record_id;
-        verify_inclusion(
-            &self.record,
-            &range,
-            &self.path,
-            &self.block.records_root,
-            &self.block,
-            key,
-        )
-    }
-}
-
-fn verify_inclusion(
-    item: &dyn Sealed,
-    range: &std::ops::RangeInclusive<i64>,
-    path: &[ProofStep],
-    root: &str,
-    block: &Block,
-    key: &ed25519_dalek::VerifyingKey,
-) -> Result<(), String> {
-    block.verify_signature(key)?;
-    let root = chain::parse_hash(root).ok_or("the block's root is not a hash")?;
-    if !range.contains(&item.id()) {
-        return Err(format!(
-            "{} is outside block {}'s range",
-            item.id(),
-            block.height
-        ));
-    }
-    if chain::verify_proof(&item.leaf(), path, &root) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} does not prove against block {}'s root",
-            item.id(),
-            block.height
-        ))
-    }
 }
 
 /// The block whose `first_{what}_id..=last_{what}_id` holds `id`.

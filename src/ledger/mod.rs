@@ -9,7 +9,6 @@
 //! Amounts are `i64` micro-credits.
 
 pub mod blocks;
-pub mod chain;
 pub mod escrow;
 
 use serde::Serialize;

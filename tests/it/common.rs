@@ -3,6 +3,7 @@
 //! in-process `xpand-worker`s running the real ONNX model.
 
 use std::time::{Duration, Instant};
+use xpand::nodes::Presence as _;
 
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -59,10 +60,82 @@ pub struct TestApp {
     pub db_name: String,
     pub config: Config,
     pub http: reqwest::Client,
-    pub state: xpand::state::AppState,
+    pub state: xpand::http::state::AppState,
     pub workers: Vec<TestWorker>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<anyhow::Result<()>>,
+    leftovers: Leftovers,
+}
+
+/// What a test made outside its process: its database, Redis keys and directories. Dropped
+/// while still armed (the test panicked before its teardown), it removes them, so a failing
+/// test leaves nothing behind either.
+pub struct Leftovers {
+    pub db_name: String,
+    pub redis_prefix: String,
+    pub dirs: Vec<std::path::PathBuf>,
+    armed: bool,
+}
+
+impl Leftovers {
+    pub fn new(db_name: &str, redis_prefix: &str, dirs: Vec<std::path::PathBuf>) -> Self {
+        Self {
+            db_name: db_name.into(),
+            redis_prefix: redis_prefix.into(),
+            dirs,
+            armed: true,
+        }
+    }
+
+    /// Cleaned up in order by the test itself: nothing left to do on drop.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (db_name, prefix, dirs) = (
+            self.db_name.clone(),
+            self.redis_prefix.clone(),
+            std::mem::take(&mut self.dirs),
+        );
+        // A panicking test's runtime may be unwinding: clean up on a thread with its own.
+        let cleaned = std::thread::spawn(move || {
+            for dir in dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                delete_redis_prefix(&prefix).await;
+                drop_database(&db_name).await;
+            });
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!(
+                "cleaning up after a failed test failed: {} may be left",
+                self.db_name
+            );
+        }
+    }
+}
+
+/// Drops a test database, closing whatever connections it still has.
+pub async fn drop_database(name: &str) {
+    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// A fresh, unique name; the timestamp lets a later run sweep databases a crashed test left.
@@ -122,10 +195,7 @@ pub fn test_config(db_name: &str) -> Config {
         redis_prefix: format!("xpand-test:{prefix}"),
         gateway_key: NodeKey::generate(),
         auditor_key: format!("xpa_{}", Uuid::new_v4().simple()),
-        lease: Duration::from_secs(30),
         node_ttl: Duration::from_secs(5),
-        job_timeout: Duration::from_secs(300),
-        max_shard_attempts: 5,
         max_body_bytes: 1024 * 1024,
         token_ttl: Duration::from_secs(900),
         seal_interval: Duration::from_secs(3600),
@@ -135,16 +205,22 @@ pub fn test_config(db_name: &str) -> Config {
         scratch_dir: std::env::temp_dir().join(format!("xpand-scratch-{prefix}")),
         public_url: None,
         max_video_seconds: 600,
-        // Redundancy has its own tests; elsewhere one run per shard keeps results predictable.
-        redundancy_bps: 0,
-        verify_new_node_shards: 0,
-        verify_wait: Duration::from_secs(20),
         node_msgs_per_sec: 2_000,
-        min_power_score: -1_000,
-        straggler_factor: 3.0,
-        straggler_min_secs: 10.0,
+        scheduling: xpand::config::Scheduling {
+            lease: Duration::from_secs(30),
+            job_timeout: Duration::from_secs(300),
+            max_shard_attempts: 5,
+            // Redundancy has its own tests; elsewhere one run per shard keeps results
+            // predictable.
+            redundancy_bps: 0,
+            verify_new_node_shards: 0,
+            verify_wait: Duration::from_secs(20),
+            min_power_score: -1_000,
+            straggler_factor: 3.0,
+            straggler_min_secs: 10.0,
+        },
         max_upload_bytes: 8 * 1024 * 1024,
-        pool: xpand::epochs::PoolConfig {
+        pool: xpand::config::PoolConfig {
             issuance: 1_000_000,
             fee_share_bps: 5_000,
         },
@@ -172,6 +248,11 @@ impl TestApp {
         let db_name = create_database().await;
         let mut config = test_config(&db_name);
         adjust(&mut config);
+        let leftovers = Leftovers::new(
+            &db_name,
+            &config.redis_prefix,
+            vec![config.files_dir.clone(), config.scratch_dir.clone()],
+        );
         let app = Application::build(config.clone())
             .await
             .expect("app builds");
@@ -192,6 +273,7 @@ impl TestApp {
             workers: Vec::new(),
             stop: Some(stop),
             server,
+            leftovers,
         }
     }
 
@@ -258,7 +340,7 @@ impl TestApp {
                     .unwrap();
             let alive = self
                 .state
-                .liveness
+                .presence
                 .alive(&[node_id.to_string()])
                 .await
                 .unwrap();
@@ -379,16 +461,8 @@ impl TestApp {
         let _ = std::fs::remove_dir_all(&self.config.files_dir);
         let _ = std::fs::remove_dir_all(&self.config.scratch_dir);
         self.db.close().await;
-        let mut conn = PgConnection::connect(&format!("{}/postgres", pg_server()))
-            .await
-            .unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.db_name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        drop_database(&self.db_name).await;
+        self.leftovers.disarm();
     }
 }
 

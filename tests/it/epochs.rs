@@ -23,10 +23,16 @@ async fn each_epoch_pays_its_whole_pool_by_power_score_exactly_once() {
     }
     // Two closers race the background one on every epoch that ends meanwhile.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (a, b) = tokio::join!(
-        xpand::epochs::close_due(&app.state),
-        xpand::epochs::close_due(&app.state)
-    );
+    let closer = xpand::epochs::EpochCloser {
+        db: app.db.clone(),
+        clock: xpand::epochs::EpochClock::load(&app.db, app.config.epoch_length)
+            .await
+            .unwrap(),
+        presence: std::sync::Arc::new(app.state.presence.clone()),
+        pool: app.config.pool,
+        key: app.config.gateway_key.signing_key().clone(),
+    };
+    let (a, b) = tokio::join!(closer.close_due(), closer.close_due());
     let (a, b) = (a.unwrap(), b.unwrap());
     assert!(
         a.iter().all(|n| !b.contains(n)),

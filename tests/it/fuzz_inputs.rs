@@ -6,7 +6,8 @@
 use proptest::prelude::*;
 use serde_json::Value;
 use xpand::http::extract::parse_json;
-use xpand::jobs::{forecast, SubmitJob};
+use xpand::jobs::SubmitJob;
+use xpand::kinds::forecast;
 use xpand_protocol::{Envelope, NodeKey};
 
 /// Arbitrary JSON, biased towards the shapes a submission has.

@@ -56,7 +56,7 @@ async fn forecast_over_rest_settles_and_pays_workers() {
     .fetch_one(&app.db)
     .await
     .unwrap();
-    assert_eq!(earned, cost - xpand::jobs::forecast::PRICE_PER_JOB);
+    assert_eq!(earned, cost - xpand::kinds::forecast::PRICE_PER_JOB);
     let ledger = app.get_json(&key, "/v1/account/ledger").await;
     let kinds: Vec<&str> = ledger["entries"]
         .as_array()
@@ -473,7 +473,7 @@ async fn server_sent_events_follow_a_job_to_the_end() {
 /// job's shards spread over the nodes that qualify.
 #[tokio::test]
 async fn nodes_below_the_power_score_floor_get_no_shards() {
-    let mut app = TestApp::spawn_with(|c| c.min_power_score = 0).await;
+    let mut app = TestApp::spawn_with(|c| c.scheduling.min_power_score = 0).await;
     let penalised = app.start_worker().await;
     let good = [app.start_worker().await, app.start_worker().await];
     sqlx::query(

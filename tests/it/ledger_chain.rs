@@ -3,12 +3,13 @@
 
 use serde_json::Value;
 use xpand::http::ledger::RecordPage;
-use xpand::ledger::blocks::{self, InclusionProof};
+use xpand::ledger::blocks;
 use xpand::verify::{Credential, Verifier, VerifyError};
+use xpand_chain::InclusionProof;
 
 use crate::common::{forecast_job, TestApp};
 
-async fn seal(app: &TestApp) -> Vec<xpand::ledger::chain::Block> {
+async fn seal(app: &TestApp) -> Vec<xpand_chain::Block> {
     blocks::seal_all(&app.db, app.config.gateway_key.signing_key())
         .await
         .unwrap()

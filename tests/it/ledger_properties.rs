@@ -17,7 +17,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 use xpand::epochs::{self, split_pool};
 use xpand::ledger::escrow::{self, Release};
-use xpand::ledger::{self, blocks, chain, LedgerError, Purpose, SYSTEM_ACCOUNT};
+use xpand::ledger::{self, blocks, LedgerError, Purpose, SYSTEM_ACCOUNT};
+use xpand_chain as chain;
 use xpand_protocol::NodeKey;
 
 use crate::common::pg_server;

@@ -1,6 +1,7 @@
 //! Integration tests against the real Postgres, Redis and Mosquitto, with real workers running
 //! the real ONNX model. One binary (faster to link); each test has its own database and prefixes.
 
+mod architecture;
 mod chaos;
 mod common;
 mod epochs;
@@ -13,6 +14,7 @@ mod ledger_properties;
 mod ops;
 mod protocol;
 mod registration;
+mod scheduler;
 mod security;
 mod simulation;
 mod up;

@@ -2,6 +2,7 @@
 //! dropped and counted, and a worker that vanishes mid-shard loses the shard to another.
 
 use std::time::Duration;
+use xpand::nodes::Presence as _;
 
 use base64::Engine as _;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -35,7 +36,7 @@ impl FakeNode {
     /// A forecast node with room for `slots` shards at once.
     async fn start_with_slots(app: &TestApp, key: NodeKey, slots: u32) -> Self {
         let forecast = ModelInfo {
-            name: xpand::jobs::forecast::MODEL.into(),
+            name: xpand::kinds::forecast::MODEL.into(),
             version: "1.0.0".into(),
             kind: "forecast".into(),
             sha256: "0".repeat(64),
@@ -288,7 +289,7 @@ async fn forged_replayed_and_stale_messages_are_dropped_and_change_nothing() {
 
 #[tokio::test]
 async fn a_shard_whose_worker_dies_is_redispatched_after_the_lease() {
-    let mut app = TestApp::spawn_with(|c| c.lease = Duration::from_secs(2)).await;
+    let mut app = TestApp::spawn_with(|c| c.scheduling.lease = Duration::from_secs(2)).await;
     let key = NodeKey::generate();
     xpand::nodes::register(&app.db, key.id(), "doomed")
         .await
@@ -340,7 +341,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
         .await
         .unwrap();
     let model = ModelInfo {
-        name: xpand::jobs::anonymize::MODEL.into(),
+        name: xpand::kinds::anonymize::MODEL.into(),
         version: "test".into(),
         kind: "face_detect".into(),
         sha256: "0".repeat(64),
@@ -454,7 +455,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
 /// `disputed` failure and paid nothing, and each challenge is signed and sealed into the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_worker_is_outvoted_and_the_challenge_is_sealed() {
-    let mut app = TestApp::spawn_with(|c| c.redundancy_bps = 10_000).await;
+    let mut app = TestApp::spawn_with(|c| c.scheduling.redundancy_bps = 10_000).await;
     let liar_key = NodeKey::generate();
     xpand::nodes::register(&app.db, liar_key.id(), "liar")
         .await
@@ -490,7 +491,7 @@ async fn a_lying_worker_is_outvoted_and_the_challenge_is_sealed() {
     tokio::time::timeout(Duration::from_secs(30), async {
         while app
             .state
-            .liveness
+            .presence
             .alive(&[liar_key.id().to_string()])
             .await
             .unwrap()
@@ -625,8 +626,8 @@ async fn a_flooding_node_is_rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
     let mut app = TestApp::spawn_with(|c| {
-        c.straggler_min_secs = 1.0;
-        c.straggler_factor = 3.0;
+        c.scheduling.straggler_min_secs = 1.0;
+        c.scheduling.straggler_factor = 3.0;
     })
     .await;
     let slow_key = NodeKey::generate();
@@ -713,8 +714,8 @@ async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lapsed_replica_goes_back_to_any_node_that_has_not_voted() {
     let app = TestApp::spawn_with(|c| {
-        c.redundancy_bps = 10_000;
-        c.lease = Duration::from_secs(2);
+        c.scheduling.redundancy_bps = 10_000;
+        c.scheduling.lease = Duration::from_secs(2);
     })
     .await;
     let mut nodes = vec![
@@ -791,9 +792,9 @@ async fn replica_of_shard(app: &TestApp, primary: uuid::Uuid) -> uuid::Uuid {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unverified() {
     let app = TestApp::spawn_with(|c| {
-        c.redundancy_bps = 10_000;
-        c.lease = Duration::from_secs(2);
-        c.verify_wait = Duration::from_secs(3);
+        c.scheduling.redundancy_bps = 10_000;
+        c.scheduling.lease = Duration::from_secs(2);
+        c.scheduling.verify_wait = Duration::from_secs(3);
     })
     .await;
     let mut nodes = vec![
@@ -812,7 +813,7 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
     doomed.die().await;
     while app
         .state
-        .liveness
+        .presence
         .alive(std::slice::from_ref(&doomed_id))
         .await
         .unwrap()

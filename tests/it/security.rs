@@ -171,7 +171,7 @@ fn token_for(app: &TestApp, account: uuid::Uuid, secs: u64) -> String {
         .jwt
         .issue(
             account,
-            &xpand::auth::Scope::ALL,
+            &xpand::http::auth::Scope::ALL,
             std::time::Duration::from_secs(secs),
         )
         .unwrap()

@@ -3,7 +3,7 @@
 //! Each seed drives the gateway's real placement and state machine against a real Postgres
 //! (its own database) and Redis (its own prefix), with no MQTT and no wall clock:
 //! - worker messages are sealed by simulated nodes and handed to `broker::handle_message`, the
-//!   function the MQTT loop calls; assignments come straight from `orchestrator::assign`;
+//!   function the MQTT loop calls; assignments come straight from `dispatch::assign`;
 //! - time is virtual: each step moves every stored timestamp back onto a grid of whole steps
 //!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not seconds, and come out
 //!   the same on every run;
@@ -28,9 +28,12 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
+use xpand::broker::Inbound;
+use xpand::jobs::dispatch::Dispatched;
+use xpand::jobs::Scheduler;
 use xpand::jobs::{JobStatus, SubmitJob, Submitted};
+use xpand::presence::RedisPresence;
 use xpand::startup::Connected;
-use xpand::state::AppState;
 use xpand_protocol::{
     Accelerator, Announce, Assignment, Heartbeat, ModelInfo, NodeKey, Progress, ProgressChain,
     Reject, ShardOutput, ShardTask, Topics, UpKind,
@@ -79,7 +82,9 @@ struct SimNode {
 
 struct Sim {
     rng: StdRng,
-    state: AppState,
+    scheduler: Scheduler,
+    inbound: Inbound,
+    presence: RedisPresence,
     topics: Topics,
     nodes: Vec<SimNode>,
     accounts: Vec<Uuid>,
@@ -101,7 +106,7 @@ impl Sim {
         let key = &self.nodes[i].key;
         let topic = self.topics.up(key.id(), kind);
         let payload = key.seal(&topic, body);
-        xpand::broker::handle_message(&self.state, &topic, &payload).await;
+        self.inbound.handle_message(&topic, &payload).await;
     }
 
     /// A node process starting: it announces (with its start time) and beats.
@@ -110,7 +115,7 @@ impl Sim {
         let announce = Announce {
             name: format!("sim-{i}"),
             models: vec![ModelInfo {
-                name: xpand::jobs::forecast::MODEL.into(),
+                name: xpand::kinds::forecast::MODEL.into(),
                 version: "1.0.0".into(),
                 kind: "forecast".into(),
                 sha256: "0".repeat(64),
@@ -136,7 +141,7 @@ impl Sim {
         };
         let key = NodeKey::generate();
         let i = self.nodes.len();
-        xpand::nodes::register(&self.state.db, key.id(), &format!("sim-{i}"))
+        xpand::nodes::register(&self.scheduler.db, key.id(), &format!("sim-{i}"))
             .await
             .unwrap();
         self.nodes.push(SimNode {
@@ -168,7 +173,7 @@ impl Sim {
             max_fee: 100_000_000,
             webhook: None,
         };
-        match xpand::jobs::submit(&self.state, account, &req, None).await {
+        match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
             Ok(Submitted::Created(job)) => self.jobs.push((account, job.id)),
             Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
             Err(e) => panic!("a valid job was refused: {e}"),
@@ -181,7 +186,7 @@ impl Sim {
         else {
             return;
         };
-        if xpand::jobs::orchestrator::cancel(&self.state, account, job)
+        if xpand::jobs::settlement::cancel(&self.scheduler, account, job)
             .await
             .is_ok()
         {
@@ -206,7 +211,7 @@ impl Sim {
             self.nodes[i].alive = false;
             self.nodes[i].held.clear();
             let id = self.nodes[i].key.id().to_string();
-            self.state.liveness.forget(&id).await.unwrap();
+            self.presence.forget(&id).await.unwrap();
             self.count("deaths");
         } else if !self.nodes[i].alive && self.rng.gen_bool(0.3) {
             self.start_process(i).await;
@@ -284,7 +289,7 @@ impl Sim {
     /// Whether some pending shard may run on some live node with a free slot, decided here
     /// from the rows, independently of the dispatch query.
     async fn placeable_exists(&self) -> bool {
-        let db = &self.state.db;
+        let db = &self.scheduler.db;
         let busy: HashMap<String, i64> = sqlx::query_as(
             "SELECT node_id, count(*) FROM shards WHERE status = 'assigned' GROUP BY node_id",
         )
@@ -333,7 +338,7 @@ impl Sim {
         let must_assign = self.placeable_exists().await;
         let mut first = true;
         loop {
-            let round = xpand::jobs::orchestrator::assign(&self.state)
+            let round = xpand::jobs::dispatch::assign(&self.scheduler)
                 .await
                 .unwrap();
             assert!(
@@ -346,7 +351,7 @@ impl Sim {
             if round.is_empty() {
                 return;
             }
-            for (assignment, _) in round {
+            for Dispatched { assignment, .. } in round {
                 self.count("assignments");
                 let Some(node) = self
                     .nodes
@@ -386,7 +391,7 @@ impl Sim {
                  (floor(extract(epoch FROM now() - {column}) / {STEP_SECS}) + 1))"
             )
         };
-        let db = &self.state.db;
+        let db = &self.scheduler.db;
         // Ended jobs' rows take part in no decision.
         sqlx::query(&format!(
             "UPDATE shards SET {}, {}, {}
@@ -413,7 +418,7 @@ impl Sim {
 
     async fn open_jobs(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
-            .fetch_one(&self.state.db)
+            .fetch_one(&self.scheduler.db)
             .await
             .unwrap()
     }
@@ -425,7 +430,7 @@ impl Sim {
                AND created_at < now() - make_interval(secs => $1)",
         )
         .bind(JOB_TIMEOUT_SECS + 2.0 * STEP_SECS)
-        .fetch_one(&self.state.db)
+        .fetch_one(&self.scheduler.db)
         .await
         .unwrap();
         assert_eq!(
@@ -437,7 +442,7 @@ impl Sim {
             "SELECT count(*) FROM (SELECT tx_id FROM ledger_entries
                                    GROUP BY tx_id HAVING sum(amount) <> 0) t",
         )
-        .fetch_one(&self.state.db)
+        .fetch_one(&self.scheduler.db)
         .await
         .unwrap();
         assert_eq!(
@@ -457,7 +462,7 @@ impl Sim {
             }
             self.node_actions().await;
             self.dispatch().await;
-            xpand::jobs::orchestrator::sweep(&self.state).await.unwrap();
+            xpand::jobs::sweep::sweep(&self.scheduler).await.unwrap();
             self.check_step().await;
             if self.step >= ACTIVE_STEPS && self.open_jobs().await == 0 {
                 break;
@@ -473,7 +478,7 @@ impl Sim {
         let done: Vec<(serde_json::Value, serde_json::Value)> =
             sqlx::query_as("SELECT input, output FROM jobs WHERE status = $1")
                 .bind(JobStatus::Succeeded.as_str())
-                .fetch_all(&self.state.db)
+                .fetch_all(&self.scheduler.db)
                 .await
                 .unwrap();
         for (input, output) in &done {
@@ -483,8 +488,8 @@ impl Sim {
                 "a succeeded job lost rows"
             );
         }
-        assert_every_job_settled(&self.state.db).await;
-        assert_ledger_invariants(&self.state.db).await;
+        assert_every_job_settled(&self.scheduler.db).await;
+        assert_ledger_invariants(&self.scheduler.db).await;
     }
 }
 
@@ -500,13 +505,16 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
     .await;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut config = test_config(&db_name);
-    config.lease = std::time::Duration::from_secs_f64(4.5 * STEP_SECS);
-    config.verify_wait = std::time::Duration::from_secs_f64(6.5 * STEP_SECS);
-    config.straggler_min_secs = 5.5 * STEP_SECS;
-    config.job_timeout = std::time::Duration::from_secs_f64(JOB_TIMEOUT_SECS);
+    config.scheduling.lease = std::time::Duration::from_secs_f64(4.5 * STEP_SECS);
+    config.scheduling.verify_wait = std::time::Duration::from_secs_f64(6.5 * STEP_SECS);
+    config.scheduling.straggler_min_secs = 5.5 * STEP_SECS;
+    config.scheduling.job_timeout = std::time::Duration::from_secs_f64(JOB_TIMEOUT_SECS);
     // Liveness ends only when the simulation says a node died.
     config.node_ttl = std::time::Duration::from_secs(3600);
-    (config.redundancy_bps, config.verify_new_node_shards) = match rng.gen_range(0..4) {
+    (
+        config.scheduling.redundancy_bps,
+        config.scheduling.verify_new_node_shards,
+    ) = match rng.gen_range(0..4) {
         0 => (0, 0),
         1 => (10_000, 0),
         2 => (0, 3),
@@ -520,17 +528,19 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
         .unwrap();
     // No MQTT: with its event loop gone, anything the gateway sends fails at once.
     drop(connected.eventloop);
-    let state = connected.state;
+    let db = connected.scheduler.db.clone();
     let mut accounts = Vec::new();
     for _ in 0..3 {
-        let (id, _) = xpand::accounts::create_customer(&state.db, "sim", 10_000_000_000)
+        let (id, _) = xpand::accounts::create_customer(&db, "sim", 10_000_000_000)
             .await
             .unwrap();
         accounts.push(id);
     }
     let mut sim = Sim {
         rng,
-        state: state.clone(),
+        scheduler: connected.scheduler,
+        inbound: connected.inbound,
+        presence: connected.presence,
         topics,
         nodes: Vec::new(),
         accounts,
@@ -543,8 +553,8 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
     let counts = std::mem::take(&mut sim.counts);
     let steps = sim.step;
     drop(sim);
-    state.db.close().await;
-    drop(state);
+    db.close().await;
+    drop(connected.state);
     delete_redis_prefix(&redis_prefix).await;
     let _ = std::fs::remove_dir_all(files);
     let _ = std::fs::remove_dir_all(scratch);

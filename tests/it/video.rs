@@ -389,7 +389,7 @@ async fn bad_videos_are_refused_and_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_no_worker_can_decode_fails_the_job_with_a_refund() {
-    let mut app = TestApp::spawn_with(|c| c.max_shard_attempts = 2).await;
+    let mut app = TestApp::spawn_with(|c| c.scheduling.max_shard_attempts = 2).await;
     app.start_worker().await;
     let (_, key) = app.customer(10_000_000).await;
     let dir = tempfile::tempdir().unwrap();

@@ -157,6 +157,15 @@ pub enum ShardOutput {
 }
 
 impl ShardOutput {
+    /// Whether the output names a file the worker uploaded beside its result (which the gateway
+    /// checks before it takes any lock).
+    pub fn has_upload(&self) -> bool {
+        match self {
+            ShardOutput::Forecast { .. } => false,
+            ShardOutput::Anonymize { .. } => true,
+        }
+    }
+
     /// Canonical bytes of each chunk, in order: what the progress chain and the digest cover.
     /// For video the chunks are frames, committed to by what was masked in each.
     pub fn chunk_bytes(&self) -> Vec<Vec<u8>> {

@@ -1,18 +1,21 @@
-//! Shared application state, cheap to clone into every handler and background task.
+//! What HTTP handlers run on, cheap to clone into each: the job scheduler's handles plus what
+//! only the edge needs (tokens, the rate guard's Redis, the event feed, broker health). Nothing
+//! below `http/` sees this type; each domain call gets the values it uses.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
 
-use crate::auth::JwtKeys;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::events::EventHub;
+use crate::http::auth::JwtKeys;
+use crate::jobs::Scheduler;
 use crate::metrics::Metrics;
-use crate::nodes::{Liveness, NodeDirectory};
+use crate::presence::RedisPresence;
 use crate::shutdown::Shutdown;
+use crate::transfers::TransferUrls;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -20,20 +23,20 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub config: Config,
     pub db: PgPool,
+    /// The rate guard's counters and the readiness check.
     pub redis: redis::aio::ConnectionManager,
+    /// For readiness only: handlers never send to nodes.
     pub broker: Broker,
+    /// Local subscriptions to every replica's job events (SSE, WebSocket).
     pub events: EventHub,
-    pub liveness: Liveness,
-    pub node_directory: Arc<NodeDirectory>,
+    pub presence: RedisPresence,
+    pub scheduler: Scheduler,
     pub metrics: Metrics,
     pub jwt: JwtKeys,
-    pub epoch_clock: crate::epochs::EpochClock,
     /// Object storage for uploaded files, job outputs and shard transfers.
     pub files: Arc<dyn object_store::ObjectStore>,
-    /// Signs the URLs workers fetch inputs from and upload outputs to.
-    pub transfers: crate::transfers::TransferUrls,
-    /// Wakes the dispatcher: new pending shards or freed capacity.
-    pub dispatch_wakeup: Notify,
+    /// Checks the URLs workers fetch inputs from and upload outputs to.
+    pub transfers: TransferUrls,
     /// Fired when the server stops accepting requests; long-lived streams close on it.
     pub shutdown: Shutdown,
 }
@@ -41,11 +44,6 @@ pub struct Inner {
 impl AppState {
     pub fn new(inner: Inner) -> Self {
         Self(Arc::new(inner))
-    }
-
-    /// Asks the dispatcher to look for work now rather than at its next tick.
-    pub fn wake_dispatcher(&self) {
-        self.dispatch_wakeup.notify_one();
     }
 }
 

@@ -2,13 +2,56 @@
 //!
 //! Map: rows are grouped into shards of at least [`MIN_ROWS_PER_SHARD`] rows, at most
 //! [`MAX_SHARDS`] shards, so a 40-row range streams back in five slices while a 10 000-row sheet
-//! is not cut into confetti. Reduce: shard outputs are concatenated in row order.
+//! is not cut into confetti. Each accepted shard streams its rows at once (a `partial` event).
+//! Reduce: shard outputs are concatenated in row order, inline. Two runs agree when every value
+//! is within a relative tolerance.
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use xpand_protocol::{ShardOutput, ShardTask};
 
-use super::{JobPlan, ShardPlan};
-use crate::error::FieldError;
+use crate::error::{AppError, FieldError};
+use crate::jobs::kind::{JobKind, PlanRequest};
+use crate::jobs::{JobPlan, Scheduler, ShardPlan};
+
+/// The `forecast` job kind.
+pub struct Forecast;
+
+impl JobKind for Forecast {
+    fn name(&self) -> &'static str {
+        KIND
+    }
+
+    fn plan<'a>(
+        &'a self,
+        _ctx: &'a Scheduler,
+        request: PlanRequest<'a>,
+    ) -> BoxFuture<'a, Result<JobPlan, AppError>> {
+        let planned = plan(request.input, request.params).map_err(AppError::Validation);
+        Box::pin(async move { planned })
+    }
+
+    fn check_output(&self, task: &ShardTask, output: &ShardOutput) -> Result<(), String> {
+        check_output(task, output)
+    }
+
+    fn outputs_agree(&self, task: &ShardTask, a: &ShardOutput, b: &ShardOutput) -> bool {
+        matches!(task, ShardTask::Forecast { .. }) && outputs_agree(a, b)
+    }
+
+    fn partial(&self, output: &ShardOutput) -> Option<Value> {
+        match output {
+            ShardOutput::Forecast { forecasts } => {
+                Some(serde_json::to_value(forecasts).expect("rows serialize"))
+            }
+            _ => None,
+        }
+    }
+
+    fn reduce(&self, outputs: Vec<ShardOutput>) -> anyhow::Result<Value> {
+        Ok(reduce(outputs))
+    }
+}
 
 pub const KIND: &str = "forecast";
 /// The model the `forecast` kind runs (see `workers/models/forecast/manifest.json`).
@@ -31,6 +74,9 @@ pub const PRICE_PER_INPUT_VALUE: i64 = 1;
 pub const PRICE_PER_OUTPUT_VALUE: i64 = 10;
 /// The model's context length: the worker reads at most this many trailing values of a row.
 pub const CONTEXT_LENGTH: usize = 64;
+/// Forecast values of two runs agree within this relative tolerance (CPU and GPU kernels, or
+/// two ONNX Runtime builds, differ in the last bits).
+const TOLERANCE: f64 = 1e-3;
 
 /// Validates `input`/`params` and maps the job into shards. Every problem is reported, each
 /// naming its field or cell, so a spreadsheet can highlight them all at once.
@@ -235,10 +281,25 @@ pub fn reduce(outputs: Vec<ShardOutput>) -> Value {
         .into_iter()
         .flat_map(|o| match o {
             ShardOutput::Forecast { forecasts } => forecasts,
-            ShardOutput::Anonymize { .. } => Vec::new(),
+            _ => Vec::new(),
         })
         .collect();
     serde_json::json!({ "forecasts": forecasts })
+}
+
+/// Two runs gave the same forecasts: the same shape, every value within [`TOLERANCE`].
+fn outputs_agree(a: &ShardOutput, b: &ShardOutput) -> bool {
+    let (ShardOutput::Forecast { forecasts: x }, ShardOutput::Forecast { forecasts: y }) = (a, b)
+    else {
+        return false;
+    };
+    x.len() == y.len()
+        && x.iter().zip(y).all(|(r, s)| {
+            r.len() == s.len()
+                && r.iter()
+                    .zip(s)
+                    .all(|(u, v)| (u - v).abs() <= TOLERANCE * u.abs().max(v.abs()).max(1.0))
+        })
 }
 
 #[cfg(test)]
@@ -336,5 +397,27 @@ mod tests {
             reduce(vec![good, second]),
             json!({ "forecasts": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]] })
         );
+    }
+
+    fn forecast(values: &[f64]) -> ShardOutput {
+        ShardOutput::Forecast {
+            forecasts: vec![values.to_vec()],
+        }
+    }
+
+    #[test]
+    fn forecasts_agree_within_tolerance_only() {
+        assert!(outputs_agree(
+            &forecast(&[100.0, 0.5]),
+            &forecast(&[100.05, 0.5004])
+        ));
+        assert!(!outputs_agree(
+            &forecast(&[100.0, 0.5]),
+            &forecast(&[101.0, 0.5])
+        ));
+        assert!(!outputs_agree(
+            &forecast(&[100.0]),
+            &forecast(&[100.0, 1.0])
+        ));
     }
 }

@@ -1,7 +1,11 @@
 //! The verifiable ledger's cryptography, with no database in sight: the canonical encoding of a
 //! sealed entry, Merkle trees and inclusion proofs over entries, block headers, their hashes and
-//! signatures. The gateway uses it to seal and to prove; `xpand verify` uses it to check what
-//! the public API serves, trusting nothing but the gateway's public key.
+//! signatures, and the proofs that one entry or record is in a signed block ([`proof`]). The
+//! gateway uses it to seal and to prove; `xpand verify` (or anyone, with this crate alone) uses
+//! it to check what the public API serves, trusting nothing but the gateway's public key.
+//!
+//! Features: `sqlx` derives `FromRow` for the sealed rows and blocks; `openapi` derives
+//! `utoipa::ToSchema` for the types an API document describes.
 //!
 //! - leaf = sha256(0x00 ‖ canonical entry), inner node = sha256(0x01 ‖ left ‖ right): the prefix
 //!   keeps a leaf from passing for an inner node.
@@ -18,8 +22,11 @@ use chrono::{DateTime, Utc};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 use uuid::Uuid;
+
+mod proof;
+
+pub use proof::{InclusionProof, RecordProof};
 
 pub type Hash = [u8; 32];
 
@@ -28,7 +35,9 @@ pub const GENESIS_PREV_HASH: Hash = [0; 32];
 
 /// A ledger entry as sealed: with its transaction and account context, so it means something
 /// on its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct SealedEntry {
     pub id: i64,
     pub tx_id: i64,
@@ -79,7 +88,9 @@ impl SealedEntry {
 /// A statement sealed beside the money: a node's capability announce, a shard assignment or a
 /// verification challenge, committed to by the sha256 of the signed envelope that travelled
 /// over MQTT (the node holds the envelope and can match it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct SealedRecord {
     pub id: i64,
     /// `capability` (signed by the node), `assignment` or `challenge` (signed by the gateway).
@@ -148,7 +159,8 @@ impl Sealed for SealedRecord {
 
 /// What a block publishes of its contents: the leaf hashes, in id order. Anyone recomputes the
 /// roots from them; the salts keep them from revealing what they commit to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockLeaves {
     pub height: i64,
     /// Hex leaf hashes of the block's entries.
@@ -203,7 +215,8 @@ pub fn merkle_root(leaves: &[Hash]) -> Hash {
 }
 
 /// Which side of the path a sibling hash sits on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Left,
@@ -211,7 +224,8 @@ pub enum Side {
 }
 
 /// One step from a leaf towards the root.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProofStep {
     pub side: Side,
     /// Hex sha256 of the sibling.
@@ -260,7 +274,9 @@ pub fn parse_hash(s: &str) -> Option<Hash> {
 }
 
 /// A sealed block as the API serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct Block {
     pub height: i64,
     /// The block covers every entry with `first_entry_id <= id <= last_entry_id` (ids of

@@ -24,7 +24,7 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
         ledger::entry_proof, ledger::settlement_proof, ledger::epoch,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
-    components(schemas(ws::ClientOp, ws::Reply, crate::events::JobEvent)),
+    components(schemas(ws::ClientOp, ws::Reply, crate::jobs::JobEvent)),
     modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),

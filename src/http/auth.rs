@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::AppError;
-use crate::state::AppState;
+use crate::http::state::AppState;
 use crate::{accounts, accounts::API_KEY_PREFIX};
 
 /// What a credential may do.

@@ -1,0 +1,340 @@
+//! Dispatch: pending shards matched to live nodes with room, fairly across accounts, each
+//! assignment signed once, recorded, sealed and sent.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgConnection;
+use uuid::Uuid;
+use xpand_protocol::{Accelerator, Assignment, ShardTask};
+
+use super::ports::SealedMessage;
+use super::{JobEvent, JobStatus, Scheduler};
+use crate::ledger;
+use crate::nodes;
+use crate::shutdown::Shutdown;
+
+/// Assigns pending shards whenever woken (new jobs, freed capacity) or every tick.
+pub async fn run_dispatcher(scheduler: Scheduler, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = scheduler.woken() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.wait() => return,
+        }
+        loop {
+            match dispatch_once(&scheduler).await {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "dispatch round failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct PendingShard {
+    id: Uuid,
+    job_id: Uuid,
+    kind: String,
+    model: String,
+    task: sqlx::types::Json<ShardTask>,
+    excluded_nodes: Vec<String>,
+    ran_on: Vec<String>,
+}
+
+/// One round: [`assign`], then send what it signed. Returns how many were sent.
+async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<usize> {
+    let round = assign(scheduler).await?;
+    let sent = round.len();
+    for Dispatched {
+        assignment,
+        kind,
+        message,
+    } in round
+    {
+        if let Err(e) = scheduler.link.send(message).await {
+            // The lease will lapse and the shard will be offered again.
+            tracing::warn!(error = %e, shard = %assignment.shard_id, "sending an assignment failed");
+        }
+        scheduler
+            .metrics
+            .dispatched_shards
+            .with_label_values(&[kind])
+            .inc();
+    }
+    Ok(sent)
+}
+
+/// An assignment recorded in Postgres, with its job's kind and the message that carries it.
+pub struct Dispatched {
+    pub assignment: Assignment,
+    pub kind: &'static str,
+    pub message: SealedMessage,
+}
+
+/// Matches pending shards to live nodes with room and records the assignments (each signed
+/// once: the same bytes are sealed into the ledger and returned for sending). Jobs that got
+/// their first shard turn `running`.
+///
+/// Invariant: while a live node with a free slot may run some pending shard, the round
+/// assigns at least one ([`placeable_pending`]).
+pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
+    let mut slots = nodes::available(&scheduler.db, scheduler.presence.as_ref()).await?;
+    // A node whose last epoch scored below the floor (failures, disputes) gets no work.
+    let floor = scheduler.rules.min_power_score;
+    slots.retain(|s| s.score.is_none_or(|score| score >= floor));
+    let capacity: i64 = slots.iter().map(|s| s.free).sum();
+    if capacity == 0 {
+        return Ok(Vec::new());
+    }
+    let mut tx = scheduler.db.begin().await?;
+    let pending = placeable_pending(&mut tx, &slots, capacity).await?;
+
+    let lease_expires_at = Utc::now() + scheduler.rules.lease;
+    let mut assignments = Vec::with_capacity(pending.len());
+    let mut kinds = Vec::with_capacity(pending.len());
+    for shard in pending {
+        let Some(slot) = choose_slot(
+            &mut slots,
+            &shard.model,
+            &shard.excluded_nodes,
+            &shard.ran_on,
+        ) else {
+            continue;
+        };
+        slot.free -= 1;
+        let kind = scheduler.kinds.of(&shard.kind)?;
+        let assignment_id = Uuid::new_v4();
+        let mut task = shard.task.0;
+        kind.prepare(&mut task, assignment_id);
+        kinds.push(kind.name());
+        assignments.push(Assignment {
+            assignment_id,
+            job_id: shard.job_id,
+            shard_id: shard.id,
+            node: slot.id.clone(),
+            model: shard.model,
+            lease_expires_at_ms: lease_expires_at.timestamp_millis(),
+            task,
+        });
+    }
+    if assignments.is_empty() {
+        return Ok(Vec::new());
+    }
+    let shard_ids: Vec<Uuid> = assignments.iter().map(|a| a.shard_id).collect();
+    let node_ids: Vec<&str> = assignments.iter().map(|a| a.node.as_str()).collect();
+    let assignment_ids: Vec<Uuid> = assignments.iter().map(|a| a.assignment_id).collect();
+    sqlx::query(
+        "UPDATE shards s SET status = 'assigned', node_id = u.node, assignment_id = u.assignment,
+                attempts = s.attempts + 1, lease_expires_at = $4, assigned_at = now(),
+                progress_done = 0, progress_chain = NULL
+         FROM UNNEST($1::uuid[], $2::text[], $3::uuid[]) AS u(shard, node, assignment)
+         WHERE s.id = u.shard",
+    )
+    .bind(&shard_ids)
+    .bind(&node_ids)
+    .bind(&assignment_ids)
+    .bind(lease_expires_at)
+    .execute(&mut *tx)
+    .await?;
+    // Each assignment is signed once: the same bytes are sealed into the ledger and sent.
+    let mut messages = Vec::with_capacity(assignments.len());
+    for a in &assignments {
+        let message = scheduler.link.seal_assignment(a);
+        ledger::blocks::record(&mut tx, "assignment", &a.node, &message.payload).await?;
+        messages.push(message);
+    }
+    tx.commit().await?;
+
+    // The job turns `running` in its own statement: taking the job lock inside the shard
+    // transaction above would invert the job → shard lock order.
+    let mut job_ids: Vec<Uuid> = assignments.iter().map(|a| a.job_id).collect();
+    job_ids.sort();
+    job_ids.dedup();
+    let started: Vec<(Uuid, Uuid, i32, i32)> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
+         WHERE id = ANY($1) AND status = 'queued'
+         RETURNING id, account_id, shards_done, shards_total",
+    )
+    .bind(&job_ids)
+    .fetch_all(&scheduler.db)
+    .await?;
+
+    for (job_id, account, shards_done, shards_total) in started {
+        scheduler
+            .events
+            .publish(
+                account,
+                JobEvent::Progress {
+                    job_id,
+                    status: JobStatus::Running,
+                    shards_done,
+                    shards_total,
+                },
+            )
+            .await;
+    }
+    Ok(assignments
+        .into_iter()
+        .zip(kinds)
+        .zip(messages)
+        .map(|((assignment, kind), message)| Dispatched {
+            assignment,
+            kind,
+            message,
+        })
+        .collect())
+}
+
+/// Up to `limit` pending shards that some slot in `slots` may run, fairest first, locked for
+/// this round.
+///
+/// Only placeable shards are taken: a shard no free node may run now (its model is on no live
+/// node with room, or every such node already ran it) is skipped, never returned at the head of
+/// the round, so it cannot block the shards behind it. Whatever is returned first can be
+/// placed, hence a round with a free slot that may run some pending shard dispatches one.
+///
+/// Fairness: accounts take turns, least served first, where an account's service is the shards
+/// of its unfinished jobs already started (running or done). An account with 40 shards of its
+/// 10,000-row job started waits behind another account's first shard. Within an account, jobs
+/// run oldest first (a job's replicas with it), so each job finishes as soon as it can.
+async fn placeable_pending(
+    conn: &mut PgConnection,
+    slots: &[nodes::NodeSlot],
+    limit: i64,
+) -> sqlx::Result<Vec<PendingShard>> {
+    let (free_nodes, free_models): (Vec<&str>, Vec<&str>) = slots
+        .iter()
+        .filter(|s| s.free > 0)
+        .flat_map(|s| s.models.iter().map(|m| (s.id.as_str(), m.as_str())))
+        .unzip();
+    sqlx::query_as(
+        "WITH free AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS f(node, model)),
+         candidate AS (
+             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, j.account_id, j.created_at, j.kind,
+                    -- For a replica or speculative copy: the nodes that already produced (or
+                    -- are producing) a run of its primary. Nodes that merely lost it stay
+                    -- eligible.
+                    CASE WHEN s.replica_of IS NULL THEN '{}'::text[] ELSE ARRAY(
+                        SELECT r.node_id FROM shards r
+                        WHERE r.node_id IS NOT NULL
+                          AND (r.id = s.replica_of
+                               OR (r.replica_of = s.replica_of
+                                   AND r.status IN ('assigned', 'done'))))
+                    END AS ran_on
+             FROM shards s JOIN jobs j ON j.id = s.job_id
+             WHERE s.status = 'pending' AND s.model = ANY($2)),
+         -- What each waiting account has started already: its unfinished jobs' shards that are
+         -- no longer pending.
+         served AS (
+             SELECT j.account_id, sum(j.shards_total - COALESCE(p.pending, 0)) AS started
+             FROM jobs j
+             LEFT JOIN (SELECT job_id, count(*) FILTER (WHERE replica_of IS NULL) AS pending
+                        FROM candidate GROUP BY job_id) p ON p.job_id = j.id
+             WHERE j.status IN ('queued', 'running')
+               AND j.account_id IN (SELECT account_id FROM candidate)
+             GROUP BY j.account_id),
+         ranked AS (
+             SELECT c.*, s.started + row_number() OVER (
+                        PARTITION BY c.account_id ORDER BY c.created_at, c.job_id, c.idx, c.id
+                    ) AS account_turn
+             FROM candidate c JOIN served s ON s.account_id = c.account_id
+             WHERE EXISTS (SELECT 1 FROM free f
+                           WHERE f.model = c.model AND f.node <> ALL(c.ran_on)))
+         SELECT s.id, s.job_id, r.kind, s.model, s.task, s.excluded_nodes, r.ran_on
+         FROM ranked r JOIN shards s ON s.id = r.id
+         WHERE s.status = 'pending'
+         ORDER BY r.account_turn, r.created_at, r.job_id, r.idx, r.id
+         LIMIT $3
+         FOR UPDATE OF s SKIP LOCKED",
+    )
+    .bind(&free_nodes)
+    .bind(&free_models)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Where a shard of `model` goes: a node with a free slot, preferring nodes not in `excluded`
+/// (they failed or rejected the shard), then GPUs, then the least loaded (which spreads a job's
+/// shards), then the best power score. Never a node in `ran_on` (for a replica or speculative
+/// copy, the nodes with a run of the same shard): it would vote twice or race itself.
+fn choose_slot<'a>(
+    slots: &'a mut [nodes::NodeSlot],
+    model: &str,
+    excluded: &[String],
+    ran_on: &[String],
+) -> Option<&'a mut nodes::NodeSlot> {
+    slots
+        .iter_mut()
+        .filter(|s| s.free > 0 && s.models.iter().any(|m| m == model))
+        .filter(|s| !ran_on.contains(&s.id))
+        .min_by_key(|s| {
+            (
+                excluded.contains(&s.id),
+                s.accelerator != Accelerator::Cuda,
+                -s.free,
+                -s.score.unwrap_or(0),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: &str, free: i64, accelerator: Accelerator, score: Option<i64>) -> nodes::NodeSlot {
+        nodes::NodeSlot {
+            id: id.into(),
+            models: vec!["m".into()],
+            free,
+            accelerator,
+            score,
+        }
+    }
+
+    fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], ran_on: &[&str]) -> Option<String> {
+        let owned = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        choose_slot(slots, "m", &owned(excluded), &owned(ran_on)).map(|s| s.id.clone())
+    }
+
+    #[test]
+    fn placement_prefers_fresh_nodes_then_gpus_then_room_then_score() {
+        use Accelerator::{Cpu, Cuda};
+        let mut slots = [
+            slot("cpu-roomy", 4, Cpu, Some(900)),
+            slot("gpu-busy", 1, Cuda, None),
+            slot("cpu-best", 4, Cpu, Some(5_000)),
+        ];
+        assert_eq!(chosen(&mut slots, &[], &[]).as_deref(), Some("gpu-busy"));
+        assert_eq!(
+            chosen(&mut slots, &["gpu-busy"], &[]).as_deref(),
+            Some("cpu-best")
+        );
+        slots[2].free = 2;
+        assert_eq!(
+            chosen(&mut slots, &["gpu-busy"], &[]).as_deref(),
+            Some("cpu-roomy")
+        );
+        // Everyone failed it before: it still goes somewhere. Nodes that ran it never get a
+        // replica, but a node that only lost it does.
+        let all = ["gpu-busy", "cpu-roomy", "cpu-best"];
+        assert!(chosen(&mut slots, &all, &[]).is_some());
+        assert_eq!(chosen(&mut slots, &all, &all), None);
+        assert_eq!(
+            chosen(&mut slots, &all, &["gpu-busy", "cpu-best"]).as_deref(),
+            Some("cpu-roomy")
+        );
+        for s in &mut slots {
+            s.free = 0;
+        }
+        assert_eq!(chosen(&mut slots, &[], &[]), None);
+        let mut other_model = [slot("x", 4, Cpu, None)];
+        other_model[0].models = vec!["other".into()];
+        assert_eq!(chosen(&mut other_model, &[], &[]), None);
+    }
+}

@@ -1,0 +1,410 @@
+//! Results: what nodes report about their assignments. Progress renews a lease, a reject
+//! offers the shard elsewhere, and a result is verified (digest, hash chain, shape, upload),
+//! stored as its run's answer and then, by the shard's role, accepted, held for a check,
+//! counted as a vote or raced against its primary.
+
+use chrono::Utc;
+use sqlx::PgConnection;
+use uuid::Uuid;
+use xpand_protocol::{Progress, ProgressChain, Reject, ShardResult, ShardTask, Stop};
+
+use super::kind::{JobKind, UploadedShard};
+use super::settlement::{complete_shard, Accepted, LockedJob};
+use super::verification::{self, Verdict};
+use super::{JobStatus, Scheduler};
+use crate::nodes::{self, Failure};
+
+/// Why a node's message about an assignment was not acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// For an attempt that is no longer current (re-dispatched, canceled, finished).
+    #[error("the assignment is no longer current")]
+    StaleAssignment,
+    /// For an assignment another node holds.
+    #[error("the assignment belongs to another node")]
+    OtherNode,
+    /// A result that failed verification (digest, hash chain, shape or upload); the node is
+    /// charged a failure and the shard goes elsewhere.
+    #[error("the result failed verification")]
+    BadResult,
+}
+
+/// Progress renews the lease and records the hash chain the final result must extend.
+pub async fn on_progress(scheduler: &Scheduler, node: &str, p: &Progress) -> anyhow::Result<()> {
+    let updated = sqlx::query(
+        "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond',
+                progress_done = $4, progress_chain = $5
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned' AND $4 >= progress_done",
+    )
+    .bind(p.assignment_id)
+    .bind(node)
+    .bind(scheduler.rules.lease.as_millis() as f64)
+    .bind(p.done as i32)
+    .bind(&p.chain)
+    .execute(&scheduler.db)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Refused::StaleAssignment.into());
+    }
+    Ok(())
+}
+
+/// A node declined a shard: offer it elsewhere first.
+pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow::Result<()> {
+    let updated = sqlx::query(
+        "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
+    )
+    .bind(r.assignment_id)
+    .bind(node)
+    .execute(&scheduler.db)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Refused::StaleAssignment.into());
+    }
+    tracing::info!(node, shard = %r.shard_id, reason = %r.reason, "node rejected a shard");
+    scheduler.wake_dispatcher();
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignedShard {
+    id: Uuid,
+    idx: i32,
+    row_offset: i32,
+    model: String,
+    replica_of: Option<Uuid>,
+    speculative: bool,
+    task: sqlx::types::Json<ShardTask>,
+    status: String,
+    node_id: Option<String>,
+    assigned_at: Option<chrono::DateTime<Utc>>,
+    progress_done: i32,
+    progress_chain: Option<String>,
+}
+
+/// Why a result is refused; the node is charged a failure and the shard goes elsewhere.
+fn verify_result(kind: &dyn JobKind, shard: &AssignedShard, r: &ShardResult) -> Result<(), String> {
+    if r.shard_id != shard.id {
+        return Err("result names another shard".into());
+    }
+    if r.output.digest() != r.output_sha256 {
+        return Err("output_sha256 does not match the output".into());
+    }
+    if r.output.chain(r.assignment_id) != r.chain {
+        return Err("hash chain does not match the output".into());
+    }
+    if let Some(claimed) = &shard.progress_chain {
+        // The output must extend what progress already committed to.
+        let mut chain = ProgressChain::new(r.assignment_id);
+        for chunk in r
+            .output
+            .chunk_bytes()
+            .iter()
+            .take(shard.progress_done as usize)
+        {
+            chain.push(chunk);
+        }
+        if &chain.hex() != claimed {
+            return Err("output contradicts the progress hash chain".into());
+        }
+    }
+    kind.check_output(&shard.task.0, &r.output)
+}
+
+/// Verifies and stores a shard result; completes the job when it was the last shard (kinds
+/// that reduce later do so after this transaction).
+pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> anyhow::Result<()> {
+    // An upload is checked before any lock is taken: it means reading the file.
+    let upload_refused = check_upload(scheduler, node, &r).await?;
+    let mut tx = scheduler.db.begin().await?;
+    let Some(job_id) =
+        sqlx::query_scalar::<_, Uuid>("SELECT job_id FROM shards WHERE assignment_id = $1")
+            .bind(r.assignment_id)
+            .fetch_optional(&mut *tx)
+            .await?
+    else {
+        // A re-dispatched shard has a new assignment id: this is a late answer to an old one.
+        return Err(Refused::StaleAssignment.into());
+    };
+    let (account, status, shards_total, kind): (Uuid, JobStatus, i32, String) = sqlx::query_as(
+        "SELECT account_id, status, shards_total, kind FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(job_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let kind = scheduler.kinds.of(&kind)?.clone();
+    let shard: AssignedShard = sqlx::query_as(
+        "SELECT id, idx, row_offset, model, replica_of, speculative, task, status,
+                node_id, assigned_at, progress_done, progress_chain
+         FROM shards WHERE assignment_id = $1 FOR UPDATE",
+    )
+    .bind(r.assignment_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if shard.node_id.as_deref() != Some(node) {
+        return Err(Refused::OtherNode.into());
+    }
+    if shard.status != "assigned" || status.is_terminal() {
+        return Err(Refused::StaleAssignment.into());
+    }
+    if let Err(why) =
+        verify_result(kind.as_ref(), &shard, &r).and(upload_refused.map_or(Ok(()), Err))
+    {
+        tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
+        sqlx::query(
+            "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                    lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+             WHERE id = $1",
+        )
+        .bind(shard.id)
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
+        nodes::charge_failures(&mut tx, &[(node.to_string(), shard.id)], Failure::BadResult)
+            .await?;
+        tx.commit().await?;
+        scheduler.wake_dispatcher();
+        return Err(Refused::BadResult.into());
+    }
+
+    // The run's output goes on its own row either way: a primary's as its result (or, while it
+    // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
+    // answer that may beat its primary.
+    // Work done counts for the node's power score, replicas included.
+    let node_done: i64 = sqlx::query_scalar(
+        "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1 RETURNING shards_done",
+    )
+    .bind(node)
+    .fetch_one(&mut *tx)
+    .await?;
+    // `node_done` counts this run: the node had done one fewer before it.
+    let hold = shard.replica_of.is_none()
+        && verification::wanted(scheduler, node, node_done - 1, &shard.model).await?;
+    sqlx::query(
+        "UPDATE shards SET status = $4, output = $2, output_sha256 = $3, completed_at = now(),
+                lease_expires_at = NULL
+         WHERE id = $1",
+    )
+    .bind(shard.id)
+    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
+    .bind(&r.output_sha256)
+    .bind(if hold { "verifying" } else { "done" })
+    .execute(&mut *tx)
+    .await?;
+    let mut stops = Vec::new();
+    let accepted = if shard.speculative {
+        let primary = shard.replica_of.expect("a speculative copy has a primary");
+        supersede(&mut tx, primary, node, &r, &mut stops).await?
+    } else if hold {
+        verification::add_replica(&mut tx, shard.id, &[node.to_string()]).await?;
+        None
+    } else if let Some(primary) = shard.replica_of {
+        decide(&mut tx, scheduler, kind.as_ref(), job_id, primary).await?
+    } else {
+        Some(Accepted {
+            idx: shard.idx,
+            row_offset: shard.row_offset,
+            output: r.output,
+        })
+    };
+    if !shard.speculative && shard.replica_of.is_none() {
+        // The primary answered: a speculative copy still running is not needed any more.
+        stop_copies(&mut tx, shard.id, &mut stops).await?;
+    }
+    let Some(accepted) = accepted else {
+        tx.commit().await?;
+        for stop in &stops {
+            scheduler.link.send_stop(stop).await;
+        }
+        scheduler.wake_dispatcher();
+        return Ok(());
+    };
+    if let Some(assigned_at) = shard.assigned_at {
+        let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        scheduler
+            .metrics
+            .shard_latency
+            .with_label_values(&[kind.name()])
+            .observe(secs);
+    }
+    let job = LockedJob {
+        id: job_id,
+        account,
+        shards_total,
+    };
+    complete_shard(scheduler, tx, &kind, &job, accepted).await?;
+    for stop in &stops {
+        scheduler.link.send_stop(stop).await;
+    }
+    scheduler.wake_dispatcher();
+    Ok(())
+}
+
+/// A speculative copy answered: if its primary is still running, the copy's result becomes the
+/// primary's (its node is paid) and the primary's node is told to stop. A copy that lost the race
+/// changes nothing.
+async fn supersede(
+    tx: &mut PgConnection,
+    primary: Uuid,
+    node: &str,
+    r: &ShardResult,
+    stops: &mut Vec<Stop>,
+) -> anyhow::Result<Option<Accepted>> {
+    let running: Option<(Option<String>, Option<Uuid>, i32, i32)> = sqlx::query_as(
+        "SELECT node_id, assignment_id, idx, row_offset FROM shards
+         WHERE id = $1 AND status = 'assigned' FOR UPDATE",
+    )
+    .bind(primary)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((Some(slow_node), Some(slow_assignment), idx, row_offset)) = running else {
+        return Ok(None);
+    };
+    // The slow run's assignment stops being current: its late progress and result are stale.
+    sqlx::query(
+        "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4,
+                completed_at = now(), lease_expires_at = NULL, assignment_id = NULL
+         WHERE id = $1",
+    )
+    .bind(primary)
+    .bind(node)
+    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
+    .bind(&r.output_sha256)
+    .execute(&mut *tx)
+    .await?;
+    stops.push(Stop {
+        assignment_id: slow_assignment,
+        shard_id: primary,
+        node: slow_node,
+        reason: "a speculative copy on another node finished first".into(),
+    });
+    Ok(Some(Accepted {
+        idx,
+        row_offset,
+        output: r.output.clone(),
+    }))
+}
+
+/// Cancels the speculative copies of `primary` that have not answered, collecting stops for
+/// the ones running.
+async fn stop_copies(
+    tx: &mut PgConnection,
+    primary: Uuid,
+    stops: &mut Vec<Stop>,
+) -> sqlx::Result<()> {
+    let running: Vec<(Uuid, Option<String>, Option<Uuid>)> = sqlx::query_as(
+        "WITH live AS (SELECT id, node_id, assignment_id, status FROM shards
+                       WHERE replica_of = $1 AND speculative AND status IN ('pending', 'assigned')
+                       FOR UPDATE)
+         UPDATE shards s SET status = 'canceled', lease_expires_at = NULL
+         FROM live WHERE s.id = live.id
+         RETURNING s.id, live.node_id, live.assignment_id",
+    )
+    .bind(primary)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (_, node, assignment) in running {
+        if let (Some(node), Some(assignment_id)) = (node, assignment) {
+            stops.push(Stop {
+                assignment_id,
+                shard_id: primary,
+                node,
+                reason: "the shard's first run finished".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies what the runs of a `verifying` primary decide: its accepted result (the primary's own
+/// or the winning replica's, paid to the node that produced it), nothing yet, or a fresh start.
+async fn decide(
+    tx: &mut PgConnection,
+    scheduler: &Scheduler,
+    kind: &dyn JobKind,
+    job_id: Uuid,
+    primary: Uuid,
+) -> anyhow::Result<Option<Accepted>> {
+    match verification::resolve(tx, scheduler, kind, job_id, primary).await? {
+        Verdict::Open => Ok(None),
+        Verdict::Rerun => {
+            sqlx::query(
+                "UPDATE shards p SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                        output = NULL, output_sha256 = NULL, completed_at = NULL,
+                        excluded_nodes = p.excluded_nodes || ARRAY(
+                            SELECT node_id FROM shards WHERE replica_of = p.id AND node_id IS NOT NULL)
+                 WHERE p.id = $1",
+            )
+            .bind(primary)
+            .execute(&mut *tx)
+            .await?;
+            // Their votes were about the discarded run; the new run gets new replicas.
+            sqlx::query("UPDATE shards SET status = 'canceled' WHERE replica_of = $1")
+                .bind(primary)
+                .execute(&mut *tx)
+                .await?;
+            tracing::warn!(shard = %primary, "three runs disagreed; the shard runs again");
+            Ok(None)
+        }
+        Verdict::Accept {
+            node,
+            output,
+            output_sha256,
+        } => {
+            let (idx, row_offset): (i32, i32) = sqlx::query_as(
+                "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4
+                 WHERE id = $1 RETURNING idx, row_offset",
+            )
+            .bind(primary)
+            .bind(&node)
+            .bind(serde_json::to_value(&output).expect("outputs serialize"))
+            .bind(&output_sha256)
+            .fetch_one(&mut *tx)
+            .await?;
+            Ok(Some(Accepted {
+                idx,
+                row_offset,
+                output,
+            }))
+        }
+    }
+}
+
+/// For an output with an upload, whether the upload is what the result claims: `Some(why)`
+/// when not. `None` for outputs without one and for results that will be dropped anyway
+/// (stale, another node's), which the locked checks in [`on_result`] then sort out.
+async fn check_upload(
+    scheduler: &Scheduler,
+    node: &str,
+    r: &ShardResult,
+) -> anyhow::Result<Option<String>> {
+    // Keep the path of outputs without uploads free of this extra query.
+    if !r.output.has_upload() {
+        return Ok(None);
+    }
+    let shard: Option<(Uuid, i32, String, sqlx::types::Json<ShardTask>)> = sqlx::query_as(
+        "SELECT s.job_id, s.idx, j.kind, s.task FROM shards s JOIN jobs j ON j.id = s.job_id
+         WHERE s.assignment_id = $1 AND s.node_id = $2 AND s.status = 'assigned'",
+    )
+    .bind(r.assignment_id)
+    .bind(node)
+    .fetch_optional(&scheduler.db)
+    .await?;
+    let Some((job, idx, kind, task)) = shard else {
+        return Ok(None);
+    };
+    let kind = scheduler.kinds.of(&kind)?;
+    if let Err(why) = kind.check_output(&task.0, &r.output) {
+        return Ok(Some(why));
+    }
+    let shard = UploadedShard {
+        job,
+        idx,
+        assignment: r.assignment_id,
+        task: &task.0,
+    };
+    let verdict = kind.check_upload(scheduler, shard, &r.output).await?;
+    Ok(verdict.err())
+}

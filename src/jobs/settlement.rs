@@ -1,0 +1,310 @@
+//! Settlement: an accepted shard counted on its job, the job reduced and ended, and its escrow
+//! released, all in one transaction.
+//!
+//! A job reaches a terminal state only in [`finish`], in the same transaction that releases its
+//! escrow; `finish` is a no-op on a job that is already terminal, which makes settlement
+//! idempotent under retries, crashes and racing replicas.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+use xpand_protocol::ShardOutput;
+
+use super::kind::{ClaimedJob, JobKind, Reduction};
+use super::{store, Job, JobError, JobEvent, JobRow, JobStatus, Scheduler, JOB_COLUMNS};
+use crate::error::AppError;
+use crate::ledger::escrow::{self, Release};
+use crate::ledger::LedgerError;
+
+/// A job whose row the caller's transaction holds locked.
+pub(super) struct LockedJob {
+    pub id: Uuid,
+    pub account: Uuid,
+    pub shards_total: i32,
+}
+
+/// A primary shard's accepted answer: where its rows go and what they are.
+pub(super) struct Accepted {
+    pub idx: i32,
+    pub row_offset: i32,
+    pub output: ShardOutput,
+}
+
+/// Counts an accepted shard on its job and commits `tx`: the last shard reduces and settles an
+/// inline kind's job in the same transaction, or starts a deferred reduction after the commit.
+pub(super) async fn complete_shard(
+    scheduler: &Scheduler,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    kind: &Arc<dyn JobKind>,
+    job: &LockedJob,
+    accepted: Accepted,
+) -> anyhow::Result<()> {
+    let shards_done: i32 = sqlx::query_scalar(
+        "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
+                started_at = COALESCE(started_at, now()), updated_at = now()
+         WHERE id = $1 RETURNING shards_done",
+    )
+    .bind(job.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let inline = kind.reduction() == Reduction::Inline;
+    let last = shards_done == job.shards_total;
+    let finished = if last && inline {
+        let outputs: Vec<sqlx::types::Json<ShardOutput>> = sqlx::query_scalar(
+            "SELECT output FROM shards WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
+        )
+        .bind(job.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let output = kind.reduce(outputs.into_iter().map(|o| o.0).collect())?;
+        finish(&mut tx, job.id, Outcome::Succeeded(output)).await?
+    } else {
+        None
+    };
+    // Partial and progress events go out while this transaction still holds the job row lock:
+    // concurrent results for the same job publish in lock order, so every `partial` precedes
+    // the terminal event, which is sent after the commit.
+    let events = &scheduler.events;
+    if let Some(rows) = kind.partial(&accepted.output) {
+        events
+            .publish(
+                job.account,
+                JobEvent::Partial {
+                    job_id: job.id,
+                    shard: accepted.idx,
+                    offset: accepted.row_offset,
+                    rows,
+                },
+            )
+            .await;
+    }
+    events
+        .publish(
+            job.account,
+            JobEvent::Progress {
+                job_id: job.id,
+                status: finished.as_ref().map_or(JobStatus::Running, |j| j.status),
+                shards_done,
+                shards_total: job.shards_total,
+            },
+        )
+        .await;
+    tx.commit().await?;
+
+    if let Some(finished) = finished {
+        scheduler.publish_finished(job.account, finished).await;
+    }
+    if last && !inline {
+        tokio::spawn(reduce_deferred(scheduler.clone(), kind.clone(), job.id));
+    }
+    Ok(())
+}
+
+/// How a job ends.
+pub enum Outcome {
+    Succeeded(Value),
+    Failed(JobError),
+    Canceled,
+}
+
+/// Ends a job and releases its escrow, in the caller's transaction. Succeeded: the nodes are
+/// paid for their shards and the gateway its fee. Canceled: the nodes are paid for shards
+/// already done; the rest is refunded. Failed: everything is refunded.
+/// Returns `None` when the job had already ended (nothing changes).
+pub async fn finish(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    outcome: Outcome,
+) -> anyhow::Result<Option<Job>> {
+    let job: JobRow = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(job_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if job.status.is_terminal() {
+        return Ok(None);
+    }
+    sqlx::query(
+        "UPDATE shards SET status = 'canceled', lease_expires_at = NULL
+         WHERE job_id = $1 AND status IN ('pending', 'assigned', 'verifying')",
+    )
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    let (status, release, output, error) = match outcome {
+        Outcome::Succeeded(mut output) => (
+            JobStatus::Succeeded,
+            Release {
+                payouts: done_shard_payouts(conn, job_id).await?,
+                fee: job.gateway_fee,
+            },
+            {
+                if let (false, Some(fields)) =
+                    (job.unverified_shards.is_empty(), output.as_object_mut())
+                {
+                    fields.insert("unverified_shards".into(), job.unverified_shards.into());
+                }
+                Some(output)
+            },
+            None,
+        ),
+        Outcome::Canceled => (
+            JobStatus::Canceled,
+            Release {
+                payouts: done_shard_payouts(conn, job_id).await?,
+                fee: 0,
+            },
+            None,
+            None,
+        ),
+        Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
+    };
+    let memo = format!("job {} {}", job.kind, status.as_str());
+    match escrow::release(conn, job_id, &release, &memo).await {
+        Ok(_) => {}
+        // Released already (by a replica whose job update we cannot see yet): nothing to do.
+        Err(LedgerError::AlreadyPosted(_)) => return Ok(None),
+        Err(e) => return Err(e).context("releasing escrow"),
+    }
+    let row: JobRow = sqlx::query_as(&format!(
+        "UPDATE jobs SET status = $2, output = $3, error = $4, cost = $5, finished_at = now(),
+                updated_at = now()
+         WHERE id = $1 RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(job_id)
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error.map(|e| serde_json::to_value(e).expect("errors serialize")))
+    .bind(release.cost())
+    .fetch_one(&mut *conn)
+    .await?;
+    if let Some(url) = &row.webhook {
+        store::enqueue_webhook(conn, job_id, url).await?;
+    }
+    Ok(Some(row.into()))
+}
+
+/// What each node earned on this job: the fees of the shards it completed.
+async fn done_shard_payouts(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> sqlx::Result<Vec<(Uuid, i64)>> {
+    sqlx::query_as(
+        "SELECT n.account_id, sum(s.fee)::bigint FROM shards s JOIN nodes n ON n.id = s.node_id
+         WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL
+         GROUP BY n.account_id ORDER BY 1",
+    )
+    .bind(job_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Cancels one of the caller's unfinished jobs, refunding what was not spent.
+pub async fn cancel(scheduler: &Scheduler, account: Uuid, job_id: Uuid) -> Result<Job, AppError> {
+    let mut tx = scheduler.db.begin().await?;
+    let status: Option<JobStatus> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2 FOR UPDATE")
+            .bind(job_id)
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let status = status.ok_or(AppError::NotFound("job"))?;
+    if status.is_terminal() {
+        return Err(AppError::Conflict(format!(
+            "the job is already {}",
+            status.as_str()
+        )));
+    }
+    let job = match finish(&mut tx, job_id, Outcome::Canceled).await? {
+        Some(job) => job,
+        None => store::fetch_row(&mut tx, job_id).await?.into(),
+    };
+    tx.commit().await?;
+    scheduler.publish_finished(account, job.clone()).await;
+    Ok(job)
+}
+
+/// Fails a job with a full refund, unless it already ended.
+pub async fn fail(
+    scheduler: &Scheduler,
+    job_id: Uuid,
+    code: &str,
+    message: &str,
+) -> anyhow::Result<()> {
+    let mut tx = scheduler.db.begin().await?;
+    let job = finish(
+        &mut tx,
+        job_id,
+        Outcome::Failed(JobError {
+            code: code.into(),
+            message: message.into(),
+        }),
+    )
+    .await?;
+    let account: Uuid = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if let Some(job) = job {
+        tracing::warn!(job = %job_id, code, "job failed");
+        scheduler.publish_finished(account, job).await;
+    }
+    Ok(())
+}
+
+/// Runs a deferred reduction of `job_id` here, unless another replica holds a fresh claim on
+/// it or it is not ready. A failure fails the job with a full refund (a failure to fail it
+/// leaves the claim to lapse, and the sweeper tries again).
+pub async fn reduce_deferred(scheduler: Scheduler, kind: Arc<dyn JobKind>, job_id: Uuid) {
+    let Reduction::Deferred { lease } = kind.reduction() else {
+        return;
+    };
+    let claimed = match claim_reduction(&scheduler, kind.name(), job_id, lease).await {
+        Ok(Some(claimed)) => claimed,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = ?e, "claiming a reduction failed");
+            return;
+        }
+    };
+    if let Err(e) = kind.reduce_deferred(&scheduler, claimed).await {
+        tracing::warn!(job = %job_id, error = format!("{e:#}"), "reducing a job failed");
+        let message = format!(
+            "the {} job's shard outputs could not be combined",
+            kind.name()
+        );
+        if let Err(e) = fail(&scheduler, job_id, "reduce_failed", &message).await {
+            tracing::warn!(job = %job_id, error = ?e, "failing the job failed");
+        }
+    }
+}
+
+/// Claims the reduction of a running job whose shards are all done, for `lease`.
+async fn claim_reduction(
+    scheduler: &Scheduler,
+    kind: &str,
+    job_id: Uuid,
+    lease: std::time::Duration,
+) -> sqlx::Result<Option<ClaimedJob>> {
+    let claimed: Option<(Uuid, Value)> = sqlx::query_as(
+        "UPDATE jobs SET reduce_claimed_at = now()
+         WHERE id = $1 AND kind = $2 AND status = 'running' AND shards_done = shards_total
+           AND (reduce_claimed_at IS NULL OR reduce_claimed_at < now() - $3 * interval '1 second')
+         RETURNING account_id, input",
+    )
+    .bind(job_id)
+    .bind(kind)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(&scheduler.db)
+    .await?;
+    Ok(claimed.map(|(account, input)| ClaimedJob {
+        id: job_id,
+        account,
+        input,
+    }))
+}

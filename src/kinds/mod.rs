@@ -1,0 +1,24 @@
+//! The job kinds this gateway runs, each in its own folder behind [`crate::jobs::JobKind`].
+//!
+//! Adding a kind: a folder here implementing the trait, and one line in [`registry`]. A kind
+//! whose shards carry a new kind of task or output also adds its variants to the wire types in
+//! `xpand-protocol` and a plugin to the worker.
+
+pub mod anonymize;
+pub mod forecast;
+
+use crate::config::Config;
+use crate::jobs::Kinds;
+use crate::transfers::TransferUrls;
+
+/// Every kind this gateway accepts, configured.
+pub fn registry(config: &Config, transfers: TransferUrls) -> Kinds {
+    Kinds::default()
+        .with(forecast::Forecast)
+        .with(anonymize::Anonymize {
+            transfers,
+            url_lifetime: config.scheduling.job_timeout,
+            scratch_dir: config.scratch_dir.clone(),
+            max_video_seconds: config.max_video_seconds,
+        })
+}

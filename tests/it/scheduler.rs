@@ -1,0 +1,479 @@
+//! The job state machine against Postgres alone: leases, silent nodes, stragglers, votes and
+//! settlement, driven through the domain's own functions. The interfaces the domain defines
+//! (presence, the node link, the event feed) get in-memory stand-ins here; no Redis, MQTT or
+//! worker runs, so each case states exactly which node is up and what it answers.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+use xpand::config::Scheduling;
+use xpand::jobs::dispatch::{self, Dispatched};
+use xpand::jobs::ports::{NodeLink, SealedMessage};
+use xpand::jobs::results::{self, Refused};
+use xpand::jobs::sweep::{self, Lost};
+use xpand::jobs::{
+    settlement, EventSink, JobEvent, JobStatus, Scheduler, SchedulerParts, SubmitJob, Submitted,
+};
+use xpand::nodes::Presence;
+use xpand_protocol::{
+    Accelerator, Announce, Assignment, ModelInfo, NodeKey, ShardOutput, ShardTask, Stop, Topics,
+    UpKind,
+};
+
+use crate::common::{
+    assert_ledger_invariants, create_database, drop_database, result_for, sheet, test_config,
+    Leftovers,
+};
+
+/// Nodes are up exactly when the test says so.
+#[derive(Default)]
+struct Up(Mutex<HashSet<String>>);
+
+impl Presence for Up {
+    fn alive<'a>(&'a self, nodes: &'a [String]) -> BoxFuture<'a, anyhow::Result<Vec<bool>>> {
+        let up = self.0.lock().unwrap();
+        let alive = nodes.iter().map(|n| up.contains(n)).collect();
+        Box::pin(async move { Ok(alive) })
+    }
+
+    fn uptime_slots<'a>(
+        &'a self,
+        _epoch: i64,
+        nodes: &'a [String],
+    ) -> BoxFuture<'a, anyhow::Result<Vec<i64>>> {
+        Box::pin(async move { Ok(vec![0; nodes.len()]) })
+    }
+}
+
+/// Seals like the gateway, delivers nowhere, remembers the stops.
+struct Outbox {
+    key: NodeKey,
+    topics: Topics,
+    stops: Mutex<Vec<Stop>>,
+}
+
+impl NodeLink for Outbox {
+    fn seal_assignment(&self, assignment: &Assignment) -> SealedMessage {
+        let topic = self.topics.assign(&assignment.node);
+        let payload = self.key.seal(&topic, assignment);
+        SealedMessage { topic, payload }
+    }
+
+    fn send(&self, _message: SealedMessage) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn send_stop<'a>(&'a self, stop: &'a Stop) -> BoxFuture<'a, ()> {
+        self.stops.lock().unwrap().push(stop.clone());
+        Box::pin(async {})
+    }
+}
+
+#[derive(Default)]
+struct Feed(Mutex<Vec<JobEvent>>);
+
+impl EventSink for Feed {
+    fn publish(&self, _account: Uuid, event: JobEvent) -> BoxFuture<'_, ()> {
+        self.0.lock().unwrap().push(event);
+        Box::pin(async {})
+    }
+}
+
+/// A scheduler on a fresh database, with one funded customer.
+struct Domain {
+    scheduler: Scheduler,
+    db: PgPool,
+    up: Arc<Up>,
+    outbox: Arc<Outbox>,
+    feed: Arc<Feed>,
+    account: Uuid,
+    topics: Topics,
+    leftovers: Leftovers,
+}
+
+const CREDIT: i64 = 10_000_000;
+
+impl Domain {
+    async fn new(adjust: impl FnOnce(&mut Scheduling)) -> Self {
+        let db_name = create_database().await;
+        let config = test_config(&db_name);
+        let leftovers = Leftovers::new(
+            &db_name,
+            &config.redis_prefix,
+            vec![config.files_dir.clone(), config.scratch_dir.clone()],
+        );
+        let db = xpand::startup::connect_db(&config).await.unwrap();
+        xpand::startup::migrate(&db).await.unwrap();
+        let mut rules = config.scheduling;
+        adjust(&mut rules);
+        let topics = Topics::new(&config.topic_prefix);
+        let up = Arc::new(Up::default());
+        let outbox = Arc::new(Outbox {
+            key: config.gateway_key.clone(),
+            topics: topics.clone(),
+            stops: Mutex::default(),
+        });
+        let feed = Arc::new(Feed::default());
+        let transfers = xpand::transfers::TransferUrls::new(&config.gateway_key, "http://0.0.0.0");
+        let scheduler = Scheduler::new(SchedulerParts {
+            db: db.clone(),
+            rules,
+            kinds: xpand::kinds::registry(&config, transfers),
+            presence: up.clone(),
+            link: outbox.clone(),
+            events: feed.clone(),
+            metrics: xpand::metrics::Metrics::new(),
+            files: xpand::files::local_store(&config.files_dir).unwrap(),
+            egress: config.egress.clone(),
+            max_unfinished_jobs: 100,
+            gateway_key: config.gateway_key.clone(),
+            challenge_topic: format!("{}/v1/challenges", config.topic_prefix),
+        });
+        let (account, _) = xpand::accounts::create_customer(&db, "domain", CREDIT)
+            .await
+            .unwrap();
+        Self {
+            scheduler,
+            db,
+            up,
+            outbox,
+            feed,
+            account,
+            topics,
+            leftovers,
+        }
+    }
+
+    /// A registered forecast node that announced 4 slots and is up.
+    async fn node(&self, name: &str) -> String {
+        let key = NodeKey::generate();
+        let id = key.id().to_string();
+        xpand::nodes::register(&self.db, &id, name).await.unwrap();
+        let announce = Announce {
+            name: name.into(),
+            models: vec![ModelInfo {
+                name: xpand::kinds::forecast::MODEL.into(),
+                version: "1.0.0".into(),
+                kind: "forecast".into(),
+                sha256: "0".repeat(64),
+            }],
+            accelerator: Accelerator::Cpu,
+            memory_mb: 1024,
+            cpu_cores: 1,
+            max_concurrent_shards: 4,
+            worker_version: "test".into(),
+            started_at_ms: 0,
+        };
+        let envelope = key.seal(&self.topics.up(&id, UpKind::Announce), &announce);
+        let now = xpand_protocol::now_ms();
+        xpand::nodes::record_announce(&self.db, &id, now, &announce, &envelope)
+            .await
+            .unwrap();
+        self.set_up(&id, true);
+        id
+    }
+
+    fn set_up(&self, node: &str, up: bool) {
+        let mut nodes = self.up.0.lock().unwrap();
+        if up {
+            nodes.insert(node.into());
+        } else {
+            nodes.remove(node);
+        }
+    }
+
+    /// A forecast job of `rows` rows (8 rows a shard), submitted as an HTTP handler would.
+    async fn submit(&self, rows: usize) -> Uuid {
+        let req = SubmitJob {
+            kind: "forecast".into(),
+            input: json!({ "series": sheet(rows, 36) }),
+            params: json!({ "horizon": 3 }),
+            max_fee: CREDIT,
+            webhook: None,
+        };
+        match xpand::jobs::submit(&self.scheduler, self.account, &req, None)
+            .await
+            .unwrap()
+        {
+            Submitted::Created(job) => job.id,
+            Submitted::Existing(_) => unreachable!("no idempotency key was sent"),
+        }
+    }
+
+    async fn assign(&self) -> Vec<Assignment> {
+        dispatch::assign(&self.scheduler)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|Dispatched { assignment, .. }| assignment)
+            .collect()
+    }
+
+    /// Answers `a` as its node would, each value `bias` off the right answer (1.0 everywhere).
+    async fn answer(&self, a: &Assignment, bias: f64) -> anyhow::Result<()> {
+        let ShardTask::Forecast { series, horizon } = &a.task else {
+            panic!("forecast jobs have forecast shards");
+        };
+        let output = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0 + bias; *horizon as usize]; series.len()],
+        };
+        results::on_result(&self.scheduler, &a.node, result_for(a, output)).await
+    }
+
+    async fn status(&self, job: Uuid) -> JobStatus {
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    async fn failures(&self, node: &str, reason: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM node_failures WHERE node_id = $1 AND reason = $2")
+            .bind(node)
+            .bind(reason)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    async fn earnings(&self, node: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COALESCE(l.balance, 0) FROM nodes n
+             LEFT JOIN ledger_accounts l ON l.owner = n.account_id AND l.purpose = 'earnings'
+             WHERE n.id = $1",
+        )
+        .bind(node)
+        .fetch_one(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// Checks the ledger and removes the database.
+    async fn finish(mut self) {
+        assert_ledger_invariants(&self.db).await;
+        self.db.close().await;
+        drop_database(&self.leftovers.db_name).await;
+        let _ = std::fs::remove_dir_all(&self.leftovers.dirs[0]);
+        self.leftovers.disarm();
+    }
+}
+
+fn refused(result: anyhow::Result<()>) -> Option<Refused> {
+    result.err()?.downcast_ref::<Refused>().copied()
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_sends_the_shard_to_another_node_and_charges_the_first() {
+    let domain = Domain::new(|r| r.lease = Duration::ZERO).await;
+    let slow = domain.node("slow").await;
+    let job = domain.submit(8).await;
+    let first = domain.assign().await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].node, slow);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    let lost = sweep::requeue_lost(&domain.scheduler, Lost::LeaseLapsed)
+        .await
+        .unwrap();
+    assert_eq!(lost, 1);
+    assert_eq!(domain.failures(&slow, "lease_lapsed").await, 1);
+    let fresh = domain.node("fresh").await;
+    let second = domain.assign().await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].node, fresh, "the node that lost it is tried last");
+
+    // The first node's late answer is for an assignment that is no longer current.
+    assert_eq!(
+        refused(domain.answer(&first[0], 0.0).await),
+        Some(Refused::StaleAssignment)
+    );
+    domain.answer(&second[0], 0.0).await.unwrap();
+    assert_eq!(domain.status(job).await, JobStatus::Succeeded);
+    assert!(domain.earnings(&fresh).await > 0);
+    assert_eq!(domain.earnings(&slow).await, 0);
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn a_silent_node_loses_its_shards_at_the_next_sweep() {
+    let domain = Domain::new(|r| r.lease = Duration::from_secs(3600)).await;
+    let node = domain.node("quiet").await;
+    let job = domain.submit(16).await;
+    assert_eq!(domain.assign().await.len(), 2);
+    domain.set_up(&node, false);
+
+    sweep::sweep(&domain.scheduler).await.unwrap();
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM shards WHERE job_id = $1 AND status = 'pending'")
+            .bind(job)
+            .fetch_one(&domain.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        pending, 2,
+        "both shards are back in the queue, long before the lease"
+    );
+    assert_eq!(domain.failures(&node, "node_lost").await, 2);
+    assert!(
+        domain.assign().await.is_empty(),
+        "no node is up to take them"
+    );
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn a_straggler_gets_one_copy_and_the_first_answer_wins() {
+    let domain = Domain::new(|r| {
+        r.straggler_min_secs = 0.0;
+        r.straggler_factor = 3.0;
+    })
+    .await;
+    domain.node("a").await;
+    domain.node("b").await;
+    let job = domain.submit(16).await;
+    let round = domain.assign().await;
+    assert_eq!(round.len(), 2);
+    let (fast, slow) = (&round[0], &round[1]);
+    assert_ne!(fast.node, slow.node, "a job's shards spread over the nodes");
+    domain.answer(fast, 0.0).await.unwrap();
+    // Nothing straggles yet: the slow shard has not run 3× the finished one's time.
+    sqlx::query("UPDATE shards SET completed_at = assigned_at + interval '1 second' WHERE id = $1")
+        .bind(fast.shard_id)
+        .execute(&domain.db)
+        .await
+        .unwrap();
+    let rules = domain.scheduler.rules;
+    assert!(sweep::speculate(&domain.db, &rules)
+        .await
+        .unwrap()
+        .is_empty());
+
+    sqlx::query("UPDATE shards SET assigned_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(slow.shard_id)
+        .execute(&domain.db)
+        .await
+        .unwrap();
+    let copied = sweep::speculate(&domain.db, &rules).await.unwrap();
+    assert_eq!(copied, vec![slow.shard_id]);
+    assert!(
+        sweep::speculate(&domain.db, &rules)
+            .await
+            .unwrap()
+            .is_empty(),
+        "one copy per straggler"
+    );
+    let copies = domain.assign().await;
+    assert_eq!(copies.len(), 1);
+    let copy = &copies[0];
+    assert_eq!(copy.node, fast.node, "never the node already running it");
+
+    domain.answer(copy, 0.0).await.unwrap();
+    assert_eq!(domain.status(job).await, JobStatus::Succeeded);
+    let stops = domain.outbox.stops.lock().unwrap().clone();
+    assert_eq!(stops.len(), 1);
+    assert_eq!(
+        (stops[0].node.as_str(), stops[0].assignment_id),
+        (slow.node.as_str(), slow.assignment_id)
+    );
+    assert_eq!(
+        refused(domain.answer(slow, 0.0).await),
+        Some(Refused::StaleAssignment)
+    );
+    assert_eq!(
+        domain.earnings(&slow.node).await,
+        0,
+        "the copy's node is paid"
+    );
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn two_agreeing_runs_outvote_a_third_which_is_charged_and_challenged() {
+    let domain = Domain::new(|r| {
+        r.redundancy_bps = 10_000;
+        r.verify_new_node_shards = 0;
+    })
+    .await;
+    for name in ["a", "b", "c"] {
+        domain.node(name).await;
+    }
+    let job = domain.submit(8).await;
+    let primary = domain.assign().await.remove(0);
+    domain.answer(&primary, 0.0).await.unwrap();
+    assert_eq!(
+        domain.status(job).await,
+        JobStatus::Running,
+        "held for a check"
+    );
+
+    let replica = domain.assign().await.remove(0);
+    assert_ne!(replica.node, primary.node);
+    domain.answer(&replica, 50.0).await.unwrap();
+    assert_eq!(
+        domain.status(job).await,
+        JobStatus::Running,
+        "a tie-break runs"
+    );
+
+    let third = domain.assign().await.remove(0);
+    assert!(![&primary.node, &replica.node].contains(&&third.node));
+    domain.answer(&third, 0.0).await.unwrap();
+    assert_eq!(domain.status(job).await, JobStatus::Succeeded);
+
+    let output: serde_json::Value = sqlx::query_scalar("SELECT output FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    assert_eq!(output["forecasts"][0], json!([1.0, 1.0, 1.0]));
+    assert_eq!(domain.failures(&replica.node, "disputed").await, 1);
+    let loser: String = sqlx::query_scalar("SELECT loser FROM challenges WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    assert_eq!(loser, replica.node);
+    assert!(domain.earnings(&primary.node).await > 0);
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
+    let domain = Domain::new(|_| {}).await;
+    let node = domain.node("a").await;
+    let job = domain.submit(16).await;
+    let round = domain.assign().await;
+    domain.answer(&round[0], 0.0).await.unwrap();
+    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
+        .bind(round[0].shard_id)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+
+    let canceled = settlement::cancel(&domain.scheduler, domain.account, job)
+        .await
+        .unwrap();
+    assert_eq!(canceled.status, JobStatus::Canceled);
+    assert_eq!(canceled.cost, Some(fee));
+    let balances = xpand::ledger::balances(&domain.db, domain.account)
+        .await
+        .unwrap();
+    assert_eq!((balances.available, balances.held), (CREDIT - fee, 0));
+    assert_eq!(domain.earnings(&node).await, fee);
+    assert_eq!(
+        refused(domain.answer(&round[1], 0.0).await),
+        Some(Refused::StaleAssignment)
+    );
+    let events = domain.feed.0.lock().unwrap().clone();
+    assert!(
+        matches!(events.last(), Some(JobEvent::Canceled { .. })),
+        "{events:?}"
+    );
+    domain.finish().await;
+}
