@@ -12,7 +12,6 @@ pub mod http;
 pub mod jobs;
 pub mod kinds;
 pub mod ledger;
-pub mod media;
 pub mod metrics;
 pub mod nodes;
 pub mod presence;

@@ -404,7 +404,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
     assert_eq!(resp.status(), 200);
     let segment = dir.path().join("segment.mkv");
     std::fs::write(&segment, resp.bytes().await.unwrap()).unwrap();
-    let (frames, width, height, _) = xpand::media::count_frames(&segment).await.unwrap();
+    let (frames, width, height, _) = xpand_media::count_frames(&segment).await.unwrap();
     assert_eq!((frames, width, height), (25, 320, 240));
     // The input URL does not upload, and uploads go only where the output URL says.
     let mut put = app.http.put(&task.input_url).body("x");

@@ -9,7 +9,7 @@ use super::{output_path, Anonymize};
 use crate::files;
 use crate::jobs::kind::UploadedShard;
 use crate::jobs::Scheduler;
-use crate::media;
+use xpand_media as media;
 
 /// Two detections are the same face when their boxes overlap at least this much (IoU).
 const BOX_IOU: f64 = 0.5;

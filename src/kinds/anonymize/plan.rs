@@ -14,8 +14,8 @@ use crate::error::{AppError, FieldError};
 use crate::files;
 use crate::jobs::kind::PlanRequest;
 use crate::jobs::{JobPlan, Scheduler, ShardPlan};
-use crate::media::{self, ProbeError, VideoProbe};
 use crate::nodes;
+use xpand_media::{self as media, ProbeError, VideoProbe};
 
 /// Masking parameters, validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,7 +13,7 @@ use crate::files;
 use crate::jobs::kind::ClaimedJob;
 use crate::jobs::settlement::{self, Outcome};
 use crate::jobs::Scheduler;
-use crate::media;
+use xpand_media as media;
 
 #[derive(sqlx::FromRow)]
 struct DoneSegment {
