@@ -9,7 +9,7 @@
 //! was paid twice, the ledger's invariants hold and `xpand verify` passes on the sealed chain.
 //!
 //! The window is `XPAND_CHAOS_SECS` (default 25 s); the figures it prints (jobs, kills,
-//! re-queue delay after a worker died) are the ones in the README.
+//! re-queue delay after a worker died) are the ones in docs/performance.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
