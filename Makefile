@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test soak setup services lint openapi fmt
+.PHONY: run test soak setup services lint openapi fmt sqlx-prepare
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -27,6 +27,7 @@ test: setup
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
 	cargo fmt --all -- --check
+	@scripts/sqlx-prepare.sh --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
@@ -40,6 +41,7 @@ soak: services
 
 lint:
 	cargo fmt --all -- --check
+	@scripts/sqlx-prepare.sh --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Regenerate the committed spec after changing an endpoint or schema.
@@ -48,3 +50,7 @@ openapi:
 
 fmt:
 	cargo fmt --all
+
+# Regenerates .sqlx/ after a change to a compile-checked query or to the schema.
+sqlx-prepare: services
+	@scripts/sqlx-prepare.sh

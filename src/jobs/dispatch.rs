@@ -155,20 +155,21 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
     let mut job_ids: Vec<Uuid> = assignments.iter().map(|a| a.job_id).collect();
     job_ids.sort();
     job_ids.dedup();
-    let started: Vec<(Uuid, Uuid, i32, i32)> = sqlx::query_as(
+    let started = sqlx::query!(
         "UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
          WHERE id = ANY($1) AND status = 'queued'
          RETURNING id, account_id, shards_done, shards_total",
+        &job_ids
     )
-    .bind(&job_ids)
     .fetch_all(&scheduler.db)
     .await?;
 
-    for (job_id, account, shards_done, shards_total) in started {
+    for job in started {
+        let (job_id, shards_done, shards_total) = (job.id, job.shards_done, job.shards_total);
         scheduler
             .events
             .publish(
-                account,
+                job.account_id,
                 JobEvent::Progress {
                     job_id,
                     status: JobStatus::Running,

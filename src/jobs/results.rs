@@ -31,16 +31,16 @@ pub enum Refused {
 
 /// Progress renews the lease and records the hash chain the final result must extend.
 pub async fn on_progress(scheduler: &Scheduler, node: &str, p: &Progress) -> anyhow::Result<()> {
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE shards SET lease_expires_at = now() + $3 * interval '1 millisecond',
                 progress_done = $4, progress_chain = $5
          WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned' AND $4 >= progress_done",
+        p.assignment_id,
+        node,
+        scheduler.rules.lease.as_millis() as f64,
+        p.done as i32,
+        p.chain,
     )
-    .bind(p.assignment_id)
-    .bind(node)
-    .bind(scheduler.rules.lease.as_millis() as f64)
-    .bind(p.done as i32)
-    .bind(&p.chain)
     .execute(&scheduler.db)
     .await?;
     if updated.rows_affected() == 0 {
@@ -51,13 +51,13 @@ pub async fn on_progress(scheduler: &Scheduler, node: &str, p: &Progress) -> any
 
 /// A node declined a shard: offer it elsewhere first.
 pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow::Result<()> {
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
                 lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
          WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
+        r.assignment_id,
+        node,
     )
-    .bind(r.assignment_id)
-    .bind(node)
     .execute(&scheduler.db)
     .await?;
     if updated.rows_affected() == 0 {
@@ -68,7 +68,6 @@ pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow:
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
 struct AssignedShard {
     id: Uuid,
     idx: i32,
@@ -119,28 +118,33 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     // An upload is checked before any lock is taken: it means reading the file.
     let upload_refused = check_upload(scheduler, node, &r).await?;
     let mut tx = scheduler.db.begin().await?;
-    let Some(job_id) =
-        sqlx::query_scalar::<_, Uuid>("SELECT job_id FROM shards WHERE assignment_id = $1")
-            .bind(r.assignment_id)
-            .fetch_optional(&mut *tx)
-            .await?
+    let Some(job_id) = sqlx::query_scalar!(
+        "SELECT job_id FROM shards WHERE assignment_id = $1",
+        r.assignment_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
     else {
         // A re-dispatched shard has a new assignment id: this is a late answer to an old one.
         return Err(Refused::StaleAssignment.into());
     };
-    let (account, status, shards_total, kind): (Uuid, JobStatus, i32, String) = sqlx::query_as(
-        "SELECT account_id, status, shards_total, kind FROM jobs WHERE id = $1 FOR UPDATE",
+    let job = sqlx::query!(
+        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
+           FROM jobs WHERE id = $1 FOR UPDATE"#,
+        job_id
     )
-    .bind(job_id)
     .fetch_one(&mut *tx)
     .await?;
-    let kind = scheduler.kinds.of(&kind)?.clone();
-    let shard: AssignedShard = sqlx::query_as(
-        "SELECT id, idx, row_offset, model, replica_of, speculative, task, status,
-                node_id, assigned_at, progress_done, progress_chain
-         FROM shards WHERE assignment_id = $1 FOR UPDATE",
+    let (account, status, shards_total) = (job.account_id, job.status, job.shards_total);
+    let kind = scheduler.kinds.of(&job.kind)?.clone();
+    let shard = sqlx::query_as!(
+        AssignedShard,
+        r#"SELECT id, idx, row_offset, model, replica_of, speculative,
+                  task AS "task: sqlx::types::Json<ShardTask>", status, node_id, assigned_at,
+                  progress_done, progress_chain
+           FROM shards WHERE assignment_id = $1 FOR UPDATE"#,
+        r.assignment_id
     )
-    .bind(r.assignment_id)
     .fetch_one(&mut *tx)
     .await?;
     if shard.node_id.as_deref() != Some(node) {
@@ -153,13 +157,13 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         verify_result(kind.as_ref(), &shard, &r).and(upload_refused.map_or(Ok(()), Err))
     {
         tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
-        sqlx::query(
+        sqlx::query!(
             "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
                     lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
              WHERE id = $1",
+            shard.id,
+            node,
         )
-        .bind(shard.id)
-        .bind(node)
         .execute(&mut *tx)
         .await?;
         nodes::charge_failures(&mut tx, &[(node.to_string(), shard.id)], Failure::BadResult)
@@ -173,24 +177,24 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
     // answer that may beat its primary.
     // Work done counts for the node's power score, replicas included.
-    let node_done: i64 = sqlx::query_scalar(
+    let node_done = sqlx::query_scalar!(
         "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1 RETURNING shards_done",
+        node
     )
-    .bind(node)
     .fetch_one(&mut *tx)
     .await?;
     // `node_done` counts this run: the node had done one fewer before it.
     let hold = shard.replica_of.is_none()
         && verification::wanted(scheduler, node, node_done - 1, &shard.model).await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE shards SET status = $4, output = $2, output_sha256 = $3, completed_at = now(),
                 lease_expires_at = NULL
          WHERE id = $1",
+        shard.id,
+        serde_json::to_value(&r.output).expect("outputs serialize"),
+        r.output_sha256,
+        if hold { "verifying" } else { "done" },
     )
-    .bind(shard.id)
-    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
-    .bind(&r.output_sha256)
-    .bind(if hold { "verifying" } else { "done" })
     .execute(&mut *tx)
     .await?;
     let mut stops = Vec::new();
@@ -252,26 +256,28 @@ async fn supersede(
     r: &ShardResult,
     stops: &mut Vec<Stop>,
 ) -> anyhow::Result<Option<Accepted>> {
-    let running: Option<(Option<String>, Option<Uuid>, i32, i32)> = sqlx::query_as(
+    let running = sqlx::query!(
         "SELECT node_id, assignment_id, idx, row_offset FROM shards
          WHERE id = $1 AND status = 'assigned' FOR UPDATE",
+        primary
     )
-    .bind(primary)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((Some(slow_node), Some(slow_assignment), idx, row_offset)) = running else {
+    let Some((Some(slow_node), Some(slow_assignment), idx, row_offset)) =
+        running.map(|r| (r.node_id, r.assignment_id, r.idx, r.row_offset))
+    else {
         return Ok(None);
     };
     // The slow run's assignment stops being current: its late progress and result are stale.
-    sqlx::query(
+    sqlx::query!(
         "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4,
                 completed_at = now(), lease_expires_at = NULL, assignment_id = NULL
          WHERE id = $1",
+        primary,
+        node,
+        serde_json::to_value(&r.output).expect("outputs serialize"),
+        r.output_sha256,
     )
-    .bind(primary)
-    .bind(node)
-    .bind(serde_json::to_value(&r.output).expect("outputs serialize"))
-    .bind(&r.output_sha256)
     .execute(&mut *tx)
     .await?;
     stops.push(Stop {
@@ -294,19 +300,19 @@ async fn stop_copies(
     primary: Uuid,
     stops: &mut Vec<Stop>,
 ) -> sqlx::Result<()> {
-    let running: Vec<(Uuid, Option<String>, Option<Uuid>)> = sqlx::query_as(
+    let canceled = sqlx::query!(
         "WITH live AS (SELECT id, node_id, assignment_id, status FROM shards
                        WHERE replica_of = $1 AND speculative AND status IN ('pending', 'assigned')
                        FOR UPDATE)
          UPDATE shards s SET status = 'canceled', lease_expires_at = NULL
          FROM live WHERE s.id = live.id
-         RETURNING s.id, live.node_id, live.assignment_id",
+         RETURNING live.node_id, live.assignment_id",
+        primary
     )
-    .bind(primary)
     .fetch_all(&mut *tx)
     .await?;
-    for (_, node, assignment) in running {
-        if let (Some(node), Some(assignment_id)) = (node, assignment) {
+    for copy in canceled {
+        if let (Some(node), Some(assignment_id)) = (copy.node_id, copy.assignment_id) {
             stops.push(Stop {
                 assignment_id,
                 shard_id: primary,
@@ -330,21 +336,23 @@ async fn decide(
     match verification::resolve(tx, scheduler, kind, job_id, primary).await? {
         Verdict::Open => Ok(None),
         Verdict::Rerun => {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE shards p SET status = 'pending', node_id = NULL, assignment_id = NULL,
                         output = NULL, output_sha256 = NULL, completed_at = NULL,
                         excluded_nodes = p.excluded_nodes || ARRAY(
                             SELECT node_id FROM shards WHERE replica_of = p.id AND node_id IS NOT NULL)
                  WHERE p.id = $1",
+                primary
             )
-            .bind(primary)
             .execute(&mut *tx)
             .await?;
             // Their votes were about the discarded run; the new run gets new replicas.
-            sqlx::query("UPDATE shards SET status = 'canceled' WHERE replica_of = $1")
-                .bind(primary)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query!(
+                "UPDATE shards SET status = 'canceled' WHERE replica_of = $1",
+                primary
+            )
+            .execute(&mut *tx)
+            .await?;
             tracing::warn!(shard = %primary, "three runs disagreed; the shard runs again");
             Ok(None)
         }
@@ -353,19 +361,19 @@ async fn decide(
             output,
             output_sha256,
         } => {
-            let (idx, row_offset): (i32, i32) = sqlx::query_as(
+            let accepted = sqlx::query!(
                 "UPDATE shards SET status = 'done', node_id = $2, output = $3, output_sha256 = $4
                  WHERE id = $1 RETURNING idx, row_offset",
+                primary,
+                node,
+                serde_json::to_value(&output).expect("outputs serialize"),
+                output_sha256,
             )
-            .bind(primary)
-            .bind(&node)
-            .bind(serde_json::to_value(&output).expect("outputs serialize"))
-            .bind(&output_sha256)
             .fetch_one(&mut *tx)
             .await?;
             Ok(Some(Accepted {
-                idx,
-                row_offset,
+                idx: accepted.idx,
+                row_offset: accepted.row_offset,
                 output,
             }))
         }
@@ -384,27 +392,28 @@ async fn check_upload(
     if !r.output.has_upload() {
         return Ok(None);
     }
-    let shard: Option<(Uuid, i32, String, sqlx::types::Json<ShardTask>)> = sqlx::query_as(
-        "SELECT s.job_id, s.idx, j.kind, s.task FROM shards s JOIN jobs j ON j.id = s.job_id
-         WHERE s.assignment_id = $1 AND s.node_id = $2 AND s.status = 'assigned'",
+    let shard = sqlx::query!(
+        r#"SELECT s.job_id, s.idx, j.kind, s.task AS "task: sqlx::types::Json<ShardTask>"
+           FROM shards s JOIN jobs j ON j.id = s.job_id
+           WHERE s.assignment_id = $1 AND s.node_id = $2 AND s.status = 'assigned'"#,
+        r.assignment_id,
+        node,
     )
-    .bind(r.assignment_id)
-    .bind(node)
     .fetch_optional(&scheduler.db)
     .await?;
-    let Some((job, idx, kind, task)) = shard else {
+    let Some(shard) = shard else {
         return Ok(None);
     };
-    let kind = scheduler.kinds.of(&kind)?;
-    if let Err(why) = kind.check_output(&task.0, &r.output) {
+    let kind = scheduler.kinds.of(&shard.kind)?;
+    if let Err(why) = kind.check_output(&shard.task.0, &r.output) {
         return Ok(Some(why));
     }
-    let shard = UploadedShard {
-        job,
-        idx,
+    let uploaded = UploadedShard {
+        job: shard.job_id,
+        idx: shard.idx,
         assignment: r.assignment_id,
-        task: &task.0,
+        task: &shard.task.0,
     };
-    let verdict = kind.check_upload(scheduler, shard, &r.output).await?;
+    let verdict = kind.check_upload(scheduler, uploaded, &r.output).await?;
     Ok(verdict.err())
 }

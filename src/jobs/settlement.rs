@@ -42,21 +42,22 @@ pub(super) async fn complete_shard(
     job: &LockedJob,
     accepted: Accepted,
 ) -> anyhow::Result<()> {
-    let shards_done: i32 = sqlx::query_scalar(
+    let shards_done = sqlx::query_scalar!(
         "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
                 started_at = COALESCE(started_at, now()), updated_at = now()
          WHERE id = $1 RETURNING shards_done",
+        job.id
     )
-    .bind(job.id)
     .fetch_one(&mut *tx)
     .await?;
     let inline = kind.reduction() == Reduction::Inline;
     let last = shards_done == job.shards_total;
     let finished = if last && inline {
-        let outputs: Vec<sqlx::types::Json<ShardOutput>> = sqlx::query_scalar(
-            "SELECT output FROM shards WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
+        let outputs = sqlx::query_scalar!(
+            r#"SELECT output AS "output!: sqlx::types::Json<ShardOutput>" FROM shards
+               WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx"#,
+            job.id
         )
-        .bind(job.id)
         .fetch_all(&mut *tx)
         .await?;
         let output = kind.reduce(outputs.into_iter().map(|o| o.0).collect())?;
@@ -193,25 +194,29 @@ async fn done_shard_payouts(
     conn: &mut PgConnection,
     job_id: Uuid,
 ) -> sqlx::Result<Vec<(Uuid, i64)>> {
-    sqlx::query_as(
-        "SELECT n.account_id, sum(s.fee)::bigint FROM shards s JOIN nodes n ON n.id = s.node_id
-         WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL
-         GROUP BY n.account_id ORDER BY 1",
+    let earned = sqlx::query!(
+        r#"SELECT n.account_id, sum(s.fee)::bigint AS "fees!" FROM shards s
+           JOIN nodes n ON n.id = s.node_id
+           WHERE s.job_id = $1 AND s.status = 'done' AND s.replica_of IS NULL
+           GROUP BY n.account_id ORDER BY 1"#,
+        job_id
     )
-    .bind(job_id)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(earned.into_iter().map(|e| (e.account_id, e.fees)).collect())
 }
 
 /// Cancels one of the caller's unfinished jobs, refunding what was not spent.
 pub async fn cancel(scheduler: &Scheduler, account: Uuid, job_id: Uuid) -> Result<Job, AppError> {
     let mut tx = scheduler.db.begin().await?;
-    let status: Option<JobStatus> =
-        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2 FOR UPDATE")
-            .bind(job_id)
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let status = sqlx::query_scalar!(
+        r#"SELECT status AS "status: JobStatus" FROM jobs
+           WHERE id = $1 AND account_id = $2 FOR UPDATE"#,
+        job_id,
+        account
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     let status = status.ok_or(AppError::NotFound("job"))?;
     if status.is_terminal() {
         return Err(AppError::Conflict(format!(
@@ -245,8 +250,7 @@ pub async fn fail(
         }),
     )
     .await?;
-    let account: Uuid = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
-        .bind(job_id)
+    let account = sqlx::query_scalar!("SELECT account_id FROM jobs WHERE id = $1", job_id)
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -291,20 +295,20 @@ async fn claim_reduction(
     job_id: Uuid,
     lease: std::time::Duration,
 ) -> sqlx::Result<Option<ClaimedJob>> {
-    let claimed: Option<(Uuid, Value)> = sqlx::query_as(
+    let claimed = sqlx::query!(
         "UPDATE jobs SET reduce_claimed_at = now()
          WHERE id = $1 AND kind = $2 AND status = 'running' AND shards_done = shards_total
            AND (reduce_claimed_at IS NULL OR reduce_claimed_at < now() - $3 * interval '1 second')
          RETURNING account_id, input",
+        job_id,
+        kind,
+        lease.as_secs_f64(),
     )
-    .bind(job_id)
-    .bind(kind)
-    .bind(lease.as_secs_f64())
     .fetch_optional(&scheduler.db)
     .await?;
-    Ok(claimed.map(|(account, input)| ClaimedJob {
+    Ok(claimed.map(|c| ClaimedJob {
         id: job_id,
-        account,
-        input,
+        account: c.account_id,
+        input: c.input,
     }))
 }

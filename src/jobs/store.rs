@@ -184,10 +184,11 @@ async fn store(
     }
     // Counted after the hold, which locks the account's balance: concurrent submits of one
     // account pass here one at a time, so the quota cannot be raced past.
-    let unfinished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE account_id = $1 AND status IN ('queued', 'running')",
+    let unfinished = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM jobs
+           WHERE account_id = $1 AND status IN ('queued', 'running')"#,
+        account
     )
-    .bind(account)
     .fetch_one(&mut *tx)
     .await?;
     if unfinished > max_unfinished {
@@ -280,18 +281,19 @@ pub async fn get(pool: &PgPool, kinds: &Kinds, account: Uuid, id: Uuid) -> Resul
     .map(Job::from)
     .ok_or(AppError::NotFound("job"))?;
     if kinds.get(&job.kind).is_some_and(|k| k.reports_frames()) {
-        let (done, total): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(sum(CASE WHEN status IN ('done', 'verifying') THEN row_count
-                                      WHEN status = 'assigned' THEN LEAST(progress_done, row_count)
-                                      ELSE 0 END), 0)::bigint,
-                    COALESCE(sum(row_count), 0)::bigint
-             FROM shards WHERE job_id = $1 AND replica_of IS NULL",
+        let frames = sqlx::query!(
+            r#"SELECT COALESCE(sum(CASE WHEN status IN ('done', 'verifying') THEN row_count
+                                        WHEN status = 'assigned'
+                                        THEN LEAST(progress_done, row_count)
+                                        ELSE 0 END), 0)::bigint AS "done!",
+                      COALESCE(sum(row_count), 0)::bigint AS "total!"
+               FROM shards WHERE job_id = $1 AND replica_of IS NULL"#,
+            id
         )
-        .bind(id)
         .fetch_one(pool)
         .await?;
-        job.progress.frames_done = Some(done);
-        job.progress.frames_total = Some(total);
+        job.progress.frames_done = Some(frames.done);
+        job.progress.frames_total = Some(frames.total);
     }
     Ok(job)
 }
@@ -333,11 +335,11 @@ pub(super) async fn enqueue_webhook(
     job_id: Uuid,
     url: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO webhook_deliveries (job_id, url) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        job_id,
+        url
     )
-    .bind(job_id)
-    .bind(url)
     .execute(conn)
     .await?;
     Ok(())

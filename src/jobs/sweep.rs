@@ -52,25 +52,29 @@ pub async fn requeue_lost(scheduler: &Scheduler, lost: Lost<'_>) -> anyhow::Resu
         } => (false, &[][..], Some(node), started_at_ms, Failure::NodeLost),
     };
     let mut tx = scheduler.db.begin().await?;
-    let requeued: Vec<(String, Uuid)> = sqlx::query_as(
-        "WITH lost AS (
-             SELECT id, node_id FROM shards
-             WHERE status = 'assigned'
-               AND (($1 AND lease_expires_at < now())
-                    OR node_id = ANY($2)
-                    OR (node_id = $3 AND assigned_at < to_timestamp($4 / 1000.0)))
-             FOR UPDATE SKIP LOCKED)
-         UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
-                lease_expires_at = NULL, excluded_nodes = array_append(s.excluded_nodes, l.node_id)
-         FROM lost l WHERE s.id = l.id
-         RETURNING l.node_id, s.id",
+    let requeued: Vec<(String, Uuid)> = sqlx::query!(
+        r#"WITH lost AS (
+               SELECT id, node_id FROM shards
+               WHERE status = 'assigned'
+                 AND (($1 AND lease_expires_at < now())
+                      OR node_id = ANY($2)
+                      OR (node_id = $3 AND assigned_at < to_timestamp($4::float8 / 1000)))
+               FOR UPDATE SKIP LOCKED)
+           UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
+                  lease_expires_at = NULL,
+                  excluded_nodes = array_append(s.excluded_nodes, l.node_id)
+           FROM lost l WHERE s.id = l.id
+           RETURNING l.node_id AS "node_id!", s.id"#,
+        lapsed,
+        gone,
+        restarted,
+        started_at_ms as f64,
     )
-    .bind(lapsed)
-    .bind(gone)
-    .bind(restarted)
-    .bind(started_at_ms as f64)
     .fetch_all(&mut *tx)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.node_id, r.id))
+    .collect();
     if !requeued.is_empty() {
         nodes::charge_failures(&mut tx, &requeued, why).await?;
     }
@@ -134,13 +138,14 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
     .await?;
     for (primary, job_id) in stuck {
         let mut tx = scheduler.db.begin().await?;
-        let (account, status, shards_total, kind): (Uuid, JobStatus, i32, String) = sqlx::query_as(
-            "SELECT account_id, status, shards_total, kind FROM jobs WHERE id = $1 FOR UPDATE",
+        let job = sqlx::query!(
+            r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
+               FROM jobs WHERE id = $1 FOR UPDATE"#,
+            job_id
         )
-        .bind(job_id)
         .fetch_one(&mut *tx)
         .await?;
-        if status.is_terminal() {
+        if job.status.is_terminal() {
             continue;
         }
         // Re-checked under the job lock: a replica may have been dispatched or answered since.
@@ -155,31 +160,31 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
         let Some((idx, row_offset, output)) = held else {
             continue;
         };
-        sqlx::query(
+        sqlx::query!(
             "UPDATE shards SET status = 'canceled', lease_expires_at = NULL
              WHERE replica_of = $1 AND status = 'pending'",
+            primary
         )
-        .bind(primary)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE jobs SET unverified_shards = array_append(unverified_shards, $2) WHERE id = $1",
+            job_id,
+            idx
         )
-        .bind(job_id)
-        .bind(idx)
         .execute(&mut *tx)
         .await?;
+        let kind = scheduler.kinds.of(&job.kind)?;
         let job = LockedJob {
             id: job_id,
-            account,
-            shards_total,
+            account: job.account_id,
+            shards_total: job.shards_total,
         };
         let accepted = Accepted {
             idx,
             row_offset,
             output: output.0,
         };
-        let kind = scheduler.kinds.of(&kind)?;
         complete_shard(scheduler, tx, kind, &job, accepted).await?;
         scheduler
             .metrics
@@ -199,8 +204,9 @@ pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
     // Shards held by nodes whose heartbeats stopped: no need to wait out their leases. (A Redis
     // that lost its keys makes live nodes look gone for a heartbeat; their shards then run
     // twice and the first run's late result is dropped as stale: wasted work, nothing wrong.)
-    let holders: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT node_id FROM shards WHERE status = 'assigned' AND node_id IS NOT NULL",
+    let holders = sqlx::query_scalar!(
+        r#"SELECT DISTINCT node_id AS "node_id!" FROM shards
+           WHERE status = 'assigned' AND node_id IS NOT NULL"#
     )
     .fetch_all(&scheduler.db)
     .await?;
@@ -220,10 +226,10 @@ pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
     accept_unchecked(scheduler).await?;
     restart_reductions(scheduler).await?;
 
-    let exhausted: Vec<Uuid> = sqlx::query_scalar(
+    let exhausted = sqlx::query_scalar!(
         "SELECT DISTINCT job_id FROM shards WHERE status = 'pending' AND attempts >= $1",
+        scheduler.rules.max_shard_attempts as i32
     )
-    .bind(scheduler.rules.max_shard_attempts as i32)
     .fetch_all(&scheduler.db)
     .await?;
     for job_id in exhausted {
@@ -236,11 +242,11 @@ pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
         .await?;
     }
 
-    let timed_out: Vec<Uuid> = sqlx::query_scalar(
+    let timed_out = sqlx::query_scalar!(
         "SELECT id FROM jobs WHERE status IN ('queued', 'running')
            AND created_at < now() - $1 * interval '1 second'",
+        scheduler.rules.job_timeout.as_secs_f64()
     )
-    .bind(scheduler.rules.job_timeout.as_secs_f64())
     .fetch_all(&scheduler.db)
     .await?;
     for job_id in timed_out {

@@ -45,15 +45,15 @@ pub async fn add_replica(
     primary: Uuid,
     ran_on: &[String],
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO shards (id, job_id, idx, row_offset, row_count, model, task, fee, status,
                              excluded_nodes, replica_of)
          SELECT $1, job_id, idx, row_offset, row_count, model, task, 0, 'pending', $3, id
          FROM shards WHERE id = $2",
+        Uuid::now_v7(),
+        primary,
+        ran_on
     )
-    .bind(Uuid::now_v7())
-    .bind(primary)
-    .bind(ran_on)
     .execute(conn)
     .await?;
     Ok(())
@@ -73,7 +73,6 @@ pub enum Verdict {
     Rerun,
 }
 
-#[derive(sqlx::FromRow)]
 struct Run {
     node_id: String,
     output: sqlx::types::Json<ShardOutput>,
@@ -102,21 +101,26 @@ pub async fn resolve(
     job_id: Uuid,
     primary: Uuid,
 ) -> anyhow::Result<Verdict> {
-    let head: Option<(String, sqlx::types::Json<ShardTask>)> = sqlx::query_as(
-        "SELECT status, task FROM shards WHERE id = $1 AND status = 'verifying' FOR UPDATE",
+    let task = sqlx::query_scalar!(
+        r#"SELECT task AS "task: sqlx::types::Json<ShardTask>" FROM shards
+           WHERE id = $1 AND status = 'verifying' FOR UPDATE"#,
+        primary
     )
-    .bind(primary)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((_, task)) = head else {
+    let Some(task) = task else {
         return Ok(Verdict::Open);
     };
-    let runs: Vec<Run> = sqlx::query_as(
-        "SELECT node_id, output, output_sha256 FROM shards
-         WHERE (id = $1 OR (replica_of = $1 AND status = 'done' AND NOT speculative))
-         ORDER BY replica_of NULLS FIRST, completed_at",
+    // Every run here has answered: its node, output and digest are set.
+    let runs = sqlx::query_as!(
+        Run,
+        r#"SELECT node_id AS "node_id!", output AS "output!: sqlx::types::Json<ShardOutput>",
+                  output_sha256 AS "output_sha256!"
+           FROM shards
+           WHERE (id = $1 OR (replica_of = $1 AND status = 'done' AND NOT speculative))
+           ORDER BY replica_of NULLS FIRST, completed_at"#,
+        primary
     )
-    .bind(primary)
     .fetch_all(&mut *conn)
     .await?;
     let agree = |a: &Run, b: &Run| kind.outputs_agree(&task.0, &a.output.0, &b.output.0);
