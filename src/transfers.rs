@@ -6,11 +6,31 @@
 //! assignments are sealed into the public ledger, the URL alone grants nothing: the request must
 //! also be signed by the node the assignment went to ([`xpand_protocol::transfer`]), and it works
 //! only while that assignment is the shard's current one.
+//!
+//! What travels through them lives in object storage under the job ([`input_path`],
+//! [`output_path`]) until the job ends and its kind discards it.
 
 use hmac::{Hmac, Mac};
+use object_store::path::Path as ObjectPath;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use xpand_protocol::NodeKey;
+
+/// Where shard `idx` of `job` keeps the input a node fetches, while the job runs.
+pub fn input_path(job: Uuid, idx: i32) -> ObjectPath {
+    ObjectPath::from(format!("jobs/{job}/inputs/{idx:05}"))
+}
+
+/// Where one attempt at shard `idx` uploads its output. Named by attempt, so a late upload from
+/// a node that lost the shard cannot overwrite the accepted one.
+pub fn output_path(job: Uuid, idx: i32, assignment: Uuid) -> ObjectPath {
+    ObjectPath::from(format!("jobs/{job}/outputs/{idx:05}-{assignment}"))
+}
+
+/// Everything a job keeps in object storage while it runs.
+pub fn job_prefix(job: Uuid) -> ObjectPath {
+    ObjectPath::from(format!("jobs/{job}"))
+}
 
 /// Which way a transfer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

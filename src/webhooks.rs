@@ -1,9 +1,10 @@
 //! Webhooks: when a job with a `webhook` URL ends, the job is POSTed there.
 //!
 //! Delivery is at least once. The outbox row is written in the transaction that ends the job
-//! ([`enqueue`]), so neither a crash nor a Redis outage loses it; any replica's deliverer claims
-//! due rows by pushing their next attempt into the future (a lease), POSTs, and records the
-//! outcome, retrying with exponential back-off. Receivers deduplicate on `X-Xpand-Delivery`.
+//! (`jobs::store::enqueue_webhook`), so neither a crash nor a Redis outage loses it; any
+//! replica's deliverer claims due rows by pushing their next attempt into the future (a lease),
+//! POSTs, and records the outcome, retrying with exponential back-off. Receivers deduplicate on
+//! `X-Xpand-Delivery`.
 //!
 //! Each request is signed with the gateway key: `X-Xpand-Signature` is the base64 ed25519
 //! signature of `{X-Xpand-Timestamp}.{body}`, verifiable with the key `xpand gateway-key` prints.

@@ -16,8 +16,7 @@ use super::extract::{Path, Query};
 use crate::error::{AppError, AppResult, Problem};
 use crate::files;
 use crate::http::state::AppState;
-use crate::kinds::anonymize;
-use crate::transfers::Direction;
+use crate::transfers::{self, Direction};
 
 /// How far a node's request timestamp may be from the gateway's clock.
 const MAX_SKEW_MS: i64 = 60_000;
@@ -109,7 +108,7 @@ pub async fn input(
         &headers,
     )
     .await?;
-    let path = anonymize::segment_path(job, idx);
+    let path = transfers::input_path(job, idx);
     let object = state
         .files
         .get(&path)
@@ -156,7 +155,7 @@ pub async fn output(
         &headers,
     )
     .await?;
-    let path = anonymize::output_path(job, idx, assignment);
+    let path = transfers::output_path(job, idx, assignment);
     let stored = files::store_stream(
         &state.files,
         &path,

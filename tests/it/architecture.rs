@@ -20,7 +20,7 @@ const DOMAIN: &[&str] = &[
 ];
 /// Adapters and the edge: what the domain must never reach into.
 const OUTSIDE_DOMAIN: &[&str] = &[
-    "broker", "events", "http", "openapi", "presence", "startup", "up", "verify", "webhooks",
+    "broker", "events", "http", "presence", "startup", "up", "verify", "webhooks",
 ];
 /// Crates and types that are transports.
 const TRANSPORTS: &[&str] = &["axum", "redis", "rumqttc", "AppState", "reqwest"];

@@ -5,10 +5,11 @@
 
 use xpand_protocol::{AnonymizeTask, Detection, ShardOutput, ShardTask};
 
-use super::{output_path, Anonymize};
+use super::Anonymize;
 use crate::files;
 use crate::jobs::kind::UploadedShard;
 use crate::jobs::Scheduler;
+use crate::transfers::output_path;
 use xpand_media as media;
 
 /// Two detections are the same face when their boxes overlap at least this much (IoU).

@@ -31,7 +31,7 @@ use crate::error::AppError;
 use crate::files;
 use crate::jobs::kind::{ClaimedJob, JobKind, PlanRequest, Reduction, UploadedShard};
 use crate::jobs::{JobPlan, Scheduler};
-use crate::transfers::{Direction, TransferUrls};
+use crate::transfers::{self, Direction, TransferUrls};
 
 pub use plan::segment_fee;
 
@@ -142,21 +142,6 @@ impl JobKind for Anonymize {
     }
 }
 
-/// Where segment `idx` of `job` is kept while the job runs.
-pub fn segment_path(job: Uuid, idx: i32) -> ObjectPath {
-    ObjectPath::from(format!("jobs/{job}/segments/{idx:05}.mkv"))
-}
-
-/// Where the output of one attempt at segment `idx` is uploaded. Named by attempt, so a late
-/// upload from a node that lost the shard cannot overwrite the accepted one.
-pub fn output_path(job: Uuid, idx: i32, assignment: Uuid) -> ObjectPath {
-    ObjectPath::from(format!("jobs/{job}/outputs/{idx:05}-{assignment}.mp4"))
-}
-
-fn job_prefix(job: Uuid) -> ObjectPath {
-    ObjectPath::from(format!("jobs/{job}"))
-}
-
 impl Anonymize {
     /// A directory for one probe, check or join, removed when dropped.
     fn scratch_dir(&self) -> anyhow::Result<tempfile::TempDir> {
@@ -174,7 +159,7 @@ impl Anonymize {
 
 /// Deletes a job's segments and uploads once it has ended.
 async fn discard_staging(ctx: &Scheduler, job: Uuid) {
-    let prefix = job_prefix(job);
+    let prefix = transfers::job_prefix(job);
     let paths: Vec<ObjectPath> = ctx
         .files
         .list(Some(&prefix))

@@ -6,7 +6,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use xpand_protocol::{AnonymizeTask, MaskStyle, ShardTask};
 
-use super::{segment_path, Anonymize, MODEL, PRICE_PER_MEGAPIXEL_FRAME};
+use super::{Anonymize, MODEL, PRICE_PER_MEGAPIXEL_FRAME};
 use super::{
     MAX_HEIGHT, MAX_SEGMENTS, MAX_WIDTH, MIN_SEGMENT_SECONDS, MIN_SIDE, SEGMENTS_PER_SLOT,
 };
@@ -15,6 +15,7 @@ use crate::files;
 use crate::jobs::kind::PlanRequest;
 use crate::jobs::{JobPlan, Scheduler, ShardPlan};
 use crate::nodes;
+use crate::transfers::input_path;
 use xpand_media::{self as media, ProbeError, VideoProbe};
 
 /// Masking parameters, validated.
@@ -173,7 +174,7 @@ pub(super) async fn plan(
     let result = async {
         for (idx, segment) in segments.iter().enumerate() {
             let (frames, ..) = media::count_frames(segment).await?;
-            let path = segment_path(job, idx as i32);
+            let path = input_path(job, idx as i32);
             files::store_local_file(&ctx.files, &path, segment).await?;
             staged.push(path);
             shards.push(ShardPlan {

