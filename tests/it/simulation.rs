@@ -2,11 +2,13 @@
 //!
 //! Each seed drives the gateway's real placement and state machine against a real Postgres
 //! (its own database) and Redis (its own prefix), with no MQTT and no wall clock:
-//! - worker messages are sealed by simulated nodes and handed to `broker::handle_message`, the
-//!   function the MQTT loop calls; assignments come straight from `dispatch::assign`;
+//! - worker messages are sealed by simulated nodes and handed to `broker::Inbound`'s
+//!   `handle_message`, what the MQTT loop calls for each publish; assignments come straight from
+//!   `jobs::dispatch::assign`; the sweep is `jobs::sweep::sweep`. The simulation uses the same
+//!   handles startup wires (`startup::Connected`), with no hook of its own;
 //! - time is virtual: each step moves every stored timestamp back onto a grid of whole steps
-//!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not seconds, and come out
-//!   the same on every run;
+//!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not
+//!   seconds, and come out the same on every run;
 //! - a seeded RNG chooses everything: nodes joining, dying, restarting, lying, straggling and
 //!   rejecting; jobs of every size from three accounts; cancels; redundancy off, sampled at
 //!   100%, or only for new nodes.
