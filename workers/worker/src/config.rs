@@ -147,6 +147,18 @@ pub fn lock_node_key(path: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// Total memory in MiB from `/proc/meminfo`; 0 where that is unavailable.
+pub(crate) fn total_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / 1024)
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! Embed a worker (integration tests do) with [`WorkerConfig::new`] and [`run`].
 
 mod assignments;
+mod catalog;
 mod config;
 mod models;
 mod onnx;

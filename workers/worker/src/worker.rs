@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -17,15 +17,14 @@ use tokio::time::{interval, interval_at, sleep, timeout, Instant, MissedTickBeha
 use tracing::Instrument as _;
 use uuid::Uuid;
 use xpand_protocol::{
-    now_ms, parse_node_id, Accelerator, Announce, Assignment, Heartbeat, ModelInfo, NodeKey,
-    Progress, ProgressChain, Reject, ShardOutput, ShardResult, Topics, UpKind,
+    now_ms, parse_node_id, Announce, Assignment, Heartbeat, ModelInfo, NodeKey, Progress,
+    ProgressChain, Reject, ShardOutput, ShardResult, Topics, UpKind,
 };
 
 use crate::assignments::{Admitted, AssignmentGate};
-use crate::config::{cpu_cores, WorkerConfig};
-use crate::models;
-use crate::onnx::OnnxRuntime;
-use crate::plugins::{self, task_kind, Plugin};
+use crate::catalog::{self, LoadedModel};
+use crate::config::{cpu_cores, total_memory_mb, WorkerConfig};
+use crate::plugins::task_kind;
 
 /// Largest MQTT packet we accept from the broker. Shard inputs travel inline, so this is roomier
 /// than rumqttc's 10 KiB default; large inputs belong in files, not in MQTT.
@@ -49,12 +48,6 @@ const MIN_ANNOUNCE_GAP: Duration = Duration::from_secs(1);
 /// another process runs this identity, and reconnecting at once would take turns with it.
 const TAKEN_OVER_DELAY: Duration = Duration::from_secs(5);
 const MAX_TAKEN_OVER_DELAY: Duration = Duration::from_secs(60);
-
-/// A verified model behind its plugin.
-struct LoadedModel {
-    info: ModelInfo,
-    plugin: Box<dyn Plugin>,
-}
 
 struct Worker {
     key: NodeKey,
@@ -94,7 +87,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
     );
 
     let setup = config.clone();
-    let (models, accelerator) = tokio::task::spawn_blocking(move || load_models(&setup))
+    let (models, accelerator) = tokio::task::spawn_blocking(move || catalog::load_all(&setup))
         .await
         .context("loading models")??;
     let mut model_infos: Vec<ModelInfo> = models.values().map(|m| m.info.clone()).collect();
@@ -161,64 +154,6 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
     Ok(())
 }
 
-/// Verifies and loads every model in the models directory; models that fail are logged and
-/// skipped. Returns the models by name and where they run.
-fn load_models(
-    config: &WorkerConfig,
-) -> anyhow::Result<(HashMap<String, Arc<LoadedModel>>, Accelerator)> {
-    let verified = models::discover(&config.models_dir)?;
-    if verified.is_empty() {
-        bail!(
-            "no usable model in {}: each model needs a <dir>/manifest.json whose sha256 \
-             matches its file",
-            config.models_dir.display()
-        );
-    }
-    let runtime = OnnxRuntime::load(&config.ort_dylib_path, config.accelerator)?
-        .with_threads(config.inference_threads);
-    let mut loaded = HashMap::new();
-    let mut accelerator = Accelerator::Cpu;
-    for model in verified {
-        let info = model.manifest.info();
-        if loaded.contains_key(&info.name) {
-            tracing::error!(model = %info.name, "another model already has this name; refusing it");
-            continue;
-        }
-        if !plugins::serves(&info.kind) {
-            // A model installed ahead of the code that runs it: verified, but not loaded or
-            // announced.
-            tracing::info!(model = %info.name, kind = %info.kind, "no plugin runs this kind yet; skipped");
-            continue;
-        }
-        match plugins::load(&runtime, &model, &config.node_key) {
-            Ok((plugin, runs_on)) => {
-                if runs_on == Accelerator::Cuda {
-                    accelerator = Accelerator::Cuda;
-                }
-                tracing::info!(
-                    model = %info.name,
-                    version = %info.version,
-                    kind = %info.kind,
-                    serves = plugin.kind(),
-                    accelerator = ?runs_on,
-                    "model loaded"
-                );
-                loaded.insert(info.name.clone(), Arc::new(LoadedModel { info, plugin }));
-            }
-            Err(e) => {
-                tracing::error!(model = %info.name, error = format!("{e:#}"), "model refused")
-            }
-        }
-    }
-    if loaded.is_empty() {
-        bail!(
-            "no usable model in {}: every model failed to load (see the errors above)",
-            config.models_dir.display()
-        );
-    }
-    Ok((loaded, accelerator))
-}
-
 fn mqtt_options(config: &WorkerConfig) -> MqttOptions {
     // One connection per node identity: a restarted worker takes over its predecessor's session.
     let client_id = format!("xpand-worker-{}", &config.node_key.id()[..16]);
@@ -231,18 +166,6 @@ fn mqtt_options(config: &WorkerConfig) -> MqttOptions {
     network.set_tcp_nodelay(true);
     options.set_network_options(network);
     options
-}
-
-/// Total memory in MiB from `/proc/meminfo`; 0 where that is unavailable.
-fn total_memory_mb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib / 1024)
-        })
-        .unwrap_or(0)
 }
 
 /// Polls the MQTT event loop (which reconnects on its own while polled) and dispatches what
