@@ -5,12 +5,17 @@
 use std::time::{Duration, Instant};
 use xpand::nodes::Presence as _;
 
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 use xpand::config::Config;
+use xpand::error::Problem;
+use xpand::http::account::Account;
+use xpand::jobs::Job;
 use xpand::startup::Application;
 use xpand_protocol::NodeKey;
 use xpand_worker::{BrokerAddress, WorkerConfig};
@@ -418,12 +423,47 @@ impl TestApp {
             .map_or(0, |v| v.trim().parse().unwrap())
     }
 
+    /// A successful GET's body as the API type `T`.
+    pub async fn get_as<T: DeserializeOwned>(&self, key: &str, path: &str) -> T {
+        let resp = self.get(key, path).await;
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        read(resp).await
+    }
+
     pub async fn balances(&self, key: &str) -> (i64, i64) {
-        let a = self.get_json(key, "/v1/account").await;
-        (
-            a["available"].as_i64().unwrap(),
-            a["held"].as_i64().unwrap(),
-        )
+        let a: Account = self.get_as(key, "/v1/account").await;
+        (a.available, a.held)
+    }
+
+    /// `GET /v1/jobs/{id}`: must be 200.
+    pub async fn job(&self, key: &str, id: Uuid) -> Job {
+        let resp = self.get(key, &format!("/v1/jobs/{id}")).await;
+        assert_eq!(resp.status(), 200, "GET /v1/jobs/{id}");
+        read(resp).await
+    }
+
+    /// `POST /v1/jobs` with `body`: the status (201 new, 200 replayed) and the job. Anything
+    /// but a job in the body fails the test, with the body.
+    pub async fn submit(&self, key: &str, body: &Value) -> (StatusCode, Job) {
+        let resp = self.post_json(key, "/v1/jobs", body).await;
+        (resp.status(), read(resp).await)
+    }
+
+    /// Polls a job until its status is terminal.
+    pub async fn wait_for(&self, key: &str, id: Uuid) -> Job {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(key, id).await;
+            if job.status.is_terminal() {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} stuck in {}",
+                job.status.as_str()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Polls a job until it is terminal.
@@ -464,6 +504,65 @@ impl TestApp {
         drop_database(&self.db_name).await;
         self.leftovers.disarm();
     }
+}
+
+/// JSON text as `T`; the error names the path that did not fit (`progress.shards_total`).
+pub fn parse<T: DeserializeOwned>(text: &str) -> T {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de)
+        .unwrap_or_else(|e| panic!("not a {}: {e}\n{text}", std::any::type_name::<T>()))
+}
+
+/// A JSON value as `T`, as [`parse`] reads text.
+pub fn parse_value<T: DeserializeOwned>(value: &Value) -> T {
+    serde_path_to_error::deserialize(value)
+        .unwrap_or_else(|e| panic!("not a {}: {e}\n{value}", std::any::type_name::<T>()))
+}
+
+/// A response body as the API type `T`: a field the server renamed or retyped fails here,
+/// with the body, instead of reading as Null.
+pub async fn read<T: DeserializeOwned>(resp: reqwest::Response) -> T {
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).unwrap_or_else(|e| {
+        panic!(
+            "{status}: body is not a {}: {e}\n{text}",
+            std::any::type_name::<T>()
+        )
+    })
+}
+
+/// A problem response: `application/problem+json`, read as the API's [`Problem`].
+pub async fn problem(resp: reqwest::Response) -> Problem {
+    let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    assert_eq!(
+        content_type.as_ref().map(|c| c.to_str().unwrap()),
+        Some("application/problem+json"),
+        "a problem response ({})",
+        resp.status()
+    );
+    read(resp).await
+}
+
+/// A forecast job's output, which the API types as kind-specific JSON.
+#[derive(Debug, serde::Deserialize)]
+pub struct ForecastOutput {
+    pub forecasts: Vec<Vec<f64>>,
+}
+
+/// The forecasts of a job that has an output (it panics on one that has none).
+pub fn forecasts(job: &Job) -> Vec<Vec<f64>> {
+    let output = job
+        .output
+        .as_ref()
+        .unwrap_or_else(|| panic!("job {} has no output: {job:?}", job.id));
+    parse_value::<ForecastOutput>(output).forecasts
+}
+
+/// The rows of a `partial` event (`JobEvent::Partial::rows`, typed as JSON by the API).
+pub fn partial_rows(rows: &Value) -> Vec<Vec<f64>> {
+    parse_value(rows)
 }
 
 /// `rows` spreadsheet rows of a seasonal-ish series, each of length `len`.

@@ -1,8 +1,12 @@
 //! Jobs over REST: the happy path with money checks, and every way a request can be refused.
 
 use serde_json::{json, Value};
+use uuid::Uuid;
+use xpand::http::account::LedgerPage;
+use xpand::http::jobs::JobPage;
+use xpand::jobs::{Job, JobEvent, JobStatus};
 
-use crate::common::{forecast_job, sheet, TestApp};
+use crate::common::{forecast_job, forecasts, parse, partial_rows, problem, read, sheet, TestApp};
 
 const CREDIT: i64 = 50_000_000;
 
@@ -19,20 +23,19 @@ async fn forecast_over_rest_settles_and_pays_workers() {
         .to_str()
         .unwrap()
         .starts_with("/v1/jobs/"));
-    let job: Value = resp.json().await.unwrap();
-    let quote = job["quote"].as_i64().unwrap();
-    assert_eq!(job["escrow"], quote);
-    assert_eq!(job["progress"]["shards_total"], 5);
-    assert!(job["cost"].is_null());
+    let job: Job = read(resp).await;
+    let quote = job.quote;
+    assert_eq!(job.escrow, quote);
+    assert_eq!(job.progress.shards_total, 5);
+    assert_eq!(job.cost, None);
 
-    let done = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
-    assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["progress"]["shards_done"], 5);
-    let forecasts = done["output"]["forecasts"].as_array().unwrap();
+    let done = app.wait_for(&key, job.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.progress.shards_done, 5);
+    let forecasts = forecasts(&done);
     assert_eq!(forecasts.len(), 40);
     let input = sheet(40, 36);
-    for (row, f) in input.iter().zip(forecasts) {
-        let f: Vec<f64> = serde_json::from_value(f.clone()).unwrap();
+    for (row, f) in input.iter().zip(&forecasts) {
         assert_eq!(f.len(), 12);
         assert!(f.iter().all(|v| v.is_finite()));
         // Each row has its own level (100 + 10·r): a forecast in the right row order stays
@@ -45,7 +48,7 @@ async fn forecast_over_rest_settles_and_pays_workers() {
         );
     }
 
-    let cost = done["cost"].as_i64().unwrap();
+    let cost = done.cost.unwrap();
     assert_eq!(cost, quote, "a succeeded job costs its quote");
     assert_eq!(app.balances(&key).await, (CREDIT - cost, 0));
 
@@ -57,13 +60,8 @@ async fn forecast_over_rest_settles_and_pays_workers() {
     .await
     .unwrap();
     assert_eq!(earned, cost - xpand::kinds::forecast::PRICE_PER_JOB);
-    let ledger = app.get_json(&key, "/v1/account/ledger").await;
-    let kinds: Vec<&str> = ledger["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let ledger: LedgerPage = app.get_as(&key, "/v1/account/ledger").await;
+    let kinds: Vec<&str> = ledger.entries.iter().map(|e| e.kind.as_str()).collect();
     // Success refunds nothing, so the release moves only the held balance.
     assert_eq!(
         kinds,
@@ -79,12 +77,12 @@ async fn short_balance_or_low_max_fee_is_refused_with_nothing_changed() {
     let (_, poor) = app.customer(100).await;
     let resp = app.post_json(&poor, "/v1/jobs", &forecast_job(8, 6)).await;
     assert_eq!(resp.status(), 402);
-    let problem: Value = resp.json().await.unwrap();
+    let problem = problem(resp).await;
     assert_eq!(
-        problem["type"],
+        problem.type_uri,
         "https://xpand.dev/problems/insufficient-funds"
     );
-    assert_eq!(problem["available"], 100);
+    assert_eq!(problem.available, Some(100));
     assert_eq!(app.balances(&poor).await, (100, 0));
 
     let (_, rich) = app.customer(CREDIT).await;
@@ -92,12 +90,12 @@ async fn short_balance_or_low_max_fee_is_refused_with_nothing_changed() {
     job["max_fee"] = json!(10);
     let resp = app.post_json(&rich, "/v1/jobs", &job).await;
     assert_eq!(resp.status(), 402);
-    let problem: Value = resp.json().await.unwrap();
+    let problem = crate::common::problem(resp).await;
     assert_eq!(
-        problem["type"],
+        problem.type_uri,
         "https://xpand.dev/problems/max-fee-below-quote"
     );
-    assert!(problem["quote"].as_i64().unwrap() > 10);
+    assert!(problem.quote.unwrap() > 10);
     assert_eq!(app.balances(&rich).await, (CREDIT, 0));
 
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
@@ -122,23 +120,18 @@ async fn cancel_refunds_the_unspent_escrow() {
     // No workers: the job waits in the queue until canceled.
     let app = TestApp::spawn().await;
     let (_, key) = app.customer(CREDIT).await;
-    let job: Value = app
-        .post_json(&key, "/v1/jobs", &forecast_job(20, 4))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
-    let quote = job["quote"].as_i64().unwrap();
+    let (_, job) = app.submit(&key, &forecast_job(20, 4)).await;
+    let id = job.id;
+    let quote = job.quote;
     assert_eq!(app.balances(&key).await, (CREDIT - quote, quote));
 
     let resp = app
         .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!({}))
         .await;
     assert_eq!(resp.status(), 200);
-    let canceled: Value = resp.json().await.unwrap();
-    assert_eq!(canceled["status"], "canceled");
-    assert_eq!(canceled["cost"], 0);
+    let canceled: Job = read(resp).await;
+    assert_eq!(canceled.status, JobStatus::Canceled);
+    assert_eq!(canceled.cost, Some(0));
     assert_eq!(app.balances(&key).await, (CREDIT, 0));
 
     let again = app
@@ -175,21 +168,21 @@ async fn idempotency_key_returns_the_same_job_and_charges_once() {
     };
     let first = send(body.clone()).await.unwrap();
     assert_eq!(first.status(), 201);
-    let first: Value = first.json().await.unwrap();
+    let first: Job = read(first).await;
     let second = send(body.clone()).await.unwrap();
     assert_eq!(second.status(), 200);
-    let second: Value = second.json().await.unwrap();
-    assert_eq!(first["id"], second["id"]);
-    let quote = first["quote"].as_i64().unwrap();
+    let second: Job = read(second).await;
+    assert_eq!(first.id, second.id);
+    let quote = first.quote;
     assert_eq!(app.balances(&key).await, (CREDIT - quote, quote));
 
     let mut different = body;
     different["params"]["horizon"] = json!(4);
     let resp = send(different).await.unwrap();
     assert_eq!(resp.status(), 422);
-    let problem: Value = resp.json().await.unwrap();
+    let problem = problem(resp).await;
     assert_eq!(
-        problem["type"],
+        problem.type_uri,
         "https://xpand.dev/problems/idempotency-key-reused"
     );
     app.teardown().await;
@@ -200,13 +193,8 @@ async fn another_accounts_job_is_not_found() {
     let app = TestApp::spawn().await;
     let (_, alice) = app.customer(CREDIT).await;
     let (_, mallory) = app.customer(CREDIT).await;
-    let job: Value = app
-        .post_json(&alice, "/v1/jobs", &forecast_job(8, 3))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
+    let (_, job) = app.submit(&alice, &forecast_job(8, 3)).await;
+    let id = job.id;
     for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/events")] {
         let resp = app.get(&mallory, &path).await;
         assert_eq!(resp.status(), 404, "{path}");
@@ -215,8 +203,8 @@ async fn another_accounts_job_is_not_found() {
         .post_json(&mallory, &format!("/v1/jobs/{id}/cancel"), &json!({}))
         .await;
     assert_eq!(resp.status(), 404);
-    let listed = app.get_json(&mallory, "/v1/jobs").await;
-    assert_eq!(listed["jobs"].as_array().unwrap().len(), 0);
+    let listed: JobPage = app.get_as(&mallory, "/v1/jobs").await;
+    assert_eq!(listed.jobs.len(), 0);
     assert_eq!(
         app.get(&alice, &format!("/v1/jobs/{id}")).await.status(),
         200
@@ -234,6 +222,7 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
         f(&mut v);
         v
     };
+    // Raw JSON bodies on purpose: they are not valid `SubmitJob`s, so no typed value holds them.
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         (
             "wrong type",
@@ -312,17 +301,14 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
             "application/problem+json",
             "{name}"
         );
-        let problem: Value = resp.json().await.unwrap();
-        assert_eq!(problem["status"], status, "{name}");
-        let fields: Vec<&str> = problem["errors"]
-            .as_array()
-            .map(|e| e.iter().map(|e| e["field"].as_str().unwrap()).collect())
-            .unwrap_or_default();
+        let problem = problem(resp).await;
+        assert_eq!(problem.status, status, "{name}");
+        let fields: Vec<&str> = problem.errors.iter().map(|e| e.field.as_str()).collect();
         assert!(
             fields.contains(&field) || (field == "body" && !fields.is_empty()),
-            "{name}: {problem}"
+            "{name}: {problem:?}"
         );
-        assert!(!problem["detail"].as_str().unwrap().is_empty());
+        assert!(!problem.detail.is_empty());
     }
     // The cell is located for a spreadsheet to highlight.
     let resp = app
@@ -332,9 +318,9 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
             &with(&|v| v["input"]["series"][1][7] = json!(true)),
         )
         .await;
-    let problem: Value = resp.json().await.unwrap();
-    assert_eq!(problem["errors"][0]["row"], 1);
-    assert_eq!(problem["errors"][0]["column"], 7);
+    let problem = crate::common::problem(resp).await;
+    assert_eq!(problem.errors[0].row, Some(1));
+    assert_eq!(problem.errors[0].column, Some(7));
 
     let raw = |body: Vec<u8>| {
         app.http
@@ -346,8 +332,11 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
     };
     let resp = raw(b"{\"kind\": \"forecast\", ".to_vec()).await.unwrap();
     assert_eq!(resp.status(), 400);
-    let problem: Value = resp.json().await.unwrap();
-    assert_eq!(problem["type"], "https://xpand.dev/problems/malformed-json");
+    let problem = crate::common::problem(resp).await;
+    assert_eq!(
+        problem.type_uri,
+        "https://xpand.dev/problems/malformed-json"
+    );
 
     let huge = format!(
         "{{\"kind\":\"forecast\",\"input\":{{\"series\":[[{}]]}},\"params\":{{\"horizon\":1}},\"max_fee\":1}}",
@@ -385,35 +374,25 @@ async fn jobs_list_with_cursor_pagination_and_filters() {
     let (_, key) = app.customer(CREDIT).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let job: Value = app
-            .post_json(&key, "/v1/jobs", &forecast_job(8, 2))
-            .await
-            .json()
-            .await
-            .unwrap();
-        ids.push(job["id"].as_str().unwrap().to_string());
+        let (_, job) = app.submit(&key, &forecast_job(8, 2)).await;
+        ids.push(job.id);
     }
-    let page = app.get_json(&key, "/v1/jobs?limit=2").await;
-    let first: Vec<&str> = page["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(first, [ids[2].as_str(), ids[1].as_str()], "newest first");
-    let cursor = page["next_cursor"].as_str().unwrap();
-    let page = app
-        .get_json(&key, &format!("/v1/jobs?limit=2&cursor={cursor}"))
+    let page: JobPage = app.get_as(&key, "/v1/jobs?limit=2").await;
+    let first: Vec<Uuid> = page.jobs.iter().map(|j| j.id).collect();
+    assert_eq!(first, [ids[2], ids[1]], "newest first");
+    let cursor = page.next_cursor.unwrap();
+    let page: JobPage = app
+        .get_as(&key, &format!("/v1/jobs?limit=2&cursor={cursor}"))
         .await;
-    assert_eq!(page["jobs"][0]["id"], ids[0].as_str());
-    assert!(page["next_cursor"].is_null());
+    assert_eq!(page.jobs[0].id, ids[0]);
+    assert_eq!(page.next_cursor, None);
 
-    let queued = app
-        .get_json(&key, "/v1/jobs?status=queued&kind=forecast")
+    let queued: JobPage = app
+        .get_as(&key, "/v1/jobs?status=queued&kind=forecast")
         .await;
-    assert_eq!(queued["jobs"].as_array().unwrap().len(), 3);
-    let done = app.get_json(&key, "/v1/jobs?status=succeeded").await;
-    assert_eq!(done["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(queued.jobs.len(), 3);
+    let done: JobPage = app.get_as(&key, "/v1/jobs?status=succeeded").await;
+    assert_eq!(done.jobs.len(), 0);
     assert_eq!(app.get(&key, "/v1/jobs?status=bogus").await.status(), 422);
     assert_eq!(app.get(&key, "/v1/jobs?limit=0").await.status(), 422);
     app.teardown().await;
@@ -424,13 +403,8 @@ async fn server_sent_events_follow_a_job_to_the_end() {
     use futures::StreamExt;
     let mut app = TestApp::spawn().await;
     let (_, key) = app.customer(CREDIT).await;
-    let job: Value = app
-        .post_json(&key, "/v1/jobs", &forecast_job(24, 5))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
+    let (_, job) = app.submit(&key, &forecast_job(24, 5)).await;
+    let id = job.id;
     let resp = app.get(&key, &format!("/v1/jobs/{id}/events")).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"]
@@ -445,27 +419,29 @@ async fn server_sent_events_follow_a_job_to_the_end() {
     while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
-    let events: Vec<Value> = text
+    let events: Vec<JobEvent> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
+        .map(parse)
         .collect();
-    assert_eq!(events[0]["event"], "progress");
-    let partial_rows: usize = events
+    assert!(
+        matches!(events[0], JobEvent::Progress { .. }),
+        "{:?}",
+        events[0]
+    );
+    let rows: usize = events
         .iter()
-        .filter(|e| e["event"] == "partial")
-        .map(|e| e["rows"].as_array().unwrap().len())
+        .filter_map(|e| match e {
+            JobEvent::Partial { rows, .. } => Some(partial_rows(rows).len()),
+            _ => None,
+        })
         .sum();
-    assert_eq!(partial_rows, 24);
+    assert_eq!(rows, 24);
     let last = events.last().unwrap();
-    assert_eq!(
-        last["event"], "succeeded",
-        "the stream ends with the outcome"
-    );
-    assert_eq!(
-        last["job"]["output"]["forecasts"].as_array().unwrap().len(),
-        24
-    );
+    let JobEvent::Succeeded { job } = last else {
+        panic!("the stream ends with the outcome: {last:?}");
+    };
+    assert_eq!(forecasts(job).len(), 24);
     app.teardown().await;
 }
 
@@ -496,18 +472,13 @@ async fn nodes_below_the_power_score_floor_get_no_shards() {
         .unwrap();
     }
     let (_, key) = app.customer(50_000_000).await;
-    let job: Value = app
-        .post_json(&key, "/v1/jobs", &forecast_job(64, 6))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let job = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
-    assert_eq!(job["status"], "succeeded");
+    let (_, job) = app.submit(&key, &forecast_job(64, 6)).await;
+    let job = app.wait_for(&key, job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded);
     let ran_on: Vec<(String, i64)> = sqlx::query_as(
         "SELECT node_id, count(*) FROM shards WHERE job_id = $1::uuid GROUP BY node_id",
     )
-    .bind(job["id"].as_str().unwrap())
+    .bind(job.id)
     .fetch_all(&app.db)
     .await
     .unwrap();

@@ -6,8 +6,13 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+use xpand::error::Problem;
+use xpand::http::account::TokenResponse;
+use xpand::http::ws::Reply;
+use xpand::jobs::{Job, JobEvent};
 
-use crate::common::{forecast_job, TestApp};
+use crate::common::{forecast_job, forecasts, parse, partial_rows, read, TestApp};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -30,7 +35,7 @@ async fn send(socket: &mut Socket, frame: Value) {
     socket.send(Message::text(frame.to_string())).await.unwrap();
 }
 
-async fn next_event(socket: &mut Socket) -> Value {
+async fn next_text(socket: &mut Socket) -> String {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(60), socket.next())
             .await
@@ -38,8 +43,41 @@ async fn next_event(socket: &mut Socket) -> Value {
             .expect("socket open")
             .unwrap();
         if let Message::Text(text) = msg {
-            return serde_json::from_str(&text).unwrap();
+            return text.to_string();
         }
+    }
+}
+
+/// A server → client frame: a reply to an op, or an event about a job.
+#[derive(Debug)]
+enum Frame {
+    Reply(Reply),
+    Event(JobEvent),
+}
+
+/// The next frame, read as the API's own `Reply` or `JobEvent` (a frame that fits neither
+/// fails the test, saying why it fits neither).
+async fn next_frame(socket: &mut Socket) -> Frame {
+    let text = next_text(socket).await;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let reply_error = match serde_path_to_error::deserialize(de) {
+        Ok(reply) => return Frame::Reply(reply),
+        Err(e) => e,
+    };
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    match serde_path_to_error::deserialize(de) {
+        Ok(event) => Frame::Event(event),
+        Err(event_error) => {
+            panic!("neither a Reply ({reply_error}) nor a JobEvent ({event_error}): {text}")
+        }
+    }
+}
+
+/// The next frame, which must be an `error` reply: its `ref` and problem.
+async fn next_error(socket: &mut Socket) -> (Option<String>, Problem) {
+    match next_frame(socket).await {
+        Frame::Reply(Reply::Error { reference, problem }) => (reference, *problem),
+        other => panic!("expected an error frame: {other:?}"),
     }
 }
 
@@ -49,8 +87,8 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
     app.start_worker().await;
     app.start_worker().await;
     let (_, key) = app.customer(50_000_000).await;
-    let token: Value = token(&app, &key, json!({})).await.json().await.unwrap();
-    let mut socket = connect(&app, token["token"].as_str().unwrap()).await;
+    let token: TokenResponse = read(token(&app, &key, json!({})).await).await;
+    let mut socket = connect(&app, &token.token).await;
 
     send(
         &mut socket,
@@ -63,34 +101,34 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
     )
     .await;
 
-    let mut ids: BTreeMap<String, String> = BTreeMap::new();
-    let mut partials: BTreeMap<String, BTreeMap<i64, Vec<Value>>> = BTreeMap::new();
-    let mut finals: BTreeMap<String, Value> = BTreeMap::new();
+    let mut ids: BTreeMap<Uuid, String> = BTreeMap::new();
+    let mut partials: BTreeMap<Uuid, BTreeMap<i32, Vec<Vec<f64>>>> = BTreeMap::new();
+    let mut finals: BTreeMap<Uuid, Job> = BTreeMap::new();
     while finals.len() < 2 {
-        let event = next_event(&mut socket).await;
-        match event["event"].as_str().unwrap() {
-            "accepted" => {
-                ids.insert(
-                    event["job"]["id"].as_str().unwrap().into(),
-                    event["ref"].as_str().unwrap().into(),
-                );
+        match next_frame(&mut socket).await {
+            Frame::Reply(Reply::Accepted { reference, job }) => {
+                ids.insert(job.id, reference.unwrap());
             }
-            "partial" => {
-                let job = event["job_id"].as_str().unwrap().to_string();
-                assert!(!finals.contains_key(&job), "partials come before the end");
-                partials.entry(job).or_default().insert(
-                    event["offset"].as_i64().unwrap(),
-                    event["rows"].as_array().unwrap().clone(),
+            Frame::Event(JobEvent::Partial {
+                job_id,
+                offset,
+                rows,
+                ..
+            }) => {
+                assert!(
+                    !finals.contains_key(&job_id),
+                    "partials come before the end"
                 );
+                partials
+                    .entry(job_id)
+                    .or_default()
+                    .insert(offset, partial_rows(&rows));
             }
-            "progress" => {}
-            "succeeded" => {
-                finals.insert(
-                    event["job"]["id"].as_str().unwrap().into(),
-                    event["job"].clone(),
-                );
+            Frame::Event(JobEvent::Progress { .. }) => {}
+            Frame::Event(JobEvent::Succeeded { job }) => {
+                finals.insert(job.id, *job);
             }
-            other => panic!("unexpected event {other}: {event}"),
+            other => panic!("unexpected frame {other:?}"),
         }
     }
     assert_eq!(ids.len(), 2);
@@ -105,15 +143,16 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
         let mut stitched = Vec::new();
         for (offset, slice) in &partials[id] {
             assert_eq!(*offset, expected_offset, "slices tile the rows");
-            expected_offset += slice.len() as i64;
+            expected_offset += slice.len() as i32;
             stitched.extend(slice.iter().cloned());
         }
         assert_eq!(stitched.len(), rows);
-        assert_eq!(&Value::Array(stitched), &job["output"]["forecasts"]);
+        assert_eq!(stitched, forecasts(job));
     }
 
     send(&mut socket, json!({"op": "ping", "ref": "p"})).await;
-    let pong = next_event(&mut socket).await;
+    // Raw on purpose: the pong's exact wire shape, with nothing else in it.
+    let pong: Value = parse(&next_text(&mut socket).await);
     assert_eq!(pong, json!({"event": "pong", "ref": "p"}));
     socket.close(None).await.unwrap();
     app.teardown().await;
@@ -123,27 +162,23 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
 async fn bad_frames_get_problems_and_the_socket_stays_usable() {
     let app = TestApp::spawn().await;
     let (_, key) = app.customer(50_000_000).await;
-    let token: Value = token(&app, &key, json!({})).await.json().await.unwrap();
-    let mut socket = connect(&app, token["token"].as_str().unwrap()).await;
+    let token: TokenResponse = read(token(&app, &key, json!({})).await).await;
+    let mut socket = connect(&app, &token.token).await;
 
     socket
         .send(Message::text("this is not json"))
         .await
         .unwrap();
-    let e = next_event(&mut socket).await;
-    assert_eq!(e["event"], "error");
+    let (_, problem) = next_error(&mut socket).await;
     assert_eq!(
-        e["problem"]["type"],
+        problem.type_uri,
         "https://xpand.dev/problems/malformed-json"
     );
 
     send(&mut socket, json!({"op": "teleport", "ref": "r1"})).await;
-    let e = next_event(&mut socket).await;
-    assert_eq!(
-        (e["event"].as_str(), e["ref"].as_str()),
-        (Some("error"), Some("r1"))
-    );
-    assert_eq!(e["problem"]["status"], 422);
+    let (reference, problem) = next_error(&mut socket).await;
+    assert_eq!(reference.as_deref(), Some("r1"));
+    assert_eq!(problem.status, 422);
 
     let mut bad = forecast_job(3, 2);
     bad["input"]["series"][2][4] = json!("#DIV/0!");
@@ -152,18 +187,18 @@ async fn bad_frames_get_problems_and_the_socket_stays_usable() {
         json!({"op": "submit", "ref": "B7", "job": bad}),
     )
     .await;
-    let e = next_event(&mut socket).await;
-    assert_eq!(e["ref"], "B7");
-    assert_eq!(e["problem"]["errors"][0]["field"], "input.series[2][4]");
-    assert_eq!(e["problem"]["errors"][0]["row"], 2);
+    let (reference, problem) = next_error(&mut socket).await;
+    assert_eq!(reference.as_deref(), Some("B7"));
+    assert_eq!(problem.errors[0].field, "input.series[2][4]");
+    assert_eq!(problem.errors[0].row, Some(2));
 
     send(
         &mut socket,
         json!({"op": "subscribe", "ref": "s", "job_id": uuid::Uuid::new_v4()}),
     )
     .await;
-    let e = next_event(&mut socket).await;
-    assert_eq!(e["problem"]["status"], 404);
+    let (_, problem) = next_error(&mut socket).await;
+    assert_eq!(problem.status, 404);
 
     // Still usable: a good job is accepted (no worker, so it waits), then canceled.
     send(
@@ -171,12 +206,16 @@ async fn bad_frames_get_problems_and_the_socket_stays_usable() {
         json!({"op": "submit", "ref": "ok", "job": forecast_job(3, 2)}),
     )
     .await;
-    let accepted = next_event(&mut socket).await;
-    assert_eq!(accepted["event"], "accepted");
-    let id = accepted["job"]["id"].as_str().unwrap();
+    let id = match next_frame(&mut socket).await {
+        Frame::Reply(Reply::Accepted { job, .. }) => job.id,
+        other => panic!("expected accepted: {other:?}"),
+    };
     send(&mut socket, json!({"op": "cancel", "job_id": id})).await;
-    let canceled = next_event(&mut socket).await;
-    assert_eq!(canceled["event"], "canceled");
+    let canceled = next_frame(&mut socket).await;
+    assert!(
+        matches!(canceled, Frame::Event(JobEvent::Canceled { .. })),
+        "{canceled:?}"
+    );
     assert_eq!(app.balances(&key).await, (50_000_000, 0));
     app.teardown().await;
 }
@@ -192,9 +231,9 @@ async fn tokens_are_scoped_and_checked() {
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let read_only: Value = resp.json().await.unwrap();
-    assert_eq!(read_only["expires_in"], 120);
-    let read_only = read_only["token"].as_str().unwrap();
+    let read_only: TokenResponse = read(resp).await;
+    assert_eq!(read_only.expires_in, 120);
+    let read_only = read_only.token.as_str();
 
     assert_eq!(app.get(read_only, "/v1/jobs").await.status(), 200);
     let resp = app
@@ -218,9 +257,9 @@ async fn tokens_are_scoped_and_checked() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let full: Value = resp.json().await.unwrap();
-    assert_eq!(full["scopes"].as_array().unwrap().len(), 3);
-    assert_eq!(full["expires_in"], 900);
+    let full: TokenResponse = read(resp).await;
+    assert_eq!(full.scopes.len(), 3);
+    assert_eq!(full.expires_in, 900);
 
     // A tampered token is refused, over REST and on the WebSocket upgrade.
     let mut forged = read_only.to_string();
@@ -241,8 +280,8 @@ async fn a_socket_on_one_replica_sees_jobs_run_through_another() {
     let mut app = TestApp::spawn().await;
     let replica = app.replica().await;
     let (_, key) = app.customer(50_000_000).await;
-    let token: Value = token(&app, &key, json!({})).await.json().await.unwrap();
-    let token = token["token"].as_str().unwrap();
+    let token: TokenResponse = read(token(&app, &key, json!({})).await).await;
+    let token = token.token.as_str();
 
     // Submitted over REST to the replica; followed on a socket held by the first gateway.
     let resp = app
@@ -254,32 +293,37 @@ async fn a_socket_on_one_replica_sees_jobs_run_through_another() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
-    let job: Value = resp.json().await.unwrap();
+    let job: Job = read(resp).await;
     let mut socket = connect(&app, token).await;
     send(
         &mut socket,
-        json!({"op": "subscribe", "ref": "s", "job_id": job["id"]}),
+        json!({"op": "subscribe", "ref": "s", "job_id": job.id}),
     )
     .await;
-    assert_eq!(next_event(&mut socket).await["event"], "subscribed");
+    let subscribed = next_frame(&mut socket).await;
+    assert!(
+        matches!(subscribed, Frame::Reply(Reply::Subscribed { .. })),
+        "{subscribed:?}"
+    );
     // Only now can the job run; both replicas share the worker's results.
     app.start_worker().await;
     let mut rows = 0;
     loop {
-        let event = next_event(&mut socket).await;
-        match event["event"].as_str().unwrap() {
-            "progress" => {}
-            "partial" => rows += event["rows"].as_array().unwrap().len(),
-            "succeeded" => {
-                assert_eq!(event["job"]["id"], job["id"]);
+        match next_frame(&mut socket).await {
+            Frame::Event(JobEvent::Progress { .. }) => {}
+            Frame::Event(JobEvent::Partial { rows: slice, .. }) => {
+                rows += partial_rows(&slice).len()
+            }
+            Frame::Event(JobEvent::Succeeded { job: finished }) => {
+                assert_eq!(finished.id, job.id);
                 break;
             }
-            other => panic!("unexpected {other}: {event}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(rows, 16, "every partial reached the other replica's socket");
-    let done = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
-    assert_eq!(done["output"]["forecasts"].as_array().unwrap().len(), 16);
+    let done = app.wait_for(&key, job.id).await;
+    assert_eq!(forecasts(&done).len(), 16);
     app.assert_ledger_invariants().await;
     replica.stop().await;
     app.teardown().await;
