@@ -27,7 +27,7 @@ use xpand_protocol::NodeKey;
 
 use crate::common::{
     assert_every_job_settled, assert_ledger_invariants, create_database, delete_redis_prefix,
-    forecast_job, pg_server, redis_url,
+    forecast_job, pg_server, redis_url, Leftovers,
 };
 
 fn free_port() -> u16 {
@@ -60,8 +60,18 @@ struct Topology {
     submitters: usize,
 }
 
+/// A child process that is killed and reaped when dropped, so a test that panics leaves no
+/// broker, gateway or worker running.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        kill9(self);
+    }
+}
+
 impl Cluster {
-    fn broker(&self) -> Child {
+    fn broker(&self) -> Process {
         let conf = self.dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -71,17 +81,19 @@ impl Cluster {
             ),
         )
         .unwrap();
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto runs")
+        Process(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto runs"),
+        )
     }
 
-    fn gateway(&self, port: u16) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_xpand"))
+    fn gateway(&self, port: u16) -> Process {
+        let child = Command::new(env!("CARGO_BIN_EXE_xpand"))
             .arg("serve")
             .env("XPAND_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", &self.db_url)
@@ -105,12 +117,13 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("xpand serve runs")
+            .expect("xpand serve runs");
+        Process(child)
     }
 
-    fn worker(&self, key_file: &Path) -> Child {
+    fn worker(&self, key_file: &Path) -> Process {
         let exe = Path::new(env!("CARGO_BIN_EXE_xpand")).with_file_name("xpand-worker");
-        Command::new(exe)
+        let child = Command::new(exe)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("--key-file")
             .arg(key_file)
@@ -126,13 +139,14 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("xpand-worker runs (cargo builds it with the workspace)")
+            .expect("xpand-worker runs (cargo builds it with the workspace)");
+        Process(child)
     }
 }
 
-fn kill9(child: &mut Child) {
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+fn kill9(process: &mut Process) {
+    let _ = process.0.kill(); // SIGKILL
+    let _ = process.0.wait();
 }
 
 /// Submits forecast jobs until `stop`, each to a random live gateway, retrying another with the
@@ -223,9 +237,11 @@ async fn run(topology: Topology) {
         gateway_key,
         redundancy_bps: topology.redundancy_bps,
     };
+    // Declared before the processes, so on a panic they are killed before it drops the database.
+    let mut leftovers = Leftovers::new(&db_name, &cluster.prefix, Vec::new());
     let mut broker = cluster.broker();
     let ports: Vec<u16> = (0..topology.gateways).map(|_| free_port()).collect();
-    let mut gateways: Vec<Child> = ports.iter().map(|p| cluster.gateway(*p)).collect();
+    let mut gateways: Vec<Process> = ports.iter().map(|p| cluster.gateway(*p)).collect();
     let bases: Vec<String> = ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
@@ -418,4 +434,5 @@ async fn run(topology: Topology) {
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
         .execute(&mut conn)
         .await;
+    leftovers.disarm();
 }
