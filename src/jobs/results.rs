@@ -9,9 +9,9 @@ use uuid::Uuid;
 use xpand_protocol::{Progress, ProgressChain, Reject, ShardResult, ShardTask, Stop};
 
 use super::kind::{JobKind, UploadedShard};
-use super::settlement::{complete_shard, Accepted, LockedJob};
+use super::settlement::{complete_shard, lock_job, Accepted};
 use super::verification::{self, Verdict};
-use super::{JobStatus, Scheduler};
+use super::Scheduler;
 use crate::nodes::{self, Failure};
 
 /// Why a node's message about an assignment was not acted on.
@@ -128,14 +128,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         // A re-dispatched shard has a new assignment id: this is a late answer to an old one.
         return Err(Refused::StaleAssignment.into());
     };
-    let job = sqlx::query!(
-        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
-           FROM jobs WHERE id = $1 FOR UPDATE"#,
-        job_id
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let (account, status, shards_total) = (job.account_id, job.status, job.shards_total);
+    let job = lock_job(&mut tx, job_id).await?;
     let kind = scheduler.kinds.of(&job.kind)?.clone();
     let shard = sqlx::query_as!(
         AssignedShard,
@@ -150,7 +143,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     if shard.node_id.as_deref() != Some(node) {
         return Err(Refused::OtherNode.into());
     }
-    if shard.status != "assigned" || status.is_terminal() {
+    if shard.status != "assigned" || job.status.is_terminal() {
         return Err(Refused::StaleAssignment.into());
     }
     if let Err(why) =
@@ -233,11 +226,6 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
             .with_label_values(&[kind.name()])
             .observe(secs);
     }
-    let job = LockedJob {
-        id: job_id,
-        account,
-        shards_total,
-    };
     complete_shard(scheduler, tx, &kind, &job, accepted).await?;
     for stop in &stops {
         scheduler.link.send_stop(stop).await;

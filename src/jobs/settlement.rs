@@ -24,6 +24,26 @@ pub(super) struct LockedJob {
     pub id: Uuid,
     pub account: Uuid,
     pub shards_total: i32,
+    pub status: JobStatus,
+    pub kind: String,
+}
+
+/// Locks job `id`'s row in the caller's transaction (the first lock of the job → shards order).
+pub(super) async fn lock_job(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<LockedJob> {
+    let job = sqlx::query!(
+        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
+           FROM jobs WHERE id = $1 FOR UPDATE"#,
+        id
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(LockedJob {
+        id,
+        account: job.account_id,
+        shards_total: job.shards_total,
+        status: job.status,
+        kind: job.kind,
+    })
 }
 
 /// A primary shard's accepted answer: where its rows go and what they are.

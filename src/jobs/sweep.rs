@@ -9,8 +9,8 @@ use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
 use super::kind::Reduction;
-use super::settlement::{complete_shard, fail, reduce_deferred, Accepted, LockedJob};
-use super::{JobStatus, Scheduler};
+use super::settlement::{complete_shard, fail, lock_job, reduce_deferred, Accepted};
+use super::Scheduler;
 use crate::config::Scheduling;
 use crate::nodes::{self, Failure};
 use crate::shutdown::Shutdown;
@@ -138,13 +138,7 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
     .await?;
     for (primary, job_id) in stuck {
         let mut tx = scheduler.db.begin().await?;
-        let job = sqlx::query!(
-            r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
-               FROM jobs WHERE id = $1 FOR UPDATE"#,
-            job_id
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        let job = lock_job(&mut tx, job_id).await?;
         if job.status.is_terminal() {
             continue;
         }
@@ -175,11 +169,6 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
         .execute(&mut *tx)
         .await?;
         let kind = scheduler.kinds.of(&job.kind)?;
-        let job = LockedJob {
-            id: job_id,
-            account: job.account_id,
-            shards_total: job.shards_total,
-        };
         let accepted = Accepted {
             idx,
             row_offset,
