@@ -155,11 +155,20 @@ pub async fn run_sealer(
     }
 }
 
-/// Seals until nothing is left; returns the blocks sealed.
+/// Seals what is unsealed now, in as many blocks as it takes; returns the blocks sealed.
+///
+/// It stops after the first block that is not full: under load, entries keep arriving, and a
+/// sealer that chased them would take its table lock back to back, holding every money
+/// movement off most of the time. What arrives meanwhile waits for the next round.
 pub async fn seal_all(pool: &PgPool, key: &ed25519_dalek::SigningKey) -> sqlx::Result<Vec<Block>> {
     let mut sealed = Vec::new();
     while let Some(block) = seal_next(pool, key).await? {
+        let full = i64::from(block.entry_count) >= MAX_ENTRIES_PER_BLOCK
+            || i64::from(block.record_count) >= MAX_ENTRIES_PER_BLOCK;
         sealed.push(block);
+        if !full {
+            break;
+        }
     }
     Ok(sealed)
 }
