@@ -97,6 +97,10 @@ pub struct GatewayArgs {
     /// Longest accepted video, in seconds.
     #[arg(long, env = "XPAND_MAX_VIDEO_SECS", default_value_t = 600)]
     pub max_video_secs: u64,
+    /// Fewest rows in a forecast shard: a bigger grain means fewer round trips per job, a
+    /// smaller one spreads a sheet over more nodes and streams it back in more slices.
+    #[arg(long, env = "XPAND_FORECAST_ROWS_PER_SHARD", default_value_t = crate::kinds::forecast::DEFAULT_ROWS_PER_SHARD)]
+    pub forecast_rows_per_shard: usize,
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
@@ -201,6 +205,7 @@ pub struct Config {
     pub scratch_dir: PathBuf,
     pub public_url: Option<String>,
     pub max_video_seconds: u64,
+    pub forecast_rows_per_shard: usize,
     pub max_upload_bytes: u64,
     pub node_msgs_per_sec: u32,
     pub scheduling: Scheduling,
@@ -289,6 +294,9 @@ impl GatewayArgs {
         if self.max_video_secs == 0 {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
+        if self.forecast_rows_per_shard == 0 {
+            bail!("XPAND_FORECAST_ROWS_PER_SHARD must be > 0");
+        }
         if self.max_connections == 0 || self.header_timeout_secs == 0 || self.rate_limit == 0 {
             bail!(
                 "XPAND_MAX_CONNECTIONS, XPAND_HEADER_TIMEOUT_SECS and XPAND_RATE_LIMIT must be > 0"
@@ -322,6 +330,7 @@ impl GatewayArgs {
             scratch_dir: self.scratch_dir,
             public_url: self.public_url,
             max_video_seconds: self.max_video_secs,
+            forecast_rows_per_shard: self.forecast_rows_per_shard,
             max_upload_bytes: self.max_upload_bytes,
             node_msgs_per_sec: self.node_msgs_per_sec,
             scheduling: Scheduling {

@@ -14,7 +14,9 @@ use crate::transfers::TransferUrls;
 /// Every kind this gateway accepts, configured.
 pub fn registry(config: &Config, transfers: TransferUrls) -> Kinds {
     Kinds::default()
-        .with(forecast::Forecast)
+        .with(forecast::Forecast {
+            rows_per_shard: config.forecast_rows_per_shard,
+        })
         .with(anonymize::Anonymize {
             transfers,
             url_lifetime: config.scheduling.job_timeout,

@@ -210,6 +210,9 @@ pub fn test_config(db_name: &str) -> Config {
         scratch_dir: std::env::temp_dir().join(format!("xpand-scratch-{prefix}")),
         public_url: None,
         max_video_seconds: 600,
+        // Small shards: a test's few rows still make several, so streaming and multi-shard
+        // settlement are exercised.
+        forecast_rows_per_shard: 8,
         node_msgs_per_sec: 2_000,
         scheduling: xpand::config::Scheduling {
             lease: Duration::from_secs(30),

@@ -1,8 +1,11 @@
 //! Job kind `forecast`: spreadsheet rows of numbers in, the next `horizon` values of each row out.
 //!
-//! Map: rows are grouped into shards of at least [`MIN_ROWS_PER_SHARD`] rows, at most
-//! [`MAX_SHARDS`] shards, so a 40-row range streams back in five slices while a 10 000-row sheet
-//! is not cut into confetti. Each accepted shard streams its rows at once (a `partial` event).
+//! Map: rows are grouped into shards of at least `rows_per_shard` rows
+//! ([`DEFAULT_ROWS_PER_SHARD`] unless configured), at most [`MAX_SHARDS`] shards. A row costs
+//! the model about 15 µs and a shard's round trip (dispatch, signatures, result, commit) about
+//! a millisecond, so a shard must carry a thousand rows before splitting pays: a 40-row range
+//! is one shard, a 10 000-row sheet spreads over ten and streams back in ten slices. Each
+//! accepted shard streams its rows at once (a `partial` event).
 //! Reduce: shard outputs are concatenated in row order, inline. Two runs agree when every value
 //! is within a relative tolerance.
 
@@ -15,7 +18,10 @@ use crate::jobs::kind::{JobKind, PlanRequest};
 use crate::jobs::{JobPlan, Scheduler, ShardPlan};
 
 /// The `forecast` job kind.
-pub struct Forecast;
+pub struct Forecast {
+    /// Fewest rows a shard carries (the grain: compute per shard against its fixed cost).
+    pub rows_per_shard: usize,
+}
 
 impl JobKind for Forecast {
     fn name(&self) -> &'static str {
@@ -27,7 +33,8 @@ impl JobKind for Forecast {
         _ctx: &'a Scheduler,
         request: PlanRequest<'a>,
     ) -> BoxFuture<'a, Result<JobPlan, AppError>> {
-        let planned = plan(request.input, request.params).map_err(AppError::Validation);
+        let planned =
+            plan(request.input, request.params, self.rows_per_shard).map_err(AppError::Validation);
         Box::pin(async move { planned })
     }
 
@@ -62,7 +69,8 @@ pub const MAX_HORIZON: u64 = 24;
 pub const MIN_HISTORY: usize = 3;
 pub const MAX_ROWS: usize = 10_000;
 pub const MAX_ROW_LEN: usize = 10_000;
-pub const MIN_ROWS_PER_SHARD: usize = 8;
+/// The grain by default: about 15 ms of one CPU thread, ten times a shard's fixed cost.
+pub const DEFAULT_ROWS_PER_SHARD: usize = 1024;
 pub const MAX_SHARDS: usize = 64;
 
 /// Unit prices, in micro-credits. The gateway keeps the job fee; workers earn the rest.
@@ -80,7 +88,11 @@ const TOLERANCE: f64 = 1e-3;
 
 /// Validates `input`/`params` and maps the job into shards. Every problem is reported, each
 /// naming its field or cell, so a spreadsheet can highlight them all at once.
-pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
+pub fn plan(
+    input: &Value,
+    params: &Value,
+    rows_per_shard: usize,
+) -> Result<JobPlan, Vec<FieldError>> {
     let mut errors = Vec::new();
     let horizon = match params.get("horizon") {
         None => {
@@ -114,7 +126,7 @@ pub fn plan(input: &Value, params: &Value) -> Result<JobPlan, Vec<FieldError>> {
     Ok(JobPlan {
         model: MODEL.into(),
         gateway_fee: PRICE_PER_JOB,
-        shards: shard(series, horizon),
+        shards: shard(series, horizon, rows_per_shard),
         staged: Vec::new(),
     })
 }
@@ -211,9 +223,9 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-fn shard(series: Vec<Vec<f64>>, horizon: u32) -> Vec<ShardPlan> {
+fn shard(series: Vec<Vec<f64>>, horizon: u32, rows_per_shard: usize) -> Vec<ShardPlan> {
     let rows = series.len();
-    let per_shard = MIN_ROWS_PER_SHARD.max(rows.div_ceil(MAX_SHARDS));
+    let per_shard = rows_per_shard.max(1).max(rows.div_ceil(MAX_SHARDS));
     let mut shards = Vec::with_capacity(rows.div_ceil(per_shard));
     let mut offset = 0;
     let mut rows_iter = series.into_iter();
@@ -308,9 +320,9 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn forty_rows_make_five_shards_in_order() {
+    fn forty_rows_in_shards_of_eight_make_five_in_order() {
         let rows: Vec<Vec<f64>> = (0..40).map(|i| vec![i as f64; 70]).collect();
-        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 12 })).unwrap();
+        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 12 }), 8).unwrap();
         assert_eq!(plan.shards.len(), 5);
         assert_eq!(
             plan.shards.iter().map(|s| s.row_offset).collect::<Vec<_>>(),
@@ -329,9 +341,20 @@ mod tests {
     #[test]
     fn many_rows_are_capped_at_max_shards() {
         let rows: Vec<Vec<f64>> = (0..10_000).map(|_| vec![1.0, 2.0, 3.0]).collect();
-        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 1 })).unwrap();
-        assert!(plan.shards.len() <= MAX_SHARDS);
+        let plan = plan(&json!({ "series": rows }), &json!({ "horizon": 1 }), 8).unwrap();
+        assert_eq!(plan.shards.len(), MAX_SHARDS);
         assert_eq!(plan.shards.iter().map(|s| s.row_count).sum::<i32>(), 10_000);
+    }
+
+    #[test]
+    fn the_default_grain_keeps_a_sheet_whole_and_spreads_a_big_one() {
+        let sheet = |n: usize| json!({ "series": vec![vec![1.0, 2.0, 3.0]; n] });
+        let params = json!({ "horizon": 2 });
+        let small = plan(&sheet(40), &params, DEFAULT_ROWS_PER_SHARD).unwrap();
+        assert_eq!(small.shards.len(), 1);
+        let big = plan(&sheet(10_000), &params, DEFAULT_ROWS_PER_SHARD).unwrap();
+        assert_eq!(big.shards.len(), 10);
+        assert!(big.shards.iter().all(|s| s.row_count <= 1024));
     }
 
     #[test]
@@ -339,6 +362,7 @@ mod tests {
         let errors = plan(
             &json!({ "series": [[1, 2, 3], [4, "x", 6, null]] }),
             &json!({ "horizon": 3 }),
+            DEFAULT_ROWS_PER_SHARD,
         )
         .unwrap_err();
         assert_eq!(errors.len(), 2);
@@ -357,7 +381,7 @@ mod tests {
             (json!({ "horizon": 2.5 }), "params.horizon"),
             (json!({ "horizon": 2, "speed": 1 }), "params.speed"),
         ] {
-            let errors = plan(&ok, &params).unwrap_err();
+            let errors = plan(&ok, &params, DEFAULT_ROWS_PER_SHARD).unwrap_err();
             assert_eq!(errors[0].field, field, "{params}");
         }
         for (input, field) in [
@@ -367,7 +391,8 @@ mod tests {
             (json!({ "series": [5] }), "input.series[0]"),
             (json!({ "series": [[1, 2, 1e300]] }), "input.series[0][2]"),
         ] {
-            let errors = plan(&input, &json!({ "horizon": 2 })).unwrap_err();
+            let errors =
+                plan(&input, &json!({ "horizon": 2 }), DEFAULT_ROWS_PER_SHARD).unwrap_err();
             assert_eq!(errors[0].field, field, "{input}");
         }
     }
