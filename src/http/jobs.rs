@@ -1,6 +1,7 @@
 //! `/v1/jobs`: submit, read, list, cancel, and follow (SSE).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -10,29 +11,42 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extract::{JsonBody, Path, Query};
 use crate::error::{AppError, AppResult, Problem};
+use crate::events::Published;
 use crate::http::auth::{Caller, Scope};
 use crate::http::state::AppState;
 use crate::jobs::{self, Job, JobEvent, JobStatus, ListFilter, SubmitJob, Submitted};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// The longest `Prefer: wait` honoured, and what a bare `wait` means.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
 /// Submit a job.
 ///
 /// Validates the input, quotes a price and escrows it from the caller's balance, then queues
 /// the job's shards. With an `Idempotency-Key`, a retry returns the first request's job (200)
 /// instead of creating another.
+///
+/// With `Prefer: wait` (RFC 7240; `wait=N` for at most N seconds, at most 60, the default),
+/// the response waits for the job: if it ends in time, the response carries the finished job
+/// and its output; otherwise the job as it is then, still running, to follow as usual. The
+/// response names the wait it applied in `Preference-Applied`.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = SubmitJob,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key, same job (at most 255 characters)")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key, same job (at most 255 characters)"),
+        ("Prefer" = Option<String>, Header, description = "`wait` or `wait=N` (seconds, at most 60): answer when the job ends, or after N seconds with the job still running"),
+    ),
     responses(
-        (status = 201, description = "Job created", body = Job),
+        (status = 201, description = "Job created (finished already, with `Prefer: wait`, if it ended in time)", body = Job,
+         headers(("Preference-Applied" = String, description = "The wait applied, as `wait=N`, when the request asked for one"))),
         (status = 200, description = "The job an earlier request with this Idempotency-Key created", body = Job),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or bad credentials", body = Problem, content_type = "application/problem+json"),
@@ -50,9 +64,96 @@ pub async fn submit(
 ) -> AppResult<Response> {
     caller.require(Scope::JobsWrite)?;
     let key = idempotency_key(&headers)?;
-    let (status, job) = submit_job(&state, &caller, &req, key.as_deref()).await?;
+    let wait = preferred_wait(&headers)?;
+    // Subscribed before the submit, so a job that ends at once is not missed.
+    let feed = wait.map(|_| state.events.subscribe());
+    let (status, mut job) = submit_job(&state, &caller, &req, key.as_deref()).await?;
     let location = format!("/v1/jobs/{}", job.id);
-    Ok((status, [(header::LOCATION, location)], Json(job)).into_response())
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(header::LOCATION, header_value(&location));
+    if let (Some(wait), Some(feed)) = (wait, feed) {
+        if !job.status.is_terminal() {
+            job = wait_for_end(&state, caller.account_id, job, feed, wait).await;
+        }
+        let applied = format!("wait={}", wait.as_secs());
+        response_headers.insert("preference-applied", header_value(&applied));
+    }
+    Ok((status, response_headers, Json(job)).into_response())
+}
+
+fn header_value(text: &str) -> header::HeaderValue {
+    header::HeaderValue::from_str(text).expect("ids and numbers are valid header values")
+}
+
+/// The wait a `Prefer` header asks for (RFC 7240): `wait` alone is [`MAX_WAIT`], longer waits
+/// are cut to it, other preferences are ignored.
+fn preferred_wait(headers: &HeaderMap) -> AppResult<Option<Duration>> {
+    let bad = || {
+        AppError::field(
+            "Prefer",
+            "wait must be a whole number of seconds, as wait=10",
+        )
+    };
+    let mut wait = None;
+    for value in headers.get_all(header::HeaderName::from_static("prefer")) {
+        let value = value.to_str().map_err(|_| bad())?;
+        for preference in value.split(',') {
+            // Parameters after `;` modify a preference; `wait` takes none.
+            let token = preference.split(';').next().unwrap_or_default().trim();
+            let (name, seconds) = match token.split_once('=') {
+                Some((name, seconds)) => (name.trim(), Some(seconds.trim().trim_matches('"'))),
+                None => (token, None),
+            };
+            if !name.eq_ignore_ascii_case("wait") {
+                continue;
+            }
+            let seconds = match seconds {
+                None => MAX_WAIT.as_secs(),
+                Some(s) => s.parse::<u64>().map_err(|_| bad())?,
+            };
+            wait = Some(Duration::from_secs(seconds).min(MAX_WAIT));
+        }
+    }
+    Ok(wait)
+}
+
+/// The job once it ends, or as it is when `wait` runs out (or the server stops).
+async fn wait_for_end(
+    state: &AppState,
+    account: Uuid,
+    job: Job,
+    mut feed: broadcast::Receiver<Arc<Published>>,
+    wait: Duration,
+) -> Job {
+    let id = job.id;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let received = tokio::select! {
+            received = feed.recv() => received,
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = state.shutdown.wait() => break,
+        };
+        match received {
+            Ok(p) if p.event.job_id() == id => {
+                if let Some(ended) = p.event.finished_job() {
+                    return ended.clone();
+                }
+            }
+            // Fell behind the feed: the job may have ended unseen, so read it.
+            Err(RecvError::Lagged(_)) => {
+                if let Ok(read) = jobs::get(&state.db, &state.scheduler.kinds, account, id).await {
+                    if read.status.is_terminal() {
+                        return read;
+                    }
+                }
+            }
+            Err(RecvError::Closed) => break,
+            Ok(_) => {}
+        }
+    }
+    jobs::get(&state.db, &state.scheduler.kinds, account, id)
+        .await
+        .unwrap_or(job)
 }
 
 /// Shared by REST and the WebSocket: submits and, for a new job, wakes the dispatcher.

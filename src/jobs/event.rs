@@ -55,6 +55,16 @@ impl JobEvent {
         )
     }
 
+    /// The job a terminal event carries, as it ended.
+    pub fn finished_job(&self) -> Option<&Job> {
+        match self {
+            JobEvent::Succeeded { job } | JobEvent::Failed { job } | JobEvent::Canceled { job } => {
+                Some(job)
+            }
+            JobEvent::Progress { .. } | JobEvent::Partial { .. } => None,
+        }
+    }
+
     /// The terminal event for a finished job.
     pub fn finished(job: Job) -> Option<Self> {
         use super::JobStatus::*;
@@ -72,4 +82,13 @@ impl JobEvent {
 /// recovered by reading the job, so publishing never fails the state change behind it.
 pub trait EventSink: Send + Sync {
     fn publish(&self, account: Uuid, event: JobEvent) -> BoxFuture<'_, ()>;
+
+    /// Publishes each event to its owner, in order (a sink may send them in one round trip).
+    fn publish_all(&self, events: Vec<(Uuid, JobEvent)>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for (account, event) in events {
+                self.publish(account, event).await;
+            }
+        })
+    }
 }

@@ -17,6 +17,7 @@ mod registration;
 mod scheduler;
 mod security;
 mod simulation;
+mod sync_wait;
 mod up;
 mod video;
 mod webhooks;
