@@ -45,16 +45,24 @@ impl EventHub {
     /// Publishes best-effort: events are a live feed, and a lost one is recovered by reading
     /// the job. A Redis outage must not fail the state change that produced the event.
     pub async fn publish(&self, account_id: Uuid, event: JobEvent) {
-        let payload =
-            serde_json::to_string(&Published { account_id, event }).expect("events serialize");
+        self.publish_all(vec![(account_id, event)]).await
+    }
+
+    /// Publishes each event to its owner, in order, in one round trip.
+    pub async fn publish_all(&self, events: Vec<(Uuid, JobEvent)>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (account_id, event) in events {
+            let payload =
+                serde_json::to_string(&Published { account_id, event }).expect("events serialize");
+            pipe.cmd("PUBLISH").arg(&self.channel).arg(payload).ignore();
+        }
         let mut conn = self.redis.clone();
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(payload)
-            .query_async(&mut conn)
-            .await;
+        let sent: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         if let Err(e) = sent {
-            tracing::warn!(error = %e, "publishing a job event to Redis failed");
+            tracing::warn!(error = %e, "publishing job events to Redis failed");
         }
     }
 
@@ -105,5 +113,9 @@ impl EventHub {
 impl EventSink for EventHub {
     fn publish(&self, account: Uuid, event: JobEvent) -> BoxFuture<'_, ()> {
         Box::pin(EventHub::publish(self, account, event))
+    }
+
+    fn publish_all(&self, events: Vec<(Uuid, JobEvent)>) -> BoxFuture<'_, ()> {
+        Box::pin(EventHub::publish_all(self, events))
     }
 }

@@ -77,6 +77,19 @@ pub enum Failure {
     Disputed,
 }
 
+/// Counts a run `node` finished (a result stored, replicas included), for its power score and
+/// for how many of its results are still checked as a new node's. Callers run it last before
+/// their commit: every result of the node updates this one row.
+pub async fn count_run(conn: &mut sqlx::PgConnection, node: &str) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1",
+        node
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Charges each `(node, shard)` with a failure: counted on the node and timestamped for the
 /// epoch's power score.
 pub async fn charge_failures(

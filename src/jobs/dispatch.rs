@@ -148,37 +148,35 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
         ledger::blocks::record(&mut tx, "assignment", &a.node, &message.payload).await?;
         messages.push(message);
     }
-    tx.commit().await?;
-
-    // The job turns `running` in its own statement: taking the job lock inside the shard
-    // transaction above would invert the job → shard lock order.
+    // Jobs that got their first shard turn `running` in this transaction. Their rows are
+    // taken only if free (`SKIP LOCKED`): waiting for a job lock while holding shard locks
+    // would invert the job → shard lock order. A job skipped here (being canceled, say) turns
+    // `running` with its first result instead.
     let mut job_ids: Vec<Uuid> = assignments.iter().map(|a| a.job_id).collect();
     job_ids.sort();
     job_ids.dedup();
     let started = sqlx::query!(
         "UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
-         WHERE id = ANY($1) AND status = 'queued'
+         WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND status = 'queued'
+                      FOR UPDATE SKIP LOCKED)
          RETURNING id, account_id, shards_done, shards_total",
         &job_ids
     )
-    .fetch_all(&scheduler.db)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
 
-    for job in started {
-        let (job_id, shards_done, shards_total) = (job.id, job.shards_done, job.shards_total);
-        scheduler
-            .events
-            .publish(
-                job.account_id,
-                JobEvent::Progress {
-                    job_id,
-                    status: JobStatus::Running,
-                    shards_done,
-                    shards_total,
-                },
-            )
-            .await;
-    }
+    // Told before the assignments go out, so no result can overtake its job's `running`.
+    let running = started.into_iter().map(|job| {
+        let progress = JobEvent::Progress {
+            job_id: job.id,
+            status: JobStatus::Running,
+            shards_done: job.shards_done,
+            shards_total: job.shards_total,
+        };
+        (job.account_id, progress)
+    });
+    scheduler.events.publish_all(running.collect()).await;
     Ok(assignments
         .into_iter()
         .zip(kinds)

@@ -81,6 +81,8 @@ struct AssignedShard {
     assigned_at: Option<chrono::DateTime<Utc>>,
     progress_done: i32,
     progress_chain: Option<String>,
+    /// Runs the answering node finished before this one.
+    node_done: i64,
 }
 
 /// Why a result is refused; the node is charged a failure and the shard goes elsewhere.
@@ -134,9 +136,11 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         AssignedShard,
         r#"SELECT id, idx, row_offset, model, replica_of, speculative,
                   task AS "task: sqlx::types::Json<ShardTask>", status, node_id, assigned_at,
-                  progress_done, progress_chain
-           FROM shards WHERE assignment_id = $1 FOR UPDATE"#,
-        r.assignment_id
+                  progress_done, progress_chain,
+                  (SELECT shards_done FROM nodes WHERE id = $2) AS "node_done!"
+           FROM shards WHERE assignment_id = $1 FOR UPDATE OF shards"#,
+        r.assignment_id,
+        node
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -169,16 +173,11 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     // The run's output goes on its own row either way: a primary's as its result (or, while it
     // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
     // answer that may beat its primary.
-    // Work done counts for the node's power score, replicas included.
-    let node_done = sqlx::query_scalar!(
-        "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1 RETURNING shards_done",
-        node
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    // `node_done` counts this run: the node had done one fewer before it.
+    // Work done counts for the node's power score, replicas included; the count is taken last
+    // before the commit ([`nodes::count_run`]). Read here without a lock, it may miss a run of
+    // the node's still committing: a new node's checks can end a result or two late or early.
     let hold = shard.replica_of.is_none()
-        && verification::wanted(scheduler, node, node_done - 1, &shard.model).await?;
+        && verification::wanted(scheduler, node, shard.node_done, &shard.model).await?;
     sqlx::query!(
         "UPDATE shards SET status = $4, output = $2, output_sha256 = $3, completed_at = now(),
                 lease_expires_at = NULL
@@ -211,6 +210,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         stop_copies(&mut tx, shard.id, &mut stops).await?;
     }
     let Some(accepted) = accepted else {
+        nodes::count_run(&mut tx, node).await?;
         tx.commit().await?;
         for stop in &stops {
             scheduler.link.send_stop(stop).await;
@@ -226,7 +226,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
             .with_label_values(&[kind.name()])
             .observe(secs);
     }
-    complete_shard(scheduler, tx, &kind, &job, accepted).await?;
+    complete_shard(scheduler, tx, &kind, &job, accepted, Some(node)).await?;
     for stop in &stops {
         scheduler.link.send_stop(stop).await;
     }

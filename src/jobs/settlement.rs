@@ -18,6 +18,7 @@ use super::{store, Job, JobError, JobEvent, JobRow, JobStatus, Scheduler, JOB_CO
 use crate::error::AppError;
 use crate::ledger::escrow::{self, Release};
 use crate::ledger::LedgerError;
+use crate::nodes;
 
 /// A job whose row the caller's transaction holds locked.
 pub(super) struct LockedJob {
@@ -55,12 +56,15 @@ pub(super) struct Accepted {
 
 /// Counts an accepted shard on its job and commits `tx`: the last shard reduces and settles an
 /// inline kind's job in the same transaction, or starts a deferred reduction after the commit.
+/// `run_by` is the node whose run produced the answer, counted for its power score just before
+/// the commit (its row is hot: every result of that node updates it).
 pub(super) async fn complete_shard(
     scheduler: &Scheduler,
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     kind: &Arc<dyn JobKind>,
     job: &LockedJob,
     accepted: Accepted,
+    run_by: Option<&str>,
 ) -> anyhow::Result<()> {
     let shards_done = sqlx::query_scalar!(
         "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
@@ -72,7 +76,7 @@ pub(super) async fn complete_shard(
     .await?;
     let inline = kind.reduction() == Reduction::Inline;
     let last = shards_done == job.shards_total;
-    let finished = if last && inline {
+    let output = if last && inline {
         let outputs = sqlx::query_scalar!(
             r#"SELECT output AS "output!: sqlx::types::Json<ShardOutput>" FROM shards
                WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx"#,
@@ -80,39 +84,41 @@ pub(super) async fn complete_shard(
         )
         .fetch_all(&mut *tx)
         .await?;
-        let output = kind.reduce(outputs.into_iter().map(|o| o.0).collect())?;
-        finish(&mut tx, job.id, Outcome::Succeeded(output)).await?
+        Some(kind.reduce(outputs.into_iter().map(|o| o.0).collect())?)
     } else {
         None
     };
-    // Partial and progress events go out while this transaction still holds the job row lock:
+    // Partial and progress events go out while this transaction holds the job row lock:
     // concurrent results for the same job publish in lock order, so every `partial` precedes
-    // the terminal event, which is sent after the commit.
-    let events = &scheduler.events;
+    // the terminal event, which is sent after the commit. A job ending here needs no progress
+    // event: the terminal one carries its counts.
+    let mut events = Vec::with_capacity(2);
     if let Some(rows) = kind.partial(&accepted.output) {
-        events
-            .publish(
-                job.account,
-                JobEvent::Partial {
-                    job_id: job.id,
-                    shard: accepted.idx,
-                    offset: accepted.row_offset,
-                    rows,
-                },
-            )
-            .await;
+        let partial = JobEvent::Partial {
+            job_id: job.id,
+            shard: accepted.idx,
+            offset: accepted.row_offset,
+            rows,
+        };
+        events.push((job.account, partial));
     }
-    events
-        .publish(
-            job.account,
-            JobEvent::Progress {
-                job_id: job.id,
-                status: finished.as_ref().map_or(JobStatus::Running, |j| j.status),
-                shards_done,
-                shards_total: job.shards_total,
-            },
-        )
-        .await;
+    if output.is_none() {
+        let progress = JobEvent::Progress {
+            job_id: job.id,
+            status: JobStatus::Running,
+            shards_done,
+            shards_total: job.shards_total,
+        };
+        events.push((job.account, progress));
+    }
+    scheduler.events.publish_all(events).await;
+    let finished = match output {
+        Some(output) => finish(&mut tx, job.id, Outcome::Succeeded(output)).await?,
+        None => None,
+    };
+    if let Some(node) = run_by {
+        nodes::count_run(&mut tx, node).await?;
+    }
     tx.commit().await?;
 
     if let Some(finished) = finished {
@@ -184,13 +190,6 @@ pub async fn finish(
         ),
         Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
     };
-    let memo = format!("job {} {}", job.kind, status.as_str());
-    match escrow::release(conn, job_id, &release, &memo).await {
-        Ok(_) => {}
-        // Released already (by a replica whose job update we cannot see yet): nothing to do.
-        Err(LedgerError::AlreadyPosted(_)) => return Ok(None),
-        Err(e) => return Err(e).context("releasing escrow"),
-    }
     let row: JobRow = sqlx::query_as(&format!(
         "UPDATE jobs SET status = $2, output = $3, error = $4, cost = $5, finished_at = now(),
                 updated_at = now()
@@ -205,6 +204,16 @@ pub async fn finish(
     .await?;
     if let Some(url) = &row.webhook {
         store::enqueue_webhook(conn, job_id, url).await?;
+    }
+    // Last, because it locks balances that every job touches (the gateway's revenue, the
+    // nodes' earnings): they stay locked only until the caller commits.
+    let memo = format!("job {} {}", job.kind, status.as_str());
+    match escrow::release(conn, job_id, &release, &memo).await {
+        Ok(_) => {}
+        // Released already (by a replica whose job update we cannot see yet): the failed
+        // insert aborted the transaction, so nothing above takes effect either.
+        Err(LedgerError::AlreadyPosted(_)) => return Ok(None),
+        Err(e) => return Err(e).context("releasing escrow"),
     }
     Ok(Some(row.into()))
 }

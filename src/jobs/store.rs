@@ -141,12 +141,15 @@ async fn store(
         });
     }
 
+    // The account's balance rows are locked last (by the hold, then the quota count under
+    // it), so concurrent submits of one account wait for each other as briefly as possible.
     let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
+    let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
         "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
                            gateway_fee, shards_total, webhook, idempotency_key, request_hash)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12)",
-    )
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12)
+         RETURNING {JOB_COLUMNS}"
+    ))
     .bind(id)
     .bind(account)
     .bind(&req.kind)
@@ -159,7 +162,7 @@ async fn store(
     .bind(&req.webhook)
     .bind(idempotency_key)
     .bind(hash)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await;
     if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {
         if db.is_unique_violation() {
@@ -171,7 +174,8 @@ async fn store(
             return existing_for(existing, hash);
         }
     }
-    inserted?;
+    let row = inserted?;
+    insert_shards(&mut tx, id, plan).await?;
 
     match escrow::hold(&mut tx, account, id, quote).await {
         Ok(()) => {}
@@ -197,8 +201,6 @@ async fn store(
              wait for some to finish"
         )));
     }
-    insert_shards(&mut tx, id, plan).await?;
-    let row = fetch_row(&mut tx, id).await?;
     tx.commit().await?;
     Ok(Submitted::Created(row.into()))
 }

@@ -174,7 +174,7 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
             row_offset,
             output: output.0,
         };
-        complete_shard(scheduler, tx, kind, &job, accepted).await?;
+        complete_shard(scheduler, tx, kind, &job, accepted, None).await?;
         scheduler
             .metrics
             .unverified_shards

@@ -108,20 +108,32 @@ pub async fn open_accounts(
     Ok(())
 }
 
-async fn account_id(
+/// The ids of the ledger accounts the postings name, in posting order, in one round trip.
+async fn account_ids(
     conn: &mut PgConnection,
-    owner: Uuid,
-    purpose: Purpose,
-) -> Result<i64, LedgerError> {
-    sqlx::query_scalar("SELECT id FROM ledger_accounts WHERE owner = $1 AND purpose = $2")
-        .bind(owner)
-        .bind(purpose.as_str())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(LedgerError::NoSuchAccount {
-            owner,
-            purpose: purpose.as_str(),
+    postings: &[Posting],
+) -> Result<Vec<i64>, LedgerError> {
+    let owners: Vec<Uuid> = postings.iter().map(|p| p.owner).collect();
+    let purposes: Vec<&str> = postings.iter().map(|p| p.purpose.as_str()).collect();
+    let found: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT a.id FROM UNNEST($1::uuid[], $2::text[]) WITH ORDINALITY AS p(owner, purpose, n)
+         LEFT JOIN ledger_accounts a ON a.owner = p.owner AND a.purpose = p.purpose
+         ORDER BY p.n",
+    )
+    .bind(&owners)
+    .bind(&purposes)
+    .fetch_all(&mut *conn)
+    .await?;
+    found
+        .into_iter()
+        .zip(postings)
+        .map(|(id, p)| {
+            id.ok_or(LedgerError::NoSuchAccount {
+                owner: p.owner,
+                purpose: p.purpose.as_str(),
+            })
         })
+        .collect()
 }
 
 /// One leg of a transaction: `amount` (signed) to `owner`'s `purpose` account.
@@ -148,12 +160,9 @@ pub async fn post(
     if sum != 0 {
         return Err(LedgerError::Unbalanced(sum));
     }
-    let mut legs = Vec::with_capacity(postings.len());
-    for p in postings.iter().filter(|p| p.amount != 0) {
-        legs.push((account_id(conn, p.owner, p.purpose).await?, p.amount));
-    }
-    // Lock balances in one global order so concurrent postings cannot deadlock.
-    legs.sort_unstable_by_key(|(id, _)| *id);
+    let postings: Vec<Posting> = postings.iter().filter(|p| p.amount != 0).copied().collect();
+    let accounts = account_ids(conn, &postings).await?;
+    let amounts: Vec<i64> = postings.iter().map(|p| p.amount).collect();
 
     let (job_id, epoch) = match subject {
         Subject::None => (None, None),
@@ -176,26 +185,46 @@ pub async fn post(
         }
         _ => LedgerError::Db(e),
     })?;
+    sqlx::query(
+        "INSERT INTO ledger_entries (tx_id, ledger_account_id, amount)
+         SELECT $1, e.account, e.amount FROM UNNEST($2::bigint[], $3::bigint[]) AS e(account, amount)",
+    )
+    .bind(tx_id)
+    .bind(&accounts)
+    .bind(&amounts)
+    .execute(&mut *conn)
+    .await?;
 
-    for (account, amount) in legs {
-        sqlx::query(
-            "INSERT INTO ledger_entries (tx_id, ledger_account_id, amount) VALUES ($1, $2, $3)",
-        )
-        .bind(tx_id)
-        .bind(account)
-        .bind(amount)
+    // Balances are touched last, so their row locks (some accounts, like the gateway's revenue,
+    // are in every job) are held for as little of the transaction as possible. They are locked
+    // in one global order (by id) so concurrent postings cannot deadlock, and each account
+    // changes once, by the sum of its legs.
+    let mut changes: Vec<(i64, i64)> = accounts.into_iter().zip(amounts).collect();
+    changes.sort_unstable_by_key(|&(account, _)| account);
+    changes.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
+        }
+        same
+    });
+    let (ids, deltas): (Vec<i64>, Vec<i64>) = changes.into_iter().unzip();
+    sqlx::query("SELECT id FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&ids)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE ledger_accounts SET balance = balance + $2 WHERE id = $1")
-            .bind(account)
-            .bind(amount)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.is_check_violation() => LedgerError::Overdrawn,
-                _ => LedgerError::Db(e),
-            })?;
-    }
+    sqlx::query(
+        "UPDATE ledger_accounts a SET balance = a.balance + c.delta
+         FROM UNNEST($1::bigint[], $2::bigint[]) AS c(id, delta) WHERE a.id = c.id",
+    )
+    .bind(&ids)
+    .bind(&deltas)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.is_check_violation() => LedgerError::Overdrawn,
+        _ => LedgerError::Db(e),
+    })?;
     Ok(tx_id)
 }
 

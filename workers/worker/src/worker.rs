@@ -535,16 +535,8 @@ impl Worker {
             .await;
             return;
         }
-        self.publish_progress(
-            assignment_id,
-            shard_id,
-            total,
-            Reported {
-                done: total,
-                chain: chain.clone(),
-            },
-        )
-        .await;
+        // No closing progress message: the result carries the whole chain, and a shard shorter
+        // than the progress interval sends the gateway nothing but its result.
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let result = ShardResult {
             assignment_id,
