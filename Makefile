@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test soak setup services lint openapi fmt sqlx-prepare
+.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -38,6 +38,12 @@ test: setup
 # The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
 soak: services
 	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run -E 'test(scheduler_simulation)' --no-capture
+
+# xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
+# loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,
+# CLIENTS, STACKS tune it.
+bench-peers: setup
+	@PEERS_COMMAND="make bench-peers" loadtests/peers/run.sh
 
 lint:
 	cargo fmt --all -- --check
