@@ -24,8 +24,8 @@ pub async fn run_dispatcher(scheduler: Scheduler, shutdown: Shutdown) {
         }
         loop {
             match dispatch_once(&scheduler).await {
-                Ok(0) => break,
-                Ok(_) => continue,
+                Ok(Drained::Yes) => break,
+                Ok(Drained::No) => continue,
                 Err(e) => {
                     tracing::warn!(error = ?e, "dispatch round failed");
                     break;
@@ -46,15 +46,17 @@ struct PendingShard {
     ran_on: Vec<String>,
 }
 
-/// One round: [`assign`], then send what it signed. Returns how many were sent.
-async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<usize> {
-    let round = assign(scheduler).await?;
-    let sent = round.len();
+/// One round: [`assign`], then send what it signed.
+async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<Drained> {
+    let Round {
+        dispatched,
+        drained,
+    } = assign(scheduler).await?;
     for Dispatched {
         assignment,
         kind,
         message,
-    } in round
+    } in dispatched
     {
         if let Err(e) = scheduler.link.send(message).await {
             // The lease will lapse and the shard will be offered again.
@@ -66,7 +68,30 @@ async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<usize> {
             .with_label_values(&[kind])
             .inc();
     }
-    Ok(sent)
+    Ok(drained)
+}
+
+/// Whether a round left nothing it could place: every placeable pending shard was assigned,
+/// or no slot is free. The dispatcher then waits to be woken rather than asking again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    Yes,
+    No,
+}
+
+/// What one [`assign`] round did.
+pub struct Round {
+    pub dispatched: Vec<Dispatched>,
+    pub drained: Drained,
+}
+
+impl Round {
+    fn drained() -> Self {
+        Round {
+            dispatched: Vec::new(),
+            drained: Drained::Yes,
+        }
+    }
 }
 
 /// An assignment recorded in Postgres, with its job's kind and the message that carries it.
@@ -82,17 +107,27 @@ pub struct Dispatched {
 ///
 /// Invariant: while a live node with a free slot may run some pending shard, the round
 /// assigns at least one ([`placeable_pending`]).
-pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
+pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
+    // Most wakes (a result freed a slot) find nothing waiting: one cheap look says so.
+    if !any_pending(&scheduler.db).await? {
+        return Ok(Round::drained());
+    }
     let mut slots = nodes::available(&scheduler.db, scheduler.presence.as_ref()).await?;
     // A node whose last epoch scored below the floor (failures, disputes) gets no work.
     let floor = scheduler.rules.min_power_score;
     slots.retain(|s| s.score.is_none_or(|score| score >= floor));
     let capacity: i64 = slots.iter().map(|s| s.free).sum();
     if capacity == 0 {
-        return Ok(Vec::new());
+        return Ok(Round::drained());
     }
     let mut tx = scheduler.db.begin().await?;
     let pending = placeable_pending(&mut tx, &slots, capacity).await?;
+    // Fewer placeable shards than free slots: this round takes all there are.
+    let drained = if (pending.len() as i64) < capacity {
+        Drained::Yes
+    } else {
+        Drained::No
+    };
 
     let lease_expires_at = Utc::now() + scheduler.rules.lease;
     let mut assignments = Vec::with_capacity(pending.len());
@@ -123,7 +158,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
         });
     }
     if assignments.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Round::drained());
     }
     let shard_ids: Vec<Uuid> = assignments.iter().map(|a| a.shard_id).collect();
     let node_ids: Vec<&str> = assignments.iter().map(|a| a.node.as_str()).collect();
@@ -177,7 +212,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
         (job.account_id, progress)
     });
     scheduler.events.publish_all(running.collect()).await;
-    Ok(assignments
+    let dispatched = assignments
         .into_iter()
         .zip(kinds)
         .zip(messages)
@@ -186,7 +221,20 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Vec<Dispatched>> {
             kind,
             message,
         })
-        .collect())
+        .collect();
+    Ok(Round {
+        dispatched,
+        drained,
+    })
+}
+
+/// Whether any shard waits for a node at all.
+async fn any_pending(db: &sqlx::PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM shards WHERE status = 'pending') AS "any!""#
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Up to `limit` pending shards that some slot in `slots` may run, fairest first, locked for

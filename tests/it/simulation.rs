@@ -334,13 +334,16 @@ impl Sim {
         false
     }
 
-    /// One dispatch pass as the dispatcher runs it (rounds until one assigns nothing),
+    /// One dispatch pass as the dispatcher runs it (rounds until one is drained),
     /// checking that a placeable shard is never left waiting.
     async fn dispatch(&mut self) {
         let must_assign = self.placeable_exists().await;
         let mut first = true;
         loop {
-            let round = xpand::jobs::dispatch::assign(&self.scheduler)
+            let xpand::jobs::dispatch::Round {
+                dispatched: round,
+                drained,
+            } = xpand::jobs::dispatch::assign(&self.scheduler)
                 .await
                 .unwrap();
             assert!(
@@ -373,6 +376,9 @@ impl Sim {
                     assignment,
                     due: self.step + delay,
                 });
+            }
+            if drained == xpand::jobs::dispatch::Drained::Yes {
+                return;
             }
         }
     }
