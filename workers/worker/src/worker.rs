@@ -439,7 +439,7 @@ impl Worker {
             ..
         } = assignment;
         let total = task.chunks();
-        tracing::info!(chunks = total, "shard started");
+        tracing::debug!(chunks = total, "shard started");
 
         let (progress_tx, progress_rx) = watch::channel(Reported {
             done: 0,
@@ -547,7 +547,7 @@ impl Worker {
             elapsed_ms,
         };
         self.publish(UpKind::Result, &result).await;
-        tracing::info!(elapsed_ms, "shard done");
+        tracing::debug!(elapsed_ms, "shard done");
     }
 
     async fn publish_progress(
