@@ -209,6 +209,7 @@ impl Domain {
         dispatch::assign(&self.scheduler)
             .await
             .unwrap()
+            .dispatched
             .into_iter()
             .map(|Dispatched { assignment, .. }| assignment)
             .collect()
@@ -476,4 +477,86 @@ async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
         "{events:?}"
     );
     domain.finish().await;
+}
+
+/// Job and shard rows read by sequential scans so far, counted once every other connection to
+/// the database is gone: a backend reports its counts as it exits, and those still open are
+/// ended (their counts then come in too).
+async fn rows_scanned(url: &str) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let others =
+        "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    sqlx::query(&format!("SELECT pg_terminate_backend(pid) {others}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) {others}"))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query_as(
+        "SELECT COALESCE(sum(seq_tup_read) FILTER (WHERE relname = 'jobs'), 0)::bigint,
+                COALESCE(sum(seq_tup_read) FILTER (WHERE relname = 'shards'), 0)::bigint
+         FROM pg_stat_user_tables",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// Every job read the whole `shards` table once (finish had no index by job, nor the verify
+/// sweep one by status), so throughput fell as history grew. With the load test's own history
+/// seeder, a job's whole life and a sweep must read no table from end to end.
+#[tokio::test]
+async fn a_long_history_makes_no_job_scan_a_whole_table() {
+    const HISTORY: usize = 20_000;
+    let domain = Domain::new(|r| {
+        r.redundancy_bps = 10_000;
+        r.verify_new_node_shards = 0;
+    })
+    .await;
+    for name in ["a", "b"] {
+        domain.node(name).await;
+    }
+    let url = format!(
+        "{}/{}",
+        crate::common::pg_server(),
+        domain.leftovers.db_name
+    );
+    let seeded = std::process::Command::new("loadtests/history/seed.sh")
+        .args([&url, &HISTORY.to_string()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(seeded.success());
+    let before = rows_scanned(&url).await;
+
+    // A job of two shards, each held for a check and confirmed by a replica, then a sweep.
+    let job = domain.submit(16).await;
+    while domain.status(job).await != JobStatus::Succeeded {
+        let round = domain.assign().await;
+        assert!(!round.is_empty(), "the job is stuck");
+        for a in &round {
+            domain.answer(a, 0.0).await.unwrap();
+        }
+    }
+    sweep::sweep(&domain.scheduler).await.unwrap();
+    assert_ledger_invariants(&domain.db).await;
+
+    domain.db.close().await;
+    let after = rows_scanned(&url).await;
+    let (jobs, shards) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        jobs < HISTORY as i64 && shards < HISTORY as i64,
+        "sequential scans read {jobs} job rows and {shards} shard rows of a {HISTORY}-job history"
+    );
+    // Still armed: dropping it removes the database and directories.
+    drop(domain.leftovers);
 }
