@@ -46,7 +46,7 @@ proptest! {
 
     #[test]
     fn the_submit_validator_refuses_by_field_and_never_panics(input in json(), params in json()) {
-        match forecast::plan(&input, &params, forecast::DEFAULT_ROWS_PER_SHARD) {
+        match forecast::plan(&input, &params, xpand::config::DEFAULT_FORECAST_ROWS_PER_SHARD) {
             Ok(plan) => prop_assert!(!plan.shards.is_empty()),
             Err(errors) => {
                 prop_assert!(!errors.is_empty());

@@ -1,7 +1,7 @@
 //! Job kind `forecast`: spreadsheet rows of numbers in, the next `horizon` values of each row out.
 //!
 //! Map: rows are grouped into shards of at least `rows_per_shard` rows
-//! ([`DEFAULT_ROWS_PER_SHARD`] unless configured), at most [`MAX_SHARDS`] shards. A row costs
+//! (`XPAND_FORECAST_ROWS_PER_SHARD`, 1,024 by default), at most [`MAX_SHARDS`] shards. A row costs
 //! the model about 15 µs and a shard's round trip (dispatch, signatures, result, commit) about
 //! a millisecond, so a shard must carry a thousand rows before splitting pays: a 40-row range
 //! is one shard, a 10 000-row sheet spreads over ten and streams back in ten slices. Each
@@ -69,8 +69,6 @@ pub const MAX_HORIZON: u64 = 24;
 pub const MIN_HISTORY: usize = 3;
 pub const MAX_ROWS: usize = 10_000;
 pub const MAX_ROW_LEN: usize = 10_000;
-/// The grain by default: about 15 ms of one CPU thread, ten times a shard's fixed cost.
-pub const DEFAULT_ROWS_PER_SHARD: usize = 1024;
 pub const MAX_SHARDS: usize = 64;
 
 /// Unit prices, in micro-credits. The gateway keeps the job fee; workers earn the rest.
@@ -317,6 +315,7 @@ fn outputs_agree(a: &ShardOutput, b: &ShardOutput) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_FORECAST_ROWS_PER_SHARD;
     use serde_json::json;
 
     #[test]
@@ -350,9 +349,9 @@ mod tests {
     fn the_default_grain_keeps_a_sheet_whole_and_spreads_a_big_one() {
         let sheet = |n: usize| json!({ "series": vec![vec![1.0, 2.0, 3.0]; n] });
         let params = json!({ "horizon": 2 });
-        let small = plan(&sheet(40), &params, DEFAULT_ROWS_PER_SHARD).unwrap();
+        let small = plan(&sheet(40), &params, DEFAULT_FORECAST_ROWS_PER_SHARD).unwrap();
         assert_eq!(small.shards.len(), 1);
-        let big = plan(&sheet(10_000), &params, DEFAULT_ROWS_PER_SHARD).unwrap();
+        let big = plan(&sheet(10_000), &params, DEFAULT_FORECAST_ROWS_PER_SHARD).unwrap();
         assert_eq!(big.shards.len(), 10);
         assert!(big.shards.iter().all(|s| s.row_count <= 1024));
     }
@@ -362,7 +361,7 @@ mod tests {
         let errors = plan(
             &json!({ "series": [[1, 2, 3], [4, "x", 6, null]] }),
             &json!({ "horizon": 3 }),
-            DEFAULT_ROWS_PER_SHARD,
+            DEFAULT_FORECAST_ROWS_PER_SHARD,
         )
         .unwrap_err();
         assert_eq!(errors.len(), 2);
@@ -381,7 +380,7 @@ mod tests {
             (json!({ "horizon": 2.5 }), "params.horizon"),
             (json!({ "horizon": 2, "speed": 1 }), "params.speed"),
         ] {
-            let errors = plan(&ok, &params, DEFAULT_ROWS_PER_SHARD).unwrap_err();
+            let errors = plan(&ok, &params, DEFAULT_FORECAST_ROWS_PER_SHARD).unwrap_err();
             assert_eq!(errors[0].field, field, "{params}");
         }
         for (input, field) in [
@@ -391,8 +390,12 @@ mod tests {
             (json!({ "series": [5] }), "input.series[0]"),
             (json!({ "series": [[1, 2, 1e300]] }), "input.series[0][2]"),
         ] {
-            let errors =
-                plan(&input, &json!({ "horizon": 2 }), DEFAULT_ROWS_PER_SHARD).unwrap_err();
+            let errors = plan(
+                &input,
+                &json!({ "horizon": 2 }),
+                DEFAULT_FORECAST_ROWS_PER_SHARD,
+            )
+            .unwrap_err();
             assert_eq!(errors[0].field, field, "{input}");
         }
     }
