@@ -213,24 +213,20 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
     gateway.assign(&gateway.key, &shard).await;
 
     let id = shard.assignment_id;
-    let progress: Progress = gateway
-        .expect(&node_id, UpKind::Progress, |p: &Progress| {
-            p.assignment_id == id && p.done == p.total
-        })
-        .await;
     let result: ShardResult = gateway
         .expect(&node_id, UpKind::Result, |r: &ShardResult| {
             r.assignment_id == id
         })
         .await;
     assert_eq!(result.shard_id, shard.shard_id);
-    assert_eq!((progress.shard_id, progress.total), (shard.shard_id, 3));
     assert_eq!(result.output_sha256, result.output.digest());
     assert_eq!(result.chain, result.output.chain(id));
-    assert_eq!(
-        progress.chain, result.chain,
-        "the result differs from what progress claimed"
-    );
+    // A shard shorter than the progress interval sends its result and nothing else.
+    let progress_seen = gateway.unread.iter().any(|(kind, _, body)| {
+        *kind == UpKind::Progress
+            && serde_json::from_slice::<Progress>(body).is_ok_and(|p| p.assignment_id == id)
+    });
+    assert!(!progress_seen, "a short shard sent progress");
     let ShardOutput::Forecast { forecasts } = &result.output else {
         panic!("not a forecast output: {:?}", result.output);
     };
