@@ -7,7 +7,7 @@
 #   ray        Ray Serve, 2 replicas, HTTP on 127.0.0.1
 #   ray-batch  the same with @serve.batch
 #   xpand-rest xpand from the release binary (`xpand up`: gateway + 2 local workers), driven by
-#   xpand-ws   xpand-loadtest --mode rest / --mode ws
+#   xpand-ws   xpand-loadtest --mode rest (SSE) / --mode rest --follow wait (xpand-wait) / --mode ws
 #
 # For each stack in turn (round r runs every stack once, ROUNDS rounds): start it, check its
 # forecasts against bare ONNX Runtime, snapshot its sockets with `ss` (loopback only, or the run
@@ -583,7 +583,7 @@ class RayBatch(Ray):
 
 class Xpand(Stack):
     name = "xpand"
-    entries = ("xpand-rest", "xpand-ws")
+    entries = ("xpand-rest", "xpand-wait", "xpand-ws")
     servicenames = (6379, 1884, 5432)
 
     def __init__(self, run):
@@ -703,7 +703,10 @@ class Xpand(Stack):
 
     def client_command(self, entry, clients, duration):
         mode = entry.split("-", 1)[1]
-        cmd = [str(self.bin / "xpand-loadtest"), "--url", self.base, "--mode", mode,
+        follow = []
+        if mode == "wait":  # REST, the POST answered with the finished job (Prefer: wait)
+            mode, follow = "rest", ["--follow", "wait"]
+        cmd = [str(self.bin / "xpand-loadtest"), "--url", self.base, "--mode", mode, *follow,
                "-c", str(clients), "-d", str(int(duration)), "-n", "1000000000", "--json",
                "--api-key-file", str(self.key_file)]
         if mode == "ws":
@@ -890,7 +893,7 @@ def aggregate(rows):
         return statistics.median(values) if values else None
 
     out = []
-    order = {s: i for i, s in enumerate(["bare", "celery", "ray", "ray-batch", "xpand-rest", "xpand-ws"])}
+    order = {s: i for i, s in enumerate(["bare", "celery", "ray", "ray-batch", "xpand-rest", "xpand-wait", "xpand-ws"])}
     for (stack, clients), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         out.append({
             "stack": stack, "clients": clients, "rounds": len(rs),
@@ -914,7 +917,7 @@ def ratios(summary, clients):
     peers = [s for s in summary if s["stack"] in PEER_STACKS and s["clients"] == many and s["jobs_per_second"]]
     best = max(peers, key=lambda s: s["jobs_per_second"]) if peers else None
     bare = get("bare", one)
-    for entry in ("xpand-rest", "xpand-ws"):
+    for entry in ("xpand-rest", "xpand-wait", "xpand-ws"):
         x_many, x_one = get(entry, many), get(entry, one)
         if best and x_many and x_many["jobs_per_second"]:
             out[f"{entry} jobs/s / best peer ({best['stack']}) jobs/s at {many} clients"] = \

@@ -40,7 +40,9 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub in_flight: u32,
 
-    /// rest: follow each job by Server-Sent Events or by polling `GET /v1/jobs/{id}`.
+    /// rest: follow each job by Server-Sent Events, by polling `GET /v1/jobs/{id}`, or not at
+    /// all: `wait` submits with `Prefer: wait`, so the answer to the POST is the finished job
+    /// (a job still running when the wait runs out is then followed by SSE).
     #[arg(long, value_enum, default_value_t = Follow::Sse)]
     pub follow: Follow,
 
@@ -92,6 +94,7 @@ pub enum Mode {
 pub enum Follow {
     Sse,
     Poll,
+    Wait,
 }
 
 impl Args {

@@ -93,6 +93,7 @@ fn setup(args: &Args) -> Setup {
             let follow = match args.follow {
                 Follow::Sse => "sse",
                 Follow::Poll => "poll",
+                Follow::Wait => "wait",
             };
             ("rest", Some(follow), None)
         }

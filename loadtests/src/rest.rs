@@ -1,5 +1,6 @@
-//! `--mode rest`: each client submits a job with `POST /v1/jobs`, follows it to its end (SSE or
-//! polling), and repeats until the budget runs out.
+//! `--mode rest`: each client submits a job with `POST /v1/jobs`, follows it to its end (SSE,
+//! polling, or the submit's own answer with `Prefer: wait`), and repeats until the budget runs
+//! out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ async fn run_job(
     poll_every: Duration,
 ) -> Option<Outcome> {
     let deadline = (started + h.job_timeout).into();
-    let job = match timeout_at(deadline, submit(h, seq)).await {
+    let job = match timeout_at(deadline, submit(h, seq, follow == Follow::Wait)).await {
         Ok(Ok(job)) => job,
         Ok(Err(outcome)) => return Some(outcome),
         Err(_) => return Some(Outcome::timed_out(h.job_timeout)),
@@ -43,7 +44,7 @@ async fn run_job(
     }
     let following = async {
         match follow {
-            Follow::Sse => follow_events(h, &job.id).await,
+            Follow::Sse | Follow::Wait => follow_events(h, &job.id).await,
             Follow::Poll => poll(h, &job.id, poll_every).await,
         }
     };
@@ -65,13 +66,12 @@ async fn run_job(
 // Below, both sides of a result are outcomes: `Err` for the ways a job can go wrong before
 // it ends, so they short-circuit with `?`.
 
-async fn submit(h: &Harness, seq: u64) -> Result<Job, Outcome> {
-    let resp = h
-        .gateway
-        .submit(h.workload.body(seq))
-        .send()
-        .await
-        .map_err(transport("submit"))?;
+async fn submit(h: &Harness, seq: u64, wait: bool) -> Result<Job, Outcome> {
+    let mut request = h.gateway.submit(h.workload.body(seq));
+    if wait {
+        request = request.header("prefer", "wait");
+    }
+    let resp = request.send().await.map_err(transport("submit"))?;
     ok_or_problem(resp)
         .await?
         .json()
