@@ -746,6 +746,7 @@ class Run:
         if unknown or self.duration < 1 or self.rounds < 1 or not self.clients:
             raise Failure(f"bad settings: STACKS may hold {', '.join(ALL_STACKS)} (got "
                           f"{sorted(unknown)}); DURATION, ROUNDS >= 1; CLIENTS a list")
+        self.stacks = {}
         self.dir = Path(tempfile.mkdtemp(prefix="xpand-peers-"))
         self.state = State(self.dir / "state.json")
         self.state.data["dirs"] = []
@@ -851,7 +852,9 @@ def measure(run, stack, entry, clients, round_no, record=True, duration=None):
 
 
 def run_stack(run, name, reference, round_no):
-    stack = STACK_CLASSES[name](run)
+    # One instance per stack for the whole run: xpand keeps its binaries, database and state
+    # directory across rounds (made once, dropped at the end).
+    stack = run.stacks.setdefault(name, STACK_CLASSES[name](run))
     log(f"round {round_no}: {name}: starting")
     started = time.monotonic()
     try:
