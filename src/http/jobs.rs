@@ -127,6 +127,7 @@ async fn wait_for_end(
 ) -> Job {
     let id = job.id;
     let deadline = tokio::time::Instant::now() + wait;
+    let read = || jobs::get(&state.db, &state.scheduler.kinds, account, id);
     loop {
         let received = tokio::select! {
             received = feed.recv() => received,
@@ -134,16 +135,18 @@ async fn wait_for_end(
             _ = state.shutdown.wait() => break,
         };
         match received {
+            // Read back rather than taken from the event, so the answer is what `GET` shows
+            // (a kind may add to it, as video adds frames).
             Ok(p) if p.event.job_id() == id => {
                 if let Some(ended) = p.event.finished_job() {
-                    return ended.clone();
+                    return read().await.unwrap_or_else(|_| ended.clone());
                 }
             }
             // Fell behind the feed: the job may have ended unseen, so read it.
             Err(RecvError::Lagged(_)) => {
-                if let Ok(read) = jobs::get(&state.db, &state.scheduler.kinds, account, id).await {
-                    if read.status.is_terminal() {
-                        return read;
+                if let Ok(job) = read().await {
+                    if job.status.is_terminal() {
+                        return job;
                     }
                 }
             }
@@ -151,9 +154,7 @@ async fn wait_for_end(
             Ok(_) => {}
         }
     }
-    jobs::get(&state.db, &state.scheduler.kinds, account, id)
-        .await
-        .unwrap_or(job)
+    read().await.unwrap_or(job)
 }
 
 /// Shared by REST and the WebSocket: submits and, for a new job, wakes the dispatcher.
