@@ -52,7 +52,8 @@ pub struct SubmitJob {
     pub input: Value,
     /// Kind-specific parameters. `forecast`: `{"horizon": 1..=24}`. `anonymize` (all optional):
     /// `{"targets": ["faces"], "style": "blur" | "mosaic" | "solid", "threshold": 0.01..=0.99
-    /// (default 0.2), "quality": "high" | "standard" | "small"}`.
+    /// (default 0.2), "quality": "high" | "standard" | "small", "detect_width": 160..=3840
+    /// (default: the frame's width)}`.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object, example = json!({"horizon": 6}))]
     pub params: Value,

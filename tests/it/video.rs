@@ -143,8 +143,25 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     let clip = make_clip(dir.path(), width, height, 4, true);
     let file = upload_file(&app, &key, &clip).await;
 
-    let job = submit_anonymize(&app, &key, &file, json!({"style": "blur"})).await;
+    // The detector sees the frames at half their width: every face full resolution finds must
+    // still be masked (checked below with the full-resolution detector).
+    let job = submit_anonymize(
+        &app,
+        &key,
+        &file,
+        json!({"style": "blur", "detect_width": 320}),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
+    let scaled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shards
+         WHERE job_id = $1::uuid AND jsonb_path_exists(task, '$.**.detect_width ? (@ == 320)')",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(scaled, job["progress"]["shards_total"].as_i64().unwrap());
     let quote = job["quote"].as_i64().unwrap();
     // 100 frames of 640x360 at 20 µc per megapixel-frame (461), each segment rounded up, plus
     // the job fee.
@@ -352,7 +369,7 @@ async fn bad_videos_are_refused_and_leave_nothing_behind() {
             "/v1/jobs",
             &anonymize_job(
                 &cases[0].1,
-                json!({"style": "pixelate", "targets": ["plates"]}),
+                json!({"style": "pixelate", "targets": ["plates"], "detect_width": 100}),
             ),
         )
         .await;
@@ -364,7 +381,10 @@ async fn bad_videos_are_refused_and_leave_nothing_behind() {
         .iter()
         .map(|e| e["field"].as_str().unwrap())
         .collect();
-    assert_eq!(fields, ["params.style", "params.targets"]);
+    assert_eq!(
+        fields,
+        ["params.detect_width", "params.style", "params.targets"]
+    );
     // Empty (and over the size limit, see files.rs): refused at upload already.
     assert_eq!(
         upload(&app, &key, Vec::new(), "video/mp4").await.status(),

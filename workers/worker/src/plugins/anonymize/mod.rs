@@ -55,6 +55,8 @@ const MAX_FRAMES: u32 = 216_000;
 const MAX_FPS: f64 = 1000.0;
 /// Highest x264 constant rate factor.
 const MAX_CRF: u8 = 51;
+/// The narrowest a detector input may be: one network input block.
+const MIN_DETECT_WIDTH: u32 = 32;
 
 /// Time a segment may take to decode, mask and encode: [`TIME_LIMIT_BASE`] plus
 /// [`TIME_LIMIT_PER_FRAME`] for each frame, plus [`TIME_LIMIT_PER_MEGAPIXEL`] for each megapixel
@@ -78,6 +80,8 @@ pub struct VideoSpec {
     pub style: MaskStyle,
     /// Detector score above which a face is masked.
     pub threshold: f32,
+    /// The width the detector sees frames scaled to; at most `width`.
+    pub detect_width: u32,
     /// x264 constant rate factor of the re-encode.
     pub crf: u8,
     /// After this long, the ffmpeg children are killed and the segment fails.
@@ -95,6 +99,7 @@ impl VideoSpec {
             fps_den: task.fps_den,
             style: task.style,
             threshold: task.threshold,
+            detect_width: task.detect_width.unwrap_or(task.width).min(task.width),
             crf: task.crf,
             time_limit: time_limit(task.frames, task.width, task.height),
         };
@@ -132,6 +137,11 @@ impl VideoSpec {
             (0.0..=1.0).contains(&self.threshold),
             "the detection threshold {} is outside 0..=1",
             self.threshold
+        );
+        ensure!(
+            (MIN_DETECT_WIDTH..=width).contains(&self.detect_width),
+            "the detection width {} is outside {MIN_DETECT_WIDTH}..={width}",
+            self.detect_width
         );
         ensure!(
             self.crf <= MAX_CRF,
@@ -273,7 +283,7 @@ mod tests {
         let spec = VideoSpec::from_task(&task()).unwrap();
         assert_eq!(spec.time_limit, time_limit(50, 640, 360));
         assert!(spec.time_limit > Duration::from_secs(60 + 50));
-        let refused: [fn(&mut AnonymizeTask); 9] = [
+        let refused: [fn(&mut AnonymizeTask); 10] = [
             |t| t.frames = 0,
             |t| t.width = 641,
             |t| t.height = 0,
@@ -283,6 +293,7 @@ mod tests {
             |t| t.threshold = f32::NAN,
             |t| t.threshold = 1.5,
             |t| t.crf = 52,
+            |t| t.detect_width = Some(8),
         ];
         for change in refused {
             let mut task = task();

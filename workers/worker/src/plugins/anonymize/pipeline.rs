@@ -163,7 +163,7 @@ fn pipeline<'scope>(
             )));
         }
         let faces = detector
-            .detect(&frame, width, height, spec.threshold)
+            .detect_at(&frame, width, height, spec.threshold, spec.detect_width)
             .with_context(|| format!("detecting faces in frame {}", detections.len()))
             .map_err(Failure::Other)?;
         let mut found = Vec::with_capacity(faces.len());

@@ -37,6 +37,7 @@ pub(super) fn task() -> AnonymizeTask {
         fps_den: 1,
         style: MaskStyle::Blur,
         threshold: 0.2,
+        detect_width: None,
         crf: 23,
     }
 }
@@ -102,6 +103,7 @@ pub(super) fn spec(frames: u32, width: u32, height: u32, style: MaskStyle) -> Vi
         fps_den: 1,
         style,
         threshold: 0.2,
+        detect_width: width,
         crf: 18,
         time_limit: time_limit(frames, width, height),
     }
