@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
 # Video anonymization throughput, end to end through `xpand up`, beside deface (its defaults)
-# and the bare CenterFace detector, on the same clips on this machine. Writes a table to stdout.
+# and the bare CenterFace detector, on the same clips on this machine; and how well xpand's
+# faces agree with deface's. Writes a table to stdout: medians of RUNS runs (default 3), in
+# frames per second, and the ratios the goals are stated in.
 #
 #   loadtests/video/bench.sh [seconds-per-clip]      (default 10)
+#   RUNS=5 DETECT_WIDTH=640 loadtests/video/bench.sh 6
+#
+# Columns: deface 1.5.0 (CenterFace at full resolution, its CLI default); the bare detector
+# (`detect_bench`: decoded frames in memory, inference only) at full resolution and at
+# DETECT_WIDTH; xpand with 1 and 2 local workers at full resolution, and with 2 workers at
+# `"detect_width": DETECT_WIDTH`. "agree" is the share of deface's face boxes (full resolution)
+# that xpand's detector at DETECT_WIDTH also finds (IoU >= 0.5, same frame), and the share of
+# xpand's boxes deface confirms (`agreement.py`).
 #
 # Needs: `make setup` done, a release build (`cargo build --release --workspace --bins
 # --examples`), Python 3 with venv (deface 1.5.0 is installed into ~/.cache/xpand/deface-venv
 # from PyPI). Uses its own database (xpand_bench_video, dropped each run) and topic prefix.
 #
-# A fresh database makes every node new, and a new node's first results are each checked by a
-# second node (XPAND_VERIFY_NEW_NODE_SHARDS, 20): with two workers every segment then runs
-# twice, and one worker (which no one can check) looks faster. To measure established nodes:
-#   XPAND_VERIFY_NEW_NODE_SHARDS=0 loadtests/video/bench.sh
+# Nodes are measured as established ones (XPAND_VERIFY_NEW_NODE_SHARDS=0): a fresh database
+# makes every node new, and each of a new node's first results is re-run by a second node, so
+# with two workers every segment would run twice. Set XPAND_VERIFY_NEW_NODE_SHARDS=20 (the
+# product's default) to measure a network's first minutes instead.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_CLIP=${1:-10}
+RUNS=${RUNS:-3}
+DETECT_WIDTH=${DETECT_WIDTH:-640}
+export XPAND_VERIFY_NEW_NODE_SHARDS=${XPAND_VERIFY_NEW_NODE_SHARDS:-0}
 TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/xpand/target}
 BIN=$TARGET/release
 WORK=$(mktemp -d /tmp/xpand-video-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 VENV=$HOME/.cache/xpand/deface-venv
-if [ ! -x "$VENV/bin/deface" ]; then
+# deface runs CenterFace on ONNX Runtime only when `onnx` imports too; without it, it falls
+# back to OpenCV's slower DNN module without a word. Its fastest CPU path is the fair peer, on
+# the CPU provider by name (it would pick the wheel's AzureExecutionProvider, a remote one).
+if ! "$VENV/bin/python" -c 'import deface, onnx, onnxruntime' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q deface==1.5.0 onnxruntime==1.31.1 >&2
+  "$VENV/bin/pip" install -q deface==1.5.0 onnxruntime==1.31.1 onnx==1.23.2 >&2
 fi
 
 clip() { # width height → path
@@ -42,6 +58,8 @@ frames_of() {
 }
 now() { date +%s.%N; }
 fps() { python3 -c "print(f'{$1 / ($3 - $2):.1f}')"; }
+median() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.1f}')" "$@"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 
 run_up() { # workers → starts xpand up in the background, waits for the API key
   local n=$1
@@ -70,46 +88,79 @@ run_up() { # workers → starts xpand up in the background, waits for the API ke
 }
 stop_up() { kill -INT "$UP_PID"; wait "$UP_PID" || true; }
 
-through_xpand() { # clip → seconds from upload to result downloaded
-  local clip=$1 key; key=$(cat "$WORK/state/dev-api-key")
-  local api=http://127.0.0.1:18080 start end file job status
+through_xpand() { # clip [params-json] → seconds from upload to result downloaded
+  # The job is followed with `Prefer: wait` rather than by polling: a poll loop forking curl
+  # and python ten times a second took a tenth of this machine's CPU from the workers.
+  local clip=$1 params=${2:-'{}'} key; key=$(cat "$WORK/state/dev-api-key")
+  local api=http://127.0.0.1:18080 start end file status
   start=$(now)
   file=$(curl -sf "$api/v1/files" -H "authorization: Bearer $key" -H 'content-type: video/mp4' \
     --data-binary @"$clip" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  job=$(curl -sf "$api/v1/jobs" -H "authorization: Bearer $key" -H 'content-type: application/json' \
-    -d "{\"kind\":\"anonymize\",\"input\":{\"file\":\"$file\"},\"max_fee\":100000000}" \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  local job_of='import json,sys; j=json.load(sys.stdin); print(j["status"], j["id"], (j.get("output") or {}).get("file",""), j["progress"]["shards_total"])'
+  status=$(curl -sf "$api/v1/jobs" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+    -H 'prefer: wait=60' \
+    -d "{\"kind\":\"anonymize\",\"input\":{\"file\":\"$file\"},\"params\":$params,\"max_fee\":100000000}" \
+    | python3 -c "$job_of")
   while :; do
-    status=$(curl -sf "$api/v1/jobs/$job" -H "authorization: Bearer $key" \
-      | python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["status"], (j.get("output") or {}).get("file",""), j["progress"]["shards_total"])')
     case $status in
       succeeded*) break ;;
-      failed*|canceled*) echo "job $job ended: $status" >&2; exit 1 ;;
+      failed*|canceled*) echo "job ended: $status" >&2; exit 1 ;;
     esac
-    sleep 0.1
+    sleep 1 # longer than a minute: poll, seldom
+    status=$(curl -sf "$api/v1/jobs/$(echo "$status" | cut -d' ' -f2)" \
+      -H "authorization: Bearer $key" | python3 -c "$job_of")
   done
-  curl -sf "$api/v1/files/$(echo "$status" | cut -d' ' -f2)" -H "authorization: Bearer $key" -o "$WORK/out.mp4"
+  curl -sf "$api/v1/files/$(echo "$status" | cut -d' ' -f3)" -H "authorization: Bearer $key" -o "$WORK/out.mp4"
   end=$(now)
-  SEGMENTS=$(echo "$status" | cut -d' ' -f3)
+  echo "$status" | cut -d' ' -f4 >"$WORK/segments"
   python3 -c "print($end - $start)"
 }
 
-echo "| clip | frames | deface 1.5.0 (CPU) | bare detector | xpand, 1 worker | xpand, 2 workers |"
-echo "|---|---|---|---|---|---|"
+xpand_fps() { # clip frames [params-json] → median fps of RUNS runs on the running `xpand up`
+  local runs=() secs
+  for _ in $(seq 1 "$RUNS"); do
+    secs=$(through_xpand "$1" "${3:-}")
+    runs+=("$(python3 -c "print($2 / $secs)")")
+  done
+  median "${runs[@]}"
+}
+
+echo "Medians of $RUNS runs; $(nproc) cores; ${SECONDS_PER_CLIP}-second clips; detect width $DETECT_WIDTH."
+echo
+echo "| clip | frames | deface | bare | bare @$DETECT_WIDTH | xpand 1 worker | xpand 2 workers | xpand 2 workers @$DETECT_WIDTH | agree @$DETECT_WIDTH (found, confirmed) | @$DETECT_WIDTH ÷ deface | 2 workers ÷ bare | @$DETECT_WIDTH ÷ bare @$DETECT_WIDTH |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+scaled="{\"detect_width\":$DETECT_WIDTH}"
 for size in "1280 720" "640 360"; do
   set -- $size
   c=$(clip "$1" "$2")
   n=$(frames_of "$c")
-  s=$(now); "$VENV/bin/deface" "$c" -o "$WORK/deface.mp4" >/dev/null 2>&1; e=$(now)
-  deface_fps=$(fps "$n" "$s" "$e")
-  bare_fps=$("$BIN/examples/detect_bench" "$c" | tail -1)
-  row="| ${2}p | $n | $deface_fps fps | $bare_fps fps |"
+  runs=()
+  for _ in $(seq 1 "$RUNS"); do
+    s=$(now); "$VENV/bin/deface" "$c" -o "$WORK/deface.mp4" --ep CPUExecutionProvider >/dev/null 2>&1; e=$(now)
+    runs+=("$(fps "$n" "$s" "$e")")
+  done
+  deface_fps=$(median "${runs[@]}")
+  bare_runs=() scaled_runs=()
+  for _ in $(seq 1 "$RUNS"); do
+    bare_runs+=("$("$BIN/examples/detect_bench" "$c" 2>/dev/null | tail -1)")
+    scaled_runs+=("$("$BIN/examples/detect_bench" "$c" --detect-width "$DETECT_WIDTH" \
+      --boxes "$WORK/boxes.jsonl" 2>/dev/null | tail -1)")
+  done
+  bare_fps=$(median "${bare_runs[@]}")
+  bare_scaled_fps=$(median "${scaled_runs[@]}")
+  agree=$("$VENV/bin/python" loadtests/video/agreement.py "$c" "$WORK/boxes.jsonl" \
+    | python3 -c 'import json,sys; a=json.load(sys.stdin); print("%.1f%%, %.1f%% of %d" % (100*a["recall"], 100*a["precision"], a["deface_boxes"]))')
+  row="| ${2}p | $n | $deface_fps | $bare_fps | $bare_scaled_fps |"
   for w in 1 2; do
     run_up "$w"
     through_xpand "$c" >/dev/null # warm-up (model load, page cache)
-    secs=$(through_xpand "$c")
+    full_fps=$(xpand_fps "$c" "$n")
+    row="$row $full_fps ($(cat "$WORK/segments") segments) |"
+    if [ "$w" = 2 ]; then
+      scaled_fps=$(xpand_fps "$c" "$n" "$scaled")
+      row="$row $scaled_fps |"
+    fi
     stop_up
-    row="$row $(python3 -c "print(f'{$n / $secs:.1f}')") fps ($SEGMENTS segments) |"
   done
-  echo "$row"
+  echo "$row $agree | $(ratio "$scaled_fps" "$deface_fps")× | $(ratio "$full_fps" "$bare_fps") | $(ratio "$scaled_fps" "$bare_scaled_fps") |"
 done
