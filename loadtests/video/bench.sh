@@ -5,14 +5,15 @@
 # frames per second, and the ratios the goals are stated in.
 #
 #   loadtests/video/bench.sh [seconds-per-clip]      (default 10)
-#   RUNS=5 DETECT_WIDTH=640 loadtests/video/bench.sh 6
+#   RUNS=5 DETECT_WIDTH=480 SIZES=640x360 loadtests/video/bench.sh 6
 #
 # Columns: deface 1.5.0 (CenterFace at full resolution, its CLI default); the bare detector
-# (`detect_bench`: decoded frames in memory, inference only) at full resolution and at
-# DETECT_WIDTH; xpand with 1 and 2 local workers at full resolution, and with 2 workers at
-# `"detect_width": DETECT_WIDTH`. "agree" is the share of deface's face boxes (full resolution)
-# that xpand's detector at DETECT_WIDTH also finds (IoU >= 0.5, same frame), and the share of
-# xpand's boxes deface confirms (`agreement.py`).
+# (`detect_bench`: decoded frames in memory, inference only) at full resolution and at the
+# detect width (DETECT_WIDTH, default half the clip's width); xpand with 1 and 2 local workers
+# at full resolution, and with 2 workers at `"detect_width"`. "agree" is the share of deface's
+# face boxes (full resolution) that xpand's detector at the detect width also finds (IoU >=
+# 0.5, same frame), and the share of xpand's boxes deface confirms (`agreement.py`). SIZES
+# lists the clips (default "1280x720 640x360").
 #
 # Needs: `make setup` done, a release build (`cargo build --release --workspace --bins
 # --examples`), Python 3 with venv (deface 1.5.0 is installed into ~/.cache/xpand/deface-venv
@@ -26,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_CLIP=${1:-10}
 RUNS=${RUNS:-3}
-DETECT_WIDTH=${DETECT_WIDTH:-640}
+SIZES=${SIZES:-1280x720 640x360}
 export XPAND_VERIFY_NEW_NODE_SHARDS=${XPAND_VERIFY_NEW_NODE_SHARDS:-0}
 TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/xpand/target}
 BIN=$TARGET/release
@@ -125,13 +126,14 @@ xpand_fps() { # clip frames [params-json] → median fps of RUNS runs on the run
   median "${runs[@]}"
 }
 
-echo "Medians of $RUNS runs; $(nproc) cores; ${SECONDS_PER_CLIP}-second clips; detect width $DETECT_WIDTH."
+echo "Medians of $RUNS runs; $(nproc) cores; ${SECONDS_PER_CLIP}-second clips."
 echo
-echo "| clip | frames | deface | bare | bare @$DETECT_WIDTH | xpand 1 worker | xpand 2 workers | xpand 2 workers @$DETECT_WIDTH | agree @$DETECT_WIDTH (found, confirmed) | @$DETECT_WIDTH ÷ deface | 2 workers ÷ bare | @$DETECT_WIDTH ÷ bare @$DETECT_WIDTH |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
-scaled="{\"detect_width\":$DETECT_WIDTH}"
-for size in "1280 720" "640 360"; do
-  set -- $size
+echo "| clip | frames | deface | bare | detect width | bare, scaled | xpand 1 worker | xpand 2 workers | xpand 2 workers, scaled | agree, scaled (found, confirmed) | scaled ÷ deface | 2 workers ÷ bare | scaled ÷ bare, scaled |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+for size in $SIZES; do
+  set -- ${size/x/ }
+  detect_width=${DETECT_WIDTH:-$(($1 / 2))}
+  scaled="{\"detect_width\":$detect_width}"
   c=$(clip "$1" "$2")
   n=$(frames_of "$c")
   runs=()
@@ -143,14 +145,14 @@ for size in "1280 720" "640 360"; do
   bare_runs=() scaled_runs=()
   for _ in $(seq 1 "$RUNS"); do
     bare_runs+=("$("$BIN/examples/detect_bench" "$c" 2>/dev/null | tail -1)")
-    scaled_runs+=("$("$BIN/examples/detect_bench" "$c" --detect-width "$DETECT_WIDTH" \
+    scaled_runs+=("$("$BIN/examples/detect_bench" "$c" --detect-width "$detect_width" \
       --boxes "$WORK/boxes.jsonl" 2>/dev/null | tail -1)")
   done
   bare_fps=$(median "${bare_runs[@]}")
   bare_scaled_fps=$(median "${scaled_runs[@]}")
   agree=$("$VENV/bin/python" loadtests/video/agreement.py "$c" "$WORK/boxes.jsonl" \
     | python3 -c 'import json,sys; a=json.load(sys.stdin); print("%.1f%%, %.1f%% of %d" % (100*a["recall"], 100*a["precision"], a["deface_boxes"]))')
-  row="| ${2}p | $n | $deface_fps | $bare_fps | $bare_scaled_fps |"
+  row="| ${2}p | $n | $deface_fps | $bare_fps | $detect_width | $bare_scaled_fps |"
   for w in 1 2; do
     run_up "$w"
     through_xpand "$c" >/dev/null # warm-up (model load, page cache)
