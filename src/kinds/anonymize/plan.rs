@@ -190,8 +190,11 @@ pub(super) async fn plan(
     let mut staged = Vec::with_capacity(segments.len());
     let mut offset = 0u32;
     let result = async {
-        for (idx, segment) in segments.iter().enumerate() {
-            let (frames, ..) = media::count_frames(segment).await?;
+        // Each count is an ffprobe process reading its whole segment: run them side by side,
+        // since the caller waits for the submit.
+        let counts =
+            futures::future::try_join_all(segments.iter().map(|s| media::count_frames(s))).await?;
+        for (idx, (segment, (frames, ..))) in segments.iter().zip(counts).enumerate() {
             let path = input_path(job, idx as i32);
             files::store_local_file(&ctx.files, &path, segment).await?;
             staged.push(path);
