@@ -138,9 +138,11 @@ impl VideoSpec {
             "the detection threshold {} is outside 0..=1",
             self.threshold
         );
+        // A frame narrower than the floor is seen as it is.
+        let narrowest = MIN_DETECT_WIDTH.min(width);
         ensure!(
-            (MIN_DETECT_WIDTH..=width).contains(&self.detect_width),
-            "the detection width {} is outside {MIN_DETECT_WIDTH}..={width}",
+            (narrowest..=width).contains(&self.detect_width),
+            "the detection width {} is outside {narrowest}..={width}",
             self.detect_width
         );
         ensure!(
@@ -295,6 +297,13 @@ mod tests {
             |t| t.crf = 52,
             |t| t.detect_width = Some(8),
         ];
+        // A frame narrower than the floor is still taken, seen at its own width.
+        let narrow = AnonymizeTask {
+            width: 16,
+            height: 16,
+            ..task()
+        };
+        assert_eq!(VideoSpec::from_task(&narrow).unwrap().detect_width, 16);
         for change in refused {
             let mut task = task();
             change(&mut task);
