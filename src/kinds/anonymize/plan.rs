@@ -2,6 +2,7 @@
 //! against the limits, priced from frames × pixels and cut at keyframes into segment shards.
 
 use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::Value;
 use uuid::Uuid;
 use xpand_protocol::{AnonymizeTask, MaskStyle, ShardTask};
@@ -191,9 +192,14 @@ pub(super) async fn plan(
     let mut offset = 0u32;
     let result = async {
         // Each count is an ffprobe process reading its whole segment: run them side by side,
-        // since the caller waits for the submit.
-        let counts =
-            futures::future::try_join_all(segments.iter().map(|s| media::count_frames(s))).await?;
+        // since the caller waits for the submit, but no more at once than there are cores (a
+        // video may have 64 segments).
+        let at_once = std::thread::available_parallelism().map_or(2, usize::from);
+        let counts: Vec<_> = futures::stream::iter(segments.clone())
+            .map(|segment| async move { media::count_frames(&segment).await })
+            .buffered(at_once)
+            .try_collect()
+            .await?;
         for (idx, (segment, (frames, ..))) in segments.iter().zip(counts).enumerate() {
             let path = input_path(job, idx as i32);
             files::store_local_file(&ctx.files, &path, segment).await?;
