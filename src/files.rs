@@ -254,22 +254,74 @@ async fn insert_within_quota(
     Ok(Some(info))
 }
 
-/// Deletes one of the caller's files: its row, then its bytes.
+/// Deletes one of the caller's files: its row, then its bytes. A file an unfinished job still
+/// reads is refused with a conflict naming the job: its nodes' work would be wasted otherwise.
 pub async fn delete(
     store: &Arc<dyn ObjectStore>,
     db: &PgPool,
     account: Uuid,
     id: Uuid,
 ) -> Result<(), AppError> {
-    let deleted = sqlx::query("DELETE FROM files WHERE id = $1 AND account_id = $2")
-        .bind(id)
-        .bind(account)
-        .execute(db)
-        .await?;
-    if deleted.rows_affected() == 0 {
+    let mut tx = db.begin().await?;
+    // Locked first (waiting out a submit that holds it), then the jobs are read in a new
+    // statement, which sees every job committed by then.
+    let owned: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM files WHERE id = $1 AND account_id = $2 FOR UPDATE")
+            .bind(id)
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if owned.is_none() {
         return Err(AppError::NotFound("file"));
     }
+    if let Some(job) = reader(&mut tx, id).await? {
+        return Err(AppError::Conflict(format!(
+            "job {job} still reads this file; delete it once the job has ended (or cancel the job)"
+        )));
+    }
+    sqlx::query("DELETE FROM files WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     remove_object(store, id).await;
+    Ok(())
+}
+
+/// An unfinished job that reads file `id`, if any.
+async fn reader(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE input_files @> ARRAY[$1] AND status IN ('queued', 'running')
+         LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Holds the files a job being submitted will read, in the submit's transaction: each must
+/// still be the caller's, and none can be deleted until the transaction ends (and then the job
+/// it inserted protects them).
+pub async fn hold_for_job(
+    conn: &mut sqlx::PgConnection,
+    account: Uuid,
+    ids: &[Uuid],
+) -> Result<(), AppError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let held: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM files WHERE id = ANY($1) AND account_id = $2 FOR SHARE",
+    )
+    .bind(ids)
+    .bind(account)
+    .fetch_all(conn)
+    .await?;
+    if held.len() < ids.len() {
+        return Err(AppError::Conflict(
+            "an input file was deleted while the job was being submitted".into(),
+        ));
+    }
     Ok(())
 }
 

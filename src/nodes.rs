@@ -366,19 +366,19 @@ async fn live_nodes(pool: &PgPool, presence: &dyn Presence) -> anyhow::Result<Ve
         .collect())
 }
 
-/// Live, active nodes and how many more shards each can take.
+/// Live, active nodes and how many more shards each can take, busy ones (`free` 0) included:
+/// placement must know who could take a shard later, not only who can now.
 pub async fn available(pool: &PgPool, presence: &dyn Presence) -> anyhow::Result<Vec<NodeSlot>> {
     Ok(live_nodes(pool, presence)
         .await?
         .into_iter()
         .map(|n| NodeSlot {
             models: n.caps.models.iter().map(|m| m.name.clone()).collect(),
-            free: n.caps.max_concurrent_shards as i64 - n.busy,
+            free: (n.caps.max_concurrent_shards as i64 - n.busy).max(0),
             accelerator: n.caps.accelerator,
             score: n.score,
             id: n.id,
         })
-        .filter(|slot| slot.free > 0)
         .collect())
 }
 

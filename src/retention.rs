@@ -1,7 +1,8 @@
 //! Customer data has a lifetime (`XPAND_RETENTION_HOURS`, default 7 days): files are deleted
 //! that long after they were stored, and a finished job's input and output (with its shards'
 //! tasks and outputs, which hold the same rows) are erased that long after it finished. What
-//! the money needs stays: the job's price, status and times, and its ledger entries.
+//! the money needs stays: the job's price, status and times, and its ledger entries. A file
+//! an unfinished job still reads outlives its retention until the job ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,22 +31,34 @@ pub async fn expire(
 ) -> sqlx::Result<Expired> {
     let secs = retention.as_secs_f64();
     let mut expired = Expired::default();
+    // A file an unfinished job still reads waits for the job. Rows are locked first, then
+    // re-checked against the jobs in a new statement, which sees every job committed by then
+    // (a submit holds its files until it commits).
+    const NOT_READ: &str = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.input_files @> ARRAY[f.id]
+                                        AND j.status IN ('queued', 'running'))";
     loop {
-        let files: Vec<Uuid> = sqlx::query_scalar(
-            "DELETE FROM files WHERE id IN (
-                 SELECT id FROM files WHERE created_at < now() - $1 * interval '1 second'
-                 LIMIT $2)
-             RETURNING id",
-        )
+        let mut tx = db.begin().await?;
+        let due: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "SELECT id FROM files f WHERE created_at < now() - $1 * interval '1 second'
+               AND {NOT_READ}
+             LIMIT $2 FOR UPDATE SKIP LOCKED"
+        ))
         .bind(secs)
         .bind(BATCH)
-        .fetch_all(db)
+        .fetch_all(&mut *tx)
         .await?;
+        let files: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "DELETE FROM files f WHERE f.id = ANY($1) AND {NOT_READ} RETURNING id"
+        ))
+        .bind(&due)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
         for id in &files {
             crate::files::remove_object(store, *id).await;
         }
         expired.files += files.len();
-        if (files.len() as i64) < BATCH {
+        if (due.len() as i64) < BATCH {
             break;
         }
     }

@@ -121,7 +121,8 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
         return Ok(Round::drained());
     }
     let mut tx = scheduler.db.begin().await?;
-    let pending = placeable_pending(&mut tx, &slots, capacity).await?;
+    let pending =
+        placeable_pending(&mut tx, &slots, capacity, scheduler.rules.max_shard_attempts).await?;
     // Fewer placeable shards than free slots: this round takes all there are.
     let drained = if (pending.len() as i64) < capacity {
         Drained::Yes
@@ -241,9 +242,12 @@ async fn any_pending(db: &sqlx::PgPool) -> sqlx::Result<bool> {
 /// this round.
 ///
 /// Only placeable shards are taken: a shard no free node may run now (its model is on no live
-/// node with room, or every such node already ran it) is skipped, never returned at the head of
-/// the round, so it cannot block the shards behind it. Whatever is returned first can be
-/// placed, hence a round with a free slot that may run some pending shard dispatches one.
+/// node with room, or every such node already ran it, or only nodes that had it before have
+/// room while another live node that holds its model has not had it) is skipped, never returned
+/// at the head of the round, so it cannot block the shards behind it. Whatever is returned
+/// first can be placed ([`choose_slot`] applies the same rules), hence a round with a free slot
+/// that may run some pending shard dispatches one. A shard out of attempts, or whose input two
+/// nodes called unusable, is never sent again: its job is being failed.
 ///
 /// Fairness: accounts take turns, least served first, where an account's service is the shards
 /// of its unfinished jobs already started (running or done). An account with 40 shards of its
@@ -253,16 +257,24 @@ async fn placeable_pending(
     conn: &mut PgConnection,
     slots: &[nodes::NodeSlot],
     limit: i64,
+    max_attempts: u32,
 ) -> sqlx::Result<Vec<PendingShard>> {
-    let (free_nodes, free_models): (Vec<&str>, Vec<&str>) = slots
-        .iter()
-        .filter(|s| s.free > 0)
-        .flat_map(|s| s.models.iter().map(|m| (s.id.as_str(), m.as_str())))
-        .unzip();
+    let mut live_nodes = Vec::new();
+    let mut live_models = Vec::new();
+    let mut has_room = Vec::new();
+    for slot in slots {
+        for model in &slot.models {
+            live_nodes.push(slot.id.as_str());
+            live_models.push(model.as_str());
+            has_room.push(slot.free > 0);
+        }
+    }
     sqlx::query_as(
-        "WITH free AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS f(node, model)),
+        "WITH live AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[])
+                       AS f(node, model, has_room)),
          candidate AS (
-             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, j.account_id, j.created_at, j.kind,
+             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, s.excluded_nodes,
+                    j.account_id, j.created_at, j.kind,
                     -- For a replica or speculative copy: the nodes that already produced (or
                     -- are producing) a run of its primary. Nodes that merely lost it stay
                     -- eligible.
@@ -274,7 +286,8 @@ async fn placeable_pending(
                                    AND r.status IN ('assigned', 'done'))))
                     END AS ran_on
              FROM shards s JOIN jobs j ON j.id = s.job_id
-             WHERE s.status = 'pending' AND s.model = ANY($2)),
+             WHERE s.status = 'pending' AND s.model = ANY($2)
+               AND s.attempts < $5 AND cardinality(s.input_refused_by) < 2),
          -- What each waiting account has started already: its unfinished jobs' shards that are
          -- no longer pending.
          served AS (
@@ -290,39 +303,52 @@ async fn placeable_pending(
                         PARTITION BY c.account_id ORDER BY c.created_at, c.job_id, c.idx, c.id
                     ) AS account_turn
              FROM candidate c JOIN served s ON s.account_id = c.account_id
-             WHERE EXISTS (SELECT 1 FROM free f
-                           WHERE f.model = c.model AND f.node <> ALL(c.ran_on)))
+             WHERE EXISTS (
+                 SELECT 1 FROM live f
+                 WHERE f.has_room AND f.model = c.model AND f.node <> ALL(c.ran_on)
+                   -- A node that had the shard before takes it only when no live node that
+                   -- holds the model is fresh to it, busy or not.
+                   AND (f.node <> ALL(c.excluded_nodes)
+                        OR NOT EXISTS (SELECT 1 FROM live g
+                                       WHERE g.model = c.model AND g.node <> ALL(c.ran_on)
+                                         AND g.node <> ALL(c.excluded_nodes)))))
          SELECT s.id, s.job_id, r.kind, s.model, s.task, s.excluded_nodes, r.ran_on
          FROM ranked r JOIN shards s ON s.id = r.id
          WHERE s.status = 'pending'
          ORDER BY r.account_turn, r.created_at, r.job_id, r.idx, r.id
-         LIMIT $3
+         LIMIT $4
          FOR UPDATE OF s SKIP LOCKED",
     )
-    .bind(&free_nodes)
-    .bind(&free_models)
+    .bind(&live_nodes)
+    .bind(&live_models)
+    .bind(&has_room)
     .bind(limit)
+    .bind(max_attempts as i32)
     .fetch_all(conn)
     .await
 }
 
-/// Where a shard of `model` goes: a node with a free slot, preferring nodes not in `excluded`
-/// (they failed or rejected the shard), then GPUs, then the least loaded (which spreads a job's
-/// shards), then the best power score. Never a node in `ran_on` (for a replica or speculative
-/// copy, the nodes with a run of the same shard): it would vote twice or race itself.
+/// Where a shard of `model` goes: a node with a free slot, never one in `ran_on` (for a
+/// replica or speculative copy, the nodes with a run of the same shard: it would vote twice or
+/// race itself), and never one in `excluded` (it rejected, failed or lost the shard) while
+/// some live node that holds the model, busy or not, is not; then GPUs, then the least loaded
+/// (which spreads a job's shards), then the best power score.
 fn choose_slot<'a>(
     slots: &'a mut [nodes::NodeSlot],
     model: &str,
     excluded: &[String],
     ran_on: &[String],
 ) -> Option<&'a mut nodes::NodeSlot> {
+    let may_run = |s: &nodes::NodeSlot| s.models.iter().any(|m| m == model) && !ran_on.contains(&s.id);
+    let fresh_exists = slots
+        .iter()
+        .any(|s| may_run(s) && !excluded.contains(&s.id));
     slots
         .iter_mut()
-        .filter(|s| s.free > 0 && s.models.iter().any(|m| m == model))
-        .filter(|s| !ran_on.contains(&s.id))
+        .filter(|s| s.free > 0 && may_run(s))
+        .filter(|s| !(fresh_exists && excluded.contains(&s.id)))
         .min_by_key(|s| {
             (
-                excluded.contains(&s.id),
                 s.accelerator != Accelerator::Cuda,
                 -s.free,
                 -s.score.unwrap_or(0),
@@ -350,7 +376,7 @@ mod tests {
     }
 
     #[test]
-    fn placement_prefers_fresh_nodes_then_gpus_then_room_then_score() {
+    fn placement_keeps_to_fresh_nodes_then_prefers_gpus_then_room_then_score() {
         use Accelerator::{Cpu, Cuda};
         let mut slots = [
             slot("cpu-roomy", 4, Cpu, Some(900)),
@@ -380,6 +406,19 @@ mod tests {
             s.free = 0;
         }
         assert_eq!(chosen(&mut slots, &[], &[]), None);
+        // A node that had the shard never gets it again while a node fresh to it lives, even
+        // a busy one: the shard waits for it.
+        let mut waiting = [slot("had-it", 4, Cpu, None), slot("fresh", 0, Cpu, None)];
+        assert_eq!(chosen(&mut waiting, &["had-it"], &[]), None);
+        assert_eq!(
+            chosen(&mut waiting, &["had-it", "fresh"], &[]).as_deref(),
+            Some("had-it")
+        );
+        waiting[1].free = 1;
+        assert_eq!(
+            chosen(&mut waiting, &["had-it"], &[]).as_deref(),
+            Some("fresh")
+        );
         let mut other_model = [slot("x", 4, Cpu, None)];
         other_model[0].models = vec!["other".into()];
         assert_eq!(chosen(&mut other_model, &[], &[]), None);

@@ -117,7 +117,7 @@ pub struct JobProgress {
 /// Why a job failed.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct JobError {
-    /// Stable code: `shard_attempts_exhausted`, `timed_out`.
+    /// Stable code: `shard_attempts_exhausted`, `input_unusable`, `reduce_failed`, `timed_out`.
     pub code: String,
     pub message: String,
 }
@@ -226,6 +226,9 @@ pub struct JobPlan {
     pub shards: Vec<ShardPlan>,
     /// Objects stored while planning (video segments): deleted if the job is refused after all.
     pub staged: Vec<object_store::path::Path>,
+    /// The caller's uploaded files the job reads until it ends (a video's original, for the
+    /// join): neither their owner nor retention may delete them meanwhile.
+    pub reads: Vec<uuid::Uuid>,
 }
 
 impl JobPlan {

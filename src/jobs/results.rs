@@ -9,7 +9,7 @@ use uuid::Uuid;
 use xpand_protocol::{Progress, ProgressChain, Reject, ShardResult, ShardTask, Stop};
 
 use super::kind::{JobKind, UploadedShard};
-use super::settlement::{complete_shard, lock_job, Accepted};
+use super::settlement::{complete_shard, fail_hopeless, lock_job, Accepted};
 use super::verification::{self, Verdict};
 use super::Scheduler;
 use crate::nodes::{self, Failure};
@@ -49,21 +49,28 @@ pub async fn on_progress(scheduler: &Scheduler, node: &str, p: &Progress) -> any
     Ok(())
 }
 
-/// A node declined a shard: offer it elsewhere first.
+/// A node declined a shard: it goes to another node if any live node that holds its model
+/// has not had it (see [`super::dispatch`]), and its job fails at once when the shard is out
+/// of attempts, or when this is the second node to call its input unusable.
 pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow::Result<()> {
     let updated = sqlx::query!(
         "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
-                lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+                lease_expires_at = NULL, excluded_nodes = array_add_once(excluded_nodes, $2),
+                input_refused_by = CASE WHEN $3 THEN array_add_once(input_refused_by, $2)
+                                        ELSE input_refused_by END
          WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
         r.assignment_id,
         node,
+        r.input_unusable,
     )
     .execute(&scheduler.db)
     .await?;
     if updated.rows_affected() == 0 {
         return Err(Refused::StaleAssignment.into());
     }
-    tracing::info!(node, shard = %r.shard_id, reason = %r.reason, "node rejected a shard");
+    tracing::info!(node, shard = %r.shard_id, reason = %r.reason, input_unusable = r.input_unusable,
+                   "node rejected a shard");
+    fail_hopeless(scheduler, Some(&[r.shard_id])).await?;
     scheduler.wake_dispatcher();
     Ok(())
 }
@@ -156,7 +163,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
         sqlx::query!(
             "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
-                    lease_expires_at = NULL, excluded_nodes = array_append(excluded_nodes, $2)
+                    lease_expires_at = NULL, excluded_nodes = array_add_once(excluded_nodes, $2)
              WHERE id = $1",
             shard.id,
             node,
@@ -166,6 +173,7 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         nodes::charge_failures(&mut tx, &[(node.to_string(), shard.id)], Failure::BadResult)
             .await?;
         tx.commit().await?;
+        fail_hopeless(scheduler, Some(&[shard.id])).await?;
         scheduler.wake_dispatcher();
         return Err(Refused::BadResult.into());
     }
@@ -212,6 +220,10 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     let Some(accepted) = accepted else {
         nodes::count_run(&mut tx, node).await?;
         tx.commit().await?;
+        if let Some(primary) = shard.replica_of {
+            // Split votes send the primary round again, which spends an attempt.
+            fail_hopeless(scheduler, Some(&[primary])).await?;
+        }
         for stop in &stops {
             scheduler.link.send_stop(stop).await;
         }
@@ -327,8 +339,10 @@ async fn decide(
             sqlx::query!(
                 "UPDATE shards p SET status = 'pending', node_id = NULL, assignment_id = NULL,
                         output = NULL, output_sha256 = NULL, completed_at = NULL,
-                        excluded_nodes = p.excluded_nodes || ARRAY(
-                            SELECT node_id FROM shards WHERE replica_of = p.id AND node_id IS NOT NULL)
+                        excluded_nodes = ARRAY(
+                            SELECT DISTINCT n FROM unnest(p.excluded_nodes || ARRAY(
+                                SELECT node_id FROM shards
+                                WHERE replica_of = p.id AND node_id IS NOT NULL)) n)
                  WHERE p.id = $1",
                 primary
             )

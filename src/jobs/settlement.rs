@@ -143,12 +143,16 @@ pub(super) async fn complete_shard(
 pub enum Outcome {
     Succeeded(Value),
     Failed(JobError),
+    /// Failed because of what the caller sent (its input cannot be processed): the nodes'
+    /// accepted work was done in good faith and is paid, as for a cancel.
+    FailedOnInput(JobError),
     Canceled,
 }
 
 /// Ends a job and releases its escrow, in the caller's transaction. Succeeded: the nodes are
-/// paid for their shards and the gateway its fee. Canceled: the nodes are paid for shards
-/// already done; the rest is refunded. Failed: everything is refunded.
+/// paid for their shards and the gateway its fee. Canceled, or failed on the caller's input:
+/// the nodes are paid for shards already done; the rest is refunded. Failed otherwise:
+/// everything is refunded.
 /// Returns `None` when the job had already ended (nothing changes).
 pub async fn finish(
     conn: &mut PgConnection,
@@ -198,6 +202,15 @@ pub async fn finish(
             None,
         ),
         Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
+        Outcome::FailedOnInput(error) => (
+            JobStatus::Failed,
+            Release {
+                payouts: done_shard_payouts(conn, job_id).await?,
+                fee: 0,
+            },
+            None,
+            Some(error),
+        ),
     };
     let row: JobRow = sqlx::query_as(&format!(
         "UPDATE jobs SET status = $2, output = $3, error = $4, cost = $5, finished_at = now(),
@@ -278,23 +291,72 @@ pub async fn fail(
     code: &str,
     message: &str,
 ) -> anyhow::Result<()> {
+    let error = JobError {
+        code: code.into(),
+        message: message.into(),
+    };
+    end_failed(scheduler, job_id, Outcome::Failed(error)).await
+}
+
+/// Ends a job as failed (`outcome` is one of the failures), unless it already ended.
+async fn end_failed(scheduler: &Scheduler, job_id: Uuid, outcome: Outcome) -> anyhow::Result<()> {
     let mut tx = scheduler.db.begin().await?;
-    let job = finish(
-        &mut tx,
-        job_id,
-        Outcome::Failed(JobError {
-            code: code.into(),
-            message: message.into(),
-        }),
-    )
-    .await?;
+    let job = finish(&mut tx, job_id, outcome).await?;
     let account = sqlx::query_scalar!("SELECT account_id FROM jobs WHERE id = $1", job_id)
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
     if let Some(job) = job {
+        let code = job.error.as_ref().map_or("", |e| e.code.as_str());
         tracing::warn!(job = %job_id, code, "job failed");
         scheduler.publish_finished(account, job).await;
+    }
+    Ok(())
+}
+
+/// Fails the jobs of pending shards that can go nowhere: out of attempts
+/// (`XPAND_MAX_SHARD_ATTEMPTS`, whatever sent them back: rejects, bad results, lost leases,
+/// split votes), or whose input two different nodes called unusable. Unusable input is the
+/// caller's doing, so the nodes are paid for shards already done; otherwise everything is
+/// refunded. Called with `Some(shards)` right after whatever re-queued them commits (the
+/// dispatcher never sends such a shard again meanwhile), and by the sweep with `None` for all.
+pub(super) async fn fail_hopeless(
+    scheduler: &Scheduler,
+    shards: Option<&[Uuid]>,
+) -> anyhow::Result<()> {
+    let hopeless = sqlx::query!(
+        r#"SELECT job_id, bool_or(cardinality(input_refused_by) >= 2) AS "unusable!",
+                  min(idx) AS "idx!"
+           FROM shards
+           WHERE status = 'pending' AND ($1::uuid[] IS NULL OR id = ANY($1))
+             AND (attempts >= $2 OR cardinality(input_refused_by) >= 2)
+           GROUP BY job_id"#,
+        shards as Option<&[Uuid]>,
+        scheduler.rules.max_shard_attempts as i32
+    )
+    .fetch_all(&scheduler.db)
+    .await?;
+    for job in hopeless {
+        let outcome = if job.unusable {
+            Outcome::FailedOnInput(JobError {
+                code: "input_unusable".into(),
+                message: format!(
+                    "two nodes could not process the input of shard {} (it does not decode, or \
+                     is not what the job's plan says it is); the nodes are paid for the shards \
+                     they finished, the rest is refunded",
+                    job.idx
+                ),
+            })
+        } else {
+            Outcome::Failed(JobError {
+                code: "shard_attempts_exhausted".into(),
+                message: format!(
+                    "shard {} was sent to nodes {} times without a usable result",
+                    job.idx, scheduler.rules.max_shard_attempts
+                ),
+            })
+        };
+        end_failed(scheduler, job.job_id, outcome).await?;
     }
     Ok(())
 }

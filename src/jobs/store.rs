@@ -144,10 +144,14 @@ async fn store(
     // The account's balance rows are locked last (by the hold, then the quota count under
     // it), so concurrent submits of one account wait for each other as briefly as possible.
     let mut tx = pool.begin().await?;
+    // The files the job reads are held (shared) until the commit, so a delete either ran before
+    // (and the submit is refused here) or waits and then sees the job.
+    files::hold_for_job(&mut tx, account, &plan.reads).await?;
     let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
         "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
-                           gateway_fee, shards_total, webhook, idempotency_key, request_hash)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12)
+                           gateway_fee, shards_total, webhook, idempotency_key, request_hash,
+                           input_files)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13)
          RETURNING {JOB_COLUMNS}"
     ))
     .bind(id)
@@ -162,6 +166,7 @@ async fn store(
     .bind(&req.webhook)
     .bind(idempotency_key)
     .bind(hash)
+    .bind(&plan.reads)
     .fetch_one(&mut *tx)
     .await;
     if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {

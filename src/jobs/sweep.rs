@@ -1,6 +1,7 @@
 //! Sweeping: what no message will fix. Lapsed leases and silent nodes hand their shards back,
 //! stragglers get speculative copies, held results no node can check are accepted, stranded
-//! reductions restart, and jobs that cannot finish fail.
+//! reductions restart, and jobs that cannot finish fail (a shard out of attempts normally fails
+//! its job the moment it is re-queued; the sweep is the backstop).
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
 use super::kind::Reduction;
-use super::settlement::{complete_shard, fail, lock_job, reduce_deferred, Accepted};
+use super::settlement::{complete_shard, fail, fail_hopeless, lock_job, reduce_deferred, Accepted};
 use super::Scheduler;
 use crate::config::Scheduling;
 use crate::nodes::{self, Failure};
@@ -62,7 +63,7 @@ pub async fn requeue_lost(scheduler: &Scheduler, lost: Lost<'_>) -> anyhow::Resu
                FOR UPDATE SKIP LOCKED)
            UPDATE shards s SET status = 'pending', node_id = NULL, assignment_id = NULL,
                   lease_expires_at = NULL,
-                  excluded_nodes = array_append(s.excluded_nodes, l.node_id)
+                  excluded_nodes = array_add_once(s.excluded_nodes, l.node_id)
            FROM lost l WHERE s.id = l.id
            RETURNING l.node_id AS "node_id!", s.id"#,
         lapsed,
@@ -81,6 +82,8 @@ pub async fn requeue_lost(scheduler: &Scheduler, lost: Lost<'_>) -> anyhow::Resu
     tx.commit().await?;
     if !requeued.is_empty() {
         tracing::info!(shards = requeued.len(), reason = ?why, "re-queued lost shards");
+        let shards: Vec<Uuid> = requeued.iter().map(|(_, shard)| *shard).collect();
+        fail_hopeless(scheduler, Some(&shards)).await?;
         scheduler.wake_dispatcher();
     }
     Ok(requeued.len())
@@ -103,7 +106,7 @@ pub async fn speculate(db: &PgPool, rules: &Scheduling) -> sqlx::Result<Vec<Uuid
          INSERT INTO shards (id, job_id, idx, row_offset, row_count, model, task, fee, status,
                              excluded_nodes, replica_of, speculative)
          SELECT gen_random_uuid(), s.job_id, s.idx, s.row_offset, s.row_count, s.model, s.task,
-                0, 'pending', s.excluded_nodes || s.node_id, s.id, true
+                0, 'pending', array_add_once(s.excluded_nodes, s.node_id), s.id, true
          FROM shards s JOIN finished f ON f.job_id = s.job_id
          WHERE s.status = 'assigned' AND s.replica_of IS NULL
            AND s.assigned_at < now() - make_interval(secs => greatest($1, $2 * f.median))
@@ -215,21 +218,8 @@ pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
     accept_unchecked(scheduler).await?;
     restart_reductions(scheduler).await?;
 
-    let exhausted = sqlx::query_scalar!(
-        "SELECT DISTINCT job_id FROM shards WHERE status = 'pending' AND attempts >= $1",
-        scheduler.rules.max_shard_attempts as i32
-    )
-    .fetch_all(&scheduler.db)
-    .await?;
-    for job_id in exhausted {
-        fail(
-            scheduler,
-            job_id,
-            "shard_attempts_exhausted",
-            "a shard failed on every node it was sent to",
-        )
-        .await?;
-    }
+    // Normally failed as soon as they are re-queued; this catches a failure to fail them then.
+    fail_hopeless(scheduler, None).await?;
 
     let timed_out = sqlx::query_scalar!(
         "SELECT id FROM jobs WHERE status IN ('queued', 'running')

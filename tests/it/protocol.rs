@@ -428,6 +428,7 @@ async fn transfer_urls_work_only_for_their_node_while_the_assignment_is_current(
         assignment_id: a.assignment_id,
         shard_id: a.shard_id,
         reason: "test".into(),
+        input_unusable: false,
     };
     node.send(UpKind::Reject, node.seal(UpKind::Reject, &reject))
         .await;
@@ -653,6 +654,7 @@ async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
         assignment_id: b.assignment_id,
         shard_id: b.shard_id,
         reason: "busy".into(),
+        input_unusable: false,
     };
     slow.send(UpKind::Reject, slow.seal(UpKind::Reject, &reject))
         .await;

@@ -10,12 +10,14 @@
 //!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not
 //!   seconds, and come out the same on every run;
 //! - a seeded RNG chooses everything: nodes joining, dying, restarting, lying, straggling and
-//!   rejecting; jobs of every size from three accounts; cancels; redundancy off, sampled at
-//!   100%, or only for new nodes.
+//!   rejecting; nodes that refuse every shard; jobs of every size from three accounts, a few
+//!   with a poisoned cell that every node refuses as unusable input; cancels; redundancy off,
+//!   sampled at 100%, or only for new nodes.
 //!
 //! After every step: no starvation (if a live node with a free slot may run some pending shard,
-//! the dispatch round assigns one), no job outlives its timeout, the ledger balances. At the
-//! end: every job ended, nothing was paid twice, escrow is empty.
+//! the dispatch round assigns one), no shard is sent more than `XPAND_MAX_SHARD_ATTEMPTS`
+//! times, no job outlives its timeout, the ledger balances. At the end: every job ended, a
+//! poisoned job never succeeded, nothing was paid twice, escrow is empty.
 //!
 //! `XPAND_SIM_SEEDS` seeds run (default 100; `make soak` runs more), from `XPAND_SIM_FIRST_SEED`;
 //! `XPAND_SIM_SEED=n` reruns one. A failure names its seed. Video jobs are not simulated: their
@@ -66,7 +68,15 @@ enum Behaviour {
     Straggler,
     /// Gives back half of what it is sent.
     Rejecter,
+    /// Gives back everything it is sent (a node that cannot run the model after all).
+    Refuser,
 }
+
+/// A cell value that no node can process: a shard holding it is refused by every node as
+/// unusable input, as a video that does not decode is.
+const POISON: f64 = -7.25;
+/// The attempt cap (`XPAND_MAX_SHARD_ATTEMPTS`) every seed runs with.
+const MAX_ATTEMPTS: u32 = 5;
 
 /// Work a node holds: answered at step `due`.
 struct Held {
@@ -91,6 +101,10 @@ struct Sim {
     nodes: Vec<SimNode>,
     accounts: Vec<Uuid>,
     jobs: Vec<(Uuid, Uuid)>,
+    /// Jobs submitted with a poisoned cell.
+    poisoned: Vec<Uuid>,
+    /// How often each shard was dispatched.
+    dispatches: HashMap<Uuid, u32>,
     step: u32,
     last_advance: Instant,
     /// What the run did, for the summary line.
@@ -139,6 +153,7 @@ impl Sim {
             0 => Behaviour::Liar,
             1 => Behaviour::Straggler,
             2 => Behaviour::Rejecter,
+            3 if self.rng.gen_bool(0.5) => Behaviour::Refuser,
             _ => Behaviour::Honest,
         };
         let key = NodeKey::generate();
@@ -165,9 +180,14 @@ impl Sim {
             self.rng.gen_range(1..=24)
         };
         let len = self.rng.gen_range(3..=20);
-        let series: Vec<Vec<f64>> = (0..rows)
+        let mut series: Vec<Vec<f64>> = (0..rows)
             .map(|r| (0..len).map(|c| (r * 7 + c) as f64).collect())
             .collect();
+        let poisoned = self.rng.gen_bool(0.05);
+        if poisoned {
+            let row = self.rng.gen_range(0..series.len());
+            series[row][0] = POISON;
+        }
         let req = SubmitJob {
             kind: "forecast".into(),
             input: json!({ "series": series }),
@@ -176,7 +196,13 @@ impl Sim {
             webhook: None,
         };
         match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
-            Ok(Submitted::Created(job)) => self.jobs.push((account, job.id)),
+            Ok(Submitted::Created(job)) => {
+                self.jobs.push((account, job.id));
+                if poisoned {
+                    self.poisoned.push(job.id);
+                    self.count("poisoned jobs");
+                }
+            }
             Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
             Err(e) => panic!("a valid job was refused: {e}"),
         }
@@ -259,19 +285,26 @@ impl Sim {
 
     async fn answer(&mut self, i: usize, a: &Assignment) {
         let behaviour = self.nodes[i].behaviour;
-        if behaviour == Behaviour::Rejecter && self.rng.gen_bool(0.5) {
+        let ShardTask::Forecast { series, horizon } = &a.task else {
+            panic!("only forecasts are simulated");
+        };
+        let input_unusable = series.iter().flatten().any(|&v| v == POISON);
+        let refuses = match behaviour {
+            Behaviour::Rejecter => self.rng.gen_bool(0.5),
+            Behaviour::Refuser => true,
+            _ => false,
+        };
+        if refuses || input_unusable {
             let reject = Reject {
                 assignment_id: a.assignment_id,
                 shard_id: a.shard_id,
-                reason: "sim: busy".into(),
+                reason: "sim: cannot run it".into(),
+                input_unusable,
             };
             self.send(i, UpKind::Reject, &reject).await;
             self.count("rejects");
             return;
         }
-        let ShardTask::Forecast { series, horizon } = &a.task else {
-            panic!("only forecasts are simulated");
-        };
         // The "model": each row's last value, repeated. A liar answers something else.
         let lie = if behaviour == Behaviour::Liar {
             1e6
@@ -289,7 +322,9 @@ impl Sim {
     }
 
     /// Whether some pending shard may run on some live node with a free slot, decided here
-    /// from the rows, independently of the dispatch query.
+    /// from the rows, independently of the dispatch query: not a shard out of attempts or
+    /// whose input two nodes refused; never on a node with a run of its shard; and on a node
+    /// that had it before only when no live node is fresh to it.
     async fn placeable_exists(&self) -> bool {
         let db = &self.scheduler.db;
         let busy: HashMap<String, i64> = sqlx::query_as(
@@ -300,6 +335,12 @@ impl Sim {
         .unwrap()
         .into_iter()
         .collect();
+        let live: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.key.id())
+            .collect();
         let free: Vec<&str> = self
             .nodes
             .iter()
@@ -309,25 +350,33 @@ impl Sim {
         if free.is_empty() {
             return false;
         }
-        let pending: Vec<Option<Uuid>> =
-            sqlx::query_scalar("SELECT replica_of FROM shards WHERE status = 'pending'")
+        let pending: Vec<(Option<Uuid>, Vec<String>)> = sqlx::query_as(
+            "SELECT replica_of, excluded_nodes FROM shards
+             WHERE status = 'pending' AND attempts < $1 AND cardinality(input_refused_by) < 2",
+        )
+        .bind(MAX_ATTEMPTS as i32)
+        .fetch_all(db)
+        .await
+        .unwrap();
+        for (replica_of, excluded) in pending {
+            // A replica or copy never goes to a node with a run of its shard.
+            let ran: Vec<String> = match replica_of {
+                None => Vec::new(),
+                Some(primary) => sqlx::query_scalar(
+                    "SELECT node_id FROM shards WHERE node_id IS NOT NULL
+                       AND (id = $1 OR (replica_of = $1 AND status IN ('assigned', 'done')))",
+                )
+                .bind(primary)
                 .fetch_all(db)
                 .await
-                .unwrap();
-        for replica_of in pending {
-            let Some(primary) = replica_of else {
-                return true;
+                .unwrap(),
             };
-            // A replica or copy never goes to a node with a run of its shard.
-            let ran: Vec<String> = sqlx::query_scalar(
-                "SELECT node_id FROM shards WHERE node_id IS NOT NULL
-                   AND (id = $1 OR (replica_of = $1 AND status IN ('assigned', 'done')))",
-            )
-            .bind(primary)
-            .fetch_all(db)
-            .await
-            .unwrap();
-            if free.iter().any(|n| !ran.iter().any(|r| r == n)) {
+            let had = |n: &&str, list: &[String]| list.iter().any(|r| r == n);
+            let fresh_lives = live.iter().any(|n| !had(n, &ran) && !had(n, &excluded));
+            if free
+                .iter()
+                .any(|n| !had(n, &ran) && !(fresh_lives && had(n, &excluded)))
+            {
                 return true;
             }
         }
@@ -358,6 +407,15 @@ impl Sim {
             }
             for Dispatched { assignment, .. } in round {
                 self.count("assignments");
+                let sent = self.dispatches.entry(assignment.shard_id).or_default();
+                *sent += 1;
+                assert!(
+                    *sent <= MAX_ATTEMPTS,
+                    "step {}: shard {} was dispatched {} times, past the attempt cap",
+                    self.step,
+                    assignment.shard_id,
+                    *sent
+                );
                 let Some(node) = self
                     .nodes
                     .iter_mut()
@@ -496,6 +554,25 @@ impl Sim {
                 "a succeeded job lost rows"
             );
         }
+        // A poisoned job never succeeds: it fails once two nodes refused its input (or its
+        // shard ran out of nodes to try), unless it was canceled first.
+        for job in &self.poisoned {
+            let (status, code): (String, Option<String>) =
+                sqlx::query_as("SELECT status, error->>'code' FROM jobs WHERE id = $1")
+                    .bind(job)
+                    .fetch_one(&self.scheduler.db)
+                    .await
+                    .unwrap();
+            assert!(
+                status == "canceled"
+                    || (status == "failed"
+                        && matches!(
+                            code.as_deref(),
+                            Some("input_unusable" | "shard_attempts_exhausted" | "timed_out")
+                        )),
+                "poisoned job {job} ended {status} ({code:?})"
+            );
+        }
         assert_every_job_settled(&self.scheduler.db).await;
         assert_ledger_invariants(&self.scheduler.db).await;
     }
@@ -517,6 +594,7 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
     config.scheduling.verify_wait = std::time::Duration::from_secs_f64(6.5 * STEP_SECS);
     config.scheduling.straggler_min_secs = 5.5 * STEP_SECS;
     config.scheduling.job_timeout = std::time::Duration::from_secs_f64(JOB_TIMEOUT_SECS);
+    config.scheduling.max_shard_attempts = MAX_ATTEMPTS;
     // Liveness ends only when the simulation says a node died.
     config.node_ttl = std::time::Duration::from_secs(3600);
     (
@@ -553,6 +631,8 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
         nodes: Vec::new(),
         accounts,
         jobs: Vec::new(),
+        poisoned: Vec::new(),
+        dispatches: HashMap::new(),
         step: 0,
         last_advance: Instant::now(),
         counts: HashMap::new(),

@@ -239,6 +239,12 @@ pub struct Reject {
     pub assignment_id: Uuid,
     pub shard_id: Uuid,
     pub reason: String,
+    /// The shard's input itself cannot be processed (it does not decode, or is not what the
+    /// task names), as opposed to this node being unable to run it. When a second node says
+    /// so too, the gateway fails the job instead of trying every node. Absent (false) from
+    /// workers that predate it.
+    #[serde(default)]
+    pub input_unusable: bool,
 }
 
 /// Hash chain over processed chunks: `c0 = sha256("xpand-chain" ‖ assignment)`,

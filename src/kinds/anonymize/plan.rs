@@ -248,6 +248,7 @@ pub(super) async fn plan(
         gateway_fee: super::PRICE_PER_JOB,
         shards,
         staged,
+        reads: vec![file],
     })
 }
 

@@ -126,6 +126,7 @@ pub fn plan(
         gateway_fee: PRICE_PER_JOB,
         shards: shard(series, horizon, rows_per_shard),
         staged: Vec::new(),
+        reads: Vec::new(),
     })
 }
 

@@ -24,7 +24,7 @@ use xpand_protocol::{
 use crate::assignments::{Admitted, AssignmentGate};
 use crate::catalog::{self, LoadedModel};
 use crate::config::{cpu_cores, total_memory_mb, WorkerConfig};
-use crate::plugins::task_kind;
+use crate::plugins::{task_kind, InputUnusable};
 
 /// Largest MQTT packet we accept from the broker. Shard inputs travel inline, so this is roomier
 /// than rumqttc's 10 KiB default; large inputs belong in files, not in MQTT.
@@ -495,7 +495,9 @@ impl Worker {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = format!("{e:#}"), "inference failed");
-                self.reject(assignment_id, shard_id, format!("{e:#}")).await;
+                let input_unusable = e.downcast_ref::<InputUnusable>().is_some();
+                self.reject(assignment_id, shard_id, format!("{e:#}"), input_unusable)
+                    .await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "inference panicked");
@@ -503,6 +505,7 @@ impl Worker {
                     assignment_id,
                     shard_id,
                     "inference failed unexpectedly".into(),
+                    false,
                 )
                 .await;
             }
@@ -531,6 +534,7 @@ impl Worker {
                 assignment_id,
                 shard_id,
                 "internal error: progress does not match the output".into(),
+                false,
             )
             .await;
             return;
@@ -569,15 +573,22 @@ impl Worker {
 
     fn spawn_reject(self: &Arc<Self>, assignment_id: Uuid, shard_id: Uuid, reason: String) {
         let worker = self.clone();
-        tokio::spawn(async move { worker.reject(assignment_id, shard_id, reason).await });
+        tokio::spawn(async move { worker.reject(assignment_id, shard_id, reason, false).await });
     }
 
-    async fn reject(&self, assignment_id: Uuid, shard_id: Uuid, reason: String) {
-        tracing::info!(%assignment_id, %shard_id, %reason, "rejecting assignment");
+    async fn reject(
+        &self,
+        assignment_id: Uuid,
+        shard_id: Uuid,
+        reason: String,
+        input_unusable: bool,
+    ) {
+        tracing::info!(%assignment_id, %shard_id, %reason, input_unusable, "rejecting assignment");
         let reject = Reject {
             assignment_id,
             shard_id,
             reason,
+            input_unusable,
         };
         self.publish(UpKind::Reject, &reject).await;
     }

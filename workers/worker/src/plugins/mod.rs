@@ -28,6 +28,19 @@ pub trait Plugin: Send + Sync {
     ) -> anyhow::Result<ShardOutput>;
 }
 
+/// Marks a plugin's error as being about the shard's input itself (it does not decode, or is
+/// not what the task names) rather than about this node: attached with `.context(InputUnusable)`
+/// and found with `downcast_ref`. The worker's reject then says so, and a second node's
+/// agreement ends the job instead of sending the shard to every node in turn.
+#[derive(Debug, Clone, Copy)]
+pub struct InputUnusable;
+
+impl std::fmt::Display for InputUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the shard's input cannot be processed")
+    }
+}
+
 /// The `kind` tag of a task, as plugins name it.
 pub fn task_kind(task: &ShardTask) -> &'static str {
     match task {

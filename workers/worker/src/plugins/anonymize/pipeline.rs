@@ -18,6 +18,7 @@ use xpand_media::{decoder_command, encoder_command, log_tail, Children};
 use xpand_protocol::Detection;
 
 use super::mask::mask;
+use crate::plugins::InputUnusable;
 use super::VideoSpec;
 use crate::plugins::face_detect::{scale_box, FaceBox, FaceDetector, DEFAULT_MASK_SCALE};
 
@@ -108,7 +109,7 @@ fn run_ffmpegs(
             ),
             &decoder_log,
         )),
-        Err(Failure::Decode(e)) => Err(with_log(e, &decoder_log)),
+        Err(Failure::Decode(e)) => Err(with_log(e, &decoder_log).context(InputUnusable)),
         Err(Failure::Encode(e)) => Err(with_log(e, &encoder_log)),
         Err(Failure::Other(e)) => Err(e),
     }
