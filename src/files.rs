@@ -310,13 +310,12 @@ pub async fn hold_for_job(
     if ids.is_empty() {
         return Ok(());
     }
-    let held: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM files WHERE id = ANY($1) AND account_id = $2 FOR SHARE",
-    )
-    .bind(ids)
-    .bind(account)
-    .fetch_all(conn)
-    .await?;
+    let held: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM files WHERE id = ANY($1) AND account_id = $2 FOR SHARE")
+            .bind(ids)
+            .bind(account)
+            .fetch_all(conn)
+            .await?;
     if held.len() < ids.len() {
         return Err(AppError::Conflict(
             "an input file was deleted while the job was being submitted".into(),

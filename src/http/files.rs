@@ -64,13 +64,15 @@ pub async fn upload(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-/// Delete one of your files (an upload or a job's output) now, before it expires.
+/// Delete one of your files (an upload or a job's output) now, before it expires. A file that
+/// an unfinished job still reads (a video job's input) is kept until the job ends: 409.
 #[utoipa::path(
     delete, path = "/v1/files/{id}", tag = "files",
     params(("id" = Uuid, Path, description = "File id")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "An unfinished job reads the file; the detail names it", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -121,8 +121,13 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
         return Ok(Round::drained());
     }
     let mut tx = scheduler.db.begin().await?;
-    let pending =
-        placeable_pending(&mut tx, &slots, capacity, scheduler.rules.max_shard_attempts).await?;
+    let pending = placeable_pending(
+        &mut tx,
+        &slots,
+        capacity,
+        scheduler.rules.max_shard_attempts,
+    )
+    .await?;
     // Fewer placeable shards than free slots: this round takes all there are.
     let drained = if (pending.len() as i64) < capacity {
         Drained::Yes
@@ -339,7 +344,8 @@ fn choose_slot<'a>(
     excluded: &[String],
     ran_on: &[String],
 ) -> Option<&'a mut nodes::NodeSlot> {
-    let may_run = |s: &nodes::NodeSlot| s.models.iter().any(|m| m == model) && !ran_on.contains(&s.id);
+    let may_run =
+        |s: &nodes::NodeSlot| s.models.iter().any(|m| m == model) && !ran_on.contains(&s.id);
     let fresh_exists = slots
         .iter()
         .any(|s| may_run(s) && !excluded.contains(&s.id));

@@ -359,28 +359,61 @@ impl Sim {
         .await
         .unwrap();
         for (replica_of, excluded) in pending {
-            // A replica or copy never goes to a node with a run of its shard.
-            let ran: Vec<String> = match replica_of {
-                None => Vec::new(),
-                Some(primary) => sqlx::query_scalar(
-                    "SELECT node_id FROM shards WHERE node_id IS NOT NULL
-                       AND (id = $1 OR (replica_of = $1 AND status IN ('assigned', 'done')))",
-                )
-                .bind(primary)
-                .fetch_all(db)
-                .await
-                .unwrap(),
-            };
+            let ran = self.ran_on(replica_of).await;
             let had = |n: &&str, list: &[String]| list.iter().any(|r| r == n);
             let fresh_lives = live.iter().any(|n| !had(n, &ran) && !had(n, &excluded));
-            if free
-                .iter()
-                .any(|n| !had(n, &ran) && !(fresh_lives && had(n, &excluded)))
-            {
+            // Free, no run of the shard, and fresh to it unless nobody alive is.
+            let may_take = |n: &&str| !had(n, &ran) && (!fresh_lives || !had(n, &excluded));
+            if free.iter().any(may_take) {
                 return true;
             }
         }
         false
+    }
+
+    /// The nodes a replica or speculative copy of `replica_of` may never go to: those with a
+    /// run of its shard (a primary has none).
+    async fn ran_on(&self, replica_of: Option<Uuid>) -> Vec<String> {
+        let Some(primary) = replica_of else {
+            return Vec::new();
+        };
+        sqlx::query_scalar(
+            "SELECT node_id FROM shards WHERE node_id IS NOT NULL
+               AND (id = $1 OR (replica_of = $1 AND status IN ('assigned', 'done')))",
+        )
+        .bind(primary)
+        .fetch_all(&self.scheduler.db)
+        .await
+        .unwrap()
+    }
+
+    /// A node that had a shard before (rejected, failed or lost it) gets it again only when
+    /// no live node is fresh to it.
+    async fn check_placement(&self, a: &Assignment) {
+        let (replica_of, excluded): (Option<Uuid>, Vec<String>) =
+            sqlx::query_as("SELECT replica_of, excluded_nodes FROM shards WHERE id = $1")
+                .bind(a.shard_id)
+                .fetch_one(&self.scheduler.db)
+                .await
+                .unwrap();
+        if !excluded.contains(&a.node) {
+            return;
+        }
+        let ran = self.ran_on(replica_of).await;
+        let fresh: Vec<&str> = self
+            .nodes
+            .iter()
+            .map(|n| n.key.id())
+            .filter(|id| !excluded.iter().chain(&ran).any(|e| e == id))
+            .filter(|id| self.nodes.iter().any(|n| n.alive && n.key.id() == *id))
+            .collect();
+        assert!(
+            fresh.is_empty(),
+            "step {}: shard {} went back to {}, which had it, while {fresh:?} lived",
+            self.step,
+            a.shard_id,
+            a.node
+        );
     }
 
     /// One dispatch pass as the dispatcher runs it (rounds until one is drained),
@@ -416,6 +449,7 @@ impl Sim {
                     assignment.shard_id,
                     *sent
                 );
+                self.check_placement(&assignment).await;
                 let Some(node) = self
                     .nodes
                     .iter_mut()

@@ -438,6 +438,161 @@ async fn a_segment_no_worker_can_decode_fails_the_job_with_a_refund() {
     app.teardown().await;
 }
 
+/// A damaged upload of `seconds` at 320x240 that probes and cuts but does not decode: a few
+/// flipped bits inside the coded frames keep the container, its index and every NAL unit's
+/// length intact.
+fn undecodable_clip(dir: &Path, seconds: u32) -> Vec<u8> {
+    let clip = make_clip(dir, 320, 240, seconds, false);
+    let mut bytes = std::fs::read(&clip).unwrap();
+    let len = bytes.len();
+    for i in (len / 4..len * 3 / 4).step_by(1000) {
+        bytes[i] ^= 0x5a;
+    }
+    bytes
+}
+
+/// The smallest topology a new user runs, with an input every node refuses: the job fails as
+/// soon as the second node confirms the first (not after every attempt), each bad segment was
+/// sent exactly twice, and the caller pays only for segments that nodes did finish, which
+/// those nodes are paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_both_workers_cannot_decode_fails_the_job_once_the_second_confirms() {
+    let mut app = TestApp::spawn().await;
+    assert!(app.config.scheduling.max_shard_attempts > 2);
+    app.start_worker().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let resp = upload(&app, &key, undecodable_clip(dir.path(), 2), "video/mp4").await;
+    assert_eq!(resp.status(), 201);
+    let file = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (available, _) = app.balances(&key).await;
+    let job = submit_anonymize(&app, &key, &file, json!({})).await;
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let job = wait_long(&app, &key, &id.to_string()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "input_unusable", "{job}");
+
+    // Every refused segment went to both nodes once, and to nobody after.
+    let refused: Vec<(i32, i32, Vec<String>, Vec<String>)> = sqlx::query_as(
+        "SELECT idx, attempts, excluded_nodes, input_refused_by FROM shards
+         WHERE job_id = $1 AND cardinality(input_refused_by) > 0",
+    )
+    .bind(id)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(!refused.is_empty(), "some segment was refused");
+    let both = refused
+        .iter()
+        .filter(|(_, attempts, excluded, by)| {
+            *attempts == 2 && excluded.len() == 2 && by.len() == 2
+        })
+        .count();
+    assert_eq!(
+        both, 1,
+        "one segment refused by both nodes ends it: {refused:?}"
+    );
+    let max_attempts: i32 =
+        sqlx::query_scalar("SELECT max(attempts) FROM shards WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(max_attempts <= 2, "a segment was sent {max_attempts} times");
+    let dispatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM chain_records WHERE kind = 'assignment'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let segments: i64 = sqlx::query_scalar("SELECT count(*) FROM shards WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(
+        dispatched <= 2 * segments,
+        "{dispatched} assignments sealed for {segments} segments"
+    );
+
+    // The caller pays for the segments nodes finished, and the nodes get exactly that.
+    let done_fees: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(fee), 0)::bigint FROM shards
+         WHERE job_id = $1 AND status = 'done' AND replica_of IS NULL",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(job["cost"].as_i64(), Some(done_fees), "{job}");
+    assert_eq!(app.balances(&key).await, (available - done_fees, 0));
+    let earned: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(e.amount), 0)::bigint FROM ledger_entries e
+         JOIN ledger_transactions t ON t.id = e.tx_id
+         JOIN ledger_accounts a ON a.id = e.ledger_account_id
+         WHERE t.job_id = $1 AND t.kind = 'escrow_release' AND a.purpose = 'earnings'",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(earned, done_fees, "nodes paid for their finished segments");
+    app.assert_ledger_invariants().await;
+    crate::common::assert_every_job_settled(&app.db).await;
+    app.teardown().await;
+}
+
+/// A file an unfinished job reads can be deleted neither by its owner (409 naming the job) nor
+/// by retention; once the job ends, both may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_in_use_is_kept_until_its_job_ends() {
+    // No worker: the job waits in the queue with its input in use.
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(dir.path(), 320, 240, 1, false);
+    let file = upload_file(&app, &key, &clip).await;
+    let job = submit_anonymize(&app, &key, &file, json!({})).await;
+    let job_id = job["id"].as_str().unwrap();
+
+    let delete = || async {
+        app.http
+            .delete(format!("{}/v1/files/{file}", app.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+    };
+    let refused = delete().await;
+    assert_eq!(refused.status(), 409);
+    let problem = crate::common::problem(refused).await;
+    assert!(
+        problem.detail.contains(job_id),
+        "the refusal names the job: {problem:?}"
+    );
+    // Retention of zero: everything is due, but not a file in use.
+    let store = app.state.scheduler.files.clone();
+    xpand::retention::expire(&app.db, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    let resp = app.get(&key, &format!("/v1/files/{file}")).await;
+    assert_eq!(resp.status(), 200, "retention kept the file in use");
+
+    let resp = app
+        .post_json(&key, &format!("/v1/jobs/{job_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(delete().await.status(), 204);
+    assert_eq!(
+        app.get(&key, &format!("/v1/files/{file}")).await.status(),
+        404
+    );
+    app.teardown().await;
+}
+
 /// The web page, driven by headless Chromium: pick a file, follow the job, play the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_page_anonymizes_a_video_that_then_plays() {

@@ -18,9 +18,9 @@ use xpand_media::{decoder_command, encoder_command, log_tail, Children};
 use xpand_protocol::Detection;
 
 use super::mask::mask;
-use crate::plugins::InputUnusable;
 use super::VideoSpec;
 use crate::plugins::face_detect::{scale_box, FaceBox, FaceDetector, DEFAULT_MASK_SCALE};
+use crate::plugins::InputUnusable;
 
 /// Decoded frames waiting for the detector, and masked frames waiting for the encoder.
 const QUEUE_FRAMES: usize = 3;
