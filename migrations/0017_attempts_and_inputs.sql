@@ -1,3 +1,8 @@
+-- Nodes that rejected a shard or returned a result that failed its checks: they never get it
+-- again while a live node that holds its model has not had it. (excluded_nodes also holds the
+-- nodes that merely lost it, which are only avoided: a restarted node may take its work back.)
+ALTER TABLE shards ADD COLUMN rejected_by text[] NOT NULL DEFAULT '{}';
+
 -- Nodes that said a shard's input itself cannot be processed (undecodable, not what the task
 -- names). Two different nodes saying so fail the job at once instead of after every attempt.
 ALTER TABLE shards ADD COLUMN input_refused_by text[] NOT NULL DEFAULT '{}';

@@ -43,6 +43,7 @@ struct PendingShard {
     model: String,
     task: sqlx::types::Json<ShardTask>,
     excluded_nodes: Vec<String>,
+    rejected_by: Vec<String>,
     ran_on: Vec<String>,
 }
 
@@ -143,6 +144,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
             &mut slots,
             &shard.model,
             &shard.excluded_nodes,
+            &shard.rejected_by,
             &shard.ran_on,
         ) else {
             continue;
@@ -247,8 +249,8 @@ async fn any_pending(db: &sqlx::PgPool) -> sqlx::Result<bool> {
 /// this round.
 ///
 /// Only placeable shards are taken: a shard no free node may run now (its model is on no live
-/// node with room, or every such node already ran it, or only nodes that had it before have
-/// room while another live node that holds its model has not had it) is skipped, never returned
+/// node with room, or every such node already ran it, or only nodes that rejected it have room
+/// while another live node that holds its model has not) is skipped, never returned
 /// at the head of the round, so it cannot block the shards behind it. Whatever is returned
 /// first can be placed ([`choose_slot`] applies the same rules), hence a round with a free slot
 /// that may run some pending shard dispatches one. A shard out of attempts, or whose input two
@@ -278,7 +280,7 @@ async fn placeable_pending(
         "WITH live AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[])
                        AS f(node, model, has_room)),
          candidate AS (
-             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, s.excluded_nodes,
+             SELECT s.id, s.job_id, s.idx, s.model, s.replica_of, s.rejected_by,
                     j.account_id, j.created_at, j.kind,
                     -- For a replica or speculative copy: the nodes that already produced (or
                     -- are producing) a run of its primary. Nodes that merely lost it stay
@@ -311,13 +313,13 @@ async fn placeable_pending(
              WHERE EXISTS (
                  SELECT 1 FROM live f
                  WHERE f.has_room AND f.model = c.model AND f.node <> ALL(c.ran_on)
-                   -- A node that had the shard before takes it only when no live node that
-                   -- holds the model is fresh to it, busy or not.
-                   AND (f.node <> ALL(c.excluded_nodes)
+                   -- A node that rejected the shard takes it only when every live node that
+                   -- holds the model, busy or not, rejected it too.
+                   AND (f.node <> ALL(c.rejected_by)
                         OR NOT EXISTS (SELECT 1 FROM live g
                                        WHERE g.model = c.model AND g.node <> ALL(c.ran_on)
-                                         AND g.node <> ALL(c.excluded_nodes)))))
-         SELECT s.id, s.job_id, r.kind, s.model, s.task, s.excluded_nodes, r.ran_on
+                                         AND g.node <> ALL(c.rejected_by)))))
+         SELECT s.id, s.job_id, r.kind, s.model, s.task, s.excluded_nodes, s.rejected_by, r.ran_on
          FROM ranked r JOIN shards s ON s.id = r.id
          WHERE s.status = 'pending'
          ORDER BY r.account_turn, r.created_at, r.job_id, r.idx, r.id
@@ -335,26 +337,29 @@ async fn placeable_pending(
 
 /// Where a shard of `model` goes: a node with a free slot, never one in `ran_on` (for a
 /// replica or speculative copy, the nodes with a run of the same shard: it would vote twice or
-/// race itself), and never one in `excluded` (it rejected, failed or lost the shard) while
-/// some live node that holds the model, busy or not, is not; then GPUs, then the least loaded
-/// (which spreads a job's shards), then the best power score.
+/// race itself), and never one in `rejected_by` (it rejected the shard or returned a result
+/// that failed its checks) while some live node that holds the model, busy or not, did not;
+/// preferring nodes not in `excluded` (they also lost it: lapsed lease, silence, restart), then
+/// GPUs, then the least loaded (which spreads a job's shards), then the best power score.
 fn choose_slot<'a>(
     slots: &'a mut [nodes::NodeSlot],
     model: &str,
     excluded: &[String],
+    rejected_by: &[String],
     ran_on: &[String],
 ) -> Option<&'a mut nodes::NodeSlot> {
     let may_run =
         |s: &nodes::NodeSlot| s.models.iter().any(|m| m == model) && !ran_on.contains(&s.id);
-    let fresh_exists = slots
+    let unrejected_lives = slots
         .iter()
-        .any(|s| may_run(s) && !excluded.contains(&s.id));
+        .any(|s| may_run(s) && !rejected_by.contains(&s.id));
     slots
         .iter_mut()
         .filter(|s| s.free > 0 && may_run(s))
-        .filter(|s| !(fresh_exists && excluded.contains(&s.id)))
+        .filter(|s| !(unrejected_lives && rejected_by.contains(&s.id)))
         .min_by_key(|s| {
             (
+                excluded.contains(&s.id),
                 s.accelerator != Accelerator::Cuda,
                 -s.free,
                 -s.score.unwrap_or(0),
@@ -376,13 +381,21 @@ mod tests {
         }
     }
 
+    fn owned(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
     fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], ran_on: &[&str]) -> Option<String> {
-        let owned = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        choose_slot(slots, "m", &owned(excluded), &owned(ran_on)).map(|s| s.id.clone())
+        choose_slot(slots, "m", &owned(excluded), &[], &owned(ran_on)).map(|s| s.id.clone())
+    }
+
+    fn chosen_after_rejects(slots: &mut [nodes::NodeSlot], rejected_by: &[&str]) -> Option<String> {
+        let rejected_by = owned(rejected_by);
+        choose_slot(slots, "m", &rejected_by, &rejected_by, &[]).map(|s| s.id.clone())
     }
 
     #[test]
-    fn placement_keeps_to_fresh_nodes_then_prefers_gpus_then_room_then_score() {
+    fn placement_skips_rejecters_then_prefers_fresh_nodes_gpus_room_and_score() {
         use Accelerator::{Cpu, Cuda};
         let mut slots = [
             slot("cpu-roomy", 4, Cpu, Some(900)),
@@ -412,18 +425,22 @@ mod tests {
             s.free = 0;
         }
         assert_eq!(chosen(&mut slots, &[], &[]), None);
-        // A node that had the shard never gets it again while a node fresh to it lives, even
-        // a busy one: the shard waits for it.
-        let mut waiting = [slot("had-it", 4, Cpu, None), slot("fresh", 0, Cpu, None)];
-        assert_eq!(chosen(&mut waiting, &["had-it"], &[]), None);
+        // A node that rejected the shard never gets it again while a node that did not lives,
+        // even a busy one: the shard waits for it. A node that only lost it may take it back.
+        let mut waiting = [slot("rejected", 4, Cpu, None), slot("other", 0, Cpu, None)];
+        assert_eq!(chosen_after_rejects(&mut waiting, &["rejected"]), None);
         assert_eq!(
-            chosen(&mut waiting, &["had-it", "fresh"], &[]).as_deref(),
-            Some("had-it")
+            chosen(&mut waiting, &["rejected"], &[]).as_deref(),
+            Some("rejected")
+        );
+        assert_eq!(
+            chosen_after_rejects(&mut waiting, &["rejected", "other"]).as_deref(),
+            Some("rejected")
         );
         waiting[1].free = 1;
         assert_eq!(
-            chosen(&mut waiting, &["had-it"], &[]).as_deref(),
-            Some("fresh")
+            chosen_after_rejects(&mut waiting, &["rejected"]).as_deref(),
+            Some("other")
         );
         let mut other_model = [slot("x", 4, Cpu, None)];
         other_model[0].models = vec!["other".into()];

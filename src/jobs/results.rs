@@ -50,27 +50,29 @@ pub async fn on_progress(scheduler: &Scheduler, node: &str, p: &Progress) -> any
 }
 
 /// A node declined a shard: it goes to another node if any live node that holds its model
-/// has not had it (see [`super::dispatch`]), and its job fails at once when the shard is out
+/// has not rejected it (see [`super::dispatch`]), and its job fails at once when the shard is out
 /// of attempts, or when this is the second node to call its input unusable.
 pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow::Result<()> {
-    let updated = sqlx::query!(
+    let updated = sqlx::query_scalar!(
         "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
                 lease_expires_at = NULL, excluded_nodes = array_add_once(excluded_nodes, $2),
+                rejected_by = array_add_once(rejected_by, $2),
                 input_refused_by = CASE WHEN $3 THEN array_add_once(input_refused_by, $2)
                                         ELSE input_refused_by END
-         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'",
+         WHERE assignment_id = $1 AND node_id = $2 AND status = 'assigned'
+         RETURNING id",
         r.assignment_id,
         node,
         r.input_unusable,
     )
-    .execute(&scheduler.db)
+    .fetch_optional(&scheduler.db)
     .await?;
-    if updated.rows_affected() == 0 {
+    let Some(shard) = updated else {
         return Err(Refused::StaleAssignment.into());
-    }
-    tracing::info!(node, shard = %r.shard_id, reason = %r.reason, input_unusable = r.input_unusable,
+    };
+    tracing::info!(node, %shard, reason = %r.reason, input_unusable = r.input_unusable,
                    "node rejected a shard");
-    fail_hopeless(scheduler, Some(&[r.shard_id])).await?;
+    fail_hopeless(scheduler, Some(&[shard])).await?;
     scheduler.wake_dispatcher();
     Ok(())
 }
@@ -163,7 +165,8 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
         sqlx::query!(
             "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
-                    lease_expires_at = NULL, excluded_nodes = array_add_once(excluded_nodes, $2)
+                    lease_expires_at = NULL, excluded_nodes = array_add_once(excluded_nodes, $2),
+                    rejected_by = array_add_once(rejected_by, $2)
              WHERE id = $1",
             shard.id,
             node,

@@ -324,7 +324,7 @@ impl Sim {
     /// Whether some pending shard may run on some live node with a free slot, decided here
     /// from the rows, independently of the dispatch query: not a shard out of attempts or
     /// whose input two nodes refused; never on a node with a run of its shard; and on a node
-    /// that had it before only when no live node is fresh to it.
+    /// that rejected it only when every live node did.
     async fn placeable_exists(&self) -> bool {
         let db = &self.scheduler.db;
         let busy: HashMap<String, i64> = sqlx::query_as(
@@ -351,19 +351,19 @@ impl Sim {
             return false;
         }
         let pending: Vec<(Option<Uuid>, Vec<String>)> = sqlx::query_as(
-            "SELECT replica_of, excluded_nodes FROM shards
+            "SELECT replica_of, rejected_by FROM shards
              WHERE status = 'pending' AND attempts < $1 AND cardinality(input_refused_by) < 2",
         )
         .bind(MAX_ATTEMPTS as i32)
         .fetch_all(db)
         .await
         .unwrap();
-        for (replica_of, excluded) in pending {
+        for (replica_of, rejected) in pending {
             let ran = self.ran_on(replica_of).await;
             let had = |n: &&str, list: &[String]| list.iter().any(|r| r == n);
-            let fresh_lives = live.iter().any(|n| !had(n, &ran) && !had(n, &excluded));
-            // Free, no run of the shard, and fresh to it unless nobody alive is.
-            let may_take = |n: &&str| !had(n, &ran) && (!fresh_lives || !had(n, &excluded));
+            let unrejected_lives = live.iter().any(|n| !had(n, &ran) && !had(n, &rejected));
+            // Free, no run of the shard, and did not reject it unless every live node did.
+            let may_take = |n: &&str| !had(n, &ran) && (!unrejected_lives || !had(n, &rejected));
             if free.iter().any(may_take) {
                 return true;
             }
@@ -387,16 +387,16 @@ impl Sim {
         .unwrap()
     }
 
-    /// A node that had a shard before (rejected, failed or lost it) gets it again only when
-    /// no live node is fresh to it.
+    /// A node that rejected a shard (or answered it wrongly) gets it again only when every
+    /// live node did.
     async fn check_placement(&self, a: &Assignment) {
-        let (replica_of, excluded): (Option<Uuid>, Vec<String>) =
-            sqlx::query_as("SELECT replica_of, excluded_nodes FROM shards WHERE id = $1")
+        let (replica_of, rejected): (Option<Uuid>, Vec<String>) =
+            sqlx::query_as("SELECT replica_of, rejected_by FROM shards WHERE id = $1")
                 .bind(a.shard_id)
                 .fetch_one(&self.scheduler.db)
                 .await
                 .unwrap();
-        if !excluded.contains(&a.node) {
+        if !rejected.contains(&a.node) {
             return;
         }
         let ran = self.ran_on(replica_of).await;
@@ -404,12 +404,12 @@ impl Sim {
             .nodes
             .iter()
             .map(|n| n.key.id())
-            .filter(|id| !excluded.iter().chain(&ran).any(|e| e == id))
+            .filter(|id| !rejected.iter().chain(&ran).any(|e| e == id))
             .filter(|id| self.nodes.iter().any(|n| n.alive && n.key.id() == *id))
             .collect();
         assert!(
             fresh.is_empty(),
-            "step {}: shard {} went back to {}, which had it, while {fresh:?} lived",
+            "step {}: shard {} went back to {}, which rejected it, while {fresh:?} lived",
             self.step,
             a.shard_id,
             a.node
