@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Renders src/http/docs.html against openapi/openapi.json in headless Chromium and checks that
-# operations and schemas appear, that no error box was rendered and that the page has no
-# external URLs. Usage: scripts/check-docs-page.sh [screenshot.png]
+# Renders the docs page in headless Chromium and checks that operations and schemas appear,
+# that no error box was rendered, that the page has no external URLs and that the browser
+# reported no Content-Security-Policy violation.
+#
+#   scripts/check-docs-page.sh [screenshot.png]
+#       src/http/docs.html against openapi/openapi.json, from a plain local server (no CSP);
+#   XPAND_URL=http://127.0.0.1:8080 scripts/check-docs-page.sh [screenshot.png]
+#       a running gateway's /docs and /openapi.json, with the headers (CSP) it serves.
+#
 # Needs python3 and chromium (apt-get install -y chromium).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,24 +19,35 @@ if grep -q 'https://' "$root/src/http/docs.html"; then
 fi
 
 tmp="$(mktemp -d)"
-cp "$root/src/http/docs.html" "$tmp/docs.html"
-cp "$root/openapi/openapi.json" "$tmp/openapi.json"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-python3 -m http.server "$port" --bind 127.0.0.1 --directory "$tmp" >/dev/null 2>&1 &
-server=$!
-trap 'kill "$server" 2>/dev/null; rm -rf "$tmp"' EXIT
-for _ in $(seq 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/openapi.json')" 2>/dev/null && break; sleep 0.1; done
+server=""
+trap '[ -z "$server" ] || kill "$server" 2>/dev/null; rm -rf "$tmp"' EXIT
+if [ -n "${XPAND_URL:-}" ]; then
+  url="${XPAND_URL%/}/docs"
+  python3 -c "import sys, urllib.request; open(sys.argv[2], 'wb').write(urllib.request.urlopen(sys.argv[1]).read())" \
+    "${XPAND_URL%/}/openapi.json" "$tmp/openapi.json"
+else
+  cp "$root/src/http/docs.html" "$tmp/docs.html"
+  cp "$root/openapi/openapi.json" "$tmp/openapi.json"
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  python3 -m http.server "$port" --bind 127.0.0.1 --directory "$tmp" >/dev/null 2>&1 &
+  server=$!
+  for _ in $(seq 50); do python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/openapi.json')" 2>/dev/null && break; sleep 0.1; done
+  url="http://127.0.0.1:$port/docs.html"
+fi
 
-url="http://127.0.0.1:$port/docs.html"
 flags=(--headless --no-sandbox --disable-gpu --virtual-time-budget=5000)
-"$chrome" "${flags[@]}" --dump-dom "$url" 2>/dev/null > "$tmp/dom.html"
+# The page's console goes to stderr with --enable-logging: a CSP violation is reported there.
+"$chrome" "${flags[@]}" --enable-logging=stderr --v=0 --dump-dom "$url" 2> "$tmp/console.log" > "$tmp/dom.html"
+if grep -i 'Content Security Policy' "$tmp/console.log" >&2; then
+  echo "FAIL: the browser reported a Content-Security-Policy violation" >&2; exit 1
+fi
 if [ $# -ge 1 ]; then
   "$chrome" "${flags[@]}" --screenshot="$1" --window-size=1400,2000 "$url" >/dev/null 2>&1
 fi
 
 # Check the rendered DOM (scripts stripped, so the page's own source cannot satisfy a check):
 # every path, operation and schema anchor must show up, and no error box.
-python3 - "$root/openapi/openapi.json" "$tmp/dom.html" <<'PY'
+python3 - "$tmp/openapi.json" "$tmp/dom.html" <<'PY'
 import json, re, sys
 spec = json.load(open(sys.argv[1]))
 dom = re.sub(r"<script.*?</script>", "", open(sys.argv[2]).read(), flags=re.S)

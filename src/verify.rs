@@ -366,18 +366,29 @@ impl Verifier {
         Ok(proof)
     }
 
+    /// GETs `url` with the credential. Proving an account's entries takes a request per entry,
+    /// more than the gateway's rate limit allows in a second: a 429 is waited out for its
+    /// `Retry-After` and the request made again, so verification paces itself to the limit.
     async fn request(&self, url: &str) -> Result<reqwest::Response, VerifyError> {
-        let mut request = self.http.get(url);
-        match &self.credential {
-            Credential::Public => {}
-            Credential::Account(key) | Credential::Auditor(key) => {
-                request = request.bearer_auth(key);
+        let mut waited = 0;
+        loop {
+            let mut request = self.http.get(url);
+            match &self.credential {
+                Credential::Public => {}
+                Credential::Account(key) | Credential::Auditor(key) => {
+                    request = request.bearer_auth(key);
+                }
             }
+            let resp = request.send().await.map_err(|e| VerifyError::Fetch {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?;
+            if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || waited == MAX_WAITS {
+                return Ok(resp);
+            }
+            waited += 1;
+            tokio::time::sleep(retry_after(&resp)).await;
         }
-        request.send().await.map_err(|e| VerifyError::Fetch {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })
     }
 
     async fn fetch<T: DeserializeOwned>(&self, path: &str) -> Result<T, VerifyError> {
@@ -385,6 +396,20 @@ impl Verifier {
         let resp = self.request(&url).await?;
         decode(&url, resp).await
     }
+}
+
+/// How many times one request waits out a 429 before its answer counts as a failure.
+const MAX_WAITS: u32 = 30;
+
+/// How long a 429 asks to wait (`Retry-After` in seconds, 1 when absent or unreadable, a
+/// minute at most).
+fn retry_after(resp: &reqwest::Response) -> std::time::Duration {
+    let seconds = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    std::time::Duration::from_secs(seconds.clamp(1, 60))
 }
 
 /// What walking the chain gathered.

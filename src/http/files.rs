@@ -126,16 +126,11 @@ pub async fn download(
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, end - start + 1),
         None => (StatusCode::OK, size),
     };
-    // Media plays inline; anything else (HTML, SVG, scripts...) downloads, so an uploaded page
-    // can never run in the gateway's origin.
-    let inline = ["video/", "audio/", "image/"]
-        .iter()
-        .any(|p| file.content_type.starts_with(p))
-        && !file.content_type.contains("svg");
+    let (content_type, inline) = served_as(&file.content_type);
     let disposition = if inline { "inline" } else { "attachment" };
     let mut response = Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, &file.content_type)
+        .header(header::CONTENT_TYPE, content_type)
         .header(
             header::CONTENT_DISPOSITION,
             format!("{disposition}; filename=\"{id}\""),
@@ -150,4 +145,40 @@ pub async fn download(
         .body(Body::from_stream(object.into_stream()))
         .map_err(|e| anyhow::anyhow!("building the response: {e}"))?
         .into_response())
+}
+
+/// The media types a download is served as: what xpand takes and makes (videos, images,
+/// tabular data). A file declared as anything else (HTML, SVG, XML, a list of types...) is
+/// served as `application/octet-stream`, so an upload can never render as a page in the
+/// gateway's origin.
+const SERVED_TYPES: &[&str] = &[
+    "video/mp4",
+    "video/quicktime",
+    "video/webm",
+    "video/x-matroska",
+    "video/x-msvideo",
+    "video/mp2t",
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "text/csv",
+    "text/tab-separated-values",
+    "text/plain",
+    "application/json",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "application/octet-stream",
+];
+
+/// The type a file declared as `declared` is served with (its media type, parameters dropped,
+/// when on [`SERVED_TYPES`] exactly), and whether it may show inline: videos and images do,
+/// everything else downloads as an attachment.
+fn served_as(declared: &str) -> (&'static str, bool) {
+    let media_type = declared.split(';').next().unwrap_or_default().trim();
+    match SERVED_TYPES
+        .iter()
+        .find(|t| t.eq_ignore_ascii_case(media_type))
+    {
+        Some(t) => (t, t.starts_with("video/") || t.starts_with("image/")),
+        None => ("application/octet-stream", false),
+    }
 }

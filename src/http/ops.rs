@@ -1,10 +1,15 @@
-//! Operations endpoints: liveness, readiness, metrics, the API description and its docs page.
+//! Operations endpoints: liveness, readiness, metrics, the API description and its docs page,
+//! and the anonymize page.
+
+use std::sync::LazyLock;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::http::state::AppState;
@@ -81,12 +86,77 @@ pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// A browsable reference rendered from `/openapi.json` by a self-contained page (no CDN).
-pub async fn docs() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
+pub async fn docs() -> Response {
+    const HTML: &str = include_str!("docs.html");
+    static POLICY: LazyLock<String> = LazyLock::new(|| page_policy(HTML));
+    page(HTML, &POLICY)
 }
 
 /// The video anonymization page: pick a video, follow the job, play the result (a plain page
 /// over the public API, with the caller's API key).
-pub async fn anonymize_page() -> Html<&'static str> {
-    Html(include_str!("anonymize.html"))
+pub async fn anonymize_page() -> Response {
+    const HTML: &str = include_str!("anonymize.html");
+    static POLICY: LazyLock<String> = LazyLock::new(|| page_policy(HTML));
+    page(HTML, &POLICY)
+}
+
+/// A page with its Content-Security-Policy, and refused to frames (clickjacking: the anonymize
+/// page holds the caller's key) also for browsers that predate `frame-ancestors`.
+fn page(html: &'static str, policy: &str) -> Response {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, policy),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+/// The Content-Security-Policy of a self-contained page: only its own inline scripts and styles
+/// run (allowed by their sha256, so an injected one does not), it talks only to this origin, and
+/// plays media it fetched (`blob:`). No other site may frame it.
+fn page_policy(html: &str) -> String {
+    let hashes = |tag: &str| -> String {
+        let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+        let mut hashes = String::new();
+        let mut rest = html;
+        while let Some(start) = rest.find(&open) {
+            let after = &rest[start..];
+            let (Some(body), Some(end)) = (after.find('>'), after.find(&close)) else {
+                break;
+            };
+            let digest = Sha256::digest(&after[body + 1..end]);
+            hashes.push_str(&format!(" 'sha256-{}'", B64.encode(digest)));
+            rest = &after[end + close.len()..];
+        }
+        hashes
+    };
+    format!(
+        "default-src 'self'; script-src{}; style-src{}; img-src 'self' data:; \
+         media-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'self'; \
+         frame-ancestors 'none'",
+        hashes("script"),
+        hashes("style")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_policy_allows_exactly_its_own_inline_script_and_style() {
+        let policy = page_policy("<style>b{}</style><p><script>go()</script><script>x</script>");
+        let sha = |text: &str| format!("'sha256-{}'", B64.encode(Sha256::digest(text)));
+        assert!(
+            policy.contains(&format!("script-src {} {};", sha("go()"), sha("x"))),
+            "{policy}"
+        );
+        assert!(
+            policy.contains(&format!("style-src {};", sha("b{}"))),
+            "{policy}"
+        );
+        assert!(policy.ends_with("frame-ancestors 'none'"), "{policy}");
+    }
 }

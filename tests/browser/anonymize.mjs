@@ -9,7 +9,8 @@
 // most) for body[data-state=done] — failing fast with the page's #message if it turns `failed` —
 // and then checks that the #result video loads (readyState >= 2, videoWidth > 0, a decoded frame
 // that is not one flat colour), has the expected duration (within 0.25 s) and plays (currentTime
-// passes 0.3 s within 5 s, muted). Prints one line of JSON ({"ok": true|false, ...}) on stdout and
+// passes 0.3 s within 5 s, muted), and that the page's Content-Security-Policy blocked nothing
+// (a securitypolicyviolation event). Prints one line of JSON ({"ok": true|false, ...}) on stdout and
 // exits 0 on success, 1 on failure (reason and the page's console errors also go to stderr), 2 on
 // bad usage. Set up the browser and playwright-core with scripts/setup-browser.sh.
 import { existsSync, statSync } from 'node:fs';
@@ -107,6 +108,11 @@ try {
   // Record every data-state the page goes through.
   await page.addInitScript(() => {
     window.__states = [];
+    // What the page's Content-Security-Policy blocked: anything is a failure.
+    window.__violations = [];
+    document.addEventListener('securitypolicyviolation', (e) => {
+      window.__violations.push(`${e.violatedDirective} blocked ${e.blockedURI || 'inline'}`);
+    });
     document.addEventListener('DOMContentLoaded', () => {
       const note = () => {
         const s = document.body.dataset.state;
@@ -208,6 +214,10 @@ try {
   if (measured.play_error) throw new Failure(`#result does not play: ${measured.play_error}`);
   if (!(measured.currentTime > PLAY_TARGET_S)) {
     throw new Failure(`#result played only to ${measured.currentTime} s in ${PLAY_TIMEOUT_MS / 1000} s`);
+  }
+  report.csp_violations = await page.evaluate(() => window.__violations);
+  if (report.csp_violations.length) {
+    throw new Failure(`the page's Content-Security-Policy blocked: ${report.csp_violations.join('; ')}`);
   }
   report.ok = true;
   await screenshot(page);

@@ -86,6 +86,62 @@ async fn uploads_stream_in_and_download_whole_or_by_range() {
     app.teardown().await;
 }
 
+/// A download is served as its declared type only when that type is on the gateway's list of
+/// video, image and tabular types; anything else (a page, a list of types that a browser reads
+/// as HTML) comes back as an opaque attachment, never to be sniffed.
+#[tokio::test]
+async fn downloads_are_served_only_as_listed_types() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(0).await;
+    let page = b"<!doctype html><script>alert(document.domain)</script>".to_vec();
+    for (declared, served, disposition) in [
+        (
+            "image/png, text/html",
+            "application/octet-stream",
+            "attachment",
+        ),
+        ("text/html", "application/octet-stream", "attachment"),
+        (
+            "text/html; charset=utf-8",
+            "application/octet-stream",
+            "attachment",
+        ),
+        ("image/svg+xml", "application/octet-stream", "attachment"),
+        ("video/mp4x", "application/octet-stream", "attachment"),
+        ("text/csv; charset=utf-8", "text/csv", "attachment"),
+        ("application/json", "application/json", "attachment"),
+        ("Video/MP4", "video/mp4", "inline"),
+        ("image/png", "image/png", "inline"),
+    ] {
+        let resp = app
+            .http
+            .post(format!("{}/v1/files", app.base))
+            .bearer_auth(&key)
+            .header("content-type", declared)
+            .body(page.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{declared}");
+        let file: Value = resp.json().await.unwrap();
+        let resp = app
+            .get(&key, &format!("/v1/files/{}", file["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let headers = resp.headers();
+        assert_eq!(headers["content-type"], served, "{declared}");
+        let given = headers["content-disposition"].to_str().unwrap();
+        assert!(given.starts_with(disposition), "{declared}: {given}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{declared}");
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            page,
+            "the bytes are as uploaded"
+        );
+    }
+    app.teardown().await;
+}
+
 #[tokio::test]
 async fn refused_uploads_leave_nothing_behind() {
     let app = TestApp::spawn().await;

@@ -407,3 +407,45 @@ async fn rewriting_sealed_history_is_caught_and_located() {
     assert!(reason.contains("were sealed"), "{reason}");
     app.teardown().await;
 }
+
+/// `xpand verify --api-key` proves each entry with its own request: on an account with more
+/// entries than the rate limit allows requests in a second, it waits out the 429s (their
+/// `Retry-After`) and completes.
+#[tokio::test]
+async fn account_verification_paces_itself_to_the_rate_limit() {
+    let app = TestApp::spawn_with(|c| c.limits.requests_per_sec = 10).await;
+    let (account, key) = app.customer(1_000).await;
+    let mut conn = app.db.acquire().await.unwrap();
+    for i in 0..40 {
+        xpand::ledger::deposit(&mut conn, account, 1, &format!("top-up {i}"))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    assert!(!seal(&app).await.is_empty());
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_xpand"))
+        .args(["verify", "--url", &app.base, "--api-key", &key])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "xpand verify: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("41 proven in verified blocks, 0 not sealed yet"),
+        "{stdout}"
+    );
+    let limited: u64 = app
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("xpand_http_requests_total") && l.contains("status=\"429\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(limited > 0, "the limit was reached, and waited out");
+    app.teardown().await;
+}

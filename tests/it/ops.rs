@@ -38,6 +38,75 @@ async fn served_openapi_matches_the_committed_spec() {
     app.teardown().await;
 }
 
+/// The pages run only their own inline script and style, talk only to this origin, and cannot
+/// be framed. (That they still work under the policy: scripts/check-docs-page.sh and the
+/// browser test in video.rs.)
+#[tokio::test]
+async fn pages_carry_a_content_security_policy_and_refuse_frames() {
+    use base64::Engine as _;
+    use sha2::{Digest, Sha256};
+    let app = TestApp::spawn().await;
+    for path in ["/docs", "/anonymize"] {
+        let resp = app.get_public(path).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["x-frame-options"], "DENY", "{path}");
+        let policy = resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let html = resp.text().await.unwrap();
+        let directive = |name: &str| {
+            policy
+                .split(';')
+                .map(str::trim)
+                .find_map(|d| d.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{path}: no {name} in {policy}"))
+                .to_string()
+        };
+        assert_eq!(directive("default-src"), "'self'", "{path}");
+        assert_eq!(directive("frame-ancestors"), "'none'", "{path}");
+        assert!(!policy.contains("unsafe"), "{path}: {policy}");
+        // The page's one inline script and one stylesheet are allowed by their hash alone.
+        for (tag, name) in [("script", "script-src"), ("style", "style-src")] {
+            let body = html
+                .split_once(&format!("<{tag}>"))
+                .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
+                .unwrap_or_else(|| panic!("{path} has an inline {tag}"))
+                .0;
+            let hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
+            assert_eq!(directive(name), format!("'sha256-{hash}'"), "{path}");
+        }
+    }
+    // Other responses are not pages: no policy to keep in step with them.
+    let resp = app.get_public("/healthz").await;
+    assert!(resp.headers().get("content-security-policy").is_none());
+    app.teardown().await;
+}
+
+/// The docs page renders in headless Chromium as the gateway serves it, under its policy:
+/// every operation and schema shows and nothing is blocked (scripts/check-docs-page.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_page_renders_under_its_content_security_policy() {
+    let app = TestApp::spawn().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check-docs-page.sh");
+    let base = app.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(script)
+            .env("XPAND_URL", base)
+            .output()
+            .expect("the check runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "docs page check failed (chromium missing? run scripts/setup-browser.sh):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.teardown().await;
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let app = TestApp::spawn().await;

@@ -106,3 +106,44 @@ async fn a_finished_job_is_posted_signed_and_retried_until_accepted() {
     assert_eq!(recorded, (2, true));
     app.teardown().await;
 }
+
+/// IPv6 addresses that carry an internal IPv4 address are refused at submit, naming the field,
+/// and nothing is stored. (Nothing is sent to them: the submit is refused before any job exists.)
+#[tokio::test]
+async fn webhooks_to_ipv6_forms_of_internal_addresses_are_refused_at_submit() {
+    // No allow-list: the production default.
+    let app = TestApp::spawn_with(|c| c.egress.allow.clear()).await;
+    let (_, key) = app.customer(10_000_000).await;
+    for (url, inside) in [
+        ("http://[64:ff9b::7f00:1]/", "NAT64 form of 127.0.0.1"),
+        ("http://[64:ff9b::a00:1]/hook", "NAT64 form of 10.0.0.1"),
+        ("http://[::127.0.0.1]/", "IPv4-compatible form of 127.0.0.1"),
+        (
+            "http://[::ffff:a9fe:a9fe]/",
+            "IPv4-mapped form of 169.254.169.254",
+        ),
+        ("http://[2002:7f00:1::]/", "6to4 form of 127.0.0.1"),
+        (
+            "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",
+            "Teredo client form of 127.0.0.1",
+        ),
+    ] {
+        let mut job = forecast_job(2, 3);
+        job["webhook"] = Value::String(url.into());
+        let resp = app.post_json(&key, "/v1/jobs", &job).await;
+        assert_eq!(resp.status(), 422, "{url}");
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], "webhook", "{url}: {problem}");
+        let detail = problem["errors"][0]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(inside), "{url}: {problem}");
+    }
+    let (jobs, outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM webhook_deliveries)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((jobs, outbox), (0, 0), "a refused submit stores nothing");
+    app.teardown().await;
+}
