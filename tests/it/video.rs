@@ -470,9 +470,11 @@ async fn a_segment_both_workers_cannot_decode_fails_the_job_once_the_second_conf
         .unwrap()
         .to_string();
     let (available, _) = app.balances(&key).await;
+    let submitted = std::time::Instant::now();
     let job = submit_anonymize(&app, &key, &file, json!({})).await;
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     let job = wait_long(&app, &key, &id.to_string()).await;
+    let took = submitted.elapsed();
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "input_unusable", "{job}");
 
@@ -516,6 +518,11 @@ async fn a_segment_both_workers_cannot_decode_fails_the_job_once_the_second_conf
     assert!(
         dispatched <= 2 * segments,
         "{dispatched} assignments sealed for {segments} segments"
+    );
+    eprintln!(
+        "undecodable video: failed {:.1} s after submit, {dispatched} assignments for \
+         {segments} segments",
+        took.as_secs_f64()
     );
 
     // The caller pays for the segments nodes finished, and the nodes get exactly that.
