@@ -479,6 +479,111 @@ async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
     domain.finish().await;
 }
 
+/// `a`'s node gives it back, saying whether the input itself is unusable.
+async fn reject(domain: &Domain, a: &Assignment, input_unusable: bool) {
+    let reject = xpand_protocol::Reject {
+        assignment_id: a.assignment_id,
+        shard_id: a.shard_id,
+        reason: "test".into(),
+        input_unusable,
+    };
+    results::on_reject(&domain.scheduler, &a.node, &reject)
+        .await
+        .unwrap();
+}
+
+async fn error_code(domain: &Domain, job: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT error->>'code' FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_rejected_shard_goes_to_the_other_node_and_fails_its_job_at_the_cap_at_once() {
+    let domain = Domain::new(|r| r.max_shard_attempts = 3).await;
+    let (a, b) = (domain.node("a").await, domain.node("b").await);
+    let job = domain.submit(8).await;
+    let first = domain.assign().await;
+    reject(&domain, &first[0], false).await;
+    let second = domain.assign().await;
+    assert_eq!(second.len(), 1);
+    assert_ne!(
+        second[0].node, first[0].node,
+        "never back to its rejecter first"
+    );
+    reject(&domain, &second[0], false).await;
+    // Both rejected it: either may have it again, until the cap.
+    let third = domain.assign().await;
+    assert!([&a, &b].contains(&&third[0].node));
+    reject(&domain, &third[0], false).await;
+    // The third reject spent the last attempt: the job ended there, with no sweep.
+    assert_eq!(domain.status(job).await, JobStatus::Failed);
+    assert_eq!(
+        error_code(&domain, job).await.as_deref(),
+        Some("shard_attempts_exhausted")
+    );
+    assert!(domain.assign().await.is_empty(), "nothing left to send");
+    let balances = xpand::ledger::balances(&domain.db, domain.account)
+        .await
+        .unwrap();
+    assert_eq!((balances.available, balances.held), (CREDIT, 0));
+    let excluded: Vec<String> =
+        sqlx::query_scalar("SELECT excluded_nodes FROM shards WHERE job_id = $1")
+            .bind(job)
+            .fetch_one(&domain.db)
+            .await
+            .unwrap();
+    assert_eq!(excluded.len(), 2, "each rejecter once: {excluded:?}");
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn an_input_two_nodes_call_unusable_fails_its_job_and_pays_the_work_done() {
+    let domain = Domain::new(|_| {}).await;
+    let (a, b) = (domain.node("a").await, domain.node("b").await);
+    let job = domain.submit(16).await;
+    let round = domain.assign().await;
+    assert_eq!(round.len(), 2);
+    let (done, bad) = (&round[0], &round[1]);
+    domain.answer(done, 0.0).await.unwrap();
+    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
+        .bind(done.shard_id)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    // One node calling the input unusable is not enough: it might be the node.
+    reject(&domain, bad, true).await;
+    assert_eq!(domain.status(job).await, JobStatus::Running);
+    let again = domain.assign().await;
+    assert_eq!(again.len(), 1);
+    assert_ne!(
+        again[0].node, bad.node,
+        "a second opinion comes from another node"
+    );
+    reject(&domain, &again[0], true).await;
+
+    assert_eq!(domain.status(job).await, JobStatus::Failed);
+    assert_eq!(
+        error_code(&domain, job).await.as_deref(),
+        Some("input_unusable")
+    );
+    assert!(domain.assign().await.is_empty(), "nothing left to send");
+    let balances = xpand::ledger::balances(&domain.db, domain.account)
+        .await
+        .unwrap();
+    assert_eq!(
+        (balances.available, balances.held),
+        (CREDIT - fee, 0),
+        "the caller pays for the shard done, nothing else"
+    );
+    let paid = |node: &String| if *node == done.node { fee } else { 0 };
+    assert_eq!(domain.earnings(&a).await, paid(&a));
+    assert_eq!(domain.earnings(&b).await, paid(&b));
+    domain.finish().await;
+}
+
 /// Job and shard rows read by sequential scans so far, counted once every other connection to
 /// the database is gone: a backend reports its counts as it exits, and those still open are
 /// ended (their counts then come in too).
