@@ -165,12 +165,20 @@ async fn metrics_labels_stay_bounded_whatever_the_method() {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A token for `account` valid `secs` seconds (shorter than `/v1/auth/token` grants).
-fn token_for(app: &TestApp, account: uuid::Uuid, secs: u64) -> String {
+/// A token for `account`, minted from its first API key, valid `secs` seconds (shorter than
+/// `/v1/auth/token` grants).
+async fn token_for(app: &TestApp, account: uuid::Uuid, secs: u64) -> String {
+    let key: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = $1 ORDER BY id LIMIT 1")
+            .bind(account)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     app.state
         .jwt
         .issue(
             account,
+            key,
             &xpand::http::auth::Scope::ALL,
             std::time::Duration::from_secs(secs),
         )
@@ -304,7 +312,7 @@ async fn urls_carry_tokens_never_api_keys_and_sse_follows_with_one() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
-    let token = token_for(&app, account, 60);
+    let token = token_for(&app, account, 60).await;
     let resp = app
         .http
         .get(format!("{events}?token={token}"))
@@ -322,7 +330,7 @@ async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
     use tokio_tungstenite::tungstenite::Message;
     let app = TestApp::spawn().await;
     let (account, key) = app.customer(10_000_000).await;
-    let token = token_for(&app, account, 2);
+    let token = token_for(&app, account, 2).await;
     let mut socket = open_socket(&app, &token).await;
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while let Some(Ok(message)) = socket.next().await {
@@ -352,7 +360,7 @@ async fn an_oversized_frame_gets_1009_and_a_burst_does_not_delay_pongs() {
     use tokio_tungstenite::tungstenite::Message;
     let app = TestApp::spawn().await;
     let (account, _) = app.customer(1_000_000_000).await;
-    let token = token_for(&app, account, 600);
+    let token = token_for(&app, account, 600).await;
     let mut socket = open_socket(&app, &token).await;
     let big = "x".repeat(app.config.max_body_bytes + 1024);
     socket.send(Message::text(big)).await.unwrap();
