@@ -319,3 +319,30 @@ async fn keys_cannot_grant_more_than_they_hold_and_bad_requests_name_the_field()
     assert_eq!(list.keys.len(), 4, "a refused request created a key");
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn an_event_stream_ends_when_its_token_expires() {
+    let app = TestApp::spawn().await;
+    let (account, key) = app.customer(10_000_000).await;
+    let (_, job) = app.submit(&key, &forecast_job(2, 3)).await;
+    let key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = $1")
+        .bind(account)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let token = app
+        .state
+        .jwt
+        .issue(account, key_id, &Scope::ALL, Duration::from_secs(2))
+        .unwrap();
+    let opened = Instant::now();
+    let (p, ended) = stream_end(events(&app, &token, job.id).await).await;
+    assert_eq!(p["status"], 401, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
+    let lived = ended - opened;
+    assert!(
+        lived > Duration::from_millis(900) && lived < Duration::from_secs(4),
+        "a 2 s token's stream lived {lived:?}"
+    );
+    app.teardown().await;
+}
