@@ -156,7 +156,7 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |ws| socket.serve(ws, watch)))
+        .on_upgrade(move |ws| serve(socket, ws, watch)))
 }
 
 /// What one socket runs on.
@@ -167,91 +167,89 @@ struct Socket {
     rate_subject: String,
 }
 
-impl Socket {
-    /// Three tasks per socket, so that keepalive never waits behind work: a reader that is always
-    /// reading (tungstenite answers pings as it reads) and queues ops; this task, which runs ops
-    /// and forwards job events; and a writer that sends what both produce, plus keepalive pings.
-    /// `watch` (holding the socket's stream place) ends it when the credential ends.
-    async fn serve(self, socket: WebSocket, watch: impl std::future::Future<Output = Ended>) {
-        let Socket { state, caller, .. } = &self;
-        let (sink, stream) = socket.split();
-        let (out, outgoing) = mpsc::channel::<Message>(OPS_QUEUE);
-        let (ops, mut queued) = mpsc::channel::<axum::extract::ws::Utf8Bytes>(OPS_QUEUE);
-        let writer = tokio::spawn(write_frames(sink, outgoing));
-        let reader = tokio::spawn(read_frames(stream, ops, out.clone()));
-        let mut feed = state.events.subscribe();
-        let mut subscribed: HashSet<Uuid> = HashSet::new();
-        tokio::pin!(watch);
-        loop {
-            let frames: Vec<String> = tokio::select! {
-                text = queued.recv() => match text {
-                    Some(text) => self.handle_frame(&mut subscribed, text.as_bytes()).await,
-                    None => break,
-                },
-                event = feed.recv() => match event {
-                    Ok(p) if p.account_id == caller.account_id && subscribed.contains(&p.event.job_id()) => {
-                        if p.event.is_terminal() {
-                            subscribed.remove(&p.event.job_id());
-                        }
-                        vec![to_frame(&p.event)]
+/// Three tasks per socket, so that keepalive never waits behind work: a reader that is always
+/// reading (tungstenite answers pings as it reads) and queues ops; this task, which runs ops
+/// and forwards job events; and a writer that sends what both produce, plus keepalive pings.
+/// `watch` (holding the socket's stream place) ends it when the credential ends.
+async fn serve(socket: Socket, ws: WebSocket, watch: impl std::future::Future<Output = Ended>) {
+    let Socket { state, caller, .. } = &socket;
+    let (sink, stream) = ws.split();
+    let (out, outgoing) = mpsc::channel::<Message>(OPS_QUEUE);
+    let (ops, mut queued) = mpsc::channel::<axum::extract::ws::Utf8Bytes>(OPS_QUEUE);
+    let writer = tokio::spawn(write_frames(sink, outgoing));
+    let reader = tokio::spawn(read_frames(stream, ops, out.clone()));
+    let mut feed = state.events.subscribe();
+    let mut subscribed: HashSet<Uuid> = HashSet::new();
+    tokio::pin!(watch);
+    loop {
+        let frames: Vec<String> = tokio::select! {
+            text = queued.recv() => match text {
+                Some(text) => handle_frame(&socket, &mut subscribed, text.as_bytes()).await,
+                None => break,
+            },
+            event = feed.recv() => match event {
+                Ok(p) if p.account_id == caller.account_id && subscribed.contains(&p.event.job_id()) => {
+                    if p.event.is_terminal() {
+                        subscribed.remove(&p.event.job_id());
                     }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => resync(state, caller, &mut subscribed).await,
-                    Err(RecvError::Closed) => break,
-                },
-                ended = &mut watch => {
-                    let _ = out.send(match ended {
-                        Ended::TokenExpired => close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token"),
-                        Ended::Revoked => close(CLOSE_KEY_REVOKED, "api key revoked"),
-                    }).await;
-                    break;
+                    vec![to_frame(&p.event)]
                 }
-                _ = state.shutdown.wait() => {
-                    let _ = out.send(close(close_code::AWAY, "server shutting down")).await;
-                    break;
-                }
-            };
-            for frame in frames {
-                if out.send(Message::Text(frame.into())).await.is_err() {
-                    break;
-                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => resync(state, caller, &mut subscribed).await,
+                Err(RecvError::Closed) => break,
+            },
+            ended = &mut watch => {
+                let _ = out.send(match ended {
+                    Ended::TokenExpired => close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token"),
+                    Ended::Revoked => close(CLOSE_KEY_REVOKED, "api key revoked"),
+                }).await;
+                break;
+            }
+            _ = state.shutdown.wait() => {
+                let _ = out.send(close(close_code::AWAY, "server shutting down")).await;
+                break;
+            }
+        };
+        for frame in frames {
+            if out.send(Message::Text(frame.into())).await.is_err() {
+                break;
             }
         }
-        reader.abort();
-        drop(out);
-        let _ = writer.await;
     }
+    reader.abort();
+    drop(out);
+    let _ = writer.await;
+}
 
-    /// Answers one client frame: parsed, counted against the rate limit (an op over it is not
-    /// run), its credential checked, then run.
-    async fn handle_frame(&self, subscribed: &mut HashSet<Uuid>, text: &[u8]) -> Vec<String> {
-        let value: Value = match super::extract::parse_json(text) {
-            Ok(v) => v,
-            Err(e) => return vec![error_frame(None, e)],
-        };
-        let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
-        if let Err(limited) = guard::rate_limit(&self.state, &self.rate_subject).await {
-            return vec![error_frame(reference, limited)];
+/// Answers one client frame: parsed, counted against the rate limit (an op over it is not
+/// run), its credential checked, then run.
+async fn handle_frame(socket: &Socket, subscribed: &mut HashSet<Uuid>, text: &[u8]) -> Vec<String> {
+    let value: Value = match super::extract::parse_json(text) {
+        Ok(v) => v,
+        Err(e) => return vec![error_frame(None, e)],
+    };
+    let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
+    if let Err(limited) = guard::rate_limit(&socket.state, &socket.rate_subject).await {
+        return vec![error_frame(reference, limited)];
+    }
+    // Between a revocation and the close, ops are refused already.
+    if let Some(ended) = streams::ended(&socket.state, &socket.caller).await {
+        return vec![error_frame(reference, ended.error())];
+    }
+    let op: ClientOp = match serde_path_to_error::deserialize(value) {
+        Ok(op) => op,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { "op".into() } else { path };
+            return vec![error_frame(
+                reference,
+                AppError::field(field, e.inner().to_string()),
+            )];
         }
-        // Between a revocation and the close, ops are refused already.
-        if let Some(ended) = streams::ended(&self.state, &self.caller).await {
-            return vec![error_frame(reference, ended.error())];
-        }
-        let op: ClientOp = match serde_path_to_error::deserialize(value) {
-            Ok(op) => op,
-            Err(e) => {
-                let path = e.path().to_string();
-                let field = if path == "." { "op".into() } else { path };
-                return vec![error_frame(
-                    reference,
-                    AppError::field(field, e.inner().to_string()),
-                )];
-            }
-        };
-        match run_op(&self.state, &self.caller, subscribed, op).await {
-            Ok(frames) => frames,
-            Err(e) => vec![error_frame(reference, e)],
-        }
+    };
+    match run_op(&socket.state, &socket.caller, subscribed, op).await {
+        Ok(frames) => frames,
+        Err(e) => vec![error_frame(reference, e)],
     }
 }
 
