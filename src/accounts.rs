@@ -55,6 +55,8 @@ pub struct ApiKey {
     pub prefix: String,
     pub scopes: Vec<Scope>,
     pub created_at: DateTime<Utc>,
+    /// When the key, or a token minted from it, was last used (to the minute; `None`: never).
+    pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -114,7 +116,7 @@ async fn insert_key(
     let row = sqlx::query(
         "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, scopes)
          VALUES ($1, $2, $3, $4, $5, $6)
-         RETURNING id, name, prefix, scopes, created_at, revoked_at",
+         RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
     )
     .bind(Uuid::now_v7())
     .bind(account)
@@ -134,6 +136,7 @@ fn api_key(row: &sqlx::postgres::PgRow) -> Result<ApiKey, sqlx::Error> {
         prefix: row.try_get("prefix")?,
         scopes: scopes_of(row.try_get("scopes")?),
         created_at: row.try_get("created_at")?,
+        last_used_at: row.try_get("last_used_at")?,
         revoked_at: row.try_get("revoked_at")?,
     })
 }
@@ -171,7 +174,7 @@ pub async fn create_key(
 /// An account's keys, revoked ones included, oldest first.
 pub async fn list_keys(pool: &PgPool, account: Uuid) -> Result<Vec<ApiKey>, sqlx::Error> {
     sqlx::query(
-        "SELECT id, name, prefix, scopes, created_at, revoked_at FROM api_keys
+        "SELECT id, name, prefix, scopes, created_at, last_used_at, revoked_at FROM api_keys
          WHERE account_id = $1 ORDER BY id",
     )
     .bind(account)
@@ -192,7 +195,7 @@ pub async fn revoke_key(
     sqlx::query(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
          WHERE id = $1 AND account_id = $2
-         RETURNING id, name, prefix, scopes, created_at, revoked_at",
+         RETURNING id, name, prefix, scopes, created_at, last_used_at, revoked_at",
     )
     .bind(id)
     .bind(account)
@@ -235,6 +238,18 @@ pub async fn grant_by_id(pool: &PgPool, id: Uuid) -> Result<Option<KeyGrant>, sq
         .as_ref()
         .map(grant)
         .transpose()
+}
+
+/// Records that key `id` is in use; a write at most once a minute per key.
+pub async fn touch_key(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE api_keys SET last_used_at = now()
+         WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 pub async fn exists(pool: &PgPool, account: Uuid) -> Result<bool, sqlx::Error> {

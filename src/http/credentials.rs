@@ -1,7 +1,8 @@
 //! Whether an API key is still good, for every door: REST requests, tokens minted from the key,
 //! and open streams re-checking once a second. Each replica keeps what Postgres said about a
 //! key for at most [`FRESH`], so a revocation on any replica reaches all of them within about a
-//! second, and REST with an API key costs no more queries than one per key per second.
+//! second, and REST with an API key costs no more queries than one per key per second (plus,
+//! off the request's path, the key's `last_used_at` once a minute).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -77,6 +78,7 @@ impl Credentials {
         }
         let grant = accounts::grant_by_hash(&self.db, &hash).await?;
         self.by_hash.put(hash, grant.clone());
+        self.touch(grant.as_ref());
         Ok(grant)
     }
 
@@ -87,7 +89,21 @@ impl Credentials {
         }
         let grant = accounts::grant_by_id(&self.db, id).await?;
         self.by_id.put(id, grant.clone());
+        self.touch(grant.as_ref());
         Ok(grant)
+    }
+
+    /// Marks a key found live as used (its `last_used_at`), off the request's path: only on a
+    /// cache miss, so at most once a second per key and replica, and a write once a minute.
+    fn touch(&self, grant: Option<&KeyGrant>) {
+        if let Some(grant) = grant {
+            let (db, id) = (self.db.clone(), grant.key_id);
+            tokio::spawn(async move {
+                if let Err(e) = accounts::touch_key(&db, id).await {
+                    tracing::warn!(error = %e, "recording an API key's use");
+                }
+            });
+        }
     }
 
     /// Drops what this replica knows of key `id` after revoking it here: this replica stops

@@ -129,6 +129,7 @@ async fn an_owner_creates_lists_and_revokes_a_key_and_every_door_shuts() {
     assert_eq!(created.api_key.name, "ci runner");
     assert_eq!(created.api_key.scopes, [Scope::JobsRead, Scope::JobsWrite]);
     assert!(created.api_key.revoked_at.is_none());
+    assert!(created.api_key.last_used_at.is_none());
 
     // The key works within its scopes, and only those.
     let (status, job) = app.submit(&key, &forecast_job(2, 3)).await;
@@ -150,6 +151,20 @@ async fn an_owner_creates_lists_and_revokes_a_key_and_every_door_shuts() {
     let list: KeyList = serde_json::from_str(&text).unwrap();
     assert_eq!(list.keys.len(), 2);
     assert!(list.keys.iter().any(|k| k.id == created.api_key.id));
+    // Its use is recorded (off the request's path, so soon rather than at once).
+    let used = Instant::now();
+    loop {
+        let list: KeyList = app.get_as(&owner, "/v1/account/keys").await;
+        let listed = list.keys.iter().find(|k| k.id == created.api_key.id);
+        if listed.unwrap().last_used_at.is_some() {
+            break;
+        }
+        assert!(
+            used.elapsed() < Duration::from_secs(3),
+            "the key's use was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Every door the key and its token opened: event streams and sockets, on this replica
     // and on another, where only the cache's freshness bounds how late the news arrives.
@@ -317,6 +332,8 @@ async fn keys_cannot_grant_more_than_they_hold_and_bad_requests_name_the_field()
     }
     let list: KeyList = app.get_as(&owner, "/v1/account/keys").await;
     assert_eq!(list.keys.len(), 4, "a refused request created a key");
+    let child = list.keys.iter().find(|k| k.id == child.api_key.id);
+    assert_eq!(child.unwrap().last_used_at, None, "a key never used");
     app.teardown().await;
 }
 
