@@ -67,7 +67,8 @@ pub struct GatewayArgs {
     /// Largest accepted JSON request body.
     #[arg(long, env = "XPAND_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Lifetime of tokens from `POST /v1/auth/token`.
+    /// Longest lifetime of tokens from `POST /v1/auth/token` (60 to 3600 seconds); a token
+    /// claiming a longer one is refused.
     #[arg(long, env = "XPAND_TOKEN_TTL_SECS", default_value_t = 900)]
     pub token_ttl_secs: u64,
     /// Seconds between ledger sealing rounds (each seals every unsealed entry into blocks).
@@ -150,6 +151,9 @@ pub struct GatewayArgs {
     /// Requests per second one credential (API key or token) may make, on all replicas.
     #[arg(long, env = "XPAND_RATE_LIMIT", default_value_t = Limits::DEFAULT.requests_per_sec)]
     pub rate_limit: u32,
+    /// Open streams (WebSockets and SSE event streams) one account may hold, on all replicas.
+    #[arg(long, env = "XPAND_MAX_STREAMS_PER_ACCOUNT", default_value_t = Limits::DEFAULT.max_streams_per_account)]
+    pub max_streams_per_account: u32,
     /// Bytes of stored files (uploads and outputs) one account may keep.
     #[arg(long, env = "XPAND_STORAGE_QUOTA_BYTES", default_value_t = Limits::DEFAULT.storage_quota_bytes)]
     pub storage_quota_bytes: i64,
@@ -168,6 +172,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub requests_per_sec: u32,
+    pub max_streams_per_account: u32,
     pub storage_quota_bytes: i64,
     pub max_unfinished_jobs: i64,
     pub retention: Duration,
@@ -179,6 +184,7 @@ impl Limits {
         header_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
         requests_per_sec: 100,
+        max_streams_per_account: 64,
         storage_quota_bytes: 10 * 1024 * 1024 * 1024,
         max_unfinished_jobs: 1000,
         retention: Duration::from_secs(7 * 24 * 3600),
@@ -305,6 +311,12 @@ impl GatewayArgs {
                 "XPAND_MAX_CONNECTIONS, XPAND_HEADER_TIMEOUT_SECS and XPAND_RATE_LIMIT must be > 0"
             );
         }
+        if self.max_streams_per_account == 0 {
+            bail!("XPAND_MAX_STREAMS_PER_ACCOUNT must be > 0");
+        }
+        if !(60..=3600).contains(&self.token_ttl_secs) {
+            bail!("XPAND_TOKEN_TTL_SECS must be from 60 to 3600");
+        }
         if self.request_timeout_secs == 0 || self.retention_hours == 0 {
             bail!("XPAND_REQUEST_TIMEOUT_SECS and XPAND_RETENTION_HOURS must be > 0");
         }
@@ -356,6 +368,7 @@ impl GatewayArgs {
                 header_timeout: Duration::from_secs(self.header_timeout_secs),
                 request_timeout: Duration::from_secs(self.request_timeout_secs),
                 requests_per_sec: self.rate_limit,
+                max_streams_per_account: self.max_streams_per_account,
                 storage_quota_bytes: self.storage_quota_bytes,
                 max_unfinished_jobs: self.max_unfinished_jobs,
                 retention: Duration::from_secs(self.retention_hours * 3600),

@@ -26,6 +26,10 @@ pub struct Problem {
     /// The available balance, for `insufficient-funds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available: Option<i64>,
+    /// Seconds to wait before retrying, for `rate-limited` (also the `Retry-After` header of a
+    /// response; a WebSocket `error` frame has only this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 /// One invalid field. For spreadsheet input `row` and `column` locate the cell (0-based).
@@ -97,6 +101,8 @@ pub enum AppError {
         "more than {limit} requests per second with this credential; retry after {retry_after} s"
     )]
     RateLimited { limit: u32, retry_after: u64 },
+    #[error("this account already has {limit} open streams (WebSockets and event streams), the most allowed; close one first")]
+    TooManyStreams { limit: u32 },
     #[error("{0}")]
     QuotaExceeded(String),
     #[error(transparent)]
@@ -171,6 +177,7 @@ impl AppError {
             }
             AppError::Timeout(_) => (503, "timeout", "Request timed out"),
             AppError::RateLimited { .. } => (429, "rate-limited", "Too many requests"),
+            AppError::TooManyStreams { .. } => (429, "too-many-streams", "Too many open streams"),
             AppError::QuotaExceeded(_) => (403, "quota-exceeded", "Quota exceeded"),
             AppError::Internal(_) => (500, "internal", "Internal error"),
         };
@@ -206,6 +213,10 @@ impl AppError {
             },
             quote,
             available,
+            retry_after: match self {
+                AppError::RateLimited { retry_after, .. } => Some(*retry_after),
+                _ => None,
+            },
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::epochs::{EpochClock, EpochCloser};
 use crate::events::EventHub;
 use crate::http::auth::JwtKeys;
+use crate::http::credentials::Credentials;
 use crate::http::state::{AppState, Inner};
 use crate::jobs::{dispatch, sweep, Scheduler, SchedulerParts};
 use crate::metrics::Metrics;
@@ -133,7 +134,8 @@ impl Connected {
             node_msgs_per_sec: config.node_msgs_per_sec,
         };
         let state = AppState::new(Inner {
-            jwt: JwtKeys::new(&config.gateway_key)?,
+            jwt: JwtKeys::new(&config.gateway_key, config.token_ttl)?,
+            credentials: Credentials::new(db.clone()),
             transfers,
             files,
             presence: presence.clone(),

@@ -283,7 +283,10 @@ fn describe(status: ExitStatus) -> String {
 async fn dev_api_key(db: &sqlx::PgPool, path: &Path, credit: i64) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(path) {
         let existing = existing.trim().to_string();
-        if accounts::account_for_key(db, &existing).await?.is_some() {
+        if accounts::grant_by_hash(db, &accounts::hash_key(&existing))
+            .await?
+            .is_some()
+        {
             return Ok(existing);
         }
     }

@@ -638,6 +638,7 @@ class Xpand(Stack):
             "XPAND_REDIS_PREFIX": prefix,
             "XPAND_TOPIC_PREFIX": prefix,
             "XPAND_RATE_LIMIT": "1000000",
+            "XPAND_MAX_STREAMS_PER_ACCOUNT": "100000",
             "XPAND_LISTEN": f"127.0.0.1:{self.port}",
             "XPAND_GATEWAY_KEY_FILE": str(self.state_dir / "gateway.key"),
             "XPAND_AUDITOR_KEY_FILE": str(self.state_dir / "auditor.key"),

@@ -78,10 +78,11 @@ pub async fn ledger_entries(
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Scopes to grant (default: all of `jobs:read`, `jobs:write`, `account:read`).
+    /// Scopes to grant, among the API key's own (default: all the key's scopes).
     #[serde(default)]
     pub scopes: Option<Vec<Scope>>,
-    /// Lifetime in seconds, 60 up to the server's maximum (default: the maximum).
+    /// Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`, at most an
+    /// hour; default: the maximum).
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
 }
@@ -96,13 +97,16 @@ pub struct TokenResponse {
 }
 
 /// Exchange an API key for a short-lived scoped token (for browsers and spreadsheet add-ins).
+///
+/// The token carries the key's id: it may do no more than the key may, and stops working when
+/// the key is revoked (open streams using it are closed within about two seconds).
 #[utoipa::path(
     post, path = "/v1/auth/token", tag = "auth",
     request_body(content = TokenRequest, description = "Optional; an empty body grants all scopes for the maximum lifetime"),
     responses(
         (status = 200, body = TokenResponse),
         (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Tokens cannot mint tokens", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Tokens cannot mint tokens, and a key cannot grant a scope it lacks", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -125,12 +129,19 @@ pub async fn token(
             format!("must be from 60 to {max}"),
         ));
     }
-    let scopes = req.scopes.unwrap_or_else(|| Scope::ALL.to_vec());
+    let scopes = req.scopes.unwrap_or_else(|| caller.scopes.clone());
     if scopes.is_empty() {
         return Err(AppError::field("scopes", "must name at least one scope"));
     }
+    if let Some(lacking) = scopes.iter().find(|s| !caller.scopes.contains(s)) {
+        return Err(AppError::Forbidden(format!(
+            "the API key lacks scope {}, so its tokens cannot have it",
+            lacking.as_str()
+        )));
+    }
     let token = state.jwt.issue(
         caller.account_id,
+        caller.key_id,
         &scopes,
         std::time::Duration::from_secs(ttl),
     )?;

@@ -1,6 +1,7 @@
 //! Request guards every route passes through: bounded headers (a 431 problem document), a
-//! per-credential rate limit shared by all replicas through Redis (a 429 with `Retry-After`),
-//! and a request timeout for everything but streams, file transfers and submits.
+//! per-credential rate limit shared by all replicas through Redis (a 429 with `Retry-After`;
+//! WebSocket ops count against it too, see `ws.rs`), and a request timeout for everything but
+//! streams, file transfers and submits.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
@@ -19,7 +20,8 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     if let Err(refusal) = check_headers(req.headers()) {
         return refusal.into_response();
     }
-    let subject = crate::http::auth::bearer_header(req.headers()).map(|c| rate_subject(&state, c));
+    let subject = crate::http::auth::request_credential(req.headers(), req.uri())
+        .map(|c| rate_subject(&state, &c));
     if let Some(subject) = subject {
         if let Err(refusal) = rate_limit(&state, &subject).await {
             return refusal.into_response();
@@ -64,10 +66,10 @@ fn exempt_from_timeout(req: &Request) -> bool {
     )
 }
 
-/// Whom a request counts against: the account of a token (so minting tokens buys no extra
-/// rate), else the credential itself (an API key, or something invalid that is refused
-/// later anyway).
-fn rate_subject(state: &AppState, credential: &str) -> String {
+/// Whom a request (or a WebSocket op) counts against: the account of a token (so minting
+/// tokens buys no extra rate), else the credential itself (an API key, or something invalid
+/// that is refused later anyway).
+pub fn rate_subject(state: &AppState, credential: &str) -> String {
     match state.jwt.subject(credential) {
         Some(account) => format!("account:{account}"),
         None => format!(
@@ -77,9 +79,10 @@ fn rate_subject(state: &AppState, credential: &str) -> String {
     }
 }
 
-/// A one-second window per subject. Redis being down lets requests through: the limit
-/// protects the service, and failing closed would make a Redis outage an API outage.
-async fn rate_limit(state: &AppState, subject: &str) -> Result<(), AppError> {
+/// A one-second window per subject, counting one request or WebSocket op. Redis being down
+/// lets requests through: the limit protects the service, and failing closed would make a
+/// Redis outage an API outage.
+pub async fn rate_limit(state: &AppState, subject: &str) -> Result<(), AppError> {
     let limit = state.config.limits.requests_per_sec;
     let second = chrono::Utc::now().timestamp();
     let key = format!("{}:rate:{subject}:{second}", state.config.redis_prefix);

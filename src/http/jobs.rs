@@ -295,12 +295,20 @@ pub struct EventsParams {
 /// The first event is the job's current state (`progress`, or its terminal event); then
 /// `progress`, `partial` and finally `succeeded`, `failed` or `canceled`, after which the stream
 /// ends. Each SSE `data` is a JSON `JobEvent`; the SSE `event` field repeats its `event` tag.
+///
+/// The stream is held to its credential: when the token expires, or the API key (or the key
+/// the token was minted from) is revoked, it ends within about two seconds with an
+/// `event: error` whose `data` is a 401 problem document saying which. Each stream takes one of
+/// the account's `XPAND_MAX_STREAMS_PER_ACCOUNT` places (shared with WebSockets); past them
+/// the request is refused with a 429.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id"), EventsParams),
     responses(
         (status = 200, description = "An event stream of JobEvent", content_type = "text/event-stream", body = JobEvent),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many requests, or the account's streams are all open", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -317,6 +325,8 @@ pub async fn events(
     // Subscribe before reading the job, so nothing between the read and the feed is lost.
     let mut feed = state.events.subscribe();
     let job = jobs::get(&state.db, &state.scheduler.kinds, caller.account_id, id).await?;
+    let slot = crate::http::streams::open(&state, &caller).await?;
+    let watch = crate::http::streams::watch(state.clone(), caller.clone(), slot);
     let db = state.db.clone();
     let kinds = state.scheduler.kinds.clone();
     let shutdown = state.shutdown.clone();
@@ -332,9 +342,15 @@ pub async fn events(
         if tx.send(sse_event(&first)).await.is_err() || done {
             return;
         }
+        tokio::pin!(watch);
         loop {
             let received = tokio::select! {
                 received = feed.recv() => received,
+                // The credential ended: say why, and end.
+                ended = &mut watch => {
+                    let _ = tx.send(sse_problem(&ended.error().problem())).await;
+                    return;
+                }
                 // The client went away: stop waiting for events nobody will read.
                 _ = tx.closed() => return,
                 // The server is stopping: end the stream so the connection can close.
@@ -370,6 +386,12 @@ fn sse_event(event: &JobEvent) -> Result<Event, Infallible> {
         .and_then(|v| v["event"].as_str().map(str::to_owned))
         .unwrap_or_default();
     Ok(Event::default().event(name).data(data))
+}
+
+/// The `event: error` that ends a stream refused midway.
+fn sse_problem(problem: &Problem) -> Result<Event, Infallible> {
+    let data = serde_json::to_string(problem).expect("problems serialize");
+    Ok(Event::default().event("error").data(data))
 }
 
 /// A stream fed by a task through a bounded channel (ends when the task returns).

@@ -3,10 +3,12 @@
 
 pub mod account;
 pub mod auth;
+pub mod credentials;
 pub mod extract;
 pub mod files;
 pub mod guard;
 pub mod jobs;
+pub mod keys;
 pub mod ledger;
 pub mod nodes;
 pub mod openapi;
@@ -14,6 +16,7 @@ pub mod ops;
 pub mod problem;
 pub mod serve;
 pub mod state;
+pub mod streams;
 pub mod transfers;
 pub mod ws;
 
@@ -22,7 +25,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
@@ -43,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/token", post(account::token))
         .route("/v1/account", get(account::account))
         .route("/v1/account/ledger", get(account::ledger_entries))
+        .route("/v1/account/keys", get(keys::list).post(keys::create))
+        .route("/v1/account/keys/{id}", delete(keys::revoke))
         .route(
             "/v1/jobs/{id}/settlement-proof",
             get(ledger::settlement_proof),

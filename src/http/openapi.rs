@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
+use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
         files::upload, files::download, files::delete, transfers::input, transfers::output,
         account::token, account::account, account::ledger_entries,
+        keys::list, keys::create, keys::revoke,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_leaves,
         ledger::block_entries, ledger::block_records, ledger::audit, ledger::node_records,
@@ -30,7 +31,7 @@ use crate::http::{account, files, jobs, ledger, nodes, ops, transfers, ws};
         (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),
         (name = "files", description = "Uploads (inputs such as videos) and downloads"),
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
-        (name = "account", description = "Balances and ledger entries"),
+        (name = "account", description = "Balances, ledger entries and API keys"),
         (name = "nodes", description = "Worker nodes of the network"),
         (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),
         (name = "ops", description = "Health, readiness, metrics, this document"),

@@ -1,5 +1,5 @@
 //! What HTTP handlers run on, cheap to clone into each: the job scheduler's handles plus what
-//! only the edge needs (tokens, the rate guard's Redis, the event feed, broker health). Nothing
+//! only the edge needs (tokens, key status, the rate guard's Redis, the event feed, broker health). Nothing
 //! below `http/` sees this type; each domain call gets the values it uses.
 
 use std::ops::Deref;
@@ -11,6 +11,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::events::EventHub;
 use crate::http::auth::JwtKeys;
+use crate::http::credentials::Credentials;
 use crate::jobs::Scheduler;
 use crate::metrics::Metrics;
 use crate::presence::RedisPresence;
@@ -33,6 +34,8 @@ pub struct Inner {
     pub scheduler: Scheduler,
     pub metrics: Metrics,
     pub jwt: JwtKeys,
+    /// API keys' status, cached for a second: what every credential is checked against.
+    pub credentials: Credentials,
     /// Object storage for uploaded files, job outputs and shard transfers.
     pub files: Arc<dyn object_store::ObjectStore>,
     /// Checks the URLs workers fetch inputs from and upload outputs to.

@@ -5,6 +5,10 @@
 //! Server frames: `accepted`, `subscribed`, `unsubscribed`, `pong`, the job events
 //! (`progress`, `partial`, `succeeded`, `failed`, `canceled`), and `error` with a problem
 //! object. A bad frame gets an `error`; the socket stays usable.
+//!
+//! A socket is held to the rules of a request: each op counts against the credential's rate
+//! limit (`guard.rs`), the socket takes one of its account's stream places and is closed when
+//! its credential ends (`streams.rs`).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -24,7 +28,9 @@ use uuid::Uuid;
 use super::jobs::submit_job;
 use crate::error::{AppError, Problem};
 use crate::http::auth::{self, Caller, Scope};
+use crate::http::guard;
 use crate::http::state::AppState;
+use crate::http::streams::{self, Ended};
 use crate::jobs::{self, Job, JobEvent, SubmitJob};
 
 /// A client → server frame.
@@ -96,6 +102,9 @@ pub struct WsParams {
 
 /// Close code when the socket's token expires: reconnect with a fresh token.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// Close code when the socket's API key (or the key its token was minted from) is revoked, or
+/// its account closed: reconnecting with the same credential is refused.
+pub const CLOSE_KEY_REVOKED: u16 = 4403;
 /// Ops read but not yet answered; past this, ops are refused with a 429 problem, so that a
 /// burst cannot queue unbounded work (or delay pongs).
 const OPS_QUEUE: usize = 256;
@@ -105,9 +114,14 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 ///
 /// Authenticate with `Authorization: Bearer` or `?token=<JWT from /v1/auth/token>` (an API key
 /// is refused in the URL). A socket opened with a token is closed with code 4401 when the token
-/// expires; reconnect with a fresh one. A frame larger than `XPAND_MAX_BODY_BYTES` closes the
-/// socket with 1009. See `ClientOp` for the frames a client sends and `Reply` / `JobEvent` for
-/// what it receives.
+/// expires; reconnect with a fresh one. A socket whose API key (or the key its token came from)
+/// is revoked is closed with code 4403 within about two seconds. Each op counts against the
+/// credential's rate limit (`XPAND_RATE_LIMIT`, shared with REST): an op over it is not run and
+/// is answered with an `error` frame whose problem is a 429 with `retry_after`. Each socket
+/// takes one of the account's `XPAND_MAX_STREAMS_PER_ACCOUNT` stream places; past them the
+/// upgrade is refused with a 429. A frame larger than `XPAND_MAX_BODY_BYTES` closes the socket
+/// with 1009. See `ClientOp` for the frames a client sends and `Reply` / `JobEvent` for what it
+/// receives.
 #[utoipa::path(
     get, path = "/v1/ws", tag = "jobs",
     params(("token" = Option<String>, Query, description = "A token from /v1/auth/token, for clients that cannot set headers (never an API key)")),
@@ -115,6 +129,7 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many requests, or the account's streams are all open", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []), ())
 )]
@@ -127,30 +142,49 @@ pub async fn upgrade(
     let caller =
         auth::authenticate_header_or_query(&state, &parts, params.token.as_deref()).await?;
     let ws = ws.map_err(|e| AppError::field("Upgrade", e.body_text()))?;
+    let rate_subject = auth::request_credential(&parts.headers, &parts.uri)
+        .map(|c| guard::rate_subject(&state, &c))
+        .unwrap_or_default();
+    let slot = streams::open(&state, &caller).await?;
+    let watch = streams::watch(state.clone(), caller.clone(), slot);
     let max = state.config.max_body_bytes;
+    let socket = Socket {
+        state,
+        caller,
+        rate_subject,
+    };
     Ok(ws
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(state, caller, socket)))
+        .on_upgrade(move |ws| serve(socket, ws, watch)))
+}
+
+/// What one socket runs on.
+struct Socket {
+    state: AppState,
+    caller: Caller,
+    /// Whom its ops count against (`guard::rate_subject` of its credential).
+    rate_subject: String,
 }
 
 /// Three tasks per socket, so that keepalive never waits behind work: a reader that is always
 /// reading (tungstenite answers pings as it reads) and queues ops; this task, which runs ops
 /// and forwards job events; and a writer that sends what both produce, plus keepalive pings.
-async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
-    let (sink, stream) = socket.split();
+/// `watch` (holding the socket's stream place) ends it when the credential ends.
+async fn serve(socket: Socket, ws: WebSocket, watch: impl std::future::Future<Output = Ended>) {
+    let Socket { state, caller, .. } = &socket;
+    let (sink, stream) = ws.split();
     let (out, outgoing) = mpsc::channel::<Message>(OPS_QUEUE);
     let (ops, mut queued) = mpsc::channel::<axum::extract::ws::Utf8Bytes>(OPS_QUEUE);
     let writer = tokio::spawn(write_frames(sink, outgoing));
     let reader = tokio::spawn(read_frames(stream, ops, out.clone()));
     let mut feed = state.events.subscribe();
     let mut subscribed: HashSet<Uuid> = HashSet::new();
-    let expiry = token_expiry(&caller);
-    tokio::pin!(expiry);
+    tokio::pin!(watch);
     loop {
         let frames: Vec<String> = tokio::select! {
             text = queued.recv() => match text {
-                Some(text) => handle_frame(&state, &caller, &mut subscribed, text.as_bytes()).await,
+                Some(text) => handle_frame(&socket, &mut subscribed, text.as_bytes()).await,
                 None => break,
             },
             event = feed.recv() => match event {
@@ -161,11 +195,14 @@ async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
                     vec![to_frame(&p.event)]
                 }
                 Ok(_) => continue,
-                Err(RecvError::Lagged(_)) => resync(&state, &caller, &mut subscribed).await,
+                Err(RecvError::Lagged(_)) => resync(state, caller, &mut subscribed).await,
                 Err(RecvError::Closed) => break,
             },
-            _ = &mut expiry => {
-                let _ = out.send(close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token")).await;
+            ended = &mut watch => {
+                let _ = out.send(match ended {
+                    Ended::TokenExpired => close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token"),
+                    Ended::Revoked => close(CLOSE_KEY_REVOKED, "api key revoked"),
+                }).await;
                 break;
             }
             _ = state.shutdown.wait() => {
@@ -184,14 +221,35 @@ async fn serve(state: AppState, caller: Caller, socket: WebSocket) {
     let _ = writer.await;
 }
 
-/// Resolves when the caller's token expires (never for an API key).
-async fn token_expiry(caller: &Caller) {
-    match caller.expires_at {
-        Some(exp) => {
-            let now = jsonwebtoken::get_current_timestamp();
-            tokio::time::sleep(Duration::from_secs(exp.saturating_sub(now))).await;
+/// Answers one client frame: parsed, counted against the rate limit (an op over it is not
+/// run), its credential checked, then run.
+async fn handle_frame(socket: &Socket, subscribed: &mut HashSet<Uuid>, text: &[u8]) -> Vec<String> {
+    let value: Value = match super::extract::parse_json(text) {
+        Ok(v) => v,
+        Err(e) => return vec![error_frame(None, e)],
+    };
+    let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
+    if let Err(limited) = guard::rate_limit(&socket.state, &socket.rate_subject).await {
+        return vec![error_frame(reference, limited)];
+    }
+    // Between a revocation and the close, ops are refused already.
+    if let Some(ended) = streams::ended(&socket.state, &socket.caller).await {
+        return vec![error_frame(reference, ended.error())];
+    }
+    let op: ClientOp = match serde_path_to_error::deserialize(value) {
+        Ok(op) => op,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { "op".into() } else { path };
+            return vec![error_frame(
+                reference,
+                AppError::field(field, e.inner().to_string()),
+            )];
         }
-        None => std::future::pending().await,
+    };
+    match run_op(&socket.state, &socket.caller, subscribed, op).await {
+        Ok(frames) => frames,
+        Err(e) => vec![error_frame(reference, e)],
     }
 }
 
@@ -289,34 +347,6 @@ async fn resync(state: &AppState, caller: &Caller, subscribed: &mut HashSet<Uuid
         }
     }
     frames
-}
-
-async fn handle_frame(
-    state: &AppState,
-    caller: &Caller,
-    subscribed: &mut HashSet<Uuid>,
-    text: &[u8],
-) -> Vec<String> {
-    let value: Value = match super::extract::parse_json(text) {
-        Ok(v) => v,
-        Err(e) => return vec![error_frame(None, e)],
-    };
-    let reference = value.get("ref").and_then(Value::as_str).map(str::to_owned);
-    let op: ClientOp = match serde_path_to_error::deserialize(value) {
-        Ok(op) => op,
-        Err(e) => {
-            let path = e.path().to_string();
-            let field = if path == "." { "op".into() } else { path };
-            return vec![error_frame(
-                reference,
-                AppError::field(field, e.inner().to_string()),
-            )];
-        }
-    };
-    match run_op(state, caller, subscribed, op).await {
-        Ok(frames) => frames,
-        Err(e) => vec![error_frame(reference, e)],
-    }
 }
 
 async fn run_op(

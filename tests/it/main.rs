@@ -9,6 +9,7 @@ mod files;
 mod fuzz_api;
 mod fuzz_inputs;
 mod jobs;
+mod keys;
 mod ledger_chain;
 mod ledger_properties;
 mod ops;

@@ -165,12 +165,20 @@ async fn metrics_labels_stay_bounded_whatever_the_method() {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A token for `account` valid `secs` seconds (shorter than `/v1/auth/token` grants).
-fn token_for(app: &TestApp, account: uuid::Uuid, secs: u64) -> String {
+/// A token for `account`, minted from its first API key, valid `secs` seconds (shorter than
+/// `/v1/auth/token` grants).
+async fn token_for(app: &TestApp, account: uuid::Uuid, secs: u64) -> String {
+    let key: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = $1 ORDER BY id LIMIT 1")
+            .bind(account)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     app.state
         .jwt
         .issue(
             account,
+            key,
             &xpand::http::auth::Scope::ALL,
             std::time::Duration::from_secs(secs),
         )
@@ -304,7 +312,7 @@ async fn urls_carry_tokens_never_api_keys_and_sse_follows_with_one() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
-    let token = token_for(&app, account, 60);
+    let token = token_for(&app, account, 60).await;
     let resp = app
         .http
         .get(format!("{events}?token={token}"))
@@ -322,7 +330,7 @@ async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
     use tokio_tungstenite::tungstenite::Message;
     let app = TestApp::spawn().await;
     let (account, key) = app.customer(10_000_000).await;
-    let token = token_for(&app, account, 2);
+    let token = token_for(&app, account, 2).await;
     let mut socket = open_socket(&app, &token).await;
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while let Some(Ok(message)) = socket.next().await {
@@ -352,7 +360,7 @@ async fn an_oversized_frame_gets_1009_and_a_burst_does_not_delay_pongs() {
     use tokio_tungstenite::tungstenite::Message;
     let app = TestApp::spawn().await;
     let (account, _) = app.customer(1_000_000_000).await;
-    let token = token_for(&app, account, 600);
+    let token = token_for(&app, account, 600).await;
     let mut socket = open_socket(&app, &token).await;
     let big = "x".repeat(app.config.max_body_bytes + 1024);
     socket.send(Message::text(big)).await.unwrap();
@@ -525,5 +533,101 @@ async fn customer_data_expires_and_the_money_stays() {
     assert_eq!(leftover, 0, "a shard still holds the job's rows");
     assert_eq!(app.balances(&key).await, balances);
     app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+/// A token with `claims`, signed with the gateway's own key: what an attacker holding a token
+/// would try by editing it, with the signature made good.
+fn signed_token(app: &TestApp, claims: &Value) -> String {
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let der = app.config.gateway_key.signing_key().to_pkcs8_der().unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+        claims,
+        &jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn tokens_speak_only_for_a_live_customer_and_only_for_a_while() {
+    let app = TestApp::spawn().await;
+    let (account, key) = app.customer(10_000_000).await;
+    let key_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE account_id = $1")
+        .bind(account)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = |sub: uuid::Uuid| {
+        json!({"sub": sub, "key": key_id, "scope": "jobs:read jobs:write account:read",
+               "iat": now, "exp": now + 600, "iss": "xpand"})
+    };
+    // The control: these claims, signed this way, are a working token.
+    let good = signed_token(&app, &claims(account));
+    assert_eq!(app.get(&good, "/v1/account/ledger").await.status(), 200);
+    let before = footprint(&app, &key).await;
+
+    let unknown = claims(uuid::Uuid::now_v7());
+    let system = claims(xpand::ledger::SYSTEM_ACCOUNT);
+    let mut keyless = claims(account);
+    keyless.as_object_mut().unwrap().remove("key");
+    let mut long_lived = claims(account);
+    long_lived["exp"] = json!(now + 2 * 3600);
+    let mut not_yet = claims(account);
+    not_yet["nbf"] = json!(now + 600);
+    for (what, claims) in [
+        ("an unknown account", unknown),
+        ("the system account", system),
+        ("no key", keyless),
+        ("a two-hour lifetime", long_lived),
+        ("nbf in ten minutes", not_yet),
+    ] {
+        let token = signed_token(&app, &claims);
+        let (status, p) = problem(app.get(&token, "/v1/account/ledger").await).await;
+        assert_eq!(status, 401, "ledger with {what}: {p}");
+        let (status, p) =
+            problem(app.post_json(&token, "/v1/jobs", &forecast_job(2, 3)).await).await;
+        assert_eq!(status, 401, "submit with {what}: {p}");
+        let (status, p) = problem(upload(&app, &token, 100).await).await;
+        assert_eq!(status, 401, "upload with {what}: {p}");
+    }
+    let mut current = claims(account);
+    current["nbf"] = json!(now - 10);
+    let current = signed_token(&app, &current);
+    assert_eq!(app.get(&current, "/v1/account").await.status(), 200);
+    assert_eq!(footprint(&app, &key).await, before);
+
+    // The mint endpoint grants no more than the maximum lifetime.
+    let max = app.config.token_ttl.as_secs();
+    let resp = app
+        .post_json(&key, "/v1/auth/token", &json!({"ttl_seconds": max + 1}))
+        .await;
+    let (status, p) = problem(resp).await;
+    assert_eq!((status, field_of(&p)), (422, "ttl_seconds"), "{p}");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_counted_either_way() {
+    let app = TestApp::spawn_with(|c| c.limits.requests_per_sec = 5).await;
+    let (_, key) = app.customer(10_000_000).await;
+    let with_scheme = |scheme: &str| {
+        app.http
+            .get(format!("{}/v1/account", app.base))
+            .header("authorization", format!("{scheme} {key}"))
+            .send()
+    };
+    assert_eq!(with_scheme("bearer").await.unwrap().status(), 200);
+    assert_eq!(with_scheme("BEARER").await.unwrap().status(), 200);
+    assert_eq!(with_scheme("Basic").await.unwrap().status(), 401);
+    let mut limited = false;
+    for _ in 0..40 {
+        if with_scheme("bearer").await.unwrap().status() == 429 {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "lowercase requests escaped the rate limit");
     app.teardown().await;
 }

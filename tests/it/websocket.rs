@@ -328,3 +328,205 @@ async fn a_socket_on_one_replica_sees_jobs_run_through_another() {
     replica.stop().await;
     app.teardown().await;
 }
+
+/// The problem of a refused WebSocket upgrade.
+async fn refused_upgrade(base: &str, token: &str) -> Problem {
+    let url = format!("{}/v1/ws?token={token}", base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => parse(&String::from_utf8_lossy(
+            resp.body().as_deref().unwrap_or_default(),
+        )),
+        other => panic!("the upgrade was not refused: {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn socket_ops_share_the_rate_limit_and_refused_ops_do_not_run() {
+    let limit = xpand::config::Limits::DEFAULT.requests_per_sec;
+    let app = TestApp::spawn_with(|c| c.limits.requests_per_sec = limit).await;
+    let (_, key) = app.customer(1_000_000_000).await;
+    let token: TokenResponse = read(token(&app, &key, json!({})).await).await;
+    let (mut flooding, mut stream) = connect(&app, &token.token).await.split();
+
+    // What the stranger did: subscribe ops, 2,000 a second, for 3 s.
+    let flood = Duration::from_secs(3);
+    let sender = tokio::spawn(async move {
+        let (started, mut sent) = (std::time::Instant::now(), 0usize);
+        while started.elapsed() < flood {
+            for _ in 0..10 {
+                let op = json!({"op": "subscribe", "job_id": Uuid::now_v7()});
+                flooding.feed(Message::text(op.to_string())).await.unwrap();
+                sent += 1;
+            }
+            flooding.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (flooding, sent)
+    });
+    let started = std::time::Instant::now();
+    // Ops refused by the rate limit, and by the socket's queue of unanswered ops (also a 429).
+    let (mut ran, mut limited, mut queue_full, mut answered) = (0usize, 0usize, 0usize, 0usize);
+    let rate_limited = format!("more than {limit} requests per second");
+    let (mut sent, mut sink) = (None, None);
+    let mut sender = Some(sender);
+    while sent.is_none_or(|sent| answered < sent) {
+        if sender.as_ref().is_some_and(|s| s.is_finished()) {
+            let (back, n) = sender.take().unwrap().await.unwrap();
+            sink = Some(back);
+            sent = Some(n);
+            continue;
+        }
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await
+        else {
+            continue;
+        };
+        let Message::Text(text) = message.unwrap().unwrap() else {
+            continue;
+        };
+        let Reply::Error { problem, .. } = parse::<Reply>(&text) else {
+            panic!("a subscribe to a job that does not exist succeeded: {text}");
+        };
+        answered += 1;
+        match problem.status {
+            // Run: the job was looked up, and is not there.
+            404 => ran += 1,
+            429 => {
+                assert_eq!(problem.retry_after, Some(1), "{problem:?}");
+                if problem.detail.contains(&rate_limited) {
+                    limited += 1;
+                } else {
+                    queue_full += 1;
+                }
+            }
+            other => panic!("unexpected {other}: {problem:?}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (sent, mut sink) = (sent.unwrap(), sink.unwrap());
+    println!(
+        "socket flood at a limit of {limit}/s: {sent} ops sent in {:.1} s, {ran} run \
+         ({:.0}/s), {limited} refused by the rate limit, {queue_full} by the full queue",
+        flood.as_secs_f64(),
+        ran as f64 / elapsed
+    );
+    assert!(
+        limited > sent / 2,
+        "{sent} ops in 3 s, {limited} refused by a limit of {limit}/s"
+    );
+    // Each one-second window lets `limit` through: the flood touches at most 5 of them.
+    assert!(
+        ran <= limit as usize * 5,
+        "{ran} ops ran at {limit}/s in {elapsed:.1} s"
+    );
+
+    // Submits over the limit are not run: nothing is created or held for them.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (available, _) = app.balances(&key).await;
+    let burst = 3 * limit as usize;
+    for i in 0..burst {
+        let op = json!({"op": "submit", "ref": i.to_string(), "job": forecast_job(2, 3)});
+        sink.feed(Message::text(op.to_string())).await.unwrap();
+    }
+    sink.flush().await.unwrap();
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    while accepted.len() + refused < burst {
+        let Message::Text(text) = stream.next().await.unwrap().unwrap() else {
+            continue;
+        };
+        match parse::<Reply>(&text) {
+            Reply::Accepted { job, .. } => accepted.push(*job),
+            Reply::Error { problem, .. } if problem.status == 429 => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused > 0, "{burst} submits at once passed {limit}/s");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(jobs as usize, accepted.len());
+    let charged: i64 = accepted.iter().map(|j| j.escrow).sum();
+    let (after, held) = app.balances(&key).await;
+    assert_eq!((available - after, held), (charged, charged));
+
+    // One counter for every door: REST spent this second's budget, the socket's op is refused.
+    let mut shared = false;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        while app.get(&token.token, "/v1/jobs?limit=1").await.status() != 429 {}
+        sink.send(Message::text(
+            json!({"op": "ping", "ref": "after REST"}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let text = loop {
+            if let Message::Text(text) = stream.next().await.unwrap().unwrap() {
+                break text;
+            }
+        };
+        if let Reply::Error { problem, reference } = parse::<Reply>(&text) {
+            assert_eq!(
+                (problem.status, reference.as_deref()),
+                (429, Some("after REST"))
+            );
+            shared = true;
+            break;
+        }
+    }
+    assert!(
+        shared,
+        "a socket op ran although REST had used up the limit"
+    );
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn open_streams_per_account_are_capped_on_all_replicas() {
+    let app = TestApp::spawn_with(|c| c.limits.max_streams_per_account = 3).await;
+    let replica = app.replica().await;
+    let (_, key) = app.customer(50_000_000).await;
+    let (_, other_key) = app.customer(50_000_000).await;
+    let (_, job) = app.submit(&key, &forecast_job(2, 3)).await;
+    let minted: TokenResponse = read(token(&app, &key, json!({})).await).await;
+    let token = minted.token;
+    let other: TokenResponse = read(self::token(&app, &other_key, json!({})).await).await;
+
+    let mut first = connect(&app, &token).await;
+    let _second = connect_to(&replica.base, &token).await;
+    let events = format!("{}/v1/jobs/{}/events?token={token}", app.base, job.id);
+    let third = app.http.get(&events).send().await.unwrap();
+    assert_eq!(third.status(), 200);
+
+    // Full, on either replica and for either kind of stream.
+    for base in [&app.base, &replica.base] {
+        let p = refused_upgrade(base, &token).await;
+        assert_eq!(p.status, 429, "{p:?}");
+        assert!(p.type_uri.ends_with("too-many-streams"), "{p:?}");
+        assert!(p.detail.contains("3 open streams"), "{p:?}");
+    }
+    let refused = app.http.get(&events).send().await.unwrap();
+    let p: Problem = crate::common::problem(refused).await;
+    assert_eq!(p.status, 429, "{p:?}");
+    // Another account is not affected.
+    let _other = connect(&app, &other.token).await;
+
+    // A closed socket frees its place, soon.
+    first.close(None).await.unwrap();
+    let freed = std::time::Instant::now();
+    let url = format!(
+        "{}/v1/ws?token={token}",
+        app.base.replace("http://", "ws://")
+    );
+    loop {
+        if tokio_tungstenite::connect_async(&url).await.is_ok() {
+            break;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(3),
+            "a closed socket's place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.stop().await;
+    app.teardown().await;
+}
