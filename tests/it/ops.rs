@@ -67,13 +67,18 @@ async fn health_readiness_and_metrics() {
     app.post_json(&key, "/v1/jobs", &crate::common::forecast_job(8, 2))
         .await;
     let metrics = app.metrics().await;
+    // Whole lines: "… 1" must not pass for "… 10".
+    let series: Vec<&str> = metrics.lines().collect();
     assert!(
-        metrics.contains("xpand_jobs{status=\"queued\"} 1"),
+        series.contains(&"xpand_jobs{status=\"queued\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains(
-        "xpand_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
-    ));
+    assert!(
+        series.contains(
+            &"xpand_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
+        ),
+        "{metrics}"
+    );
     app.teardown().await;
 }
 

@@ -116,11 +116,13 @@ async fn wait_long(app: &TestApp, key: &str, id: &str) -> Value {
     .expect("the video job ends within 4 minutes")
 }
 
-/// Objects the gateway keeps for jobs in flight (segments, uploads); none once jobs end.
+/// Every object in the store but the uploaded files: what jobs staged. It walks the store's
+/// root and must find the uploads (each test here uploads first), so a store laid out anew
+/// cannot read as empty.
 fn staged_objects(app: &TestApp) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
+        for entry in std::fs::read_dir(dir).expect("the store's directories are readable") {
+            let path = entry.expect("a directory entry").path();
             if path.is_dir() {
                 walk(&path, out);
             } else {
@@ -128,8 +130,16 @@ fn staged_objects(app: &TestApp) -> Vec<PathBuf> {
             }
         }
     }
+    let root = &app.config.files_dir;
+    let uploads = root.join("files");
     let mut out = Vec::new();
-    walk(&app.config.files_dir.join("jobs"), &mut out);
+    walk(root, &mut out);
+    assert!(
+        out.iter().any(|p| p.starts_with(&uploads)),
+        "no upload under {}: the walk does not see the store",
+        uploads.display()
+    );
+    out.retain(|p| !p.starts_with(&uploads));
     out
 }
 
@@ -153,6 +163,13 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     )
     .await;
     let id = job["id"].as_str().unwrap();
+    // The segments are staged under the job while it runs (so their absence below means
+    // they were deleted).
+    let staged = staged_objects(&app);
+    assert!(
+        staged.iter().any(|p| p.to_string_lossy().contains(id)),
+        "no segment staged for {id}: {staged:?}"
+    );
     let scaled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM shards
          WHERE job_id = $1::uuid AND jsonb_path_exists(task, '$.**.detect_width ? (@ == 320)')",
