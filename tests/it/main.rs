@@ -6,6 +6,7 @@ mod chaos;
 mod common;
 mod epochs;
 mod files;
+mod forecast_oracle;
 mod fuzz_api;
 mod fuzz_inputs;
 mod jobs;
