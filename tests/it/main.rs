@@ -1,6 +1,7 @@
 //! Integration tests against the real Postgres, Redis and Mosquitto, with real workers running
 //! the real ONNX model. One binary (faster to link); each test has its own database and prefixes.
 
+mod admin;
 mod architecture;
 mod chaos;
 mod common;
