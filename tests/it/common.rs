@@ -324,11 +324,9 @@ impl TestApp {
 
     /// Runs a worker with `key` (registered or not).
     pub async fn run_worker(&mut self, key: NodeKey) {
+        // The gateway's broker: a test may give it a private one.
         let mut cfg = WorkerConfig::new(
-            BrokerAddress {
-                host: MQTT_HOST.into(),
-                port: MQTT_PORT,
-            },
+            self.config.mqtt.clone(),
             key.clone(),
             self.config.gateway_key.id(),
         );
