@@ -580,3 +580,83 @@ async fn a_video_job_runs_on_an_s3_compatible_store() {
     app.teardown().await;
     let _ = server.kill().await;
 }
+
+/// A video job canceled while its segments run: the segments done so far are paid, the rest
+/// refunded, no more segments are done after the cancel, and every staged segment is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_job_canceled_mid_run_pays_done_segments_and_cleans_up() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Two segments per slot of the one worker: the job runs in two waves.
+    let clip = make_clip(dir.path(), 320, 240, 12, false);
+    let file = upload_file(&app, &key, &clip).await;
+    let (available, _) = app.balances(&key).await;
+    let job = submit_anonymize(&app, &key, &file, json!({})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let segments = job["progress"]["shards_total"].as_i64().unwrap();
+    assert!(segments >= 8, "{job}");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let job = app.get_json(&key, &format!("/v1/jobs/{id}")).await;
+            if job["progress"]["shards_done"].as_i64().unwrap() >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a first segment is done");
+    let resp = app
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    let status = resp.status();
+    let canceled: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{canceled}");
+    assert_eq!(canceled["status"], "canceled", "{canceled}");
+
+    let done_fees = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), COALESCE(sum(fee), 0)::bigint FROM shards
+             WHERE job_id = $1::uuid AND status = 'done'",
+        )
+        .bind(&id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    let (done, paid) = done_fees().await;
+    assert!(
+        (1..segments).contains(&done),
+        "{done} of {segments} segments done"
+    );
+    assert_eq!(
+        canceled["cost"].as_i64(),
+        Some(paid),
+        "the done segments are paid"
+    );
+    assert_eq!(
+        app.balances(&key).await,
+        (available - paid, 0),
+        "the rest refunded"
+    );
+
+    // What the worker still finishes is dropped, and the job's staged objects go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        done_fees().await,
+        (done, paid),
+        "a segment was done after the cancel"
+    );
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while !staged_objects(&app).is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("staged objects stay: {:?}", staged_objects(&app)));
+    crate::common::assert_every_job_settled(&app.db).await;
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
