@@ -37,7 +37,7 @@ test: setup
 
 # The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
 soak: services
-	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run -E 'test(scheduler_simulation)' --no-capture
+	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run --profile soak -E 'test(scheduler_simulation)' --no-capture
 
 # xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
 # loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,

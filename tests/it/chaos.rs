@@ -286,11 +286,14 @@ async fn run(topology: Topology) {
     // one worker for good.
     let mut kills: Vec<(String, DateTime<Utc>)> = Vec::new();
     let (mut worker_kills, mut gateway_kills, mut broker_restarted) = (0, 0, false);
+    // When a node or the broker went down: what may leave a result with nobody to check it.
+    let mut disruptions: Vec<DateTime<Utc>> = Vec::new();
     let started = Instant::now();
     if topology.one_worker_killed_for_good {
         tokio::time::sleep(window / 3).await;
         kill9(&mut workers[1]);
         kills.push((key_files[1].1.clone(), Utc::now()));
+        disruptions.push(Utc::now());
         worker_kills += 1;
         tokio::time::sleep(window.saturating_sub(started.elapsed())).await;
     }
@@ -299,6 +302,7 @@ async fn run(topology: Topology) {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if !broker_restarted && started.elapsed() > window / 2 {
             kill9(&mut broker);
+            disruptions.push(Utc::now());
             tokio::time::sleep(Duration::from_millis(1000)).await;
             broker = cluster.broker();
             broker_restarted = true;
@@ -306,6 +310,7 @@ async fn run(topology: Topology) {
             let i = rand::thread_rng().gen_range(0..workers.len());
             kill9(&mut workers[i]);
             kills.push((key_files[i].1.clone(), Utc::now()));
+            disruptions.push(Utc::now());
             worker_kills += 1;
             tokio::time::sleep(Duration::from_millis(800)).await;
             workers[i] = cluster.worker(&key_files[i].0);
@@ -318,6 +323,15 @@ async fn run(topology: Topology) {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    // The chaos the run is about did happen.
+    assert!(worker_kills >= 1, "no worker was killed");
+    if !topology.one_worker_killed_for_good {
+        assert!(broker_restarted, "the broker was not restarted");
+        assert!(
+            worker_kills + gateway_kills >= 3,
+            "only {worker_kills} worker and {gateway_kills} gateway kills"
+        );
+    }
     let mut job_ids = Vec::new();
     for s in submitters {
         job_ids.extend(s.await.unwrap());
@@ -347,6 +361,20 @@ async fn run(topology: Topology) {
     .fetch_all(&db)
     .await
     .unwrap();
+    // Nothing the test did is a reason to fail a job: each shard has 20 attempts and 300 s,
+    // and kills cost a shard one attempt at most. A run where jobs fail (at cost 0, which the
+    // money checks below accept) is a broken one.
+    let failed: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
+        "SELECT id, error FROM jobs WHERE id = ANY($1) AND status <> 'succeeded' ORDER BY id LIMIT 10",
+    )
+    .bind(&job_ids)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        failed.is_empty(),
+        "jobs that did not succeed ({statuses:?}), the first: {failed:?}"
+    );
     // Idempotency keys made retried submissions one job each.
     let created: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
         .fetch_one(&db)
@@ -394,10 +422,36 @@ async fn run(topology: Topology) {
         );
     }
     redispatch.sort_by(f64::total_cmp);
-    let unverified: i64 = sqlx::query_scalar("SELECT count(*) FROM shards WHERE unverified")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    // Redundancy sampling ran: replicas were dispatched and answered.
+    let replicas_done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM shards WHERE replica_of IS NOT NULL AND status = 'done'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(replicas_done > 0, "no replica ran");
+    // A held result is accepted unchecked only when nobody could check it: in the minimal
+    // topology after its checker died for good, in the comfortable one around a kill or the
+    // broker's restart (all nodes briefly unreachable). Never while every node was up.
+    let unverified: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT completed_at FROM shards WHERE unverified ORDER BY completed_at",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let slack = chrono::Duration::seconds(10);
+    let explained = |at: &DateTime<Utc>| {
+        disruptions.iter().any(|d| {
+            *at > *d - slack && (topology.one_worker_killed_for_good || *at < *d + slack * 2)
+        })
+    };
+    let unexplained: Vec<&DateTime<Utc>> = unverified.iter().filter(|at| !explained(at)).collect();
+    assert!(
+        unexplained.is_empty(),
+        "results accepted unverified while their checkers were up (disruptions at \
+         {disruptions:?}): {unexplained:?}"
+    );
+    let unverified = unverified.len();
     eprintln!(
         "chaos ({} gateways, {} workers, redundancy {} bps): {} s, {} jobs {statuses:?}, \
          {worker_kills} worker and {gateway_kills} gateway kill -9s, broker restarted: \

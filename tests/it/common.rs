@@ -42,7 +42,18 @@ impl TestWorker {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle).await;
+        let what = format!("worker {}", self.node_id);
+        stopped(&what, self.handle, Duration::from_secs(15)).await;
+    }
+}
+
+/// Awaits a task the test told to stop: a hang, a panic or an error in it fails the test.
+async fn stopped(what: &str, task: JoinHandle<anyhow::Result<()>>, within: Duration) {
+    match tokio::time::timeout(within, task).await {
+        Err(_) => panic!("{what} did not stop within {within:?}"),
+        Ok(Err(join)) => panic!("{what} panicked: {join}"),
+        Ok(Ok(Err(e))) => panic!("{what} failed: {e:#}"),
+        Ok(Ok(Ok(()))) => {}
     }
 }
 
@@ -55,7 +66,7 @@ pub struct Replica {
 impl Replica {
     pub async fn stop(self) {
         let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
+        stopped("the gateway replica", self.server, Duration::from_secs(20)).await;
     }
 }
 
@@ -313,11 +324,9 @@ impl TestApp {
 
     /// Runs a worker with `key` (registered or not).
     pub async fn run_worker(&mut self, key: NodeKey) {
+        // The gateway's broker: a test may give it a private one.
         let mut cfg = WorkerConfig::new(
-            BrokerAddress {
-                host: MQTT_HOST.into(),
-                port: MQTT_PORT,
-            },
+            self.config.mqtt.clone(),
             key.clone(),
             self.config.gateway_key.id(),
         );
@@ -416,8 +425,31 @@ impl TestApp {
         resp.text().await.unwrap()
     }
 
-    /// Worker messages the gateway dropped for `reason` so far.
+    /// Worker messages the gateway dropped for `reason` so far. A series appears at its first
+    /// drop, so a missing one reads 0, but only for a reason the gateway has: a renamed label
+    /// must not read as "nothing dropped".
     pub async fn rejected(&self, reason: &str) -> u64 {
+        use xpand::broker::DropReason::*;
+        let known = [
+            BadTopic,
+            Malformed,
+            BadSignature,
+            Stale,
+            CrossNode,
+            UnknownNode,
+            BannedNode,
+            Replayed,
+            ReplayCheckUnavailable,
+            BadBody,
+            StaleAssignment,
+            BadResult,
+            RateLimited,
+        ]
+        .map(xpand::broker::DropReason::label);
+        assert!(
+            known.contains(&reason),
+            "the gateway drops nothing as {reason:?}"
+        );
         let needle = format!("xpand_rejected_messages_total{{reason=\"{reason}\"}} ");
         self.metrics()
             .await
@@ -499,7 +531,7 @@ impl TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.server).await;
+        stopped("the gateway", self.server, Duration::from_secs(20)).await;
         delete_redis_prefix(&self.config.redis_prefix).await;
         let _ = std::fs::remove_dir_all(&self.config.files_dir);
         let _ = std::fs::remove_dir_all(&self.config.scratch_dir);

@@ -1,11 +1,13 @@
 //! Integration tests against the real Postgres, Redis and Mosquitto, with real workers running
 //! the real ONNX model. One binary (faster to link); each test has its own database and prefixes.
 
+mod admin;
 mod architecture;
 mod chaos;
 mod common;
 mod epochs;
 mod files;
+mod forecast_oracle;
 mod fuzz_api;
 mod fuzz_inputs;
 mod jobs;

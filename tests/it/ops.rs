@@ -136,13 +136,18 @@ async fn health_readiness_and_metrics() {
     app.post_json(&key, "/v1/jobs", &crate::common::forecast_job(8, 2))
         .await;
     let metrics = app.metrics().await;
+    // Whole lines: "… 1" must not pass for "… 10".
+    let series: Vec<&str> = metrics.lines().collect();
     assert!(
-        metrics.contains("xpand_jobs{status=\"queued\"} 1"),
+        series.contains(&"xpand_jobs{status=\"queued\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains(
-        "xpand_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
-    ));
+    assert!(
+        series.contains(
+            &"xpand_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"} 1"
+        ),
+        "{metrics}"
+    );
     app.teardown().await;
 }
 
@@ -259,6 +264,131 @@ async fn a_redis_outage_delays_work_and_loses_nothing() {
         }
     }
     assert!(text.contains("\"event\":\"succeeded\""), "{text}");
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+/// A private Mosquitto on `port`, killed when dropped: a test may take it down and up again
+/// without touching the shared broker.
+struct PrivateBroker(std::process::Child);
+
+impl PrivateBroker {
+    async fn start(dir: &std::path::Path, port: u16) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto runs");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("mosquitto listens");
+        Self(child)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `/readyz` until its status is `ready`, or fails naming `what`.
+async fn wait_ready(app: &TestApp, key: &str, ready: bool, what: &str) -> Value {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let resp = app.get(key, "/readyz").await;
+            if resp.status().is_success() == ready {
+                return resp.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// While the MQTT broker is down, readiness says so and a submitted job waits instead of failing
+/// or being charged; once the broker is back the gateway and the worker reconnect and the job
+/// runs, paid once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_outage_delays_work_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = PrivateBroker::start(dir.path(), port).await;
+    let mut app = TestApp::spawn_with(|c| c.mqtt.port = port).await;
+    app.start_worker().await;
+    let (_, key) = app.customer(50_000_000).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(&key, job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    drop(broker);
+    let readiness = wait_ready(&app, &key, false, "readyz stayed 200 with the broker down").await;
+    assert_eq!(readiness["broker"], false, "{readiness}");
+    let (available, _) = app.balances(&key).await;
+    let job: Value = app
+        .post_json(&key, "/v1/jobs", &crate::common::forecast_job(16, 4))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let quote = job["quote"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = app.get_json(&key, &format!("/v1/jobs/{id}")).await;
+    assert!(
+        ["queued", "running"].contains(&waiting["status"].as_str().unwrap()),
+        "the job must wait for the broker: {waiting}"
+    );
+    assert_eq!(
+        app.balances(&key).await,
+        (available - quote, quote),
+        "held, not charged"
+    );
+
+    let _broker = PrivateBroker::start(dir.path(), port).await;
+    let back = std::time::Instant::now();
+    wait_ready(&app, &key, true, "readyz stayed 503 with the broker back").await;
+    let ready_after = back.elapsed();
+    let job = tokio::time::timeout(Duration::from_secs(60), app.wait_for_job(&key, &id))
+        .await
+        .expect("the job runs once the broker is back");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    eprintln!(
+        "broker back: ready after {ready_after:?}, the waiting job done after {:?}",
+        back.elapsed()
+    );
+    assert_eq!(
+        app.balances(&key).await,
+        (available - quote, 0),
+        "charged the quote once"
+    );
+    crate::common::assert_every_job_settled(&app.db).await;
     app.assert_ledger_invariants().await;
     app.teardown().await;
 }

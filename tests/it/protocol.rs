@@ -1,6 +1,7 @@
 //! The worker side of the wire, played by the test: forged, replayed and stale messages are
 //! dropped and counted, and a worker that vanishes mid-shard loses the shard to another.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use xpand::nodes::Presence as _;
 
@@ -26,6 +27,9 @@ struct FakeNode {
     assignments: mpsc::UnboundedReceiver<Assignment>,
     stops: mpsc::UnboundedReceiver<xpand_protocol::Stop>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// The first gateway message the listener found wrong (it is not delivered): the test fails
+    /// with it at the node's next send or read, or when the node goes away.
+    violation: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeNode {
@@ -68,6 +72,9 @@ impl FakeNode {
         let assign_topic = topics.assign(key.id());
         let stop_topic = topics.stop(key.id());
         let sub_client = client.clone();
+        let violation = Arc::new(Mutex::new(None));
+        let found = violation.clone();
+        // A panic here would only end this task: what is wrong is handed to the test instead.
         tokio::spawn(async move {
             while let Ok(event) = eventloop.poll().await {
                 match event {
@@ -78,12 +85,28 @@ impl FakeNode {
                     }
                     Event::Incoming(Packet::Publish(p)) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                        let opened = Envelope::open(&p.payload, &topic, now_ms(), 60_000).unwrap();
-                        assert_eq!(opened.signer, gateway, "the gateway signs what it sends");
-                        if topic == stop_topic {
-                            let _ = stop_tx.send(opened.parse().unwrap());
-                        } else {
-                            let _ = tx.send(opened.parse::<Assignment>().unwrap());
+                        let delivered = Envelope::open(&p.payload, &topic, now_ms(), 60_000)
+                            .map_err(|e| format!("a message on {topic} does not open: {e}"))
+                            .and_then(|opened| {
+                                if opened.signer != gateway {
+                                    return Err(format!(
+                                        "a message on {topic} is signed by {}, not the gateway",
+                                        opened.signer
+                                    ));
+                                }
+                                let unreadable =
+                                    |e| format!("an unreadable message on {topic}: {e}");
+                                if topic == stop_topic {
+                                    let stop = opened.parse().map_err(unreadable)?;
+                                    let _ = stop_tx.send(stop);
+                                } else {
+                                    let assignment = opened.parse().map_err(unreadable)?;
+                                    let _ = tx.send(assignment);
+                                }
+                                Ok(())
+                            });
+                        if let Err(wrong) = delivered {
+                            found.lock().unwrap().get_or_insert(wrong);
                         }
                     }
                     _ => {}
@@ -97,6 +120,7 @@ impl FakeNode {
             topics,
             assignments,
             stops,
+            violation,
         };
         node.announce(model, slots).await;
         node
@@ -127,6 +151,7 @@ impl FakeNode {
 
     /// Publishes on the topic of node `as_node` (which may not be us).
     async fn send_as(&self, as_node: &str, kind: UpKind, payload: Vec<u8>) {
+        self.check();
         self.client
             .publish(
                 self.topics.up(as_node, kind),
@@ -139,16 +164,40 @@ impl FakeNode {
     }
 
     async fn next_assignment(&mut self) -> Assignment {
-        tokio::time::timeout(Duration::from_secs(30), self.assignments.recv())
-            .await
-            .expect("an assignment within 30 s")
-            .unwrap()
+        let next = tokio::time::timeout(Duration::from_secs(30), self.assignments.recv()).await;
+        self.check();
+        next.expect("an assignment within 30 s")
+            .expect("the node's listener ended")
+    }
+
+    /// The gateway's next `stop` for this node, within `secs`.
+    async fn next_stop(&mut self, secs: u64) -> xpand_protocol::Stop {
+        let next = tokio::time::timeout(Duration::from_secs(secs), self.stops.recv()).await;
+        self.check();
+        next.expect("a stop in time")
+            .expect("the node's listener ended")
+    }
+
+    /// Fails the test if the gateway sent this node something it should not have.
+    fn check(&self) {
+        if let Some(wrong) = self.violation.lock().unwrap().as_ref() {
+            panic!("node {}: {wrong}", self.key.id());
+        }
     }
 
     /// Goes silent, as a crashed machine would.
     async fn die(self) {
         self.heartbeat.abort();
         let _ = self.client.disconnect().await;
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        // A test that reads nothing more from the node still fails on what it was sent.
+        if !std::thread::panicking() {
+            self.check();
+        }
     }
 }
 
@@ -680,10 +729,7 @@ async fn a_straggler_gets_a_speculative_copy_and_is_told_to_stop() {
     .await
     .expect("the speculative copy finishes the job");
     assert_eq!(job["status"], "succeeded", "{job}");
-    let stop = tokio::time::timeout(Duration::from_secs(10), slow.stops.recv())
-        .await
-        .expect("the straggler is told to stop")
-        .unwrap();
+    let stop = slow.next_stop(10).await;
     assert_eq!(
         (stop.assignment_id, stop.shard_id, stop.node.as_str()),
         (a.assignment_id, a.shard_id, slow_key.id())
@@ -813,16 +859,20 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
     // The checker dies holding the replica.
     let doomed_id = doomed.key.id().to_string();
     doomed.die().await;
-    while app
-        .state
-        .presence
-        .alive(std::slice::from_ref(&doomed_id))
-        .await
-        .unwrap()
-        == [true]
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while app
+            .state
+            .presence
+            .alive(std::slice::from_ref(&doomed_id))
+            .await
+            .unwrap()
+            == [true]
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the silent node is taken for dead within 30 s");
 
     // The next job's shard reaches the survivor's one slot, ahead of the replica it may not run.
     let next: Value = submit().await.json().await.unwrap();
@@ -856,10 +906,13 @@ async fn a_replica_only_a_dead_node_may_run_blocks_nothing_and_is_accepted_unver
     .unwrap();
     assert!(unverified);
     assert_eq!(replica_status, "canceled");
-    assert!(app
-        .metrics()
-        .await
-        .contains("xpand_unverified_shards_total{kind=\"forecast\"} 1"));
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "xpand_unverified_shards_total{kind=\"forecast\"} 1"),
+        "{metrics}"
+    );
     app.assert_ledger_invariants().await;
     survivor.die().await;
     app.teardown().await;

@@ -46,9 +46,13 @@ async fn a_node_that_announced_before_its_registration_gets_work() {
     let mut app = TestApp::spawn().await;
     let key = NodeKey::generate();
     app.run_worker(key.clone()).await;
-    while app.rejected("unknown_node").await < 2 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while app.rejected("unknown_node").await < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the unregistered node's announce and heartbeat are dropped as unknown_node");
     let registered: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = $1)")
         .bind(key.id())
         .fetch_one(&app.db)

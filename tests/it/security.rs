@@ -324,11 +324,61 @@ async fn urls_carry_tokens_never_api_keys_and_sse_follows_with_one() {
     app.teardown().await;
 }
 
+/// A client text frame as RFC 6455 lays it out (masked), for writing under tungstenite, which
+/// refuses to send anything once it has seen a close.
+fn masked_text_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend(u16::try_from(n).expect("a short frame").to_be_bytes());
+        }
+    }
+    frame.extend(mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    frame
+}
+
+/// The next text frame on `socket`, as JSON.
+async fn next_text(socket: &mut Socket) -> Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let next = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("the socket ended: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), next)
+        .await
+        .expect("a text frame within 10 s")
+}
+
 #[tokio::test]
 async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
-    use futures::{SinkExt, StreamExt};
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
     let app = TestApp::spawn().await;
+    let submit = json!({"op": "submit", "ref": "late", "job": forecast_job(2, 3)}).to_string();
+
+    // The hand-made frame is one the gateway takes: on a live socket it submits a job.
+    let (other, other_key) = app.customer(10_000_000).await;
+    let mut live = open_socket(&app, &token_for(&app, other, 600)).await;
+    live.get_mut()
+        .write_all(&masked_text_frame(&submit))
+        .await
+        .unwrap();
+    let reply = next_text(&mut live).await;
+    assert_eq!(reply["event"], "accepted", "{reply}");
+    assert_eq!(footprint(&app, &other_key).await.1, 1);
+
     let (account, key) = app.customer(10_000_000).await;
     let token = token_for(&app, account, 2).await;
     let mut socket = open_socket(&app, &token).await;
@@ -347,10 +397,40 @@ async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
         xpand::http::ws::CLOSE_TOKEN_EXPIRED
     );
     let before = footprint(&app, &key).await;
-    let submit = json!({"op": "submit", "job": forecast_job(2, 3)});
-    let _ = socket.send(Message::text(submit.to_string())).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A client that ignores the close keeps sending: the submit goes out on the connection
+    // itself, ahead of the close reply tungstenite has only queued.
+    let raw = socket.get_mut();
+    if let Err(e) = raw.write_all(&masked_text_frame(&submit)).await {
+        // A gateway that already hung up refuses it at the TCP level: as good.
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        );
+    }
+    // Nothing was charged or created...
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(footprint(&app, &key).await, before);
+    // ...and the gateway hung up without answering.
+    let mut after = Vec::new();
+    let hung_up = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match raw.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => after.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(hung_up.is_ok(), "the gateway kept the expired socket open");
+    assert!(
+        !String::from_utf8_lossy(&after).contains("accepted"),
+        "a submit after the close was answered: {}",
+        String::from_utf8_lossy(&after)
+    );
     app.teardown().await;
 }
 

@@ -116,11 +116,13 @@ async fn wait_long(app: &TestApp, key: &str, id: &str) -> Value {
     .expect("the video job ends within 4 minutes")
 }
 
-/// Objects the gateway keeps for jobs in flight (segments, uploads); none once jobs end.
+/// Every object in the store but the uploaded files: what jobs staged. It walks the store's
+/// root and must find the uploads (each test here uploads first), so a store laid out anew
+/// cannot read as empty.
 fn staged_objects(app: &TestApp) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
+        for entry in std::fs::read_dir(dir).expect("the store's directories are readable") {
+            let path = entry.expect("a directory entry").path();
             if path.is_dir() {
                 walk(&path, out);
             } else {
@@ -128,8 +130,16 @@ fn staged_objects(app: &TestApp) -> Vec<PathBuf> {
             }
         }
     }
+    let root = &app.config.files_dir;
+    let uploads = root.join("files");
     let mut out = Vec::new();
-    walk(&app.config.files_dir.join("jobs"), &mut out);
+    walk(root, &mut out);
+    assert!(
+        out.iter().any(|p| p.starts_with(&uploads)),
+        "no upload under {}: the walk does not see the store",
+        uploads.display()
+    );
+    out.retain(|p| !p.starts_with(&uploads));
     out
 }
 
@@ -153,6 +163,13 @@ async fn faces_are_masked_across_segments_and_the_audio_survives() {
     )
     .await;
     let id = job["id"].as_str().unwrap();
+    // The segments are staged under the job while it runs (so their absence below means
+    // they were deleted).
+    let staged = staged_objects(&app);
+    assert!(
+        staged.iter().any(|p| p.to_string_lossy().contains(id)),
+        "no segment staged for {id}: {staged:?}"
+    );
     let scaled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM shards
          WHERE job_id = $1::uuid AND jsonb_path_exists(task, '$.**.detect_width ? (@ == 320)')",
@@ -724,4 +741,84 @@ async fn a_video_job_runs_on_an_s3_compatible_store() {
     assert!(!listing.contains("<Key>"), "{listing}");
     app.teardown().await;
     let _ = server.kill().await;
+}
+
+/// A video job canceled while its segments run: the segments done so far are paid, the rest
+/// refunded, no more segments are done after the cancel, and every staged segment is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_job_canceled_mid_run_pays_done_segments_and_cleans_up() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Two segments per slot of the one worker: the job runs in two waves.
+    let clip = make_clip(dir.path(), 320, 240, 12, false);
+    let file = upload_file(&app, &key, &clip).await;
+    let (available, _) = app.balances(&key).await;
+    let job = submit_anonymize(&app, &key, &file, json!({})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let segments = job["progress"]["shards_total"].as_i64().unwrap();
+    assert!(segments >= 8, "{job}");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let job = app.get_json(&key, &format!("/v1/jobs/{id}")).await;
+            if job["progress"]["shards_done"].as_i64().unwrap() >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a first segment is done");
+    let resp = app
+        .post_json(&key, &format!("/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
+    let status = resp.status();
+    let canceled: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{canceled}");
+    assert_eq!(canceled["status"], "canceled", "{canceled}");
+
+    let done_fees = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), COALESCE(sum(fee), 0)::bigint FROM shards
+             WHERE job_id = $1::uuid AND status = 'done'",
+        )
+        .bind(&id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    let (done, paid) = done_fees().await;
+    assert!(
+        (1..segments).contains(&done),
+        "{done} of {segments} segments done"
+    );
+    assert_eq!(
+        canceled["cost"].as_i64(),
+        Some(paid),
+        "the done segments are paid"
+    );
+    assert_eq!(
+        app.balances(&key).await,
+        (available - paid, 0),
+        "the rest refunded"
+    );
+
+    // What the worker still finishes is dropped, and the job's staged objects go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        done_fees().await,
+        (done, paid),
+        "a segment was done after the cancel"
+    );
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while !staged_objects(&app).is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("staged objects stay: {:?}", staged_objects(&app)));
+    crate::common::assert_every_job_settled(&app.db).await;
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
 }

@@ -500,4 +500,99 @@ mod tests {
         let other = SigningKey::from_bytes(&[8; 32]);
         assert!(block.verify_signature(&other.verifying_key()).is_err());
     }
+
+    /// Hashes computed once outside this crate (Python's hashlib and `cryptography`, from the
+    /// encoding the module doc states) and frozen here: a change to the encoding of a leaf, the
+    /// tree, a header or a signature fails this test instead of passing every round trip.
+    /// Sealed blocks must keep verifying, so these never change.
+    #[test]
+    fn known_vectors_pin_leaves_roots_and_block_signatures() {
+        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678901Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let v1 = SealedEntry {
+            id: 1,
+            tx_id: 1,
+            tx_kind: "deposit".into(),
+            job_id: None,
+            epoch: None,
+            ledger_account_id: 2,
+            owner: Uuid::nil(),
+            purpose: "available".into(),
+            amount: 5,
+            created_at: DateTime::from_timestamp_micros(1_000_000).unwrap(),
+            salt: None,
+        };
+        let v2 = SealedEntry {
+            id: 2,
+            tx_id: 7,
+            tx_kind: "escrow_release".into(),
+            job_id: Some("6f1c2b9a-0d3e-4c5f-8a7b-1e2d3c4b5a69".parse().unwrap()),
+            epoch: Some(3),
+            ledger_account_id: 9,
+            owner: "0d9e8f7a-6b5c-4d3e-9f2a-1b0c9d8e7f6a".parse().unwrap(),
+            purpose: "earnings".into(),
+            amount: -1250,
+            created_at: at,
+            salt: Some("5a17".into()),
+        };
+        let r1 = SealedRecord {
+            id: 3,
+            kind: "capability".into(),
+            node_id: "node-a".into(),
+            digest: None,
+            envelope: Some(r#"{"v":1}"#.into()),
+            created_at: DateTime::from_timestamp_micros(1_000_000).unwrap(),
+            salt: None,
+        };
+        let r2 = SealedRecord {
+            id: 4,
+            kind: "assignment".into(),
+            node_id: "node-b".into(),
+            digest: Some("ab".repeat(32)),
+            envelope: None,
+            created_at: at,
+            salt: Some("c0ffee".into()),
+        };
+        let leaves = [v1.leaf(), v2.leaf(), r1.leaf(), r2.leaf()].map(hex::encode);
+        assert_eq!(
+            leaves,
+            [
+                "a7fc96a899eade2cbdb1510ae41bb77e4436356623caa62884bb3838cc772ea0",
+                "95d5bb77b3983c387b817048a5603ba67f0b936cba608ae26b76e2dadd4baf95",
+                "3a9221b75256bcd2772ee5fa378e2b3a72da3bfc7014d60699a24cf82f4f3059",
+                "68c2d31f07d8ba50a42f874fb50bf3b00a0bd2ab34da83e4251a6f081146495a",
+            ]
+        );
+        // Five leaves: the fifth is promoted twice, unpaired.
+        let mut five = leaves.to_vec();
+        five.push(hex::encode(leaf_hash(b"x")));
+        assert_eq!(
+            root_of_hex(&five).unwrap(),
+            "9b071af420a9161080e3145a8812d0f25f352065df9b95ff8c978bfa1908a735"
+        );
+        assert_eq!(
+            hex::encode(merkle_root(&[])),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let block = Block::seal(2, (1, 3), &[v1, v2], &[r1, r2], &[0xab; 32], at, &key);
+        assert_eq!(
+            (block.merkle_root.as_str(), block.records_root.as_str()),
+            (
+                "fb6b42fa8ba04797b8c2fcddf5d78a6d0958d8ad9fb677dda6b9f61f4f6702f1",
+                "f39cae4c2549abe53f7c086b0aaf086f4bc5cf061d07b0a488dc4def6850f4e4"
+            )
+        );
+        assert_eq!(
+            block.block_hash,
+            "2b89e52ce2abb86d34bdd9daac474288945b4ca19d755e98575b692c6692fa8c"
+        );
+        assert_eq!(
+            block.signature,
+            "sTstyalZuUuWyrpnArbMLsGt0MpGDtQ6TOc/tplw6lO6JrR6AADcol2Q+Qg1YGOBeMCkfi6irfPptv1/02rTCQ=="
+        );
+        block.verify_signature(&key.verifying_key()).unwrap();
+    }
 }

@@ -28,7 +28,10 @@ pub async fn split(input: &Path, cuts: &[u32], dir: &Path) -> anyhow::Result<Vec
         ]
         .map(String::from),
     );
-    if !cuts.is_empty() {
+    if cuts.is_empty() {
+        // The segment muxer cuts every 2 s by default: no cut means one segment of it all.
+        args.extend(["-segment_time", "1000000000"].map(String::from));
+    } else {
         let frames: Vec<String> = cuts.iter().map(u32::to_string).collect();
         args.push("-segment_frames".into());
         args.push(frames.join(","));
@@ -135,5 +138,18 @@ mod tests {
 
         // Only absolute paths are passed to ffmpeg.
         assert!(split(Path::new("clip.mp4"), &[], &cut).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_clip_split_with_no_cut_is_one_segment() {
+        // Longer than the segment muxer's default 2 s segments.
+        let dir = tempfile::tempdir().unwrap();
+        let clip = make_clip(dir.path(), 320, 240, 6, false);
+        let cut = dir.path().join("cut");
+        std::fs::create_dir(&cut).unwrap();
+        let segments = split(&clip, &[], &cut).await.unwrap();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        let (frames, _, _, _) = count_frames(&segments[0]).await.unwrap();
+        assert_eq!(frames, 150);
     }
 }

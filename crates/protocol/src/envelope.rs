@@ -370,4 +370,37 @@ mod tests {
         assert_eq!(key.id(), again.id());
         assert!(NodeKey::from_seed_hex("zz").is_err());
     }
+
+    /// An envelope made outside this crate (Python's `cryptography`, from the layout of
+    /// [`signing_input`]) with a fixed key, time and nonce, frozen here: it must open, this
+    /// crate must sign the same bytes the same way, and its JSON must keep its digest (sealed
+    /// records commit to it). A change of the signed layout or the JSON fails here.
+    #[test]
+    fn a_known_envelope_opens_and_its_encoding_is_frozen() {
+        const ID: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
+        const SIG: &str = "38WbqSlUifuCpKuz7In8wx5zAJWVm5P20cFT6FZ1irTcU308LNviV7UCcfA8be1/1t4KMe1Kq3zKM0vJp4cvAw==";
+        let json = format!(
+            r#"{{"v":1,"signer":"{ID}","ts":1767225600000,"nonce":"00112233445566778899aabbccddeeff","body":"eyJhIjoxfQ==","sig":"{SIG}"}}"#
+        );
+        let topic = format!("xpand/v1/up/{ID}/result");
+        let (ts, nonce) = (1_767_225_600_000, "00112233445566778899aabbccddeeff");
+
+        let key = NodeKey::from_seed([7; 32]);
+        assert_eq!(key.id(), ID);
+        let sig = key
+            .signing_key()
+            .sign(&signing_input(&topic, ID, ts, nonce, br#"{"a":1}"#));
+        assert_eq!(B64.encode(sig.to_bytes()), SIG);
+
+        let opened = Envelope::open(json.as_bytes(), &topic, ts, 30_000).unwrap();
+        assert_eq!((opened.signer.as_str(), opened.nonce.as_str()), (ID, nonce));
+        assert_eq!(opened.body, br#"{"a":1}"#);
+        let envelope: Envelope = serde_json::from_str(&json).unwrap();
+        let again = serde_json::to_vec(&envelope).unwrap();
+        assert_eq!(String::from_utf8(again).unwrap(), json);
+        assert_eq!(
+            crate::sha256_hex(json.as_bytes()),
+            "cb693a61138ca0bfae299e3f1edb2ca5635378f30726a84020f7adae1b336c90"
+        );
+    }
 }

@@ -330,4 +330,27 @@ mod tests {
         assert_eq!(v["kind"], "forecast");
         assert_eq!(t.chunks(), 1);
     }
+
+    /// An output's digest and hash chain as computed outside this crate (Python's hashlib over
+    /// the JSON text below, and the chain's definition), frozen here: a change in how outputs
+    /// serialize or chain would make workers and gateways of different versions disagree.
+    #[test]
+    fn known_vectors_pin_the_output_digest_and_chain() {
+        let out = ShardOutput::Forecast {
+            forecasts: vec![vec![1.5, 2.25, -0.125], vec![100.0]],
+        };
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&out).unwrap()).unwrap(),
+            r#"{"kind":"forecast","forecasts":[[1.5,2.25,-0.125],[100.0]]}"#
+        );
+        assert_eq!(
+            out.digest(),
+            "7bb50f74e29699d5566fcf84e23fd61c7ec79a09f9d28c767195669f3accce22"
+        );
+        let assignment: Uuid = "3e1f0a2b-4c5d-4e6f-8a9b-0c1d2e3f4a5b".parse().unwrap();
+        assert_eq!(
+            out.chain(assignment),
+            "130cc595c76e89b673b041f50a2f3ec9f3c614493f2eca301abd133c95a23039"
+        );
+    }
 }
