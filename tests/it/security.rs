@@ -370,7 +370,7 @@ async fn a_socket_closes_when_its_token_expires_and_charges_nothing_after() {
 
     // The hand-made frame is one the gateway takes: on a live socket it submits a job.
     let (other, other_key) = app.customer(10_000_000).await;
-    let mut live = open_socket(&app, &token_for(&app, other, 600)).await;
+    let mut live = open_socket(&app, &token_for(&app, other, 600).await).await;
     live.get_mut()
         .write_all(&masked_text_frame(&submit))
         .await
