@@ -44,6 +44,23 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, for whoever must tell a real label from a misspelt one.
+    pub const ALL: [DropReason; 13] = [
+        DropReason::BadTopic,
+        DropReason::Malformed,
+        DropReason::BadSignature,
+        DropReason::Stale,
+        DropReason::CrossNode,
+        DropReason::UnknownNode,
+        DropReason::BannedNode,
+        DropReason::Replayed,
+        DropReason::ReplayCheckUnavailable,
+        DropReason::BadBody,
+        DropReason::StaleAssignment,
+        DropReason::BadResult,
+        DropReason::RateLimited,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             DropReason::BadTopic => "bad_topic",
