@@ -138,6 +138,11 @@ pub struct GatewayArgs {
     /// `127.0.0.0/8` for a receiver on this machine during development). Empty: public only.
     #[arg(long, env = "XPAND_WEBHOOK_ALLOW", value_delimiter = ',')]
     pub webhook_allow: Vec<ipnet::IpNet>,
+    /// Web origins whose pages may call the API from a browser (comma-separated, exactly as a
+    /// browser sends them: `https://addin.example.com`, `http://127.0.0.1:3000`). Empty: no
+    /// cross-origin page may call it.
+    #[arg(long, env = "XPAND_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Concurrent HTTP connections; more wait in the listen backlog.
     #[arg(long, env = "XPAND_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections)]
     pub max_connections: usize,
@@ -220,6 +225,8 @@ pub struct Config {
     pub scheduling: Scheduling,
     pub db_pool: u32,
     pub egress: crate::egress::EgressPolicy,
+    /// Origins allowed to call the API from a browser page, each as `scheme://host[:port]`.
+    pub cors_origins: Vec<String>,
     pub limits: Limits,
 }
 
@@ -320,6 +327,11 @@ impl GatewayArgs {
         if self.request_timeout_secs == 0 || self.retention_hours == 0 {
             bail!("XPAND_REQUEST_TIMEOUT_SECS and XPAND_RETENTION_HOURS must be > 0");
         }
+        let cors_origins = self
+            .cors_origins
+            .iter()
+            .map(|o| web_origin(o))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let gateway_key = load_or_create_key(&self.gateway_key_file)?;
         let auditor_key = load_or_create_secret(&self.auditor_key_file, AUDITOR_KEY_PREFIX)?;
         Ok(Config {
@@ -363,6 +375,7 @@ impl GatewayArgs {
             egress: crate::egress::EgressPolicy {
                 allow: self.webhook_allow,
             },
+            cors_origins,
             limits: Limits {
                 max_connections: self.max_connections,
                 header_timeout: Duration::from_secs(self.header_timeout_secs),
@@ -423,4 +436,65 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<(
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A web origin as browsers send it in `Origin`: `scheme://host[:port]`, lowercase, without the
+/// scheme's default port. Anything else (a path, a wildcard, credentials, `null`) is refused: an
+/// allowed origin must name exactly one site.
+pub fn web_origin(text: &str) -> anyhow::Result<String> {
+    let text = text.trim();
+    let url = url::Url::parse(text).with_context(|| {
+        format!("XPAND_CORS_ORIGINS: {text:?} is not an origin like https://host")
+    })?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some_and(|h| !h.contains('*'))
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == "/"
+        && !text.ends_with('/')
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if !plain {
+        bail!("XPAND_CORS_ORIGINS: {text:?} must be scheme://host[:port] and nothing else");
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::web_origin;
+
+    #[test]
+    fn cors_origins_are_exact_sites_in_the_form_browsers_send() {
+        assert_eq!(
+            web_origin("https://AddIn.example.com").unwrap(),
+            "https://addin.example.com"
+        );
+        assert_eq!(
+            web_origin("https://addin.example.com:443").unwrap(),
+            "https://addin.example.com"
+        );
+        assert_eq!(
+            web_origin(" http://127.0.0.1:3000 ").unwrap(),
+            "http://127.0.0.1:3000"
+        );
+        assert_eq!(
+            web_origin("http://[::1]:8000").unwrap(),
+            "http://[::1]:8000"
+        );
+        for refused in [
+            "*",
+            "null",
+            "https://*.example.com",
+            "https://example.com/",
+            "https://example.com/addin",
+            "https://user@example.com",
+            "https://example.com?x=1",
+            "ftp://example.com",
+            "example.com",
+            "",
+        ] {
+            assert!(web_origin(refused).is_err(), "{refused:?} was accepted");
+        }
+    }
 }

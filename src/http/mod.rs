@@ -27,13 +27,15 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::error::AppError;
 use crate::http::state::AppState;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = cross_origin(&state.config.cors_origins);
+    let routes = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -82,9 +84,50 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), track));
+    // Outside the guard: a preflight carries no credential and is answered here, and a refusal
+    // (401, 429) reaches the page that asked, readable.
+    let routes = match cors {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes.layer(TraceLayer::new_for_http()).with_state(state)
+}
+
+/// What lets a page on an allowed origin call the API from a browser (an add-in's task pane,
+/// say): its preflights are answered and its responses readable. Closed when no origin is
+/// configured. Credentials are bearer headers, never cookies, so no origin is told it may send
+/// cookies, and an origin not listed gets no CORS header at all: the browser keeps the response
+/// from it.
+fn cross_origin(origins: &[String]) -> Option<CorsLayer> {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o).expect("origins are validated with the configuration"))
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::RANGE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("prefer"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::LOCATION,
+                header::CONTENT_RANGE,
+                header::CONTENT_DISPOSITION,
+                HeaderName::from_static("preference-applied"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Validates a page size: `limit` (or `default`) must be from 1 to `max`.

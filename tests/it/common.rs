@@ -248,6 +248,7 @@ pub fn test_config(db_name: &str) -> Config {
         egress: xpand::egress::EgressPolicy {
             allow: vec!["127.0.0.0/8".parse().unwrap()],
         },
+        cors_origins: Vec::new(),
         // The rate limit has its own test; elsewhere tests poll as fast as they like.
         limits: xpand::config::Limits {
             requests_per_sec: 1_000_000,

@@ -5,6 +5,7 @@ mod admin;
 mod architecture;
 mod chaos;
 mod common;
+mod cors;
 mod epochs;
 mod files;
 mod forecast_oracle;
