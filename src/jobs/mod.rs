@@ -46,7 +46,8 @@ pub struct SubmitJob {
     #[schema(example = "forecast")]
     pub kind: String,
     /// Kind-specific input. `forecast`: `{"series": [[number, ...], ...]}`, one array per
-    /// spreadsheet row, each with at least 3 values. `anonymize`: `{"file": "<file id>"}`, a
+    /// spreadsheet row, each with at least 3 values; a cell may be blank (`null` or `""`): filled
+    /// in between values, dropped at a row's ends, at most 30% of a row. `anonymize`: `{"file": "<file id>"}`, a
     /// video uploaded with `POST /v1/files`.
     #[schema(value_type = Object, example = json!({"series": [[112, 118, 132, 129, 121, 135, 148, 148]]}))]
     pub input: Value,

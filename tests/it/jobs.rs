@@ -237,6 +237,16 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
             "input.series[1][7]",
         ),
         (
+            "more blanks than a row may have",
+            with(&|v| {
+                for c in 2..14 {
+                    v["input"]["series"][0][c] = Value::Null;
+                }
+            }),
+            422,
+            "input.series[0][12]",
+        ),
+        (
             "empty series",
             with(&|v| v["input"]["series"] = json!([])),
             422,
@@ -365,6 +375,38 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
         .unwrap();
     assert_eq!(jobs, 0);
     assert_eq!(app.balances(&key).await, (CREDIT, 0));
+    app.teardown().await;
+}
+
+/// A sheet with gaps and rows of different lengths, as a range reads: blank cells inside a row
+/// are filled on the line between their neighbours, blanks at a row's ends are not part of it,
+/// and the forecasts are exactly those of the completed rows.
+#[tokio::test]
+async fn blank_cells_are_completed_as_the_documented_rule_says() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let with_blanks = json!([
+        [112, 118, null, 129, 121, 135, 148, "", "", 118, 104, 118],
+        [null, "  ", 50, 52, 54, null, 58, 60, null, null, null, null],
+    ]);
+    let completed = json!([
+        [112, 118, 123.5, 129, 121, 135, 148, 138, 128, 118, 104, 118],
+        [50, 52, 54, 56, 58, 60],
+    ]);
+    let mut outputs = Vec::new();
+    for series in [with_blanks, completed] {
+        let body = json!({"kind": "forecast", "input": {"series": series},
+                          "params": {"horizon": 4}, "max_fee": 100_000});
+        let resp = app.post_json(&key, "/v1/jobs", &body).await;
+        assert_eq!(resp.status(), 201);
+        let job: Job = read(resp).await;
+        let done = app.wait_for(&key, job.id).await;
+        assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+        outputs.push(forecasts(&done));
+    }
+    assert_eq!(outputs[0].len(), 2);
+    assert_eq!(outputs[0], outputs[1]);
     app.teardown().await;
 }
 

@@ -1,4 +1,5 @@
 //! Job kind `forecast`: spreadsheet rows of numbers in, the next `horizon` values of each row out.
+//! A row may hold blank cells: its ends are trimmed and its gaps filled ([`blanks`]).
 //!
 //! Map: rows are grouped into shards of at least `rows_per_shard` rows
 //! (`XPAND_FORECAST_ROWS_PER_SHARD`, 1,024 by default), at most [`MAX_SHARDS`] shards. A row costs
@@ -8,6 +9,8 @@
 //! accepted shard streams its rows at once (a `partial` event).
 //! Reduce: shard outputs are concatenated in row order, inline. Two runs agree when every value
 //! is within a relative tolerance.
+
+mod blanks;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -175,30 +178,28 @@ fn parse_series(input: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<Vec<f
             });
             continue;
         };
-        if cells.len() < MIN_HISTORY || cells.len() > MAX_ROW_LEN {
-            errors.push(FieldError {
-                row: Some(r),
-                ..FieldError::new(
-                    field,
-                    format!(
-                        "has {} values; a row needs {MIN_HISTORY} to {MAX_ROW_LEN}",
-                        cells.len()
-                    ),
-                )
-            });
+        let row_error = |detail: String| FieldError {
+            row: Some(r),
+            ..FieldError::new(field.clone(), detail)
+        };
+        if cells.len() > MAX_ROW_LEN {
+            let detail = format!("has {} cells; at most {MAX_ROW_LEN}", cells.len());
+            errors.push(row_error(detail));
             continue;
         }
         let mut values = Vec::with_capacity(cells.len());
+        let errors_before_row = errors.len();
         for (c, cell) in cells.iter().enumerate() {
             match cell.as_f64() {
                 // serde_json never yields a non-finite f64, but a huge literal could overflow
                 // the model's f32: refuse it here rather than fail on the worker.
-                Some(v) if v.abs() < 1e30 => values.push(v),
+                Some(v) if v.abs() < 1e30 => values.push(Some(v)),
                 Some(_) => errors.push(FieldError::cell(r, c, "is too large (|x| must be < 1e30)")),
+                None if blanks::is_blank(cell) => values.push(None),
                 None => errors.push(FieldError::cell(
                     r,
                     c,
-                    format!("must be a number, got {}", json_type(cell)),
+                    format!("must be a number or blank, got {}", json_type(cell)),
                 )),
             }
             // A sheet full of text would produce one error per cell; 100 locate the problem.
@@ -206,7 +207,30 @@ fn parse_series(input: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<Vec<f
                 return None;
             }
         }
-        series.push(values);
+        if errors.len() > errors_before_row {
+            continue;
+        }
+        let observed = values.iter().flatten().count();
+        if observed < MIN_HISTORY {
+            let detail = format!("has {observed} values; a row needs at least {MIN_HISTORY}");
+            errors.push(row_error(detail));
+            continue;
+        }
+        match blanks::complete(&values) {
+            Ok(completed) => series.push(completed),
+            Err(blanks::Incomplete::TooManyMissing { column, allowed }) => {
+                errors.push(FieldError::cell(
+                    r,
+                    column,
+                    format!(
+                        "is blank, one more than the {allowed} blanks this row may have \
+                         (at most {}% of the cells from its first value to its last)",
+                        blanks::MAX_MISSING_PERCENT
+                    ),
+                ))
+            }
+            Err(blanks::Incomplete::Empty) => errors.push(row_error("has no values".into())),
+        }
     }
     (errors.len() == before).then_some(series)
 }
@@ -360,15 +384,45 @@ mod tests {
     #[test]
     fn bad_cells_are_named_by_row_and_column() {
         let errors = plan(
-            &json!({ "series": [[1, 2, 3], [4, "x", 6, null]] }),
+            &json!({ "series": [[1, 2, 3], [4, "x", 6, true, null]] }),
             &json!({ "horizon": 3 }),
             DEFAULT_FORECAST_ROWS_PER_SHARD,
         )
         .unwrap_err();
-        assert_eq!(errors.len(), 2);
+        assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].field, "input.series[1][1]");
         assert_eq!((errors[0].row, errors[0].column), (Some(1), Some(1)));
         assert_eq!(errors[1].field, "input.series[1][3]");
+    }
+
+    #[test]
+    fn blank_cells_are_completed_or_the_row_is_refused_at_the_blank_too_many() {
+        let input = json!({ "series": [
+            [null, 1, "", 3, 4, 5, 6, "  ", null],
+            [7, 8, 9],
+        ] });
+        let plan = plan(&input, &json!({ "horizon": 2 }), 8).unwrap();
+        let ShardTask::Forecast { series, .. } = &plan.shards[0].task else {
+            panic!("forecast plans have forecast shards");
+        };
+        assert_eq!(series[0], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(series[1], vec![7.0, 8.0, 9.0]);
+        let errors = plan_errors(json!({ "series": [[1, null, null, 4, 5, 6]] }));
+        assert_eq!(errors[0].field, "input.series[0][2]", "{errors:?}");
+        assert!(errors[0].detail.contains("30%"), "{}", errors[0].detail);
+        let errors = plan_errors(json!({ "series": [[1, null, 2, null, null]] }));
+        assert_eq!(errors[0].field, "input.series[0]");
+        assert!(
+            errors[0].detail.contains("has 2 values"),
+            "{}",
+            errors[0].detail
+        );
+        let errors = plan_errors(json!({ "series": [[null, ""]] }));
+        assert_eq!(errors[0].field, "input.series[0]");
+    }
+
+    fn plan_errors(input: Value) -> Vec<FieldError> {
+        plan(&input, &json!({ "horizon": 2 }), 8).unwrap_err()
     }
 
     #[test]
