@@ -24,6 +24,7 @@ run: setup
 
 test: setup
 	@scripts/setup-browser.sh
+	@scripts/setup-js-client.sh
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
 	cargo fmt --all -- --check

@@ -67,7 +67,7 @@ pub async fn upload(
 /// Delete one of your files (an upload or a job's output) now, before it expires. A file that
 /// an unfinished job still reads (a video job's input) is kept until the job ends: 409.
 #[utoipa::path(
-    delete, path = "/v1/files/{id}", tag = "files",
+    delete, path = "/v1/files/{id}", tag = "files", operation_id = "delete_file",
     params(("id" = Uuid, Path, description = "File id")),
     responses(
         (status = 204, description = "Deleted"),

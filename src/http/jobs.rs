@@ -193,7 +193,7 @@ fn idempotency_key(headers: &HeaderMap) -> AppResult<Option<String>> {
 
 /// Get one of your jobs.
 #[utoipa::path(
-    get, path = "/v1/jobs/{id}", tag = "jobs",
+    get, path = "/v1/jobs/{id}", tag = "jobs", operation_id = "get_job",
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 200, body = Job),
@@ -234,7 +234,7 @@ pub struct JobPage {
 
 /// List your jobs, newest first.
 #[utoipa::path(
-    get, path = "/v1/jobs", tag = "jobs",
+    get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs",
     params(ListParams),
     responses(
         (status = 200, body = JobPage),

@@ -60,7 +60,7 @@ fn may_manage_keys(caller: &Caller) -> Result<(), AppError> {
 
 /// Your API keys.
 #[utoipa::path(
-    get, path = "/v1/account/keys", tag = "account",
+    get, path = "/v1/account/keys", tag = "account", operation_id = "list_keys",
     responses(
         (status = 200, body = KeyList),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -79,7 +79,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> AppResult<Js
 ///
 /// The response carries the secret once. At most 100 unrevoked keys per account.
 #[utoipa::path(
-    post, path = "/v1/account/keys", tag = "account",
+    post, path = "/v1/account/keys", tag = "account", operation_id = "create_key",
     request_body = CreateKey,
     responses(
         (status = 201, body = CreatedKey),
@@ -131,7 +131,7 @@ pub async fn create(
 /// (WebSocket close code 4403; an event stream ends with an `error` event). Revoking a revoked
 /// key changes nothing. Another account's key is not found.
 #[utoipa::path(
-    delete, path = "/v1/account/keys/{id}", tag = "account",
+    delete, path = "/v1/account/keys/{id}", tag = "account", operation_id = "revoke_key",
     params(("id" = Uuid, Path, description = "Key id")),
     responses(
         (status = 200, description = "The key, revoked", body = ApiKey),

@@ -14,7 +14,7 @@ use crate::nodes::{self, Node};
 
 /// List the registered nodes.
 #[utoipa::path(
-    get, path = "/v1/nodes", tag = "nodes",
+    get, path = "/v1/nodes", tag = "nodes", operation_id = "list_nodes",
     responses((status = 200, body = Vec<Node>), (status = 401, body = Problem, content_type = "application/problem+json")),
     security(("bearer" = []))
 )]
@@ -33,7 +33,7 @@ pub struct NodeDetail {
 
 /// One node: capabilities, liveness, shards done and failed, earnings, recent power scores.
 #[utoipa::path(
-    get, path = "/v1/nodes/{id}", tag = "nodes",
+    get, path = "/v1/nodes/{id}", tag = "nodes", operation_id = "get_node",
     params(("id" = String, Path, description = "Node id: hex of its ed25519 public key")),
     responses((status = 200, body = NodeDetail), (status = 404, body = Problem, content_type = "application/problem+json")),
     security(("bearer" = []))

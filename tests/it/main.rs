@@ -12,6 +12,7 @@ mod forecast_oracle;
 mod fuzz_api;
 mod fuzz_inputs;
 mod jobs;
+mod js_client;
 mod keys;
 mod ledger_chain;
 mod ledger_properties;
