@@ -49,7 +49,7 @@ async fn the_js_client_submits_streams_cancels_and_survives_a_dropped_socket() {
         "the client's tests failed:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(report.contains("# pass 5"), "{report}");
+    assert!(report.contains("# pass 7"), "{report}");
     app.assert_ledger_invariants().await;
     app.teardown().await;
 }

@@ -73,8 +73,7 @@ export class Xpand {
         },
         body: body === undefined ? undefined : JSON.stringify(body),
       });
-      const text = await response.text();
-      const parsed = text ? JSON.parse(text) : undefined;
+      const parsed = await readBody(response);
       if (response.ok) return { body: parsed, headers: response.headers, status: response.status };
       const header = Number(response.headers.get('retry-after'));
       const retryAfter = Number.isFinite(header) && header > 0 ? header : parsed?.retry_after;
@@ -343,6 +342,21 @@ export class JobSocket {
         followed.resolve(job);
       }
     }
+  }
+}
+
+/**
+ * A response's JSON, or for a body that is not JSON (a proxy's error page) a problem that
+ * quotes its start.
+ * @param {Response} response
+ */
+async function readBody(response) {
+  const text = await response.text();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return { status: response.status, title: response.statusText, detail: text.slice(0, 200) };
   }
 }
 
