@@ -15,9 +15,8 @@
 // bad usage. Set up the browser and playwright-core with scripts/setup-browser.sh.
 import { existsSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const JOB_TIMEOUT_MS = 180_000;
 const DURATION_TOLERANCE_S = 0.25;
 const PLAY_TARGET_S = 0.3;
@@ -87,14 +86,7 @@ async function screenshot(page) {
 
 let page;
 try {
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    ],
-  });
+  browser = await launchChromium();
   report.browser = browser.version();
   const context = await browser.newContext({ viewport: { width: 900, height: 1000 } });
   page = await context.newPage();

@@ -10,9 +10,8 @@
 // reads a refusal (a bad token's 401 problem). From a page on the unlisted origin the same
 // account read must be blocked by the browser. Prints one line of JSON with what each page saw
 // and exits 0 when the browser behaved as described, 1 otherwise, 2 on bad usage.
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const [gateway, apiKey, listedUrl, unlistedUrl] = process.argv.slice(2);
 if (!gateway || !apiKey || !listedUrl || !unlistedUrl) {
   console.error('usage: node tests/browser/cors.mjs <gateway_url> <api_key> <listed_page_url> <unlisted_page_url>');
@@ -69,14 +68,7 @@ async function unlistedCall({ gateway, apiKey }) {
 const report = { ok: false };
 let browser;
 try {
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    ],
-  });
+  browser = await launchChromium();
   const page = await browser.newPage();
   await page.goto(listedUrl);
   report.listed = await page.evaluate(listedCalls, { gateway, apiKey });
