@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers
+.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers clients
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -22,7 +22,7 @@ run: setup
 	@scripts/local-broker.sh
 	MQTT_URL=$${MQTT_URL:-mqtt://127.0.0.1:1884} $(CARGO_TARGET_DIR)/release/xpand up
 
-test: setup
+test: setup clients
 	@scripts/setup-browser.sh
 	@scripts/setup-js-client.sh
 	@scripts/setup-s3-emulator.sh
@@ -35,6 +35,11 @@ test: setup
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi
+
+# The spreadsheet add-ins: clients/calc/xpand.oxt (LibreOffice Calc) and what it builds with.
+clients:
+	@scripts/setup-libreoffice.sh
+	@clients/calc/build.sh
 
 # The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
 soak: services
