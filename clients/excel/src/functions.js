@@ -48,7 +48,6 @@ export function forecast(range, horizon, level, invocation) {
  */
 async function stream(range, horizon, level, invocation) {
   const withLevel = level !== null && level !== undefined && level !== '';
-  const series = range.map((row) => row.map(cell));
   /** @type {{ jobId?: string, canceled: boolean, cancelSent: boolean, socket?: import('../../js/src/index.js').JobSocket }} */
   const state = { canceled: false, cancelSent: false };
   // Excel cancels a formula that is deleted or edited, or whose range changed: stop its job.
@@ -61,13 +60,15 @@ async function stream(range, horizon, level, invocation) {
     state.canceled = true;
     void stopJob();
   };
-  const grid = placeholders(series.length, horizon, withLevel);
-  const show = () => {
-    if (!state.canceled && grid) invocation.setResult(grid.map((row) => row.slice()));
-  };
-  show();
   try {
+    const series = range.map((row) => row.map(cell));
+    const grid = placeholders(series.length, horizon, withLevel);
+    const show = () => {
+      if (!state.canceled && grid) invocation.setResult(grid.map((row) => row.slice()));
+    };
+    show();
     const { socket, maxFee } = await connection();
+    if (state.canceled) return;
     state.socket = socket;
     const job = {
       kind: 'forecast',
@@ -92,8 +93,9 @@ async function stream(range, horizon, level, invocation) {
       : await /** @type {Promise<Job>} */ (socket.following.get(accepted.id)?.done);
     if (state.canceled) return;
     if (done.status === 'succeeded') {
+      // The final output has every row, also those whose slices came while the socket was down.
       const output = /** @type {{ forecasts: number[][], intervals?: Interval[] }} */ (done.output);
-      const full = grid ?? placeholders(output.forecasts.length, output.forecasts[0]?.length ?? 0, withLevel) ?? [];
+      const full = grid ?? output.forecasts.map(() => []);
       paint(full, output.forecasts, 0, horizon, withLevel ? pick(output.intervals, level) : undefined);
       invocation.setResult(full);
     } else {
