@@ -36,10 +36,12 @@ test: setup clients
 		cargo test --workspace --no-fail-fast; \
 	fi
 
-# The spreadsheet add-ins: clients/calc/xpand.oxt (LibreOffice Calc) and what it builds with.
+# The spreadsheet add-ins: clients/calc/xpand.oxt (LibreOffice Calc) and clients/excel/dist/
+# (Excel; its functions.json checked against its source), and what they build with.
 clients:
 	@scripts/setup-libreoffice.sh
 	@clients/calc/build.sh
+	@scripts/setup-excel-addin.sh
 
 # The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
 soak: services

@@ -7,6 +7,7 @@ mod chaos;
 mod common;
 mod cors;
 mod epochs;
+mod excel;
 mod files;
 mod forecast_oracle;
 mod fuzz_api;
