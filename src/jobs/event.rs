@@ -26,6 +26,11 @@ pub enum JobEvent {
         offset: i32,
         #[schema(value_type = Vec<Vec<f64>>)]
         rows: serde_json::Value,
+        /// The rows' prediction intervals, one per level the job asked for (forecast jobs with
+        /// `params.level`): `lower` and `upper` have the rows' shape.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<Vec<ForecastIntervalRows>>)]
+        intervals: Option<serde_json::Value>,
     },
     Succeeded {
         job: Box<Job>,
@@ -36,6 +41,15 @@ pub enum JobEvent {
     Canceled {
         job: Box<Job>,
     },
+}
+
+/// One level's bounds around a set of forecast rows (the schema of forecast `intervals`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForecastIntervalRows {
+    /// Percent.
+    pub level: f64,
+    pub lower: Vec<Vec<f64>>,
+    pub upper: Vec<Vec<f64>>,
 }
 
 impl JobEvent {

@@ -89,7 +89,7 @@ pub trait JobKind: Send + Sync + 'static {
 
     /// The rows of an accepted shard's output to stream to the owner at once, if the kind
     /// streams partial results.
-    fn partial(&self, _output: &ShardOutput) -> Option<Value> {
+    fn partial(&self, _output: &ShardOutput) -> Option<PartialRows> {
         None
     }
 
@@ -150,4 +150,12 @@ impl Kinds {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn JobKind>> {
         self.0.iter()
     }
+}
+
+/// One accepted shard's slice of a job's output, streamed before the job ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialRows {
+    pub rows: Value,
+    /// Bounds of the slice's rows, where the kind gives them (forecast intervals).
+    pub intervals: Option<Value>,
 }

@@ -102,12 +102,13 @@ pub(super) async fn complete_shard(
     // the terminal event, which is sent after the commit. A job ending here needs no progress
     // event: the terminal one carries its counts.
     let mut events = Vec::with_capacity(2);
-    if let Some(rows) = kind.partial(&accepted.output) {
+    if let Some(slice) = kind.partial(&accepted.output) {
         let partial = JobEvent::Partial {
             job_id: job.id,
             shard: accepted.idx,
             offset: accepted.row_offset,
-            rows,
+            rows: slice.rows,
+            intervals: slice.intervals,
         };
         events.push((job.account, partial));
     }

@@ -569,6 +569,9 @@ pub async fn problem(resp: reqwest::Response) -> Problem {
 #[derive(Debug, serde::Deserialize)]
 pub struct ForecastOutput {
     pub forecasts: Vec<Vec<f64>>,
+    /// Present when the job asked for `params.level`.
+    #[serde(default)]
+    pub intervals: Vec<xpand_protocol::ForecastInterval>,
 }
 
 /// The forecasts of a job that has an output (it panics on one that has none).

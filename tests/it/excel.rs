@@ -21,11 +21,6 @@ const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/excel");
 const CREDIT: i64 = 100_000_000;
 /// Rows per shard: the 10-row range streams back in 5 slices.
 const ROWS_PER_SHARD: usize = 2;
-/// Whether the `level` formula (prediction intervals, the third argument of `XPAND.FORECAST`)
-/// is checked. PENDING: it needs the gateway's `params.level` and the JS client's `onPartial`
-/// passing each slice's `intervals`, neither on main when this test was written (it passed
-/// against the gateway side uncommitted in a work tree). Switch it on once both land.
-const LEVELS: bool = false;
 
 /// Serves the harness page and the built functions file from an origin of their own, as an
 /// add-in's pages are.
@@ -150,11 +145,7 @@ async fn the_excel_function_streams_spills_names_cells_and_cancels() {
     let mut main = json!(sheet(10, 24));
     main[1][5] = json!("");
     main[4][10] = Value::Null;
-    let level = if LEVELS {
-        json!({ "range": sheet(4, 24), "horizon": 5, "level": 80 })
-    } else {
-        Value::Null
-    };
+    let level = json!({ "range": sheet(4, 24), "horizon": 5, "level": 80 });
     let plan = json!({
         "gateway": app.base,
         "apiKey": key,
@@ -253,44 +244,41 @@ async fn the_excel_function_streams_spills_names_cells_and_cancels() {
     assert_close(&numbers(last), &forecasts(&rest), "main");
 
     // With a level: forecasts, then the lower bounds, then the upper bounds.
-    if LEVELS {
-        let results: Vec<Vec<Vec<Value>>> = report["level_results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(rows)
-            .collect();
-        // Each slice brings its rows' bounds with its forecasts.
-        for grid in &results {
-            for row in grid {
-                let filled = row.iter().filter(|v| *v != "").count();
-                assert!(filled == 0 || filled == 15, "a row half shown: {row:?}");
-            }
+    let results: Vec<Vec<Vec<Value>>> = report["level_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(rows)
+        .collect();
+    // Each slice brings its rows' bounds with its forecasts.
+    for grid in &results {
+        for row in grid {
+            let filled = row.iter().filter(|v| *v != "").count();
+            assert!(filled == 0 || filled == 15, "a row half shown: {row:?}");
         }
-        assert!(results
-            .iter()
-            .any(|g| g.iter().any(|r| r[0] == "") && g.iter().any(|r| r[0] != "")));
-        let last = numbers(results.last().unwrap());
-        assert_eq!(last.len(), 4);
-        assert!(last.iter().all(|row| row.len() == 15), "{last:?}");
-        let (_, rest) = app
-            .submit(
-                &key,
-                &json!({ "kind": "forecast", "input": { "series": sheet(4, 24) },
-                         "params": { "horizon": 5, "level": 80 }, "max_fee": 10_000_000 }),
-            )
-            .await;
-        let rest = app.wait_for(&key, rest.id).await;
-        let output = rest.output.as_ref().unwrap();
-        let interval = &output["intervals"][0];
-        assert_eq!(interval["level"].as_f64(), Some(80.0));
-        let bound = |name: &str| -> Vec<Vec<f64>> {
-            serde_json::from_value(interval[name].clone()).unwrap()
-        };
-        assert_close(&columns(&last, 0, 5), &forecasts(&rest), "level: forecasts");
-        assert_close(&columns(&last, 5, 10), &bound("lower"), "level: lower");
-        assert_close(&columns(&last, 10, 15), &bound("upper"), "level: upper");
     }
+    assert!(results
+        .iter()
+        .any(|g| g.iter().any(|r| r[0] == "") && g.iter().any(|r| r[0] != "")));
+    let last = numbers(results.last().unwrap());
+    assert_eq!(last.len(), 4);
+    assert!(last.iter().all(|row| row.len() == 15), "{last:?}");
+    let (_, rest) = app
+        .submit(
+            &key,
+            &json!({ "kind": "forecast", "input": { "series": sheet(4, 24) },
+                     "params": { "horizon": 5, "level": 80 }, "max_fee": 10_000_000 }),
+        )
+        .await;
+    let rest = app.wait_for(&key, rest.id).await;
+    let output = rest.output.as_ref().unwrap();
+    let interval = &output["intervals"][0];
+    assert_eq!(interval["level"].as_f64(), Some(80.0));
+    let bound =
+        |name: &str| -> Vec<Vec<f64>> { serde_json::from_value(interval[name].clone()).unwrap() };
+    assert_close(&columns(&last, 0, 5), &forecasts(&rest), "level: forecasts");
+    assert_close(&columns(&last, 5, 10), &bound("lower"), "level: lower");
+    assert_close(&columns(&last, 10, 15), &bound("upper"), "level: upper");
 
     let status = tokio::time::timeout(Duration::from_secs(10), driver.wait())
         .await

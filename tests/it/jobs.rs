@@ -247,6 +247,18 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
             "input.series[0][12]",
         ),
         (
+            "an interval level as a fraction",
+            with(&|v| v["params"]["level"] = json!([80, 0.95])),
+            422,
+            "params.level[1]",
+        ),
+        (
+            "a season longer than the model reads",
+            with(&|v| v["params"]["season_length"] = json!(365)),
+            422,
+            "params.season_length",
+        ),
+        (
             "empty series",
             with(&|v| v["input"]["series"] = json!([])),
             422,

@@ -213,11 +213,15 @@ async fn heartbeat(client: AsyncClient, key: NodeKey, topics: Topics) {
 }
 
 fn answer(a: &Assignment) -> ShardResult {
-    let ShardTask::Forecast { series, horizon } = &a.task else {
+    let ShardTask::Forecast {
+        series, horizon, ..
+    } = &a.task
+    else {
         panic!("a forecast assignment was expected, got {:?}", a.task);
     };
     let output = ShardOutput::Forecast {
         forecasts: vec![vec![1.0; *horizon as usize]; series.len()],
+        intervals: Vec::new(),
     };
     result_for(a, output)
 }
@@ -271,7 +275,7 @@ async fn forged_replayed_and_stale_messages_are_dropped_and_change_nothing() {
     // Our signature, someone's body.
     let mut env: Envelope = serde_json::from_slice(&node.seal(UpKind::Result, &result)).unwrap();
     let mut lie = answer(&a);
-    let ShardOutput::Forecast { forecasts } = &mut lie.output else {
+    let ShardOutput::Forecast { forecasts, .. } = &mut lie.output else {
         panic!("a forecast answer");
     };
     forecasts[0][0] = 1e6;

@@ -285,7 +285,10 @@ impl Sim {
 
     async fn answer(&mut self, i: usize, a: &Assignment) {
         let behaviour = self.nodes[i].behaviour;
-        let ShardTask::Forecast { series, horizon } = &a.task else {
+        let ShardTask::Forecast {
+            series, horizon, ..
+        } = &a.task
+        else {
             panic!("only forecasts are simulated");
         };
         let input_unusable = series.iter().flatten().any(|&v| v == POISON);
@@ -316,6 +319,7 @@ impl Sim {
                 .iter()
                 .map(|row| vec![row.last().copied().unwrap_or(0.0) + lie; *horizon as usize])
                 .collect(),
+            intervals: Vec::new(),
         };
         self.send(i, UpKind::Result, &result_for(a, output)).await;
         self.count("results");

@@ -12,7 +12,11 @@ use xpand::http::account::TokenResponse;
 use xpand::http::ws::Reply;
 use xpand::jobs::{Job, JobEvent};
 
-use crate::common::{forecast_job, forecasts, parse, partial_rows, read, TestApp};
+use xpand_protocol::ForecastInterval;
+
+use crate::common::{
+    forecast_job, forecasts, parse, parse_value, partial_rows, read, ForecastOutput, TestApp,
+};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -90,9 +94,13 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
     let token: TokenResponse = read(token(&app, &key, json!({})).await).await;
     let mut socket = connect(&app, &token.token).await;
 
+    // The range asks for 80 % and 95 % intervals, with the season named.
+    let mut with_levels = forecast_job(40, 12);
+    with_levels["params"]["level"] = json!([95, 80]);
+    with_levels["params"]["season_length"] = json!(12);
     send(
         &mut socket,
-        json!({"op": "submit", "ref": "A1:AJ40", "job": forecast_job(40, 12)}),
+        json!({"op": "submit", "ref": "A1:AJ40", "job": with_levels}),
     )
     .await;
     send(
@@ -103,6 +111,7 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
 
     let mut ids: BTreeMap<Uuid, String> = BTreeMap::new();
     let mut partials: BTreeMap<Uuid, BTreeMap<i32, Vec<Vec<f64>>>> = BTreeMap::new();
+    let mut partial_bands: BTreeMap<Uuid, BTreeMap<i32, Vec<ForecastInterval>>> = BTreeMap::new();
     let mut finals: BTreeMap<Uuid, Job> = BTreeMap::new();
     while finals.len() < 2 {
         match next_frame(&mut socket).await {
@@ -113,12 +122,19 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
                 job_id,
                 offset,
                 rows,
+                intervals,
                 ..
             }) => {
                 assert!(
                     !finals.contains_key(&job_id),
                     "partials come before the end"
                 );
+                let bands: Vec<ForecastInterval> =
+                    intervals.map(|v| parse_value(&v)).unwrap_or_default();
+                partial_bands
+                    .entry(job_id)
+                    .or_default()
+                    .insert(offset, bands);
                 partials
                     .entry(job_id)
                     .or_default()
@@ -148,6 +164,40 @@ async fn spreadsheet_rows_stream_back_over_one_socket() {
         }
         assert_eq!(stitched.len(), rows);
         assert_eq!(stitched, forecasts(job));
+        // Bands: as many as levels asked, in the order asked, streamed with their rows (one
+        // shard's slice per partial, in offset order here), each holding its forecast and the
+        // wider level holding the narrower.
+        let output: ForecastOutput = parse_value(job.output.as_ref().unwrap());
+        let mut bands: Vec<ForecastInterval> = Vec::new();
+        for slice in partial_bands[id].values() {
+            if bands.is_empty() {
+                bands = slice.clone();
+            } else {
+                for (all, band) in bands.iter_mut().zip(slice) {
+                    all.lower.extend(band.lower.iter().cloned());
+                    all.upper.extend(band.upper.iter().cloned());
+                }
+            }
+        }
+        assert_eq!(bands, output.intervals);
+        if ids[id] == "sheet2" {
+            assert!(output.intervals.is_empty());
+            continue;
+        }
+        let [ninety_five, eighty] = output.intervals.as_slice() else {
+            panic!("two levels asked: {:?}", output.intervals);
+        };
+        assert_eq!((ninety_five.level, eighty.level), (95.0, 80.0));
+        for (r, row) in output.forecasts.iter().enumerate() {
+            for (h, f) in row.iter().enumerate() {
+                let (lo95, lo80) = (ninety_five.lower[r][h], eighty.lower[r][h]);
+                let (hi80, hi95) = (eighty.upper[r][h], ninety_five.upper[r][h]);
+                assert!(
+                    lo95 < lo80 && lo80 < *f && *f < hi80 && hi80 < hi95,
+                    "row {r} step {h}: {lo95} {lo80} {f} {hi80} {hi95}"
+                );
+            }
+        }
     }
 
     send(&mut socket, json!({"op": "ping", "ref": "p"})).await;

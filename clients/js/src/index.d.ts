@@ -44,7 +44,7 @@ export class Xpand {
     baseURL: string;
     credential: string;
     maxRetries: number;
-    fetch: typeof fetch;
+    fetch: (input: RequestInfo | URL, init?: RequestInit | undefined) => Promise<Response>;
     jobs: Jobs;
     /**
      * One call. A 429 or 502–504 is retried after its `Retry-After` (or a short back-off) when
@@ -83,12 +83,19 @@ export class Xpand {
 }
 /**
  * What a job followed over the socket reports.
- * @typedef {{ onPartial?: (rows: number[][], offset: number) => void,
+ * @typedef {{ onAccepted?: (job: Job) => void,
+ *             onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void,
  *             onProgress?: (done: number, total: number) => void }} Followers
  */
 /**
+ * One level's bounds around a slice of forecast rows (`params.level`).
+ * @typedef {Schemas['ForecastIntervalRows']} ForecastIntervalRows
+ */
+/**
  * One WebSocket, many jobs. `submit` resolves with the job once it has ended (succeeded, failed
- * or canceled: check `status`), calling `onPartial` with each slice of rows as it is accepted.
+ * or canceled: check `status`), calling `onAccepted` with the job as the gateway takes it (its
+ * id is what `cancel` needs) and `onPartial` with each slice of rows as it is accepted, with the
+ * slice's prediction intervals when the job asked for levels.
  * A dropped socket is reopened with a fresh token and every unfinished job re-subscribed: a job
  * that ended meanwhile resolves with its final state; slices accepted while the socket was down
  * are in that final output, not sent again.
@@ -134,7 +141,7 @@ export class JobSocket {
      * @param {Followers & { idempotencyKey?: string }} [options]
      * @returns {Promise<Job>}
      */
-    submit(job: SubmitJob, { idempotencyKey, ...followers }?: Followers & {
+    submit(job: SubmitJob, { idempotencyKey, onAccepted, ...followers }?: Followers & {
         idempotencyKey?: string;
     }): Promise<Job>;
     /**
@@ -194,9 +201,14 @@ export type TokenOptions = {
  * What a job followed over the socket reports.
  */
 export type Followers = {
-    onPartial?: (rows: number[][], offset: number) => void;
+    onAccepted?: (job: Job) => void;
+    onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void;
     onProgress?: (done: number, total: number) => void;
 };
+/**
+ * One level's bounds around a slice of forecast rows (`params.level`).
+ */
+export type ForecastIntervalRows = Schemas["ForecastIntervalRows"];
 /** `/v1/jobs`. */
 declare class Jobs {
     /** @param {Xpand} client */

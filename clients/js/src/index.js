@@ -50,7 +50,8 @@ export class Xpand {
     this.baseURL = baseURL.replace(/\/+$/, '');
     this.credential = /** @type {string} */ (apiKey ?? token);
     this.maxRetries = maxRetries;
-    this.fetch = fetch;
+    // Called unbound: a browser's `fetch` throws "Illegal invocation" when called as a method.
+    this.fetch = (/** @type {Parameters<typeof fetch>} */ ...args) => fetch(...args);
     this.jobs = new Jobs(this);
   }
 
@@ -167,13 +168,20 @@ class Jobs {
 
 /**
  * What a job followed over the socket reports.
- * @typedef {{ onPartial?: (rows: number[][], offset: number) => void,
+ * @typedef {{ onAccepted?: (job: Job) => void,
+ *             onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void,
  *             onProgress?: (done: number, total: number) => void }} Followers
+ */
+/**
+ * One level's bounds around a slice of forecast rows (`params.level`).
+ * @typedef {Schemas['ForecastIntervalRows']} ForecastIntervalRows
  */
 
 /**
  * One WebSocket, many jobs. `submit` resolves with the job once it has ended (succeeded, failed
- * or canceled: check `status`), calling `onPartial` with each slice of rows as it is accepted.
+ * or canceled: check `status`), calling `onAccepted` with the job as the gateway takes it (its
+ * id is what `cancel` needs) and `onPartial` with each slice of rows as it is accepted, with the
+ * slice's prediction intervals when the job asked for levels.
  * A dropped socket is reopened with a fresh token and every unfinished job re-subscribed: a job
  * that ended meanwhile resolves with its final state; slices accepted while the socket was down
  * are in that final output, not sent again.
@@ -206,7 +214,7 @@ export class JobSocket {
    * @param {Followers & { idempotencyKey?: string }} [options]
    * @returns {Promise<Job>}
    */
-  async submit(job, { idempotencyKey, ...followers } = {}) {
+  async submit(job, { idempotencyKey, onAccepted, ...followers } = {}) {
     // A key makes a resend after a drop harmless: the gateway answers with the same job.
     const key = idempotencyKey ?? randomKey();
     const reply = await this.call({ op: 'submit', job, idempotency_key: key }, (accepted) => {
@@ -214,6 +222,7 @@ export class JobSocket {
       if (!isTerminal(accepted.job.status)) this.follow(accepted.job.id, followers);
     });
     const accepted = /** @type {Job} */ (reply.job);
+    onAccepted?.(accepted);
     if (isTerminal(accepted.status)) return accepted;
     return /** @type {Promise<Job>} */ (this.following.get(accepted.id)?.done);
   }
@@ -302,7 +311,7 @@ export class JobSocket {
     const jobId = frame.job_id ?? frame.job?.id;
     const followed = jobId && this.following.get(jobId);
     if (!followed) return;
-    if (frame.event === 'partial') followed.onPartial?.(frame.rows, frame.offset);
+    if (frame.event === 'partial') followed.onPartial?.(frame.rows, frame.offset, frame.intervals ?? undefined);
     else if (frame.event === 'progress') followed.onProgress?.(frame.shards_done, frame.shards_total);
     else if (isTerminal(frame.job?.status)) {
       this.following.delete(jobId);

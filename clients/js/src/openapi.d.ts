@@ -807,6 +807,16 @@ export interface components {
              */
             size: number;
         };
+        /** @description One level's bounds around a set of forecast rows (the schema of forecast `intervals`). */
+        ForecastIntervalRows: {
+            /**
+             * Format: double
+             * @description Percent.
+             */
+            level: number;
+            lower: number[][];
+            upper: number[][];
+        };
         /**
          * @description Everything needed to check that one entry is in the ledger, given only the gateway's key:
          *     the entry with its salt, the path to its block's Merkle root, and the signed block.
@@ -889,6 +899,11 @@ export interface components {
         } | {
             /** @enum {string} */
             event: "partial";
+            /**
+             * @description The rows' prediction intervals, one per level the job asked for (forecast jobs with
+             *     `params.level`): `lower` and `upper` have the rows' shape.
+             */
+            intervals?: components["schemas"]["ForecastIntervalRows"][] | null;
             /** Format: uuid */
             job_id: string;
             /** Format: int32 */

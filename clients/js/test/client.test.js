@@ -81,18 +81,28 @@ test('REST: submit and wait, typed refusals naming the cell, idempotency', async
   assert.equal(again.id, first.id);
 });
 
-test('a socket streams each slice of rows before the job ends, in order', { timeout: 30_000 }, async () => {
+test('a socket streams each slice of rows and its bands before the job ends, in order', { timeout: 30_000 }, async () => {
   const socket = client.socket();
   try {
-    /** @type {{ offset: number, rows: number[][] }[]} */
+    /** @type {{ offset: number, rows: number[][], lower: number[][] }[]} */
     const slices = [];
-    const job = await socket.submit(forecastJob(40, 6), {
-      onPartial: (rows, offset) => slices.push({ offset, rows }),
+    /** @type {string[]} */
+    const accepted = [];
+    const request = forecastJob(40, 6);
+    request.params = { ...request.params, level: 90 };
+    const job = await socket.submit(request, {
+      onAccepted: (j) => accepted.push(j.id),
+      onPartial: (rows, offset, intervals) =>
+        slices.push({ offset, rows, lower: intervals?.[0]?.lower ?? [] }),
     });
     assert.equal(job.status, 'succeeded');
+    assert.deepEqual(accepted, [job.id], 'told the id as the job was taken');
     assert.equal(slices.length, 5, 'one slice per shard of 8 rows');
-    const streamed = slices.sort((a, b) => a.offset - b.offset).flatMap((s) => s.rows);
-    assert.deepEqual(streamed, /** @type {any} */ (job.output).forecasts);
+    slices.sort((a, b) => a.offset - b.offset);
+    const output = /** @type {any} */ (job.output);
+    assert.deepEqual(slices.flatMap((s) => s.rows), output.forecasts);
+    assert.equal(output.intervals[0].level, 90);
+    assert.deepEqual(slices.flatMap((s) => s.lower), output.intervals[0].lower);
   } finally {
     socket.close();
   }

@@ -49,7 +49,17 @@ pub struct Heartbeat {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ShardTask {
     /// Forecast `horizon` values after each row of `series`.
-    Forecast { series: Vec<Vec<f64>>, horizon: u32 },
+    Forecast {
+        series: Vec<Vec<f64>>,
+        horizon: u32,
+        /// Levels (percent) of the prediction intervals to bound each forecast with; none
+        /// asks for the forecasts alone.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        levels: Vec<f64>,
+        /// The rows' season length as the caller gave it; the worker detects one when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        season_length: Option<u32>,
+    },
     /// Mask every face in one segment of a video.
     Anonymize(AnonymizeTask),
 }
@@ -148,6 +158,9 @@ pub struct Progress {
 pub enum ShardOutput {
     Forecast {
         forecasts: Vec<Vec<f64>>,
+        /// One per level the task asked for, in its order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        intervals: Vec<ForecastInterval>,
     },
     /// What a worker masked in each frame, and the masked segment it uploaded. A partial output
     /// (in progress reports to the plugin host) has the frames done so far and no video yet.
@@ -158,6 +171,16 @@ pub enum ShardOutput {
         video_sha256: String,
         video_bytes: u64,
     },
+}
+
+/// The bounds of one prediction interval around every forecast of a shard: `lower[r][h]` and
+/// `upper[r][h]` for row `r`, step `h`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ForecastInterval {
+    /// Percent, as asked.
+    pub level: f64,
+    pub lower: Vec<Vec<f64>>,
+    pub upper: Vec<Vec<f64>>,
 }
 
 impl ShardOutput {
@@ -174,9 +197,27 @@ impl ShardOutput {
     /// For video the chunks are frames, committed to by what was masked in each.
     pub fn chunk_bytes(&self) -> Vec<Vec<u8>> {
         match self {
-            ShardOutput::Forecast { forecasts } => forecasts
+            // A row with intervals is committed to with its bounds, so that they too are
+            // what the chain and the vote cover. (`get`: an output is checked for shape after
+            // its chain, so a short bounds list must not panic here.)
+            ShardOutput::Forecast {
+                forecasts,
+                intervals,
+            } => forecasts
                 .iter()
-                .map(|row| serde_json::to_vec(row).expect("f64 rows serialize"))
+                .enumerate()
+                .map(|(i, row)| {
+                    let bytes = if intervals.is_empty() {
+                        serde_json::to_vec(row)
+                    } else {
+                        let bounds: Vec<_> = intervals
+                            .iter()
+                            .map(|b| (b.lower.get(i), b.upper.get(i)))
+                            .collect();
+                        serde_json::to_vec(&(row, bounds))
+                    };
+                    bytes.expect("f64 rows serialize")
+                })
                 .collect(),
             ShardOutput::Anonymize { detections, .. } => detections
                 .iter()
@@ -287,6 +328,7 @@ mod tests {
     fn output_digest_and_chain_are_stable_through_json() {
         let out = ShardOutput::Forecast {
             forecasts: vec![vec![1.5, 2.25, -3.0e-7], vec![1e300]],
+            intervals: Vec::new(),
         };
         let id = Uuid::new_v4();
         let back: ShardOutput = serde_json::from_slice(&serde_json::to_vec(&out).unwrap()).unwrap();
@@ -295,6 +337,7 @@ mod tests {
         assert_ne!(out.chain(id), out.chain(Uuid::new_v4()));
         let other = ShardOutput::Forecast {
             forecasts: vec![vec![1.5, 2.25, -3.0e-7], vec![1e299]],
+            intervals: Vec::new(),
         };
         assert_ne!(out.digest(), other.digest());
     }
@@ -310,7 +353,10 @@ mod tests {
                     .collect()
             })
             .collect();
-        let out = ShardOutput::Forecast { forecasts };
+        let out = ShardOutput::Forecast {
+            forecasts,
+            intervals: Vec::new(),
+        };
         let json = serde_json::to_vec(&out).unwrap();
         let back: ShardOutput = serde_json::from_slice(&json).unwrap();
         assert!(
@@ -325,6 +371,8 @@ mod tests {
         let t = ShardTask::Forecast {
             series: vec![vec![1.0, 2.0]],
             horizon: 3,
+            levels: Vec::new(),
+            season_length: None,
         };
         let v = serde_json::to_value(&t).unwrap();
         assert_eq!(v["kind"], "forecast");
@@ -338,6 +386,7 @@ mod tests {
     fn known_vectors_pin_the_output_digest_and_chain() {
         let out = ShardOutput::Forecast {
             forecasts: vec![vec![1.5, 2.25, -0.125], vec![100.0]],
+            intervals: Vec::new(),
         };
         assert_eq!(
             String::from_utf8(serde_json::to_vec(&out).unwrap()).unwrap(),
@@ -352,5 +401,42 @@ mod tests {
             out.chain(assignment),
             "130cc595c76e89b673b041f50a2f3ec9f3c614493f2eca301abd133c95a23039"
         );
+    }
+
+    /// Bounds are part of what a node commits to, and a task or output without levels reads and
+    /// writes as it did before intervals existed (older workers understand it).
+    #[test]
+    fn intervals_are_committed_to_and_absent_ones_change_nothing() {
+        let plain: ShardTask =
+            serde_json::from_str(r#"{"kind":"forecast","series":[[1,2,3]],"horizon":2}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"kind":"forecast","series":[[1.0,2.0,3.0]],"horizon":2}"#
+        );
+        let points = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, 2.0]],
+            intervals: Vec::new(),
+        };
+        assert_eq!(points.chunk_bytes(), [b"[1.0,2.0]".to_vec()]);
+        let band = |width: f64| ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, 2.0]],
+            intervals: vec![ForecastInterval {
+                level: 80.0,
+                lower: vec![vec![1.0 - width, 2.0 - width]],
+                upper: vec![vec![1.0 + width, 2.0 + width]],
+            }],
+        };
+        assert_ne!(band(1.0).chunk_bytes(), points.chunk_bytes());
+        assert_ne!(band(1.0).chunk_bytes(), band(2.0).chunk_bytes());
+        // A short bounds list (a hostile node's) is hashed, not a panic.
+        let ShardOutput::Forecast { mut intervals, .. } = band(1.0) else {
+            unreachable!()
+        };
+        intervals[0].lower.clear();
+        let short = ShardOutput::Forecast {
+            forecasts: vec![vec![1.0, 2.0]],
+            intervals,
+        };
+        assert_eq!(short.chunk_bytes().len(), 1);
     }
 }

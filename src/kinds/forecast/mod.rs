@@ -7,17 +7,24 @@
 //! a millisecond, so a shard must carry a thousand rows before splitting pays: a 40-row range
 //! is one shard, a 10 000-row sheet spreads over ten and streams back in ten slices. Each
 //! accepted shard streams its rows at once (a `partial` event).
-//! Reduce: shard outputs are concatenated in row order, inline. Two runs agree when every value
-//! is within a relative tolerance.
+//! Reduce: shard outputs are concatenated in row order, inline ([`output`]). Two runs agree when
+//! every value is within a relative tolerance.
+//!
+//! With `params.level`, each forecast comes with a band per level that holds it: the worker
+//! computes them from a calibration shipped with the model (see `training/intervals.py`).
 
 mod blanks;
+mod output;
+mod params;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
 use xpand_protocol::{ShardOutput, ShardTask};
 
+pub use self::output::{check_output, reduce};
+use self::params::ForecastParams;
 use crate::error::{AppError, FieldError};
-use crate::jobs::kind::{JobKind, PlanRequest};
+use crate::jobs::kind::{JobKind, PartialRows, PlanRequest};
 use crate::jobs::{JobPlan, Scheduler, ShardPlan};
 
 /// The `forecast` job kind.
@@ -46,16 +53,11 @@ impl JobKind for Forecast {
     }
 
     fn outputs_agree(&self, task: &ShardTask, a: &ShardOutput, b: &ShardOutput) -> bool {
-        matches!(task, ShardTask::Forecast { .. }) && outputs_agree(a, b)
+        matches!(task, ShardTask::Forecast { .. }) && output::outputs_agree(a, b)
     }
 
-    fn partial(&self, output: &ShardOutput) -> Option<Value> {
-        match output {
-            ShardOutput::Forecast { forecasts } => {
-                Some(serde_json::to_value(forecasts).expect("rows serialize"))
-            }
-            _ => None,
-        }
+    fn partial(&self, output: &ShardOutput) -> Option<PartialRows> {
+        output::partial(output)
     }
 
     fn reduce(&self, outputs: Vec<ShardOutput>) -> anyhow::Result<Value> {
@@ -81,11 +83,11 @@ pub const PRICE_PER_JOB: i64 = 1_000;
 pub const PRICE_PER_INPUT_VALUE: i64 = 1;
 /// Per forecast value produced.
 pub const PRICE_PER_OUTPUT_VALUE: i64 = 10;
+/// With interval levels the model runs twice per row (once more for the backtest that gauges
+/// its error), so the row costs twice; any number of levels costs the same.
+pub const INTERVALS_PRICE_FACTOR: i64 = 2;
 /// The model's context length: the worker reads at most this many trailing values of a row.
 pub const CONTEXT_LENGTH: usize = 64;
-/// Forecast values of two runs agree within this relative tolerance (CPU and GPU kernels, or
-/// two ONNX Runtime builds, differ in the last bits).
-const TOLERANCE: f64 = 1e-3;
 
 /// Validates `input`/`params` and maps the job into shards. Every problem is reported, each
 /// naming its field or cell, so a spreadsheet can highlight them all at once.
@@ -95,39 +97,16 @@ pub fn plan(
     rows_per_shard: usize,
 ) -> Result<JobPlan, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let horizon = match params.get("horizon") {
-        None => {
-            errors.push(FieldError::new("params.horizon", "is required"));
-            None
-        }
-        Some(h) => match h.as_u64() {
-            Some(h) if (1..=MAX_HORIZON).contains(&h) => Some(h as u32),
-            _ => {
-                errors.push(FieldError::new(
-                    "params.horizon",
-                    format!("must be an integer from 1 to {MAX_HORIZON}"),
-                ));
-                None
-            }
-        },
-    };
-    if let Some(obj) = params.as_object() {
-        for key in obj.keys().filter(|k| *k != "horizon") {
-            errors.push(FieldError::new(
-                format!("params.{key}"),
-                "is not a forecast parameter",
-            ));
-        }
-    }
+    let params = ForecastParams::parse(params, &mut errors);
     let series = parse_series(input, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
-    let (series, horizon) = (series.expect("no errors"), horizon.expect("no errors"));
+    let (series, params) = (series.expect("no errors"), params.expect("no errors"));
     Ok(JobPlan {
         model: MODEL.into(),
         gateway_fee: PRICE_PER_JOB,
-        shards: shard(series, horizon, rows_per_shard),
+        shards: shard(series, &params, rows_per_shard),
         staged: Vec::new(),
         reads: Vec::new(),
     })
@@ -246,7 +225,7 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-fn shard(series: Vec<Vec<f64>>, horizon: u32, rows_per_shard: usize) -> Vec<ShardPlan> {
+fn shard(series: Vec<Vec<f64>>, params: &ForecastParams, rows_per_shard: usize) -> Vec<ShardPlan> {
     let rows = series.len();
     let per_shard = rows_per_shard.max(1).max(rows.div_ceil(MAX_SHARDS));
     let mut shards = Vec::with_capacity(rows.div_ceil(per_shard));
@@ -265,8 +244,11 @@ fn shard(series: Vec<Vec<f64>>, horizon: u32, rows_per_shard: usize) -> Vec<Shar
             })
             .collect();
         let inputs: i64 = chunk.iter().map(|r| r.len() as i64).sum();
-        let fee = inputs * PRICE_PER_INPUT_VALUE
-            + chunk.len() as i64 * horizon as i64 * PRICE_PER_OUTPUT_VALUE;
+        let outputs = chunk.len() as i64 * i64::from(params.horizon);
+        let mut fee = inputs * PRICE_PER_INPUT_VALUE + outputs * PRICE_PER_OUTPUT_VALUE;
+        if !params.levels.is_empty() {
+            fee *= INTERVALS_PRICE_FACTOR;
+        }
         let count = chunk.len();
         shards.push(ShardPlan {
             row_offset: offset as i32,
@@ -274,67 +256,14 @@ fn shard(series: Vec<Vec<f64>>, horizon: u32, rows_per_shard: usize) -> Vec<Shar
             fee,
             task: ShardTask::Forecast {
                 series: chunk,
-                horizon,
+                horizon: params.horizon,
+                levels: params.levels.clone(),
+                season_length: params.season_length,
             },
         });
         offset += count;
     }
     shards
-}
-
-/// Checks a worker's output has the shape the task asked for, with finite numbers.
-pub fn check_output(task: &ShardTask, output: &ShardOutput) -> Result<(), String> {
-    let (ShardTask::Forecast { series, horizon }, ShardOutput::Forecast { forecasts }) =
-        (task, output)
-    else {
-        return Err("a forecast shard must return a forecast output".into());
-    };
-    if forecasts.len() != series.len() {
-        return Err(format!(
-            "{} rows returned for {} rows sent",
-            forecasts.len(),
-            series.len()
-        ));
-    }
-    for (i, row) in forecasts.iter().enumerate() {
-        if row.len() != *horizon as usize {
-            return Err(format!(
-                "row {i} has {} values, expected {horizon}",
-                row.len()
-            ));
-        }
-        if row.iter().any(|v| !v.is_finite()) {
-            return Err(format!("row {i} has a non-finite value"));
-        }
-    }
-    Ok(())
-}
-
-/// The job's output from its shards' outputs in shard order.
-pub fn reduce(outputs: Vec<ShardOutput>) -> Value {
-    let forecasts: Vec<Vec<f64>> = outputs
-        .into_iter()
-        .flat_map(|o| match o {
-            ShardOutput::Forecast { forecasts } => forecasts,
-            _ => Vec::new(),
-        })
-        .collect();
-    serde_json::json!({ "forecasts": forecasts })
-}
-
-/// Two runs gave the same forecasts: the same shape, every value within [`TOLERANCE`].
-fn outputs_agree(a: &ShardOutput, b: &ShardOutput) -> bool {
-    let (ShardOutput::Forecast { forecasts: x }, ShardOutput::Forecast { forecasts: y }) = (a, b)
-    else {
-        return false;
-    };
-    x.len() == y.len()
-        && x.iter().zip(y).all(|(r, s)| {
-            r.len() == s.len()
-                && r.iter()
-                    .zip(s)
-                    .all(|(u, v)| (u - v).abs() <= TOLERANCE * u.abs().max(v.abs()).max(1.0))
-        })
 }
 
 #[cfg(test)]
@@ -352,14 +281,43 @@ mod tests {
             plan.shards.iter().map(|s| s.row_offset).collect::<Vec<_>>(),
             vec![0, 8, 16, 24, 32]
         );
-        let ShardTask::Forecast { series, horizon } = &plan.shards[1].task else {
+        let ShardTask::Forecast {
+            series,
+            horizon,
+            levels,
+            ..
+        } = &plan.shards[1].task
+        else {
             panic!("forecast plans have forecast shards");
         };
-        assert_eq!(*horizon, 12);
+        assert_eq!((*horizon, levels.len()), (12, 0));
         assert_eq!(series[0], vec![8.0; CONTEXT_LENGTH]);
         // 8 rows × 64 inputs × 1 + 8 rows × 12 × 10
         assert_eq!(plan.shards[0].fee, 8 * 64 + 8 * 12 * 10);
         assert_eq!(plan.quote(), 1_000 + 5 * (8 * 64 + 8 * 12 * 10));
+    }
+
+    #[test]
+    fn levels_and_the_season_reach_every_shard_and_double_its_price() {
+        let rows: Vec<Vec<f64>> = (0..16).map(|i| vec![i as f64; 10]).collect();
+        let params = json!({ "horizon": 3, "level": [80, 95], "season_length": 4 });
+        let plan = plan(&json!({ "series": rows }), &params, 8).unwrap();
+        assert_eq!(plan.shards.len(), 2);
+        for shard in &plan.shards {
+            let ShardTask::Forecast {
+                levels,
+                season_length,
+                ..
+            } = &shard.task
+            else {
+                panic!("forecast plans have forecast shards");
+            };
+            assert_eq!(
+                (levels.as_slice(), *season_length),
+                (&[80.0, 95.0][..], Some(4))
+            );
+            assert_eq!(shard.fee, 2 * (8 * 10 + 8 * 3 * 10));
+        }
     }
 
     #[test]
@@ -428,16 +386,8 @@ mod tests {
     #[test]
     fn params_and_shapes_are_checked() {
         let ok = json!({ "series": [[1, 2, 3]] });
-        for (params, field) in [
-            (json!({}), "params.horizon"),
-            (json!({ "horizon": 0 }), "params.horizon"),
-            (json!({ "horizon": 25 }), "params.horizon"),
-            (json!({ "horizon": 2.5 }), "params.horizon"),
-            (json!({ "horizon": 2, "speed": 1 }), "params.speed"),
-        ] {
-            let errors = plan(&ok, &params, DEFAULT_FORECAST_ROWS_PER_SHARD).unwrap_err();
-            assert_eq!(errors[0].field, field, "{params}");
-        }
+        let errors = plan(&ok, &json!({ "level": 80 }), 8).unwrap_err();
+        assert_eq!(errors[0].field, "params.horizon");
         for (input, field) in [
             (json!({}), "input.series"),
             (json!({ "series": [] }), "input.series"),
@@ -453,54 +403,5 @@ mod tests {
             .unwrap_err();
             assert_eq!(errors[0].field, field, "{input}");
         }
-    }
-
-    #[test]
-    fn outputs_are_checked_and_reduced_in_order() {
-        let task = ShardTask::Forecast {
-            series: vec![vec![1.0; 3]; 2],
-            horizon: 2,
-        };
-        let good = ShardOutput::Forecast {
-            forecasts: vec![vec![1.0, 2.0], vec![3.0, 4.0]],
-        };
-        assert!(check_output(&task, &good).is_ok());
-        let short = ShardOutput::Forecast {
-            forecasts: vec![vec![1.0, 2.0]],
-        };
-        assert!(check_output(&task, &short).is_err());
-        let nan = ShardOutput::Forecast {
-            forecasts: vec![vec![1.0, f64::NAN], vec![3.0, 4.0]],
-        };
-        assert!(check_output(&task, &nan).is_err());
-        let second = ShardOutput::Forecast {
-            forecasts: vec![vec![5.0, 6.0]],
-        };
-        assert_eq!(
-            reduce(vec![good, second]),
-            json!({ "forecasts": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]] })
-        );
-    }
-
-    fn forecast(values: &[f64]) -> ShardOutput {
-        ShardOutput::Forecast {
-            forecasts: vec![values.to_vec()],
-        }
-    }
-
-    #[test]
-    fn forecasts_agree_within_tolerance_only() {
-        assert!(outputs_agree(
-            &forecast(&[100.0, 0.5]),
-            &forecast(&[100.05, 0.5004])
-        ));
-        assert!(!outputs_agree(
-            &forecast(&[100.0, 0.5]),
-            &forecast(&[101.0, 0.5])
-        ));
-        assert!(!outputs_agree(
-            &forecast(&[100.0]),
-            &forecast(&[100.0, 1.0])
-        ));
     }
 }

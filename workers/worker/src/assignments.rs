@@ -228,6 +228,8 @@ mod tests {
             task: ShardTask::Forecast {
                 series: vec![vec![1.0, 2.0, 3.0]],
                 horizon: 2,
+                levels: Vec::new(),
+                season_length: None,
             },
         }
     }

@@ -150,7 +150,12 @@ fn forecast_assignment(node: &str, model: &str, series: Vec<Vec<f64>>, horizon: 
         node: node.to_string(),
         model: model.to_string(),
         lease_expires_at_ms: now_ms() + 30_000,
-        task: ShardTask::Forecast { series, horizon },
+        task: ShardTask::Forecast {
+            series,
+            horizon,
+            levels: Vec::new(),
+            season_length: None,
+        },
     }
 }
 
@@ -227,7 +232,7 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
             && serde_json::from_slice::<Progress>(body).is_ok_and(|p| p.assignment_id == id)
     });
     assert!(!progress_seen, "a short shard sent progress");
-    let ShardOutput::Forecast { forecasts } = &result.output else {
+    let ShardOutput::Forecast { forecasts, .. } = &result.output else {
         panic!("not a forecast output: {:?}", result.output);
     };
     assert_eq!(forecasts.len(), 3);

@@ -375,6 +375,8 @@ mod tests {
         let wrong_kind = ShardTask::Forecast {
             series: vec![vec![1.0]],
             horizon: 1,
+            levels: Vec::new(),
+            season_length: None,
         };
         assert!(plugin.run(&wrong_kind, &mut |_| true).is_err());
 

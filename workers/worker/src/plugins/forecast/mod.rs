@@ -4,7 +4,10 @@
 //! `[N, context_length]`, one row per series, right-aligned so the last observation sits in the
 //! last column; shorter series are left-padded with 0.0 and mask 0.0, longer ones keep their last
 //! `context_length` values. Output float32 `[N, max_horizon]`; a shard takes the first `horizon`
-//! columns.
+//! columns. With interval levels, the manifest's calibration puts a band around each forecast
+//! ([`intervals`]).
+
+mod intervals;
 
 use std::sync::{Mutex, PoisonError};
 
@@ -12,15 +15,16 @@ use anyhow::{anyhow, bail, ensure, Context as _};
 use ort::session::Session;
 use ort::value::Tensor;
 use serde::Deserialize;
-use xpand_protocol::{ShardOutput, ShardTask};
+use xpand_protocol::{ForecastInterval, ShardOutput, ShardTask};
 
+use self::intervals::IntervalTable;
 use super::Plugin;
 use crate::models::{Dim, Manifest, TensorSpec};
 
 pub const KIND: &str = "forecast";
 
 /// The forecast-specific part of the manifest.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ForecastParams {
     /// Observations the model sees per series.
     context_length: usize,
@@ -28,6 +32,9 @@ struct ForecastParams {
     max_horizon: usize,
     /// Fewest observations a series may have.
     min_history: usize,
+    /// How to bound forecasts with prediction intervals; a model without it gives points only.
+    #[serde(default)]
+    intervals: Option<IntervalTable>,
 }
 
 pub struct ForecastPlugin {
@@ -51,6 +58,15 @@ impl ForecastPlugin {
                 && (1..=params.context_length).contains(&params.min_history),
             "manifest sizes are inconsistent: {params:?}"
         );
+        if let Some(table) = &params.intervals {
+            table.check()?;
+            ensure!(
+                table.backtest <= params.max_horizon
+                    && table.backtest + params.min_history <= params.context_length,
+                "the interval backtest of {} values does not fit the model's sizes",
+                table.backtest
+            );
+        }
         let [values, mask] = manifest.inputs.as_slice() else {
             bail!("a forecast model takes two inputs (values, mask)");
         };
@@ -81,7 +97,9 @@ impl ForecastPlugin {
         })
     }
 
-    fn infer(&self, batch: Batch, rows: usize, horizon: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    fn infer(&self, series: &[&[f64]], horizon: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+        let batch = encode(series, &self.params)?;
+        let rows = series.len();
         let shape = [rows, self.params.context_length];
         let inputs = ort::inputs![
             self.values_input.as_str() => Tensor::from_array((shape, batch.values))?,
@@ -100,6 +118,74 @@ impl ForecastPlugin {
     }
 }
 
+impl ForecastPlugin {
+    /// Forecasts and their bands at each of `levels`. One batched run covers the rows and their
+    /// backtests (each row forecast again from all but its last values).
+    fn forecast_with_intervals(
+        &self,
+        rows: &[&[f64]],
+        horizon: usize,
+        levels: &[f64],
+        season_length: Option<u32>,
+    ) -> anyhow::Result<ShardOutput> {
+        let table = self
+            .params
+            .intervals
+            .as_ref()
+            .context("this forecast model has no interval calibration")?;
+        for level in levels {
+            ensure!(
+                table.level_range().contains(level),
+                "interval level {level} is outside {:?}",
+                table.level_range()
+            );
+        }
+        let backtest_inputs: Vec<Option<&[f64]>> = rows
+            .iter()
+            .map(|row| table.backtest_input(row, self.params.min_history))
+            .collect();
+        let mut batch = rows.to_vec();
+        batch.extend(backtest_inputs.iter().flatten());
+        let mut outputs = self.infer(&batch, horizon.max(table.backtest))?;
+        let mut backtests = outputs.split_off(rows.len()).into_iter();
+        let forecasts: Vec<Vec<f64>> = outputs
+            .into_iter()
+            .map(|mut row| {
+                row.truncate(horizon);
+                row
+            })
+            .collect();
+        let scales: Vec<f64> = rows
+            .iter()
+            .zip(&backtest_inputs)
+            .map(|(row, input)| {
+                let backtest = input.and_then(|_| backtests.next());
+                let season = season_length.map_or_else(|| table.season(row), |m| m as usize);
+                table.scale(row, season, backtest.as_deref())
+            })
+            .collect();
+        let intervals = levels
+            .iter()
+            .map(|&level| {
+                let (lower, upper) = forecasts
+                    .iter()
+                    .zip(&scales)
+                    .map(|(f, &s)| table.bounds(f, s, level, season_length.is_some()))
+                    .unzip();
+                ForecastInterval {
+                    level,
+                    lower,
+                    upper,
+                }
+            })
+            .collect();
+        Ok(ShardOutput::Forecast {
+            forecasts,
+            intervals,
+        })
+    }
+}
+
 impl Plugin for ForecastPlugin {
     fn kind(&self) -> &'static str {
         KIND
@@ -110,7 +196,13 @@ impl Plugin for ForecastPlugin {
         task: &ShardTask,
         progress: &mut dyn FnMut(&ShardOutput) -> bool,
     ) -> anyhow::Result<ShardOutput> {
-        let ShardTask::Forecast { series, horizon } = task else {
+        let ShardTask::Forecast {
+            series,
+            horizon,
+            levels,
+            season_length,
+        } = task
+        else {
             bail!(
                 "a forecast model cannot run `{}` shards",
                 super::task_kind(task)
@@ -123,10 +215,20 @@ impl Plugin for ForecastPlugin {
             self.params.max_horizon
         );
         ensure!(!series.is_empty(), "the shard has no rows");
-        let batch = encode(series, &self.params)?;
-        let forecasts = self.infer(batch, series.len(), horizon)?;
+        // The model reads only the trailing context; so do the intervals.
+        let rows: Vec<&[f64]> = series
+            .iter()
+            .map(|row| &row[row.len().saturating_sub(self.params.context_length)..])
+            .collect();
+        let output = if levels.is_empty() {
+            ShardOutput::Forecast {
+                forecasts: self.infer(&rows, horizon)?,
+                intervals: Vec::new(),
+            }
+        } else {
+            self.forecast_with_intervals(&rows, horizon, levels, *season_length)?
+        };
         // One batched run finishes every row at once.
-        let output = ShardOutput::Forecast { forecasts };
         ensure!(progress(&output), "stopped by the gateway");
         Ok(output)
     }
@@ -153,7 +255,7 @@ struct Batch {
     mask: Vec<f32>,
 }
 
-fn encode(series: &[Vec<f64>], params: &ForecastParams) -> anyhow::Result<Batch> {
+fn encode<R: AsRef<[f64]>>(series: &[R], params: &ForecastParams) -> anyhow::Result<Batch> {
     let context = params.context_length;
     let mut values = vec![0.0f32; series.len() * context];
     let mut mask = vec![0.0f32; series.len() * context];
@@ -162,6 +264,7 @@ fn encode(series: &[Vec<f64>], params: &ForecastParams) -> anyhow::Result<Batch>
         .zip(values.chunks_exact_mut(context))
         .zip(mask.chunks_exact_mut(context));
     for (index, ((row, values), mask)) in rows.enumerate() {
+        let row = row.as_ref();
         ensure!(
             row.len() >= params.min_history,
             "row {index} has {} observations; the model needs at least {}",
@@ -229,6 +332,7 @@ mod tests {
         context_length: 4,
         max_horizon: 2,
         min_history: 3,
+        intervals: None,
     };
 
     #[test]
@@ -323,6 +427,8 @@ mod tests {
                 history[..40].to_vec(),
             ],
             horizon: horizon as u32,
+            levels: Vec::new(),
+            season_length: None,
         };
         let mut reported = Vec::new();
         let output = plugin
@@ -332,7 +438,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(reported, std::slice::from_ref(&output));
-        let ShardOutput::Forecast { forecasts } = output else {
+        let ShardOutput::Forecast { forecasts, .. } = output else {
             panic!("not a forecast output: {output:?}");
         };
         assert_eq!(forecasts.len(), 3);
@@ -364,9 +470,55 @@ mod tests {
              (correlation {correlation:.3}, mean absolute error {mean_abs_error:.2})"
         );
 
+        // With levels: each forecast inside its bands, the wider level outside the narrower,
+        // the same points as without levels.
+        let with_levels = ShardTask::Forecast {
+            series: vec![history.clone(), history[..40].to_vec(), vec![5.0; 20]],
+            horizon: horizon as u32,
+            levels: vec![80.0, 95.0],
+            season_length: None,
+        };
+        let ShardOutput::Forecast {
+            forecasts: points,
+            intervals,
+        } = plugin.run(&with_levels, &mut |_| true).unwrap()
+        else {
+            panic!("not a forecast output");
+        };
+        assert_eq!(points[0], forecasts[0]);
+        assert_eq!(points[1], forecasts[2]);
+        let [eighty, ninety_five] = intervals.as_slice() else {
+            panic!("two levels asked, {} bands", intervals.len());
+        };
+        assert_eq!((eighty.level, ninety_five.level), (80.0, 95.0));
+        for (row, f) in points.iter().enumerate() {
+            for (step, f) in f.iter().enumerate() {
+                let (lo80, hi80) = (eighty.lower[row][step], eighty.upper[row][step]);
+                let (lo95, hi95) = (ninety_five.lower[row][step], ninety_five.upper[row][step]);
+                assert!(
+                    lo95 <= lo80 && lo80 <= *f && f <= &hi80 && hi80 <= hi95,
+                    "row {row} step {step}: {lo95} {lo80} {f} {hi80} {hi95}"
+                );
+            }
+        }
+        // A seasonal row gets a band that follows the season, not a flat one; a constant row's
+        // band has no width.
+        assert!(eighty.upper[0][0] > eighty.lower[0][0]);
+        assert!((eighty.upper[2][0] - eighty.lower[2][0]).abs() < 1e-3);
+        let outside = ShardTask::Forecast {
+            series: vec![history.clone()],
+            horizon: 4,
+            levels: vec![99.5],
+            season_length: Some(12),
+        };
+        let err = plugin.run(&outside, &mut |_| true).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+
         let too_far = ShardTask::Forecast {
             series: vec![history],
             horizon: 1000,
+            levels: Vec::new(),
+            season_length: None,
         };
         assert!(plugin.run(&too_far, &mut |_| true).is_err());
     }
