@@ -82,15 +82,12 @@ async function stream(range, horizon, level, invocation) {
       paint(grid, rows, offset, horizon, withLevel ? pick(intervals, level) : undefined);
       show();
     };
-    const accepted = await submit(socket, job, onPartial, (id) => { state.jobId = id; });
-    if (state.canceled) {
+    const onAccepted = (/** @type {string} */ id) => {
+      state.jobId = id;
       // Canceled while the submit was on its way: the job exists now, so stop it.
-      await stopJob();
-      return;
-    }
-    const done = isTerminal(accepted.status)
-      ? accepted
-      : await /** @type {Promise<Job>} */ (socket.following.get(accepted.id)?.done);
+      if (state.canceled) void stopJob();
+    };
+    const done = await submit(socket, job, onPartial, onAccepted);
     if (state.canceled) return;
     if (done.status === 'succeeded') {
       // The final output has every row, also those whose slices came while the socket was down.
@@ -113,25 +110,21 @@ async function stream(range, horizon, level, invocation) {
  */
 
 /**
- * Submits over the socket and follows the job, reporting its id as soon as the gateway has
- * accepted it (so that a cancel can name it). A submit whose socket drops before the answer is
- * sent again with the same idempotency key: the gateway answers with the job the first one made.
+ * Submits over the socket and follows the job to its end, reporting its id as soon as the
+ * gateway has accepted it (so that a cancel can name it). A submit whose socket drops before the
+ * answer is sent again with the same idempotency key: the gateway answers with the job the first
+ * one made.
  * @param {import('../../js/src/index.js').JobSocket} socket
- * @param {Record<string, unknown>} job
+ * @param {import('../../js/src/index.js').SubmitJob} job
  * @param {(rows: number[][], offset: number, intervals?: Interval[]) => void} onPartial
  * @param {(id: string) => void} onAccepted
  * @returns {Promise<Job>}
  */
 async function submit(socket, job, onPartial, onAccepted) {
-  const key = `excel-${globalThis.crypto.randomUUID()}`;
+  const idempotencyKey = `excel-${globalThis.crypto.randomUUID()}`;
   for (let attempt = 0; ; attempt++) {
     try {
-      const reply = await socket.call({ op: 'submit', job, idempotency_key: key }, (answer) => {
-        // Followed before the answer is handed back, so that no partial can be missed.
-        if (!isTerminal(answer.job.status)) socket.follow(answer.job.id, { onPartial });
-        onAccepted(answer.job.id);
-      });
-      return reply.job;
+      return await socket.submit(job, { idempotencyKey, onPartial, onAccepted: (j) => onAccepted(j.id) });
     } catch (e) {
       if (e instanceof XpandError || attempt >= 2) throw e;
     }
@@ -261,10 +254,7 @@ async function connection() {
   const signature = JSON.stringify(settings);
   if (current?.signature !== signature) {
     current?.socket.close();
-    // fetch is passed wrapped: a browser's fetch called as a method of the client (as
-    // clients/js calls it) throws "Illegal invocation"; called as a plain function, it works.
-    const fetch = (/** @type {Parameters<typeof globalThis.fetch>} */ ...args) => globalThis.fetch(...args);
-    const client = new Xpand({ baseURL: settings.gatewayUrl, apiKey: settings.apiKey, fetch });
+    const client = new Xpand({ baseURL: settings.gatewayUrl, apiKey: settings.apiKey });
     const maxFee = Number(settings.maxFee) > 0 ? Math.floor(Number(settings.maxFee)) : DEFAULT_MAX_FEE;
     current = { signature, client, socket: client.socket(), maxFee };
   }
@@ -302,11 +292,6 @@ function store() {
     getItem: async (/** @type {string} */ k) => globalThis.localStorage.getItem(k),
     setItem: async (/** @type {string} */ k, /** @type {string} */ v) => globalThis.localStorage.setItem(k, v),
   };
-}
-
-/** @param {string | undefined} status */
-function isTerminal(status) {
-  return status === 'succeeded' || status === 'failed' || status === 'canceled';
 }
 
 /** @param {number} ms */
