@@ -57,6 +57,20 @@ pub fn check_output(task: &ShardTask, output: &ShardOutput) -> Result<(), String
             ));
         }
     }
+    // A higher level's band holds a lower level's.
+    for narrow in intervals {
+        for wide in intervals.iter().filter(|w| w.level > narrow.level) {
+            let holds = |r: usize, h: usize| {
+                wide.lower[r][h] <= narrow.lower[r][h] && narrow.upper[r][h] <= wide.upper[r][h]
+            };
+            if !(0..series.len()).all(|r| (0..*horizon as usize).all(|h| holds(r, h))) {
+                return Err(format!(
+                    "the {}% interval does not hold the {}% one",
+                    wide.level, narrow.level
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -220,6 +234,9 @@ mod tests {
         let crossed = forecast(&[&[1.0, 2.0]], &[(80.0, 1.0), (95.0, -0.5)]);
         let err = check_output(&asked, &crossed).unwrap_err();
         assert!(err.contains("outside its 95% interval"), "{err}");
+        let nested_wrong = forecast(&[&[1.0, 2.0]], &[(80.0, 2.0), (95.0, 1.0)]);
+        let err = check_output(&asked, &nested_wrong).unwrap_err();
+        assert!(err.contains("95% interval does not hold the 80%"), "{err}");
         let unasked = forecast(&[&[1.0, 2.0]], &[(80.0, 1.0)]);
         assert!(check_output(&task(1, &[]), &unasked).is_err());
 
