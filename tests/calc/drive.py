@@ -10,7 +10,8 @@ Commands ({"cmd": ...}):
            then read it until no cell shows the placeholder; returns the cells and the times from
            entering it to the first and to the last value shown, and whether a first row was
            seen filled while the last row still waited.
-  set      {sheet, formula, target}: enter the array formula and return at once.
+  set      {sheet, formula, target}: enter the array formula, read it once (headless Calc
+           computes a formula when it is read) and return what it shows.
   read     {sheet, range}: the cells.
   put      {sheet, cell, value}: one cell (a number, text, or null for empty).
   fill     {sheet, origin, rows}: write a block of numbers starting at `origin`.
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +89,7 @@ class Office:
              "--nolockcheck", f"-env:UserInstallation=file://{self.profile}",
              f"--accept=pipe,name={pipe};urp;StarOffice.ComponentContext"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # soffice is a wrapper around soffice.bin: end the group
         )
         local = uno.getComponentContext()
         resolver = local.ServiceManager.createInstanceWithContext(
@@ -130,9 +133,13 @@ class Office:
         except Exception:
             pass
         try:
-            self.process.wait(10)
+            self.process.wait(5)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
+        try:  # whatever is left of this soffice (its group is its own)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def cells(doc, sheet, range_):
@@ -223,7 +230,8 @@ def main():
                 elif cmd == "set":
                     area = doc.Sheets.getByName(sheet).getCellRangeByName(command["target"])
                     area.setArrayFormula(command["formula"])
-                    answer = {"ok": True}
+                    # Calc computes a formula when something reads it (a GUI: when it paints).
+                    answer = {"cells": [list(r) for r in area.getDataArray()]}
                 elif cmd == "read":
                     answer = {"cells": cells(doc, sheet, command["range"])}
                 elif cmd == "put":

@@ -3,6 +3,7 @@
 
 mod admin;
 mod architecture;
+mod calc;
 mod chaos;
 mod common;
 mod cors;

@@ -11,6 +11,7 @@ runs on Calc's main thread except `follow` and `cancel`, which only queue a fram
 
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -178,22 +179,41 @@ class Gateway:
             frame["job"] = follower.submission()
             with self.lock:
                 self.sent.add(follower.key)
-            ws.send(json.dumps(frame, separators=(",", ":")))
+            text = json.dumps(frame, separators=(",", ":"))
+            trace(f"submit {follower.key} ({len(text)} bytes)")
+            ws.send(text)
         except OSError:
             pass  # the reader sees the drop and resubmits
+        except Exception as e:  # a bug: say so in the cells, not only in a log
+            log(f"submitting {follower.key}")
+            self._end(follower)
+            follower.on_problem(f"internal error: {type(e).__name__}: {e}", {})
 
     def _run(self):
+        while True:
+            try:
+                self._connect_and_read()
+            except Exception as e:  # a bug: keep the thread alive and say so in the cells
+                log("the gateway thread")
+                self._trouble(f"internal error: {type(e).__name__}: {e}")
+                time.sleep(1)
+
+    def _connect_and_read(self):
         backoff = 0.25
         while True:
             with self.lock:
                 while not self.followers:
                     self.wake.wait()
+            trace(f"connecting ({len(self.followers)} jobs)")
             try:
                 self.config = load_config()
+                trace("minting a token")
                 token = rest(self.config, "POST", "/v1/auth/token", {})["token"]
+                trace("opening the socket")
                 url = self.config["url"].replace("http", "ws", 1) + "/v1/ws?token=" + token
                 ws = xpand_ws.WebSocket.connect(url)
             except (ConfigError, GatewayError, OSError, KeyError, TypeError, xpand_ws.HandshakeError, xpand_ws.Closed) as e:
+                trace(f"cannot connect: {e}")
                 self._trouble(str(e), fatal=isinstance(e, ConfigError) or getattr(e, "status", None) in (401, 403))
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 8.0)
@@ -211,7 +231,9 @@ class Gateway:
                         ws.send(json.dumps({"op": "subscribe", "ref": follower.key, "job_id": follower.job_id}))
                     except OSError:
                         break
+            trace("connected")
             closed = self._read(ws)
+            trace(f"closed: {closed}")
             with self.lock:
                 self.ws = None
                 unanswered = [self.followers[k] for k in self.sent if k in self.followers]
@@ -247,6 +269,7 @@ class Gateway:
 
     def _dispatch(self, frame):
         event = frame.get("event")
+        trace(f"{event} {frame.get('ref') or frame.get('job_id') or (frame.get('job') or {}).get('id')}")
         ref = frame.get("ref")
         with self.lock:
             by_ref = self.followers.get(ref) if ref else None
@@ -281,6 +304,23 @@ class Gateway:
         elif event in ("succeeded", "failed", "canceled"):
             self._end(follower)
             follower.on_finished(frame.get("job") or {})
+
+
+def trace(message):
+    """A line in the file XPAND_CALC_LOG names, when set (the tests set it)."""
+    path = os.environ.get("XPAND_CALC_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {threading.current_thread().name}: {message}\n")
+
+
+def log(what):
+    """An unexpected exception, with its traceback, on LibreOffice's standard error."""
+    import traceback
+
+    trace(f"unexpected error in {what}: {traceback.format_exc()}")
+    sys.stderr.write(f"xpand: unexpected error in {what}:\n{traceback.format_exc()}")
+    sys.stderr.flush()
 
 
 GATEWAY = Gateway()
