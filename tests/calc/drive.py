@@ -214,7 +214,8 @@ def main():
     copy = os.path.join(office.profile, "sheet.ods")
     shutil.copy(doc_path, copy)
     doc = office.open(copy)
-    print(json.dumps({"ready": True, "startup_s": time.monotonic() - started}), flush=True)
+    print(json.dumps({"ready": True, "startup_s": time.monotonic() - started,
+                      "office_pid": office.process.pid}), flush=True)
     try:
         for line in sys.stdin:
             command = json.loads(line)

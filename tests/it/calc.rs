@@ -19,7 +19,7 @@ use crate::common::{parse_value, TestApp};
 /// `params.level` (prediction intervals) is being added to the gateway. Until it lands the
 /// level check is written but not run, and the test says so in its output. Set this to true
 /// (or run with XPAND_CALC_TEST_LEVEL=1) once `params.level` is in.
-const LEVEL_LANDED: bool = false;
+const LEVEL_LANDED: bool = true;
 
 /// The placeholder the extension shows in a cell whose row has not arrived.
 const PLACEHOLDER: &str = "\u{2026}";
@@ -34,6 +34,19 @@ struct Calc {
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
     profile: std::path::PathBuf,
+    /// soffice's process group, ended on drop (a failed test kills the driver, not soffice).
+    office: Option<u64>,
+}
+
+impl Drop for Calc {
+    fn drop(&mut self) {
+        if let Some(group) = self.office.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
 
 impl Calc {
@@ -66,9 +79,11 @@ impl Calc {
             stdin,
             lines,
             profile,
+            office: None,
         };
         let ready = calc.answer(Duration::from_secs(60)).await;
         assert_eq!(ready["ready"], true, "{ready}");
+        calc.office = ready["office_pid"].as_u64();
         println!(
             "calc: soffice started, extension installed, sheet open in {:.2} s",
             ready["startup_s"].as_f64().unwrap()
@@ -117,7 +132,7 @@ impl Calc {
     async fn quit(mut self) {
         self.call(json!({"cmd": "quit"})).await;
         let _ = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
-        let _ = std::fs::remove_dir_all(&self.profile);
+        self.office = None; // the driver ended it
     }
 }
 
@@ -304,7 +319,7 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
         .await;
         let forecasts: Vec<Vec<f64>> = parse_value(&output["forecasts"]);
         let band = &output["intervals"][0];
-        assert_eq!(band["level"], 80, "{output}");
+        assert_eq!(band["level"].as_f64(), Some(80.0), "{}", band["level"]);
         let lower: Vec<Vec<f64>> = parse_value(&band["lower"]);
         let upper: Vec<Vec<f64>> = parse_value(&band["upper"]);
         let expected: Vec<Vec<f64>> = (0..40)
