@@ -16,11 +16,6 @@ use xpand::http::jobs::JobPage;
 
 use crate::common::{parse_value, TestApp};
 
-/// `params.level` (prediction intervals) is being added to the gateway. Until it lands the
-/// level check is written but not run, and the test says so in its output. Set this to true
-/// (or run with XPAND_CALC_TEST_LEVEL=1) once `params.level` is in.
-const LEVEL_LANDED: bool = true;
-
 /// The placeholder the extension shows in a cell whose row has not arrived.
 const PLACEHOLDER: &str = "\u{2026}";
 const HORIZON: usize = 12;
@@ -304,35 +299,31 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     assert_cells_equal(&cells, &expected, "5,000 rows");
 
     // 5. With a level: forecasts, then lower bounds, then upper bounds, horizon columns each.
-    if LEVEL_LANDED || std::env::var("XPAND_CALC_TEST_LEVEL").is_ok_and(|v| v == "1") {
-        let run = calc
-            .call(json!({"cmd": "run", "sheet": "Big", "formula": format!("=XPAND.FORECAST(A1:X40;{HORIZON};80)"),
-                         "target": "AM1:BV40", "timeout": 60}))
-            .await;
-        assert_eq!(run["timed_out"], false, "{}", run["cells"][0]);
-        let output = rest_output(
-            &app,
-            &key,
-            &json!(big[..40]),
-            json!({"horizon": HORIZON, "level": 80}),
-        )
+    let run = calc
+        .call(json!({"cmd": "run", "sheet": "Big", "formula": format!("=XPAND.FORECAST(A1:X40;{HORIZON};80)"),
+                     "target": "AM1:BV40", "timeout": 60}))
         .await;
-        let forecasts: Vec<Vec<f64>> = parse_value(&output["forecasts"]);
-        let band = &output["intervals"][0];
-        assert_eq!(band["level"].as_f64(), Some(80.0), "{}", band["level"]);
-        let lower: Vec<Vec<f64>> = parse_value(&band["lower"]);
-        let upper: Vec<Vec<f64>> = parse_value(&band["upper"]);
-        let expected: Vec<Vec<f64>> = (0..40)
-            .map(|r| [&forecasts[r][..], &lower[r][..], &upper[r][..]].concat())
-            .collect();
-        assert_cells_equal(
-            &parse_value::<Vec<Vec<Value>>>(&run["cells"]),
-            &expected,
-            "level 80",
-        );
-    } else {
-        println!("calc: the level check awaits params.level in the gateway (LEVEL_LANDED in tests/it/calc.rs)");
-    }
+    assert_eq!(run["timed_out"], false, "{}", run["cells"][0]);
+    let output = rest_output(
+        &app,
+        &key,
+        &json!(big[..40]),
+        json!({"horizon": HORIZON, "level": 80}),
+    )
+    .await;
+    let forecasts: Vec<Vec<f64>> = parse_value(&output["forecasts"]);
+    let band = &output["intervals"][0];
+    assert_eq!(band["level"].as_f64(), Some(80.0), "{}", band["level"]);
+    let lower: Vec<Vec<f64>> = parse_value(&band["lower"]);
+    let upper: Vec<Vec<f64>> = parse_value(&band["upper"]);
+    let expected: Vec<Vec<f64>> = (0..40)
+        .map(|r| [&forecasts[r][..], &lower[r][..], &upper[r][..]].concat())
+        .collect();
+    assert_cells_equal(
+        &parse_value::<Vec<Vec<Value>>>(&run["cells"]),
+        &expected,
+        "level 80",
+    );
 
     calc.quit().await;
     app.assert_ledger_invariants().await;
