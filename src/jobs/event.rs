@@ -26,10 +26,10 @@ pub enum JobEvent {
         offset: i32,
         #[schema(value_type = Vec<Vec<f64>>)]
         rows: serde_json::Value,
-        /// The rows' prediction intervals, one per level the job asked for (forecast jobs with
-        /// `params.level`): `lower` and `upper` have the rows' shape.
+        /// The rows' intervals, one per level the job asked for, where its kind gives them:
+        /// `lower` and `upper` have the rows' shape.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<Vec<ForecastIntervalRows>>)]
+        #[schema(value_type = Option<Vec<IntervalRows>>)]
         intervals: Option<serde_json::Value>,
     },
     Succeeded {
@@ -43,9 +43,9 @@ pub enum JobEvent {
     },
 }
 
-/// One level's bounds around a set of forecast rows (the schema of forecast `intervals`).
+/// One level's bounds around a slice of rows (the schema of `intervals`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ForecastIntervalRows {
+pub struct IntervalRows {
     /// Percent.
     pub level: f64,
     pub lower: Vec<Vec<f64>>,

@@ -84,12 +84,12 @@ export class Xpand {
 /**
  * What a job followed over the socket reports.
  * @typedef {{ onAccepted?: (job: Job) => void,
- *             onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void,
+ *             onPartial?: (rows: number[][], offset: number, intervals?: IntervalRows[]) => void,
  *             onProgress?: (done: number, total: number) => void }} Followers
  */
 /**
  * One level's bounds around a slice of forecast rows (`params.level`).
- * @typedef {Schemas['ForecastIntervalRows']} ForecastIntervalRows
+ * @typedef {Schemas['IntervalRows']} IntervalRows
  */
 /**
  * One WebSocket, many jobs. `submit` resolves with the job once it has ended (succeeded, failed
@@ -202,13 +202,13 @@ export type TokenOptions = {
  */
 export type Followers = {
     onAccepted?: (job: Job) => void;
-    onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void;
+    onPartial?: (rows: number[][], offset: number, intervals?: IntervalRows[]) => void;
     onProgress?: (done: number, total: number) => void;
 };
 /**
  * One level's bounds around a slice of forecast rows (`params.level`).
  */
-export type ForecastIntervalRows = Schemas["ForecastIntervalRows"];
+export type IntervalRows = Schemas["IntervalRows"];
 /** `/v1/jobs`. */
 declare class Jobs {
     /** @param {Xpand} client */

@@ -169,12 +169,12 @@ class Jobs {
 /**
  * What a job followed over the socket reports.
  * @typedef {{ onAccepted?: (job: Job) => void,
- *             onPartial?: (rows: number[][], offset: number, intervals?: ForecastIntervalRows[]) => void,
+ *             onPartial?: (rows: number[][], offset: number, intervals?: IntervalRows[]) => void,
  *             onProgress?: (done: number, total: number) => void }} Followers
  */
 /**
  * One level's bounds around a slice of forecast rows (`params.level`).
- * @typedef {Schemas['ForecastIntervalRows']} ForecastIntervalRows
+ * @typedef {Schemas['IntervalRows']} IntervalRows
  */
 
 /**

@@ -807,16 +807,6 @@ export interface components {
              */
             size: number;
         };
-        /** @description One level's bounds around a set of forecast rows (the schema of forecast `intervals`). */
-        ForecastIntervalRows: {
-            /**
-             * Format: double
-             * @description Percent.
-             */
-            level: number;
-            lower: number[][];
-            upper: number[][];
-        };
         /**
          * @description Everything needed to check that one entry is in the ledger, given only the gateway's key:
          *     the entry with its salt, the path to its block's Merkle root, and the signed block.
@@ -827,6 +817,16 @@ export interface components {
             /** @description Leaf position in the block, in id order. */
             index: number;
             path: components["schemas"]["ProofStep"][];
+        };
+        /** @description One level's bounds around a slice of rows (the schema of `intervals`). */
+        IntervalRows: {
+            /**
+             * Format: double
+             * @description Percent.
+             */
+            level: number;
+            lower: number[][];
+            upper: number[][];
         };
         /** @description A job as its owner sees it. */
         Job: {
@@ -900,10 +900,10 @@ export interface components {
             /** @enum {string} */
             event: "partial";
             /**
-             * @description The rows' prediction intervals, one per level the job asked for (forecast jobs with
-             *     `params.level`): `lower` and `upper` have the rows' shape.
+             * @description The rows' intervals, one per level the job asked for, where its kind gives them:
+             *     `lower` and `upper` have the rows' shape.
              */
-            intervals?: components["schemas"]["ForecastIntervalRows"][] | null;
+            intervals?: components["schemas"]["IntervalRows"][] | null;
             /** Format: uuid */
             job_id: string;
             /** Format: int32 */
