@@ -2,9 +2,9 @@
 //!
 //! Client frames are JSON objects with an `op`: `submit` (auto-subscribes), `subscribe`,
 //! `unsubscribe`, `cancel`, `ping`; each may carry a client `ref` that the answer repeats.
-//! Server frames: `accepted`, `subscribed`, `unsubscribed`, `pong`, the job events
-//! (`progress`, `partial`, `succeeded`, `failed`, `canceled`), and `error` with a problem
-//! object. A bad frame gets an `error`; the socket stays usable.
+//! Server frames: `accepted`, `subscribed`, `unsubscribed`, `cancel_accepted`, `pong`, the job
+//! events (`progress`, `partial`, `succeeded`, `failed`, `canceled`), and `error` with a
+//! problem object. A bad frame gets an `error`; the socket stays usable.
 //!
 //! A socket is held to the rules of a request: each op counts against the credential's rate
 //! limit (`guard.rs`), the socket takes one of its account's stream places and is closed when
@@ -83,6 +83,14 @@ pub enum Reply {
         #[serde(rename = "ref")]
         reference: Option<String>,
         job_id: Uuid,
+    },
+    /// The answer to `cancel`: the job as the cancel ended it, its `output` holding the rows of
+    /// the shards paid for. A socket that follows the job still gets their `partial` events, then
+    /// the terminal `canceled` event.
+    CancelAccepted {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+        job: Box<Job>,
     },
     Pong {
         #[serde(rename = "ref")]
@@ -405,16 +413,15 @@ async fn run_op(
             subscribed.remove(&job_id);
             Reply::Unsubscribed { reference, job_id }
         }
-        ClientOp::Cancel {
-            reference: _,
-            job_id,
-        } => {
+        ClientOp::Cancel { reference, job_id } => {
             caller.require(Scope::JobsWrite)?;
             let job = jobs::settlement::cancel(&state.scheduler, caller.account_id, job_id).await?;
-            // The `canceled` event also arrives on the feed for subscribers; answer directly
-            // and stop following so it is not sent twice.
-            subscribed.remove(&job_id);
-            return Ok(vec![to_frame(&JobEvent::Canceled { job: Box::new(job) })]);
+            // A follower keeps following: the partials of shards done before the cancel are
+            // still on their way through the feed, and its `canceled` event comes after them.
+            Reply::CancelAccepted {
+                reference,
+                job: Box::new(job),
+            }
         }
         ClientOp::Ping { reference } => Reply::Pong { reference },
     };

@@ -93,6 +93,13 @@ pub trait JobKind: Send + Sync + 'static {
         None
     }
 
+    /// What a job that ends early (canceled, or failed on its input) hands back for the shards
+    /// it paid for: each shard's slice in order, with `output` for those done. `None` when the
+    /// kind has nothing to give from a part (the default).
+    fn reduce_paid(&self, _slices: Vec<PaidSlice>) -> Option<Value> {
+        None
+    }
+
     fn reduction(&self) -> Reduction {
         Reduction::Inline
     }
@@ -158,4 +165,12 @@ pub struct PartialRows {
     pub rows: Value,
     /// Bounds of the slice's rows, where the kind gives them (forecast intervals).
     pub intervals: Option<Value>,
+}
+
+/// One shard's place in a job that ended early, and its output if it was done (and paid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaidSlice {
+    pub row_offset: i32,
+    pub row_count: i32,
+    pub output: Option<ShardOutput>,
 }

@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
-use super::kind::{ClaimedJob, JobKind, Reduction};
+use super::kind::{ClaimedJob, JobKind, PaidSlice, Reduction};
 use super::{store, Job, JobError, JobEvent, JobRow, JobStatus, Scheduler, JOB_COLUMNS};
 use crate::error::AppError;
 use crate::ledger::escrow::{self, Release};
@@ -145,9 +145,18 @@ pub enum Outcome {
     Succeeded(Value),
     Failed(JobError),
     /// Failed because of what the caller sent (its input cannot be processed): the nodes'
-    /// accepted work was done in good faith and is paid, as for a cancel.
-    FailedOnInput(JobError),
-    Canceled,
+    /// accepted work was done in good faith and is paid, as for a cancel, and `output` holds
+    /// what was paid for ([`paid_output`]).
+    FailedOnInput {
+        error: JobError,
+        output: Option<Value>,
+    },
+    /// Stopped by its owner, or by its deadline (`reason`): shards done are paid, and `output`
+    /// holds their rows ([`paid_output`]).
+    Canceled {
+        reason: Option<JobError>,
+        output: Option<Value>,
+    },
 }
 
 /// Ends a job and releases its escrow, in the caller's transaction. Succeeded: the nodes are
@@ -193,23 +202,23 @@ pub async fn finish(
             },
             None,
         ),
-        Outcome::Canceled => (
+        Outcome::Canceled { reason, output } => (
             JobStatus::Canceled,
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: 0,
             },
-            None,
-            None,
+            output,
+            reason,
         ),
         Outcome::Failed(error) => (JobStatus::Failed, Release::default(), None, Some(error)),
-        Outcome::FailedOnInput(error) => (
+        Outcome::FailedOnInput { error, output } => (
             JobStatus::Failed,
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: 0,
             },
-            None,
+            output,
             Some(error),
         ),
     };
@@ -258,7 +267,42 @@ async fn done_shard_payouts(
     Ok(earned.into_iter().map(|e| (e.account_id, e.fees)).collect())
 }
 
-/// Cancels one of the caller's unfinished jobs, refunding what was not spent.
+/// What the caller paid for when a job ends early: the rows of the shards done so far, as the
+/// job's kind lays them out ([`JobKind::reduce_paid`]). Read with the job row locked, so no
+/// shard completes between this and the payouts.
+async fn paid_output(
+    scheduler: &Scheduler,
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> anyhow::Result<Option<Value>> {
+    let kind: String = sqlx::query_scalar("SELECT kind FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let Some(kind) = scheduler.kinds.get(&kind).cloned() else {
+        return Ok(None);
+    };
+    let slices: Vec<(i32, i32, Option<sqlx::types::Json<ShardOutput>>)> = sqlx::query_as(
+        "SELECT row_offset, row_count, CASE WHEN status = 'done' THEN output END FROM shards
+         WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(kind.reduce_paid(
+        slices
+            .into_iter()
+            .map(|(row_offset, row_count, output)| PaidSlice {
+                row_offset,
+                row_count,
+                output: output.map(|o| o.0),
+            })
+            .collect(),
+    ))
+}
+
+/// Cancels one of the caller's unfinished jobs: the nodes are paid for the shards done, whose
+/// rows stay the job's output; the rest is refunded.
 pub async fn cancel(scheduler: &Scheduler, account: Uuid, job_id: Uuid) -> Result<Job, AppError> {
     let mut tx = scheduler.db.begin().await?;
     let status = sqlx::query_scalar!(
@@ -276,7 +320,12 @@ pub async fn cancel(scheduler: &Scheduler, account: Uuid, job_id: Uuid) -> Resul
             status.as_str()
         )));
     }
-    let job = match finish(&mut tx, job_id, Outcome::Canceled).await? {
+    let output = paid_output(scheduler, &mut tx, job_id).await?;
+    let outcome = Outcome::Canceled {
+        reason: None,
+        output,
+    };
+    let job = match finish(&mut tx, job_id, outcome).await? {
         Some(job) => job,
         None => store::fetch_row(&mut tx, job_id).await?.into(),
     };
@@ -302,6 +351,18 @@ pub async fn fail(
 /// Ends a job as failed (`outcome` is one of the failures), unless it already ended.
 async fn end_failed(scheduler: &Scheduler, job_id: Uuid, outcome: Outcome) -> anyhow::Result<()> {
     let mut tx = scheduler.db.begin().await?;
+    let outcome = match outcome {
+        Outcome::FailedOnInput { error, .. } => {
+            // Locked before the paid rows are read: no shard may complete in between.
+            sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            let output = paid_output(scheduler, &mut tx, job_id).await?;
+            Outcome::FailedOnInput { error, output }
+        }
+        other => other,
+    };
     let job = finish(&mut tx, job_id, outcome).await?;
     let account = sqlx::query_scalar!("SELECT account_id FROM jobs WHERE id = $1", job_id)
         .fetch_one(&mut *tx)
@@ -339,15 +400,18 @@ pub(super) async fn fail_hopeless(
     .await?;
     for job in hopeless {
         let outcome = if job.unusable {
-            Outcome::FailedOnInput(JobError {
-                code: "input_unusable".into(),
-                message: format!(
-                    "two nodes could not process the input of shard {} (it does not decode, or \
-                     is not what the job's plan says it is); the nodes are paid for the shards \
-                     they finished, the rest is refunded",
-                    job.idx
-                ),
-            })
+            Outcome::FailedOnInput {
+                error: JobError {
+                    code: "input_unusable".into(),
+                    message: format!(
+                        "two nodes could not process the input of shard {} (it does not decode, \
+                         or is not what the job's plan says it is); the nodes are paid for the \
+                         shards they finished, the rest is refunded",
+                        job.idx
+                    ),
+                },
+                output: None,
+            }
         } else {
             Outcome::Failed(JobError {
                 code: "shard_attempts_exhausted".into(),

@@ -480,6 +480,33 @@ async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
         matches!(events.last(), Some(JobEvent::Canceled { .. })),
         "{events:?}"
     );
+    // What was paid for is in the output, in place; the rest is marked missing. The paid
+    // shard's partial went out before the `canceled` event.
+    let streamed: Vec<(i32, serde_json::Value)> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Partial { offset, rows, .. } => Some((*offset, rows.clone())),
+            _ => None,
+        })
+        .collect();
+    let [(offset, rows)] = streamed.as_slice() else {
+        panic!("one shard was done: {events:?}");
+    };
+    let output = canceled.output.expect("a canceled job keeps its paid rows");
+    let forecasts = output["forecasts"].as_array().unwrap();
+    assert_eq!(forecasts.len(), 16);
+    let paid = rows.as_array().unwrap();
+    let at = *offset as usize;
+    assert_eq!(&forecasts[at..at + paid.len()], paid.as_slice());
+    let nulls = forecasts.iter().filter(|r| r.is_null()).count();
+    assert_eq!(nulls, 16 - paid.len());
+    let missing: i64 = output["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["rows"].as_i64().unwrap())
+        .sum();
+    assert_eq!(missing as usize, nulls);
     domain.finish().await;
 }
 

@@ -260,7 +260,20 @@ async fn bad_frames_get_problems_and_the_socket_stays_usable() {
         Frame::Reply(Reply::Accepted { job, .. }) => job.id,
         other => panic!("expected accepted: {other:?}"),
     };
-    send(&mut socket, json!({"op": "cancel", "job_id": id})).await;
+    // The cancel is answered with its ref; the socket, following the job, then gets the
+    // terminal event too.
+    send(
+        &mut socket,
+        json!({"op": "cancel", "ref": "c1", "job_id": id}),
+    )
+    .await;
+    match next_frame(&mut socket).await {
+        Frame::Reply(Reply::CancelAccepted { reference, job }) => {
+            assert_eq!((reference.as_deref(), job.id), (Some("c1"), id));
+            assert_eq!(job.status, xpand::jobs::JobStatus::Canceled);
+        }
+        other => panic!("expected the cancel's answer: {other:?}"),
+    }
     let canceled = next_frame(&mut socket).await;
     assert!(
         matches!(canceled, Frame::Event(JobEvent::Canceled { .. })),

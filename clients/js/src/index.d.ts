@@ -145,8 +145,10 @@ export class JobSocket {
         idempotencyKey?: string;
     }): Promise<Job>;
     /**
-     * Stops a job (one this socket follows, or any of the account's). The request goes over REST,
-     * which answers it in kind; a follower of the job then resolves with it, `canceled`.
+     * Stops a job (one this socket follows, or any of the account's) with the socket's `cancel`,
+     * and resolves with the job as the cancel ended it: its `output` holds the rows of the shards
+     * paid for. A follower of the job still gets their slices, then resolves `canceled`. A socket
+     * that cannot open falls back to REST.
      * @param {string} jobId
      * @returns {Promise<Job>}
      */

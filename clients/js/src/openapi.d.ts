@@ -1115,6 +1115,11 @@ export interface components {
             ref?: string | null;
         } | {
             /** @enum {string} */
+            event: "cancel_accepted";
+            job: components["schemas"]["Job"];
+            ref?: string | null;
+        } | {
+            /** @enum {string} */
             event: "pong";
             ref?: string | null;
         } | {

@@ -24,7 +24,7 @@ use xpand_protocol::{ShardOutput, ShardTask};
 pub use self::output::{check_output, reduce};
 use self::params::ForecastParams;
 use crate::error::{AppError, FieldError};
-use crate::jobs::kind::{JobKind, PartialRows, PlanRequest};
+use crate::jobs::kind::{JobKind, PaidSlice, PartialRows, PlanRequest};
 use crate::jobs::{JobPlan, Scheduler, ShardPlan};
 
 /// The `forecast` job kind.
@@ -58,6 +58,10 @@ impl JobKind for Forecast {
 
     fn partial(&self, output: &ShardOutput) -> Option<PartialRows> {
         output::partial(output)
+    }
+
+    fn reduce_paid(&self, slices: Vec<PaidSlice>) -> Option<Value> {
+        output::reduce_paid(slices)
     }
 
     fn reduce(&self, outputs: Vec<ShardOutput>) -> anyhow::Result<Value> {

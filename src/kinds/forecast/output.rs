@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 use xpand_protocol::{ForecastInterval, ShardOutput, ShardTask};
 
-use crate::jobs::kind::PartialRows;
+use crate::jobs::kind::{PaidSlice, PartialRows};
 
 /// Forecast values of two runs agree within this relative tolerance (CPU and GPU kernels, or
 /// two ONNX Runtime builds, differ in the last bits).
@@ -172,6 +172,62 @@ pub fn reduce(outputs: Vec<ShardOutput>) -> Value {
     }
 }
 
+/// A job that ended early: every row in place, `null` where its shard was not done, the
+/// bands likewise, and `missing` naming the row ranges not paid for (`{offset, rows}`).
+pub fn reduce_paid(slices: Vec<PaidSlice>) -> Option<Value> {
+    if slices.iter().all(|s| s.output.is_none()) {
+        return None;
+    }
+    /// Rows in place, `None` where not paid for.
+    type Rows = Vec<Option<Vec<f64>>>;
+    let mut forecasts: Rows = Vec::new();
+    let mut bands: Vec<(f64, Rows, Rows)> = Vec::new();
+    let mut missing = Vec::new();
+    for slice in &slices {
+        let rows = slice.row_count.max(0) as usize;
+        match &slice.output {
+            Some(ShardOutput::Forecast {
+                forecasts: done,
+                intervals,
+            }) => {
+                forecasts.extend(done.iter().cloned().map(Some));
+                if bands.is_empty() {
+                    bands = intervals
+                        .iter()
+                        .map(|b| {
+                            (
+                                b.level,
+                                vec![None; forecasts.len() - done.len()],
+                                vec![None; forecasts.len() - done.len()],
+                            )
+                        })
+                        .collect();
+                }
+                for ((_, lower, upper), band) in bands.iter_mut().zip(intervals) {
+                    lower.extend(band.lower.iter().cloned().map(Some));
+                    upper.extend(band.upper.iter().cloned().map(Some));
+                }
+            }
+            _ => {
+                missing.push(json!({ "offset": slice.row_offset, "rows": rows }));
+                forecasts.extend(std::iter::repeat_n(None, rows));
+                for (_, lower, upper) in &mut bands {
+                    lower.extend(std::iter::repeat_n(None, rows));
+                    upper.extend(std::iter::repeat_n(None, rows));
+                }
+            }
+        }
+    }
+    let mut output = json!({ "forecasts": forecasts, "missing": missing });
+    if !bands.is_empty() {
+        output["intervals"] = bands
+            .into_iter()
+            .map(|(level, lower, upper)| json!({ "level": level, "lower": lower, "upper": upper }))
+            .collect();
+    }
+    Some(output)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +312,33 @@ mod tests {
         assert_eq!(slice.rows, json!([[1.0, 2.0]]));
         assert_eq!(slice.intervals.unwrap()[0]["lower"], json!([[0.0, 1.0]]));
         assert_eq!(partial(&forecast(&[&[1.0]], &[])).unwrap().intervals, None);
+    }
+
+    #[test]
+    fn an_early_end_keeps_the_paid_rows_in_place_and_marks_the_rest() {
+        let slice = |offset: i32, output: Option<ShardOutput>| PaidSlice {
+            row_offset: offset,
+            row_count: 1,
+            output,
+        };
+        let done = |v: f64| Some(forecast(&[&[v, v]], &[(80.0, 1.0)]));
+        let out = reduce_paid(vec![slice(0, None), slice(1, done(5.0)), slice(2, None)]).unwrap();
+        assert_eq!(out["forecasts"], json!([null, [5.0, 5.0], null]));
+        assert_eq!(
+            out["missing"],
+            json!([{ "offset": 0, "rows": 1 }, { "offset": 2, "rows": 1 }])
+        );
+        assert_eq!(
+            out["intervals"][0]["lower"],
+            json!([null, [4.0, 4.0], null])
+        );
+        assert_eq!(
+            out["intervals"][0]["upper"],
+            json!([null, [6.0, 6.0], null])
+        );
+        assert_eq!(reduce_paid(vec![slice(0, None)]), None);
+        let all = reduce_paid(vec![slice(0, done(1.0))]).unwrap();
+        assert_eq!(all["missing"], json!([]));
     }
 
     #[test]
