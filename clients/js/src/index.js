@@ -322,7 +322,7 @@ export class JobSocket {
     if (!followed) return;
     if (frame.event === 'partial') followed.onPartial?.(frame.rows, frame.offset, frame.intervals ?? undefined);
     else if (frame.event === 'progress') followed.onProgress?.(frame.shards_done, frame.shards_total);
-    else if (isTerminal(frame.job?.status)) {
+    else if (isTerminal(frame.event)) {
       this.following.delete(jobId);
       followed.resolve(frame.job);
     }
