@@ -25,6 +25,7 @@ run: setup
 test: setup clients
 	@scripts/setup-browser.sh
 	@scripts/setup-js-client.sh
+	@scripts/setup-python-sdk.sh
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
 	cargo fmt --all -- --check

@@ -486,8 +486,9 @@ class AsyncFiles:
             with progress_bar(source.size, f"upload {source.name}", progress) as bar:
 
                 def body() -> AsyncIterator[bytes]:
-                    source.rewind()
-                    bar.reset(total=source.size)
+                    source.rewind()  # a retry sends the bytes again, from the start
+                    if bar.n:
+                        bar.reset(total=source.size)
                     return source.achunks(bar)
 
                 response = await self._client._request(

@@ -479,8 +479,9 @@ class Files:
             with progress_bar(source.size, f"upload {source.name}", progress) as bar:
 
                 def body() -> Iterator[bytes]:
-                    source.rewind()
-                    bar.reset(total=source.size)
+                    source.rewind()  # a retry sends the bytes again, from the start
+                    if bar.n:
+                        bar.reset(total=source.size)
                     return source.chunks(bar)
 
                 response = self._client._request(
