@@ -194,7 +194,13 @@ class AsyncClient:
             job = await self._submit_at_quote(
                 "anonymize", {"file": uploaded["id"]}, params, max_fee, None
             )
-            job = await self._follow_frames(job, progress, poll_interval)
+            try:
+                job = await self._follow_frames(job, progress, poll_interval)
+            except BaseException:
+                # Interrupted (Ctrl-C, a cancelled task): stop paying for a video nobody waits for.
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_quietly(job["id"])
+                raise
             if job["status"] != "succeeded":
                 raise JobFailedError(job)
             output = (job.get("output") or {})["file"]
@@ -253,6 +259,10 @@ class AsyncClient:
     async def _delete_quietly(self, file_id: str) -> None:
         with suppress(XpandError):
             await self.files.delete(file_id)
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        with suppress(XpandError):
+            await self.jobs.cancel(job_id)
 
     # -- transport -------------------------------------------------------------------------
 

@@ -194,7 +194,12 @@ class Client:
             job = self._submit_at_quote(
                 "anonymize", {"file": uploaded["id"]}, params, max_fee, None
             )
-            job = self._follow_frames(job, progress, poll_interval)
+            try:
+                job = self._follow_frames(job, progress, poll_interval)
+            except BaseException:
+                # Interrupted (Ctrl-C, a cancelled task): stop paying for a video nobody waits for.
+                self._cancel_quietly(job["id"])
+                raise
             if job["status"] != "succeeded":
                 raise JobFailedError(job)
             output = (job.get("output") or {})["file"]
@@ -253,6 +258,10 @@ class Client:
     def _delete_quietly(self, file_id: str) -> None:
         with suppress(XpandError):
             self.files.delete(file_id)
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        with suppress(XpandError):
+            self.jobs.cancel(job_id)
 
     # -- transport -------------------------------------------------------------------------
 
