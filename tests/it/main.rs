@@ -20,6 +20,7 @@ mod ledger_chain;
 mod ledger_properties;
 mod ops;
 mod protocol;
+mod python_sdk;
 mod registration;
 mod scheduler;
 mod security;
