@@ -151,3 +151,15 @@ def test_no_gateway_is_a_connection_error() -> None:
         pytest.raises(xpand.APIConnectionError),
     ):
         nowhere.account()
+
+
+def test_a_token_carries_only_the_scopes_it_was_given(client: xpand.Client) -> None:
+    token = client.token(scopes=["jobs:read"], ttl_seconds=120)
+    assert token["scopes"] == ["jobs:read"] and token["expires_in"] <= 120
+    with xpand.Client(api_key=token["token"]) as reader:
+        assert len(reader.jobs.list(limit=1)) == 1
+        with pytest.raises(xpand.PermissionDeniedError) as e:
+            reader.jobs.submit(
+                "forecast", {"series": sheet(2)}, params={"horizon": 2}, max_fee=10_000_000
+            )
+    assert e.value.status == 403
