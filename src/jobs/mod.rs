@@ -67,6 +67,11 @@ pub struct SubmitJob {
     /// under the gateway's public key; deduplicate on `X-Xpand-Delivery`).
     #[serde(default)]
     pub webhook: Option<String>,
+    /// When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
+    /// owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
+    /// refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 fn empty_object() -> Value {
@@ -149,6 +154,9 @@ pub struct Job {
     pub output: Option<Value>,
     pub error: Option<JobError>,
     pub webhook: Option<String>,
+    /// The caller's deadline, if any (see `SubmitJob::deadline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -175,6 +183,7 @@ pub(crate) struct JobRow {
     pub shards_total: i32,
     pub shards_done: i32,
     pub webhook: Option<String>,
+    pub deadline: Option<DateTime<Utc>>,
     pub request_hash: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -186,8 +195,8 @@ pub(crate) struct JobRow {
 }
 
 pub(crate) const JOB_COLUMNS: &str = "id, kind, status, params, output, error, quote, \
-    max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, request_hash, \
-    created_at, updated_at, started_at, finished_at, unverified_shards, data_expired_at";
+    max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, deadline, \
+    request_hash, created_at, updated_at, started_at, finished_at, unverified_shards, data_expired_at";
 
 impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {
@@ -209,6 +218,7 @@ impl From<JobRow> for Job {
             output: r.output,
             error: r.error.and_then(|e| serde_json::from_value(e).ok()),
             webhook: r.webhook,
+            deadline: r.deadline,
             created_at: r.created_at,
             updated_at: r.updated_at,
             started_at: r.started_at,

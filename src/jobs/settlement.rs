@@ -320,18 +320,56 @@ pub async fn cancel(scheduler: &Scheduler, account: Uuid, job_id: Uuid) -> Resul
             status.as_str()
         )));
     }
-    let output = paid_output(scheduler, &mut tx, job_id).await?;
-    let outcome = Outcome::Canceled {
-        reason: None,
-        output,
-    };
-    let job = match finish(&mut tx, job_id, outcome).await? {
+    let job = match end_canceled(scheduler, &mut tx, job_id, None).await? {
         Some(job) => job,
         None => store::fetch_row(&mut tx, job_id).await?.into(),
     };
     tx.commit().await?;
     scheduler.publish_finished(account, job.clone()).await;
     Ok(job)
+}
+
+/// Cancels a job whose row the caller has locked, keeping the rows it paid for.
+async fn end_canceled(
+    scheduler: &Scheduler,
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    reason: Option<JobError>,
+) -> anyhow::Result<Option<Job>> {
+    let output = paid_output(scheduler, conn, job_id).await?;
+    finish(conn, job_id, Outcome::Canceled { reason, output }).await
+}
+
+/// Cancels the unfinished jobs whose deadline has passed, as their owners would, saying why.
+pub(super) async fn cancel_overdue(scheduler: &Scheduler) -> anyhow::Result<()> {
+    let overdue: Vec<(Uuid, Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT id, account_id, deadline FROM jobs
+         WHERE deadline <= now() AND status IN ('queued', 'running')",
+    )
+    .fetch_all(&scheduler.db)
+    .await?;
+    for (job_id, account, deadline) in overdue {
+        let mut tx = scheduler.db.begin().await?;
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        let reason = JobError {
+            code: "deadline_exceeded".into(),
+            message: format!(
+                "the job was not done by its deadline ({}): the nodes are paid for the shards \
+                 done, whose rows are the output; the rest is refunded",
+                deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        };
+        let job = end_canceled(scheduler, &mut tx, job_id, Some(reason)).await?;
+        tx.commit().await?;
+        if let Some(job) = job {
+            tracing::info!(job = %job_id, "job canceled at its deadline");
+            scheduler.publish_finished(account, job).await;
+        }
+    }
+    Ok(())
 }
 
 /// Fails a job with a full refund, unless it already ended.

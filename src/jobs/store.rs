@@ -35,6 +35,21 @@ async fn plan(
     if !req.params.is_object() {
         errors.push(FieldError::new("params", "must be an object"));
     }
+    if let Some(deadline) = req.deadline {
+        let now = chrono::Utc::now();
+        let latest = scheduler.rules.job_timeout.as_secs();
+        if deadline <= now {
+            errors.push(FieldError::new("deadline", "is not in the future"));
+        } else if (deadline - now).num_seconds() as u64 > latest {
+            errors.push(FieldError::new(
+                "deadline",
+                format!(
+                    "is more than {latest} s away: every job ends by then \
+                     (XPAND_JOB_TIMEOUT_SECS)"
+                ),
+            ));
+        }
+    }
     let Some(kind) = scheduler.kinds.get(&req.kind) else {
         let supported: Vec<&str> = scheduler.kinds.names().collect();
         errors.push(FieldError::new(
@@ -150,8 +165,8 @@ async fn store(
     let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
         "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
                            gateway_fee, shards_total, webhook, idempotency_key, request_hash,
-                           input_files)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13)
+                           input_files, deadline)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13, $14)
          RETURNING {JOB_COLUMNS}"
     ))
     .bind(id)
@@ -167,6 +182,7 @@ async fn store(
     .bind(idempotency_key)
     .bind(hash)
     .bind(&plan.reads)
+    .bind(req.deadline)
     .fetch_one(&mut *tx)
     .await;
     if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {

@@ -10,7 +10,9 @@ use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
 use super::kind::Reduction;
-use super::settlement::{complete_shard, fail, fail_hopeless, lock_job, reduce_deferred, Accepted};
+use super::settlement::{
+    cancel_overdue, complete_shard, fail, fail_hopeless, lock_job, reduce_deferred, Accepted,
+};
 use super::Scheduler;
 use crate::config::Scheduling;
 use crate::nodes::{self, Failure};
@@ -189,7 +191,8 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
 }
 
 /// One pass of the sweeper: lost shards back to the queue, stragglers copied, unchecked held
-/// results accepted, stranded joins restarted, exhausted and timed-out jobs failed.
+/// results accepted, stranded joins restarted, exhausted and timed-out jobs failed, jobs past
+/// their deadline canceled.
 pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
     // Leases that lapsed without progress: the node is presumed dead or stuck.
     requeue_lost(scheduler, Lost::LeaseLapsed).await?;
@@ -220,6 +223,7 @@ pub async fn sweep(scheduler: &Scheduler) -> anyhow::Result<()> {
 
     // Normally failed as soon as they are re-queued; this catches a failure to fail them then.
     fail_hopeless(scheduler, None).await?;
+    cancel_overdue(scheduler).await?;
 
     let timed_out = sqlx::query_scalar!(
         "SELECT id FROM jobs WHERE status IN ('queued', 'running')

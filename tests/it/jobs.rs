@@ -153,6 +153,31 @@ async fn cancel_refunds_the_unspent_escrow() {
     app.teardown().await;
 }
 
+/// A job that no node can take before its deadline is canceled then, refunded, and says why.
+#[tokio::test]
+async fn a_deadline_cancels_a_job_still_waiting_and_refunds_it() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.customer(CREDIT).await;
+    let mut job = forecast_job(4, 3);
+    let deadline = chrono::Utc::now() + chrono::Duration::seconds(2);
+    job["deadline"] = json!(deadline.to_rfc3339());
+    let (_, queued) = app.submit(&key, &job).await;
+    assert_eq!(
+        queued.deadline.map(|d| d.timestamp()),
+        Some(deadline.timestamp())
+    );
+    let ended = app.wait_for(&key, queued.id).await;
+    assert_eq!(ended.status, JobStatus::Canceled);
+    assert!(ended.finished_at.unwrap() >= deadline);
+    let error = ended.error.expect("the job says why it ended");
+    assert_eq!(error.code, "deadline_exceeded");
+    assert_eq!(ended.cost, Some(0));
+    assert_eq!(ended.output, None, "nothing was done, nothing to hand back");
+    assert_eq!(app.balances(&key).await, (CREDIT, 0));
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
 #[tokio::test]
 async fn idempotency_key_returns_the_same_job_and_charges_once() {
     let app = TestApp::spawn().await;
@@ -245,6 +270,12 @@ async fn bad_input_is_a_clear_problem_and_changes_nothing() {
             }),
             422,
             "input.series[0][12]",
+        ),
+        (
+            "a deadline already past",
+            with(&|v| v["deadline"] = json!("2020-01-01T00:00:00Z")),
+            422,
+            "deadline",
         ),
         (
             "an interval level as a fraction",

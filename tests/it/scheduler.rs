@@ -195,6 +195,7 @@ impl Domain {
             params: json!({ "horizon": 3 }),
             max_fee: CREDIT,
             webhook: None,
+            deadline: None,
         };
         match xpand::jobs::submit(&self.scheduler, self.account, &req, None)
             .await
@@ -507,6 +508,57 @@ async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
         .map(|m| m["rows"].as_i64().unwrap())
         .sum();
     assert_eq!(missing as usize, nulls);
+    domain.finish().await;
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_is_canceled_paying_the_work_done_and_saying_why() {
+    let domain = Domain::new(|_| {}).await;
+    let node = domain.node("a").await;
+    let job = domain.submit(16).await;
+    let round = domain.assign().await;
+    domain.answer(&round[0], 0.0).await.unwrap();
+    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
+        .bind(round[0].shard_id)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    sweep::sweep(&domain.scheduler).await.unwrap();
+    assert_eq!(
+        domain.status(job).await,
+        JobStatus::Running,
+        "no deadline yet"
+    );
+    sqlx::query("UPDATE jobs SET deadline = now() - interval '1 second' WHERE id = $1")
+        .bind(job)
+        .execute(&domain.db)
+        .await
+        .unwrap();
+    sweep::sweep(&domain.scheduler).await.unwrap();
+    assert_eq!(domain.status(job).await, JobStatus::Canceled);
+    assert_eq!(
+        error_code(&domain, job).await.as_deref(),
+        Some("deadline_exceeded")
+    );
+    let balances = xpand::ledger::balances(&domain.db, domain.account)
+        .await
+        .unwrap();
+    assert_eq!((balances.available, balances.held), (CREDIT - fee, 0));
+    assert_eq!(domain.earnings(&node).await, fee);
+    let output: serde_json::Value = sqlx::query_scalar("SELECT output FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    let paid = output["forecasts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r.is_null())
+        .count();
+    assert_eq!(paid, round[0].task.chunks() as usize);
+    let events = domain.feed.0.lock().unwrap().clone();
+    assert!(matches!(events.last(), Some(JobEvent::Canceled { .. })));
     domain.finish().await;
 }
 

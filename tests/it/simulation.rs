@@ -194,6 +194,7 @@ impl Sim {
             params: json!({ "horizon": self.rng.gen_range(1..=6) }),
             max_fee: 100_000_000,
             webhook: None,
+            deadline: None,
         };
         match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
             Ok(Submitted::Created(job)) => {

@@ -843,6 +843,11 @@ export interface components {
              *     (`XPAND_RETENTION_HOURS` after it finished); `output` is null from then on.
              */
             data_expired_at?: string | null;
+            /**
+             * Format: date-time
+             * @description The caller's deadline, if any (see `SubmitJob::deadline`).
+             */
+            deadline?: string | null;
             error?: null | components["schemas"]["JobError"];
             /**
              * Format: int64
@@ -1200,6 +1205,13 @@ export interface components {
         Side: "left" | "right";
         /** @description A job submission. */
         SubmitJob: {
+            /**
+             * Format: date-time
+             * @description When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
+             *     owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
+             *     refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
+             */
+            deadline?: string | null;
             /**
              * @description Kind-specific input. `forecast`: `{"series": [[number, ...], ...]}`, one array per
              *     spreadsheet row, each with at least 3 values; a cell may be blank (`null` or `""`): filled
