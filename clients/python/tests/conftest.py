@@ -14,8 +14,10 @@ import pytest
 
 import xpand
 
-if not os.environ.get("XPAND_URL") or not os.environ.get("XPAND_API_KEY"):
-    pytest.exit("set XPAND_URL and XPAND_API_KEY to a gateway (see tests/it/python_sdk.rs)", 2)
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("XPAND_URL") or not os.environ.get("XPAND_API_KEY"):
+        pytest.exit("set XPAND_URL and XPAND_API_KEY to a gateway (see tests/it/python_sdk.rs)", 2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
