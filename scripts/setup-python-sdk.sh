@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates clients/python/.venv with the Python SDK installed editable (with its pandas extra)
 # and the tools pinned in clients/python/requirements-dev.txt, all from PyPI, then checks the
-# package and its tests: `ruff check`, `ruff format --check`, `mypy --strict`. Quiet when well;
+# package and its tests: `ruff check`, `ruff format --check`, `mypy --strict`; silent on success,
 # reinstalls only when the pins or pyproject.toml change. tests/it/python_sdk.rs runs the SDK's
 # pytest suite with this venv against a real gateway.
 #
