@@ -1,9 +1,12 @@
 //! The LibreOffice Calc extension (`clients/calc/`) run as its users run it: a headless Calc
 //! with `xpand.oxt` installed in a throw-away profile opens `clients/calc/sample.ods`, and
 //! `tests/calc/drive.py` (Python UNO) enters XPAND.FORECAST array formulas and reads the cells.
-//! One soffice serves every check, in order: deleting a formula cancels its job; a range with a
-//! blank cell fills with what `POST /v1/jobs` computes, progressively; a text cell shows an
-//! error naming it; a 5,000-row range; intervals (once the gateway has `params.level`).
+//! One soffice serves every check, in order: deleting a formula cancels its job; a connection
+//! cut (by a proxy between soffice and the gateway) while a job runs is reopened, the job
+//! re-subscribed and its output shown, charged once; a range with a blank cell fills with what
+//! `POST /v1/jobs` computes, progressively; a text cell shows an error naming it; a 5,000-row
+//! range; intervals; an exhausted balance shows the gateway's 402 message, charges nothing, and
+//! the formula entered again once topped up runs.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -12,9 +15,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
+use uuid::Uuid;
 use xpand::http::jobs::JobPage;
+use xpand::jobs::Job;
 
-use crate::common::{parse_value, TestApp};
+use crate::common::{parse_value, problem, CuttableProxy, TestApp};
 
 /// The placeholder the extension shows in a cell whose row has not arrived.
 const PLACEHOLDER: &str = "\u{2026}";
@@ -22,6 +27,9 @@ const HORIZON: usize = 12;
 /// The sample sheet's input range and where its forecasts go.
 const INPUT: &str = "A1:AV40";
 const OUTPUT: &str = "AX1:BI40";
+/// The lost-connection check's range and output.
+const LOST_INPUT: &str = "A1:AV20";
+const LOST_OUTPUT: &str = "AX1:BI20";
 
 /// tests/calc/drive.py, talked to one JSON line at a time.
 struct Calc {
@@ -45,7 +53,8 @@ impl Drop for Calc {
 }
 
 impl Calc {
-    async fn start(app: &TestApp, key: &str) -> Self {
+    /// Starts soffice with the extension pointed at `url` (the gateway, or a proxy to it).
+    async fn start(url: &str, key: &str) -> Self {
         let root = env!("CARGO_MANIFEST_DIR");
         let oxt = Path::new(root).join("clients/calc/xpand.oxt");
         assert!(
@@ -58,7 +67,7 @@ impl Calc {
             .arg(&profile)
             .arg(&oxt)
             .arg(Path::new(root).join("clients/calc/sample.ods"))
-            .env("XPAND_URL", &app.base)
+            .env("XPAND_URL", url)
             .env("XPAND_API_KEY", key)
             .env("XPAND_CALC_LOG", profile.join("xpand.log"))
             .stdin(Stdio::piped())
@@ -112,6 +121,42 @@ impl Calc {
             .call(json!({"cmd": "read", "sheet": sheet, "range": range}))
             .await;
         parse_value(&answer["cells"])
+    }
+
+    /// Reads `cell` until `shows` holds for its text, within `within`; the text.
+    async fn wait_for_text(
+        &mut self,
+        sheet: &str,
+        cell: &str,
+        within: Duration,
+        shows: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let top = self.read(sheet, &format!("{cell}:{cell}")).await;
+            if let Some(text) = top[0][0].as_str().filter(|t| shows(t)) {
+                return text.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("{cell} shows {} after {within:?}{}", top[0][0], self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads `range` until every cell holds a number, within `within`; the cells.
+    async fn wait_filled(&mut self, sheet: &str, range: &str, within: Duration) -> Vec<Vec<Value>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let cells = self.read(sheet, range).await;
+            if cells.iter().flatten().all(Value::is_number) {
+                return cells;
+            }
+            if Instant::now() > deadline {
+                panic!("{range} still shows {}{}", cells[0][0], self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// soffice's own output, for a failure message.
@@ -174,6 +219,55 @@ fn assert_cells_equal(cells: &[Vec<Value>], expected: &[Vec<f64>], what: &str) {
     }
 }
 
+/// Takes what `account` has available out of it (back to issuance, as a withdrawal would), so
+/// that it cannot pay for a job.
+async fn spend_everything(app: &TestApp, account: Uuid) {
+    use xpand::ledger::{self, Posting, Purpose, Subject, TxKind, SYSTEM_ACCOUNT};
+    let available = ledger::balances(&app.db, account).await.unwrap().available;
+    let mut tx = app.db.begin().await.unwrap();
+    ledger::post(
+        &mut tx,
+        TxKind::Deposit,
+        Subject::None,
+        "test: withdraw everything",
+        &[
+            Posting {
+                owner: account,
+                purpose: Purpose::Available,
+                amount: -available,
+            },
+            Posting {
+                owner: SYSTEM_ACCOUNT,
+                purpose: Purpose::Issuance,
+                amount: available,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Polls `GET /v1/jobs` until it lists `count` jobs; the newest.
+async fn wait_for_jobs(app: &TestApp, key: &str, count: usize, calc: &mut Calc) -> Job {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page: JobPage = app.get_as(key, "/v1/jobs").await;
+        if page.jobs.len() >= count {
+            assert_eq!(page.jobs.len(), count, "one formula, one job");
+            return page.jobs.into_iter().next().unwrap();
+        }
+        if Instant::now() > deadline {
+            let shown = calc.read("Data", "AX1:AX1").await;
+            panic!(
+                "the formula submitted no job: AX1 shows {shown:?}{}",
+                calc.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn seconds(v: &Value) -> String {
     v.as_f64()
         .map_or_else(|| "never".into(), |s| format!("{:.3} s", s))
@@ -201,28 +295,18 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     })
     .await;
     let credit = 1_000_000_000;
-    let (_, key) = app.customer(credit).await;
-    let mut calc = Calc::start(&app, &key).await;
+    let (account, key) = app.customer(credit).await;
+    // soffice reaches the gateway through a proxy the test can cut; the test's own REST calls
+    // go direct.
+    let gateway: &'static str = Box::leak(app.base.trim_start_matches("http://").into());
+    let proxy = CuttableProxy::start(gateway).await;
+    let mut calc = Calc::start(&format!("http://127.0.0.1:{}", proxy.port), &key).await;
     let formula = format!("=XPAND.FORECAST({INPUT};{HORIZON})");
 
     // 1. No worker yet: the job can only wait. Deleting the formula cancels it, refunded.
     calc.call(json!({"cmd": "set", "formula": formula, "target": OUTPUT}))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let job = loop {
-        let page: JobPage = app.get_as(&key, "/v1/jobs").await;
-        if let Some(job) = page.jobs.into_iter().next() {
-            break job;
-        }
-        if Instant::now() > deadline {
-            let shown = calc.read("Data", "AX1:AX1").await;
-            panic!(
-                "the formula submitted no job: AX1 shows {shown:?}{}",
-                calc.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let job = wait_for_jobs(&app, &key, 1, &mut calc).await;
     let waiting = calc.read("Data", "AX1:AX1").await;
     assert_eq!(
         waiting[0][0], PLACEHOLDER,
@@ -239,9 +323,60 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     let page: JobPage = app.get_as(&key, "/v1/jobs").await;
     assert_eq!(page.jobs.len(), 1, "one formula, one job");
 
+    // 2. A lost connection. A formula's job waits (still no worker); every connection through
+    //    the proxy is cut and new ones refused: the first cell says so, and Calc still answers.
+    //    Let through again, the extension reconnects and re-subscribes and the cell shows the
+    //    placeholder alone. Cut a second time, the worker starts and the job ends while the
+    //    socket is down: once reconnected the extension shows the job's final output. One job,
+    //    charged once.
+    let lost = Instant::now();
+    calc.call(json!({"cmd": "set", "formula": format!("=XPAND.FORECAST({LOST_INPUT};{HORIZON})"), "target": LOST_OUTPUT}))
+        .await;
+    let job = wait_for_jobs(&app, &key, 2, &mut calc).await;
+    let within = Duration::from_secs(10);
+    let retrying = |t: &str| t.contains("retrying");
+    proxy.set_cut(true);
+    let trouble = calc.wait_for_text("Data", "AX1", within, retrying).await;
+    assert!(
+        trouble.starts_with(&format!("{PLACEHOLDER} cannot reach http://127.0.0.1:")),
+        "{trouble}"
+    );
+    proxy.set_cut(false);
+    calc.wait_for_text("Data", "AX1", within, |t| t == PLACEHOLDER)
+        .await;
+    proxy.set_cut(true);
+    calc.wait_for_text("Data", "AX1", within, retrying).await;
     app.start_worker().await;
+    let done = app.wait_for(&key, job.id).await;
+    assert_eq!(done.status.as_str(), "succeeded", "{done:?}");
+    proxy.set_cut(false);
+    let cells = calc
+        .wait_filled("Data", LOST_OUTPUT, Duration::from_secs(20))
+        .await;
+    println!(
+        "calc: a lost connection, the job ended meanwhile: cells filled {:.2} s after entering the formula",
+        lost.elapsed().as_secs_f64()
+    );
+    let page: JobPage = app.get_as(&key, "/v1/jobs").await;
+    assert_eq!(
+        page.jobs.len(),
+        2,
+        "one job for the range, not submitted again"
+    );
+    assert_eq!(done.cost, Some(done.quote), "{done:?}");
+    assert_eq!(
+        app.balances(&key).await,
+        (credit - done.quote, 0),
+        "the job is charged once"
+    );
+    let input = calc.read("Data", LOST_INPUT).await;
+    let output = rest_output(&app, &key, &series(&input), json!({"horizon": HORIZON})).await;
+    let expected: Vec<Vec<f64>> = parse_value(&output["forecasts"]);
+    assert_cells_equal(&cells, &expected, "after a lost connection");
+    calc.call(json!({"cmd": "clear", "range": LOST_OUTPUT}))
+        .await;
 
-    // 2. A blank cell in the range; the cells equal what REST computes for the same rows, and
+    // 3. A blank cell in the range; the cells equal what REST computes for the same rows, and
     //    they fill progressively (the first rows shown while the last still wait).
     calc.call(json!({"cmd": "put", "cell": "C5", "value": null}))
         .await;
@@ -263,7 +398,7 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     );
     assert_eq!(run["progressive"], true, "rows filled all at once: {run}");
 
-    // 3. Text in a cell of the range: the formula recalculates and names the cell.
+    // 4. Text in a cell of the range: the formula recalculates and names the cell.
     calc.call(json!({"cmd": "put", "cell": "D7", "value": "n/a"}))
         .await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -277,7 +412,7 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     };
     assert!(shown.contains("D7 must be a number"), "{shown}");
 
-    // 4. 5,000 rows (64 shards), timed.
+    // 5. 5,000 rows (64 shards), timed.
     let big = typed_rows(5_000, 24);
     calc.call(json!({"cmd": "sheet", "name": "Big"})).await;
     calc.call(json!({"cmd": "fill", "sheet": "Big", "origin": "A1", "rows": big}))
@@ -298,7 +433,7 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
     let expected: Vec<Vec<f64>> = parse_value(&output["forecasts"]);
     assert_cells_equal(&cells, &expected, "5,000 rows");
 
-    // 5. With a level: forecasts, then lower bounds, then upper bounds, horizon columns each.
+    // 6. With a level: forecasts, then lower bounds, then upper bounds, horizon columns each.
     let run = calc
         .call(json!({"cmd": "run", "sheet": "Big", "formula": format!("=XPAND.FORECAST(A1:X40;{HORIZON};80)"),
                      "target": "AM1:BV40", "timeout": 60}))
@@ -324,6 +459,60 @@ async fn calc_forecast_streams_into_cells_names_bad_cells_and_cancels() {
         &expected,
         "level 80",
     );
+
+    // 7. An exhausted balance: the gateway's 402 shows in the cell, nothing is charged.
+    let jobs = app.get_as::<JobPage>(&key, "/v1/jobs").await.jobs.len();
+    spend_everything(&app, account).await;
+    let run = calc
+        .call(json!({"cmd": "run", "sheet": "Big", "formula": format!("=XPAND.FORECAST(A1:X10;{HORIZON})"),
+                     "target": "BX1:CI10", "timeout": 20}))
+        .await;
+    let cells: Vec<Vec<Value>> = parse_value(&run["cells"]);
+    // The same job over REST, as the formula sends it (its default max_fee).
+    let refused = app
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"kind": "forecast", "input": {"series": &big[..10]},
+                    "params": {"horizon": HORIZON}, "max_fee": 10_000_000}),
+        )
+        .await;
+    assert_eq!(refused.status(), 402);
+    let refused = problem(refused).await;
+    assert_eq!(
+        cells[0][0],
+        format!("#XPAND! {} (402)", refused.detail),
+        "{run}"
+    );
+    assert!(
+        refused.detail.starts_with("the job costs "),
+        "{}",
+        refused.detail
+    );
+    assert!(cells.iter().flatten().skip(1).all(|v| v == ""), "{run}");
+    assert_eq!(app.balances(&key).await, (0, 0), "nothing is charged");
+    let page: JobPage = app.get_as(&key, "/v1/jobs").await;
+    assert_eq!(page.jobs.len(), jobs, "no job");
+    println!(
+        "calc: an exhausted balance: the 402 shown {} after entering the formula",
+        seconds(&run["last_s"])
+    );
+    //    Topped up, the same formula entered again (a second later) runs.
+    let mut tx = app.db.begin().await.unwrap();
+    xpand::ledger::deposit(&mut tx, account, credit, "test: top up")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = calc
+        .call(json!({"cmd": "run", "sheet": "Big", "formula": format!("=XPAND.FORECAST(A1:X10;{HORIZON})"),
+                     "target": "BX1:CI10", "timeout": 20}))
+        .await;
+    assert_eq!(run["timed_out"], false, "{}", run["cells"][0]);
+    let cells: Vec<Vec<Value>> = parse_value(&run["cells"]);
+    assert!(cells.iter().flatten().all(Value::is_number), "{run}");
+    let page: JobPage = app.get_as(&key, "/v1/jobs").await;
+    assert_eq!(page.jobs.len(), jobs + 1, "one job once paid for");
 
     calc.quit().await;
     app.assert_ledger_invariants().await;

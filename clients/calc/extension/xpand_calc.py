@@ -7,6 +7,8 @@ then calls `forecast` again with the same arguments. So results are cached per a
 second call gets the same object, and a recalculation with changed data replaces (and cancels)
 the job of the same range, horizon and level. A formula deleted while its job runs is noticed
 by the watcher (the range no longer has a forecast depending on it) and its job is canceled.
+A refusal that may pass (402: the balance is short; 429) is not kept: recalculating the same
+values a second or more later submits again.
 """
 
 import threading
@@ -171,7 +173,7 @@ def forecast(range_, horizon, level):
     fingerprint = hash(data)
     with RESULTS_LOCK:
         cached = RESULTS.get(slot)
-        if cached and cached[0] == fingerprint:
+        if cached and cached[0] == fingerprint and not cached[1].forecast.may_retry():
             return cached[1]
         origin = (address.StartColumn, address.StartRow)
         job = xpand_forecast.Forecast(data, origin, horizon, level, lambda _: None)

@@ -116,6 +116,9 @@ class Follower:
     def on_trouble(self, message):
         """The connection is down; it is being retried (the job is not lost)."""
 
+    def on_connected(self):
+        """The connection is up again and the job re-subscribed (or resubmitted)."""
+
 
 class Gateway:
     """One socket for every job of this LibreOffice process."""
@@ -232,6 +235,8 @@ class Gateway:
                     except OSError:
                         break
             trace("connected")
+            for follower in followers:
+                follower.on_connected()  # a "cannot reach" shown in its cells is over
             closed = self._read(ws)
             trace(f"closed: {closed}")
             with self.lock:

@@ -10,6 +10,7 @@ and leaves the others empty.
 
 import re
 import threading
+import time
 import uuid
 
 import xpand_client
@@ -20,6 +21,10 @@ ERROR_PREFIX = "#XPAND! "
 _CELL = re.compile(r"^input\.series\[(\d+)\]\[(\d+)\]$")
 _ROW = re.compile(r"^input\.series\[(\d+)\]$")
 _PARAM = re.compile(r"^params\.(\w+)$")
+# Refusals that a later recalculation may not meet (the account topped up, the rate limit
+# passed): a recalculation of the same values this long after one submits again.
+RETRY_STATUSES = (402, 429)
+RETRY_AFTER = 1.0
 
 
 def column_name(index):
@@ -83,6 +88,7 @@ class Forecast(xpand_client.Follower):
         self.trouble = None  # a connection problem being retried
         self.status = "submitting"
         self.job_id = None
+        self.refused = None  # (HTTP status, when) of a problem the gateway answered
 
     @property
     def width(self):
@@ -140,9 +146,20 @@ class Forecast(xpand_client.Follower):
                 self.message = "the job was canceled"
         self.changed(self)
 
+    def may_retry(self):
+        """Whether a recalculation with the same values should submit again: the gateway
+        refused for a reason that passes (402, 429), and not just now (Calc recalculates the
+        formula right after it shows the refusal)."""
+        with self.lock:
+            if self.status != "refused" or self.refused is None:
+                return False
+            status, when = self.refused
+            return status in RETRY_STATUSES and time.monotonic() - when >= RETRY_AFTER
+
     def on_problem(self, message, problem):
         with self.lock:
             self.status = "refused"
+            self.refused = (problem.get("status"), time.monotonic())
             self.message = self.explain(message, problem)
         self.changed(self)
 
@@ -151,6 +168,13 @@ class Forecast(xpand_client.Follower):
             if self.finished():
                 return
             self.trouble = message
+        self.changed(self)
+
+    def on_connected(self):
+        with self.lock:
+            if self.trouble is None:
+                return
+            self.trouble = None
         self.changed(self)
 
     def _fill(self, offset, forecasts, intervals):
