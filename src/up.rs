@@ -52,7 +52,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let mut instance = claim_instance(&args.state_dir)?;
     create_database_if_missing(&args.gateway.database_url).await?;
-    let config = args.gateway.clone().into_config()?;
+    let mut config = args.gateway.clone().into_config()?;
+    // A developer's own machine: webhooks to a receiver on it work without a setting
+    // (`XPAND_WEBHOOK_ALLOW`, when given, is kept as it is).
+    if config.egress.allow.is_empty() {
+        config.egress.allow = vec!["127.0.0.0/8".parse()?, "::1/128".parse()?];
+    }
 
     // Nodes are registered before the gateway subscribes to the broker: it would drop the
     // workers' retained announces of an earlier run as coming from unknown nodes.
@@ -85,6 +90,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!();
     println!("xpand is up at {base}   (docs: {base}/docs)");
     println!("workers: {}", args.workers);
+    println!(
+        "webhooks may call: {:?} (XPAND_WEBHOOK_ALLOW)",
+        config.egress.allow
+    );
     println!("dev API key: {api_key}   (also in {})", key_file.display());
     println!(
         "auditor key: in {}   (xpand verify --auditor-key-file ...)",

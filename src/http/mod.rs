@@ -18,6 +18,7 @@ pub mod serve;
 pub mod state;
 pub mod streams;
 pub mod transfers;
+pub mod webhooks;
 pub mod ws;
 
 use std::time::Instant;
@@ -40,6 +41,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/deliveries", get(webhooks::deliveries))
+        .route("/v1/webhooks", get(webhooks::list).post(webhooks::register))
+        .route("/v1/webhooks/{id}", delete(webhooks::delete))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, ws};
+use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, webhooks, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,7 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, ws}
         files::upload, files::download, files::delete, transfers::input, transfers::output,
         account::token, account::account, account::ledger_entries,
         keys::list, keys::create, keys::revoke,
+        webhooks::register, webhooks::list, webhooks::delete, webhooks::deliveries,
         nodes::list, nodes::get,
         ledger::public_key, ledger::list_blocks, ledger::get_block, ledger::block_leaves,
         ledger::block_entries, ledger::block_records, ledger::audit, ledger::node_records,

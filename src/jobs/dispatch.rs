@@ -9,6 +9,7 @@ use uuid::Uuid;
 use xpand_protocol::{Accelerator, Assignment, ShardTask};
 
 use super::ports::SealedMessage;
+use super::store::{self, WebhookEvent};
 use super::{JobEvent, JobStatus, Scheduler};
 use crate::ledger;
 use crate::nodes;
@@ -199,14 +200,19 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     job_ids.sort();
     job_ids.dedup();
     let started = sqlx::query!(
-        "UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
+        r#"UPDATE jobs SET status = 'running', started_at = now(), updated_at = now()
          WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND status = 'queued'
                       FOR UPDATE SKIP LOCKED)
-         RETURNING id, account_id, shards_done, shards_total",
+         RETURNING id, account_id, shards_done, shards_total,
+                   webhook IS NOT NULL AS "has_webhook!""#,
         &job_ids
     )
     .fetch_all(&mut *tx)
     .await?;
+    for job in started.iter().filter(|job| job.has_webhook) {
+        let data = serde_json::json!({ "job_id": job.id, "status": JobStatus::Running });
+        store::enqueue_webhook(&mut tx, job.id, WebhookEvent::Start, Some(data)).await?;
+    }
     tx.commit().await?;
 
     // Told before the assignments go out, so no result can overtake its job's `running`.

@@ -62,9 +62,11 @@ pub struct SubmitJob {
     /// higher.
     #[schema(example = 100000)]
     pub max_fee: i64,
-    /// http(s) URL to POST the finished job to (at least once, retried with back-off; signed:
-    /// `X-Xpand-Signature` is the base64 ed25519 signature of `{X-Xpand-Timestamp}.{body}`
-    /// under the gateway's public key; deduplicate on `X-Xpand-Delivery`).
+    /// http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
+    /// specification's schedule, deduplicate on `webhook-id`. A URL registered with
+    /// `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
+    /// gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
+    /// (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
     #[serde(default)]
     pub webhook: Option<String>,
     /// When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its

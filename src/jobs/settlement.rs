@@ -14,6 +14,7 @@ use uuid::Uuid;
 use xpand_protocol::ShardOutput;
 
 use super::kind::{ClaimedJob, JobKind, PaidSlice, Reduction};
+use super::store::WebhookEvent;
 use super::{store, Job, JobError, JobEvent, JobRow, JobStatus, Scheduler, JOB_COLUMNS};
 use crate::error::AppError;
 use crate::ledger::escrow::{self, Release};
@@ -27,12 +28,15 @@ pub(super) struct LockedJob {
     pub shards_total: i32,
     pub status: JobStatus,
     pub kind: String,
+    /// Whether the job reports to a webhook (which may want its progress and partials).
+    pub has_webhook: bool,
 }
 
 /// Locks job `id`'s row in the caller's transaction (the first lock of the job → shards order).
 pub(super) async fn lock_job(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<LockedJob> {
     let job = sqlx::query!(
-        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind
+        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind,
+                  webhook IS NOT NULL AS "has_webhook!"
            FROM jobs WHERE id = $1 FOR UPDATE"#,
         id
     )
@@ -44,6 +48,7 @@ pub(super) async fn lock_job(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<
         shards_total: job.shards_total,
         status: job.status,
         kind: job.kind,
+        has_webhook: job.has_webhook,
     })
 }
 
@@ -120,6 +125,16 @@ pub(super) async fn complete_shard(
             shards_total: job.shards_total,
         };
         events.push((job.account, progress));
+    }
+    if job.has_webhook {
+        for (_, event) in &events {
+            let kind = match event {
+                JobEvent::Partial { .. } => WebhookEvent::Partial,
+                _ => WebhookEvent::Progress,
+            };
+            let data = serde_json::to_value(event).expect("events serialize");
+            store::enqueue_webhook(&mut tx, job.id, kind, Some(data)).await?;
+        }
     }
     scheduler.events.publish_all(events).await;
     let finished = match output {
@@ -234,8 +249,8 @@ pub async fn finish(
     .bind(release.cost())
     .fetch_one(&mut *conn)
     .await?;
-    if let Some(url) = &row.webhook {
-        store::enqueue_webhook(conn, job_id, url).await?;
+    if row.webhook.is_some() {
+        store::enqueue_webhook(conn, job_id, WebhookEvent::Completed, None).await?;
     }
     // Last, because it locks balances that every job touches (the gateway's revenue, the
     // nodes' earnings): they stay locked only until the caller commits.

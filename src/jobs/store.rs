@@ -351,19 +351,58 @@ pub async fn list(pool: &PgPool, account: Uuid, f: &ListFilter) -> Result<Vec<Jo
     Ok(rows.into_iter().map(Job::from).collect())
 }
 
-/// Queues the webhook delivery of a finished job, in the transaction that finished it (the
-/// outbox: delivered at least once, after the commit, by `crate::webhooks`).
+/// Queues a webhook message about job `job_id` in the transaction of the change it reports
+/// (the outbox: delivered at least once, after the commit, by `crate::webhooks`). A registered
+/// endpoint (`webhook_endpoints`, matched by the job's `webhook` URL) gets the events it chose
+/// unless a 410 disabled it; any other URL gets `completed` alone. `data` is the event's body;
+/// `None` for `completed`, whose body is the job as it is at delivery.
 pub(super) async fn enqueue_webhook(
     conn: &mut PgConnection,
     job_id: Uuid,
-    url: &str,
+    event: WebhookEvent,
+    data: Option<serde_json::Value>,
 ) -> sqlx::Result<()> {
-    sqlx::query!(
-        "INSERT INTO webhook_deliveries (job_id, url) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        job_id,
-        url
+    sqlx::query(
+        "INSERT INTO webhook_messages (id, job_id, url, endpoint_id, event, data)
+         SELECT $2, j.id, j.webhook, e.id, $3, $4
+         FROM jobs j
+         LEFT JOIN webhook_endpoints e ON e.account_id = j.account_id AND e.url = j.webhook
+         WHERE j.id = $1 AND j.webhook IS NOT NULL
+           AND CASE WHEN e.id IS NULL THEN $3 = 'completed'
+                    ELSE e.disabled_at IS NULL AND $3 = ANY(e.events) END",
     )
+    .bind(job_id)
+    .bind(Uuid::new_v4())
+    .bind(event.as_str())
+    .bind(data)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// What a webhook may be told of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookEvent {
+    /// The job got its first node.
+    Start,
+    /// A shard finished (`data`: the `progress` event).
+    Progress,
+    /// A shard's rows (`data`: the `partial` event).
+    Partial,
+    /// The job ended: succeeded, failed or canceled.
+    Completed,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 4] =
+        [Self::Start, Self::Progress, Self::Partial, Self::Completed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Progress => "progress",
+            Self::Partial => "partial",
+            Self::Completed => "completed",
+        }
+    }
 }

@@ -288,6 +288,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/jobs/{id}/deliveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What was sent to a job's webhook.
+         * @description Each message (`webhook-id`) with its event and every attempt: when, the receiver's status
+         *     or the error, how long it took.
+         */
+        get: operations["list_deliveries"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs/{id}/events": {
         parameters: {
             query?: never;
@@ -570,6 +591,49 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/webhooks": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Your webhook endpoints. */
+        get: operations["list_webhooks"];
+        put?: never;
+        /**
+         * Register a webhook endpoint.
+         * @description A job whose `webhook` is this URL is told of the events chosen here, each message signed
+         *     with the endpoint's secret (`webhook-signature: v1,...`). Any other URL gets `completed`
+         *     alone, signed with the gateway's key (`v1a,...`).
+         */
+        post: operations["register_webhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/webhooks/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Delete a webhook endpoint.
+         * @description Messages already queued for it are still delivered, signed with the gateway's key.
+         */
+        delete: operations["delete_webhook"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/ws": {
         parameters: {
             query?: never;
@@ -761,6 +825,68 @@ export interface components {
         CreatedKey: components["schemas"]["ApiKey"] & {
             /** @description The secret, `xp_` and 64 hex: shown this once, only its hash is kept. */
             key: string;
+        };
+        /** @description One message sent (or to be sent) to a job's webhook, with its attempts. */
+        Delivery: {
+            /**
+             * Format: date-time
+             * @description Set when it was given up: out of attempts, or the receiver answered 410 Gone.
+             */
+            abandoned_at?: string | null;
+            attempts: components["schemas"]["DeliveryAttempt"][];
+            /** Format: date-time */
+            created_at: string;
+            /** Format: date-time */
+            delivered_at?: string | null;
+            /** @description `start`, `progress`, `partial` or `completed`. */
+            event: string;
+            /**
+             * Format: uuid
+             * @description The message's `webhook-id`.
+             */
+            id: string;
+            /**
+             * Format: date-time
+             * @description When the next attempt is due, while neither delivered nor given up.
+             */
+            next_attempt_at?: string | null;
+            url: string;
+        };
+        DeliveryAttempt: {
+            /** Format: date-time */
+            at: string;
+            /** Format: int32 */
+            attempt: number;
+            /** Format: int32 */
+            duration_ms: number;
+            error?: string | null;
+            /**
+             * Format: int32
+             * @description The receiver's HTTP status; none when no answer came.
+             */
+            status?: number | null;
+        };
+        DeliveryList: {
+            /** @description Oldest first, each with its attempts. */
+            deliveries: components["schemas"]["Delivery"][];
+        };
+        Endpoint: {
+            /** Format: date-time */
+            created_at: string;
+            /**
+             * Format: date-time
+             * @description Set when a receiver answered 410 Gone: nothing more is sent to it.
+             */
+            disabled_at?: string | null;
+            /** @description Among `start`, `progress`, `partial`, `completed`. */
+            events: string[];
+            /** Format: uuid */
+            id: string;
+            url: string;
+        };
+        EndpointList: {
+            /** @description Oldest first. Never the secrets. */
+            endpoints: components["schemas"]["Endpoint"][];
         };
         /** @description A closed epoch. */
         Epoch: {
@@ -1101,6 +1227,16 @@ export interface components {
             path: components["schemas"]["ProofStep"][];
             record: components["schemas"]["SealedRecord"];
         };
+        RegisterEndpoint: {
+            /** @description Among `start`, `progress`, `partial`, `completed` (default: `["completed"]`). */
+            events?: string[] | null;
+            /** @description The http(s) URL to POST to; a public address (as for a job's `webhook`). */
+            url: string;
+        };
+        RegisteredEndpoint: components["schemas"]["Endpoint"] & {
+            /** @description The endpoint's signing secret (`whsec_...`, Standard Webhooks): shown this once. */
+            secret: string;
+        };
         /** @description A server → client frame that answers an op (job events are sent as `JobEvent`). */
         Reply: {
             /** @enum {string} */
@@ -1239,9 +1375,11 @@ export interface components {
              */
             params?: Record<string, never>;
             /**
-             * @description http(s) URL to POST the finished job to (at least once, retried with back-off; signed:
-             *     `X-Xpand-Signature` is the base64 ed25519 signature of `{X-Xpand-Timestamp}.{body}`
-             *     under the gateway's public key; deduplicate on `X-Xpand-Delivery`).
+             * @description http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
+             *     specification's schedule, deduplicate on `webhook-id`. A URL registered with
+             *     `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
+             *     gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
+             *     (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
              */
             webhook?: string | null;
         };
@@ -1974,6 +2112,53 @@ export interface operations {
             };
         };
     };
+    list_deliveries: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Job id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DeliveryList"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The credential lacks jobs:read */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     events: {
         parameters: {
             query?: {
@@ -2542,6 +2727,146 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_webhooks: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EndpointList"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The credential lacks jobs:read */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    register_webhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RegisterEndpoint"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RegisteredEndpoint"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The credential lacks jobs:write */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The URL is registered already, or the account has 32 endpoints */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A bad URL or event, named */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    delete_webhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Endpoint id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The credential lacks jobs:write */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
