@@ -43,6 +43,7 @@ pub struct LedgerParams {
     /// `next_cursor` from the previous page.
     cursor: Option<i64>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -84,6 +85,7 @@ pub struct TokenRequest {
     /// Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`, at most an
     /// hour; default: the maximum).
     #[serde(default)]
+    #[schema(minimum = 60, maximum = 3600)]
     pub ttl_seconds: Option<u64>,
 }
 

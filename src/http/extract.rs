@@ -18,6 +18,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
         let bytes = read_json_body(req, state).await?;
+        object_body(&bytes)?;
         parse_json(&bytes).map(JsonBody)
     }
 }
@@ -33,7 +34,17 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for JsonBodyOrDefault<
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBodyOrDefault(T::default()));
         }
+        object_body(&bytes)?;
         parse_json(&bytes).map(JsonBodyOrDefault)
+    }
+}
+
+/// Every body the API takes is a JSON object. (serde reads a struct from an array too, by
+/// position: `[null, null]` would pass for `{}`.)
+fn object_body(bytes: &[u8]) -> Result<(), AppError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => Ok(()),
+        Some(_) => Err(AppError::field("body", "must be a JSON object")),
     }
 }
 

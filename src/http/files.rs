@@ -89,7 +89,7 @@ pub async fn delete(
 /// Download one of your files; `Range: bytes=...` (one range) gets a 206.
 #[utoipa::path(
     get, path = "/v1/files/{id}", tag = "files",
-    params(("id" = Uuid, Path, description = "File id"), ("Range" = Option<String>, Header, description = "bytes=start-end, bytes=start- or bytes=-suffix")),
+    params(("id" = Uuid, Path, description = "File id"), ("Range" = Option<String>, Header, description = "bytes=start-end, bytes=start- or bytes=-suffix", pattern = r"^bytes=([0-9]+-[0-9]*|-[0-9]+)$")),
     responses(
         (status = 200, description = "The whole file", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),

@@ -222,6 +222,7 @@ pub struct ListParams {
     /// `next_cursor` from the previous page.
     cursor: Option<Uuid>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
 }
 

@@ -39,6 +39,7 @@ pub struct BlockParams {
     /// Only blocks above this height (default 0: from the first).
     after: Option<i64>,
     /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -191,6 +192,7 @@ pub struct RecordParams {
     /// Only records with a higher id (default 0: from the first).
     after: Option<i64>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 

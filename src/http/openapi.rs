@@ -27,7 +27,7 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, web
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
     components(schemas(ws::ClientOp, ws::Reply, crate::jobs::JobEvent)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &StandardResponses),
     tags(
         (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),
         (name = "files", description = "Uploads (inputs such as videos) and downloads"),
@@ -60,6 +60,88 @@ impl Modify for BearerAuth {
             )),
         );
     }
+}
+
+/// The answers every operation of a kind can give, added where an operation's own annotation
+/// does not name them, so that a client generated from the document knows every status it may
+/// meet (each a problem document): 401, 403 and 429 for a credential, 422 for a malformed path
+/// or query parameter, 413 and 415 for a body, and 400 and 422 for a JSON one.
+struct StandardResponses;
+
+impl Modify for StandardResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+                let bearer = secured
+                    && serde_json::to_value(&operation.security)
+                        .is_ok_and(|v| v.to_string().contains("\"bearer\""));
+                let parameters = operation.parameters.iter().flatten();
+                let has_parameters = parameters
+                    .clone()
+                    .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query));
+                let body = operation.request_body.as_ref();
+                let json_body = body.is_some_and(|b| b.content.contains_key("application/json"));
+                let mut add = |status: &str, description: &str| {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| problem(description).into());
+                };
+                if secured {
+                    add(
+                        "401",
+                        "No credential, or one that is invalid, expired or revoked",
+                    );
+                }
+                if bearer {
+                    add("403", "The credential lacks the scope this operation needs");
+                    add(
+                        "429",
+                        "Over the credential's rate limit: retry after `Retry-After` seconds",
+                    );
+                }
+                if has_parameters || json_body {
+                    add(
+                        "422",
+                        "A malformed parameter or body field, named in `errors`",
+                    );
+                }
+                if json_body {
+                    add("400", "The body is not JSON");
+                }
+                if body.is_some() {
+                    add("413", "The body is larger than the gateway takes");
+                    add(
+                        "415",
+                        "The body's content type is not one this operation takes",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn problem(description: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build()
 }
 
 /// The document as committed: pretty JSON with a trailing newline.

@@ -20,9 +20,34 @@ use crate::webhooks::endpoints::{self, Delivery, Endpoint};
 pub struct RegisterEndpoint {
     /// The http(s) URL to POST to; a public address (as for a job's `webhook`).
     pub url: String,
-    /// Among `start`, `progress`, `partial`, `completed` (default: `["completed"]`).
+    /// Default: `["completed"]`.
     #[serde(default)]
-    pub events: Option<Vec<String>>,
+    pub events: Option<Vec<EventName>>,
+}
+
+/// An event a webhook endpoint may choose.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventName {
+    /// The job got its first node.
+    Start,
+    /// A shard finished.
+    Progress,
+    /// A shard's rows.
+    Partial,
+    /// The job ended: succeeded, failed or canceled.
+    Completed,
+}
+
+impl EventName {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventName::Start => "start",
+            EventName::Progress => "progress",
+            EventName::Partial => "partial",
+            EventName::Completed => "completed",
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -73,7 +98,8 @@ pub async fn register(
         &state.scheduler.egress,
         caller.account_id,
         &req.url,
-        req.events,
+        req.events
+            .map(|events| events.iter().map(|e| e.as_str().to_string()).collect()),
     )
     .await?;
     Ok((
