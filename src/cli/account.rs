@@ -35,9 +35,9 @@ pub async fn run(args: AccountArgs) -> CliResult<()> {
             if client.json {
                 client.print_json(&account);
             } else {
-                println!("account    {}", cell(&account, "id"));
-                println!("available  {} micro-credits", cell(&account, "available"));
-                println!(
+                outln!("account    {}", cell(&account, "id"));
+                outln!("available  {} micro-credits", cell(&account, "available"));
+                outln!(
                     "held       {} micro-credits (escrowed for unfinished jobs)",
                     cell(&account, "held")
                 );

@@ -62,7 +62,7 @@ pub async fn run(args: FilesArgs) -> CliResult<()> {
                 .send(client.request(Method::DELETE, &format!("/v1/files/{id}")))
                 .await?;
             if !client.json {
-                println!("deleted file {id}");
+                outln!("deleted file {id}");
             }
             Ok(())
         }
@@ -103,14 +103,15 @@ async fn upload(client: &Client, path: &Path, content_type: Option<String>) -> C
     // The bytes are hashed as they go, to check the sha256 the gateway computed.
     let hasher = std::sync::Arc::new(std::sync::Mutex::new(Sha256::new()));
     let (counted, seen) = (bar.clone(), hasher.clone());
-    let stream = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
-        if let Ok(bytes) = chunk {
-            seen.lock().expect("not poisoned").update(bytes);
-            if let Some(bar) = &counted {
-                bar.inc(bytes.len() as u64);
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(move |chunk| {
+            if let Ok(bytes) = chunk {
+                seen.lock().expect("not poisoned").update(bytes);
+                if let Some(bar) = &counted {
+                    bar.inc(bytes.len() as u64);
+                }
             }
-        }
-    });
+        });
     let content_type = content_type.unwrap_or_else(|| content_type_of(path).to_string());
     let request = client
         .request(Method::POST, "/v1/files")
@@ -143,10 +144,10 @@ fn print_file(client: &Client, info: &Value) {
         client.print_json(info);
         return;
     }
-    println!("file     {}", cell(info, "id"));
-    println!("size     {} bytes", cell(info, "size"));
-    println!("type     {}", cell(info, "content_type"));
-    println!("sha256   {}", cell(info, "sha256"));
+    outln!("file     {}", cell(info, "id"));
+    outln!("size     {} bytes", cell(info, "size"));
+    outln!("type     {}", cell(info, "content_type"));
+    outln!("sha256   {}", cell(info, "sha256"));
 }
 
 async fn download(
@@ -232,7 +233,7 @@ async fn download(
             )
         })?;
         if !client.json {
-            println!("saved {} ({total} bytes, sha256 {got})", target.display());
+            outln!("saved {} ({total} bytes, sha256 {got})", target.display());
         }
     }
     Ok(())

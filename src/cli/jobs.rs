@@ -441,6 +441,8 @@ impl Progress {
         );
         if let Some(bar) = self.bar.take() {
             bar.finish();
+            // The finished bar stays; what follows starts below it.
+            eprintln!();
         }
     }
 
@@ -546,7 +548,7 @@ pub fn print_job(client: &Client, job: &Value) {
         ));
     }
     for (name, value) in lines {
-        println!("{name:<9}{value}");
+        outln!("{name:<9}{value}");
     }
     if let Some(output) = job.get("output").filter(|o| !o.is_null()) {
         print_output(output);
@@ -556,31 +558,31 @@ pub fn print_job(client: &Client, job: &Value) {
 /// A job's output: forecast rows one a line, other outputs field by field.
 fn print_output(output: &Value) {
     if let Some(rows) = output["forecasts"].as_array() {
-        println!("forecasts (one line per input row):");
+        outln!("forecasts (one line per input row; --json for every digit):");
         print_rows(rows);
         for interval in output["intervals"].as_array().into_iter().flatten() {
             let level = cell(interval, "level");
             for side in ["lower", "upper"] {
-                println!("{side} bound, {level} %:");
+                outln!("{side} bound, {level} %:");
                 print_rows(interval[side].as_array().map_or(&[][..], Vec::as_slice));
             }
         }
         return;
     }
-    println!("output:");
+    outln!("output:");
     if let Some(fields) = output.as_object() {
         for (name, value) in fields {
             let text = match value {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("  {name:<17}{text}");
+            outln!("  {name:<17}{text}");
         }
         if let Some(file) = output["file"].as_str() {
-            println!("download it with: xpand files download {file}");
+            outln!("download it with: xpand files download {file}");
         }
     } else {
-        println!("  {output}");
+        outln!("  {output}");
     }
 }
 
@@ -591,18 +593,43 @@ fn print_rows(rows: &[Value]) {
                 .iter()
                 .map(|c| match c {
                     Value::Null => "-".into(),
+                    Value::Number(n) => n.as_f64().map_or_else(|| n.to_string(), short_number),
                     other => other.to_string(),
                 })
                 .collect(),
             // A canceled job's row that no shard paid for.
             None => vec!["-".into()],
         };
-        println!("  {}", cells.join(" "));
+        outln!("  {}", cells.join(" "));
+    }
+}
+
+/// A number to six significant digits, without trailing zeros: `137.995` for
+/// 137.99484252929688 (`--json` has every digit).
+fn short_number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return x.to_string();
+    }
+    let decimals = (5 - x.abs().log10().floor() as i32).clamp(0, 12) as usize;
+    let text = format!("{x:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numbers_are_shortened_to_six_digits() {
+        assert_eq!(super::short_number(137.99484252929688), "137.995");
+        assert_eq!(super::short_number(138.0), "138");
+        assert_eq!(super::short_number(-0.00123456789), "-0.00123457");
+        assert_eq!(super::short_number(1234567.8), "1234568");
+        assert_eq!(super::short_number(0.0), "0");
+    }
+
     use super::*;
 
     #[test]

@@ -9,6 +9,14 @@
 //! command shares: the options, the credentials, the HTTP client, how a refusal is reported and
 //! which exit code it gives, tables and progress.
 
+/// `println!` for the commands' output: a reader that stops early (`xpand jobs list | head -1`)
+/// ends the command quietly, where `println!` would panic on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
 pub mod account;
 pub mod files;
 pub mod jobs;
@@ -233,10 +241,20 @@ impl Client {
 
     /// Prints `value` as `--json` output: the API's JSON, pretty, on stdout.
     pub fn print_json(&self, value: &Value) {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(value).expect("JSON values serialize")
         );
+    }
+}
+
+#[doc(hidden)]
+pub fn write_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        // Nobody reads any more: what was asked for has been given.
+        std::process::exit(exit::OK);
     }
 }
 
@@ -278,7 +296,7 @@ pub fn short_time(value: &Value, key: &str) -> String {
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     if !std::io::stdout().is_terminal() {
         for row in rows {
-            println!("{}", row.join("\t"));
+            outln!("{}", row.join("\t"));
         }
         return;
     }
@@ -297,7 +315,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in rows {

@@ -90,8 +90,8 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     let started = Instant::now();
     let mut app = TestApp::spawn_with(|c| c.forecast_rows_per_shard = 8).await;
     let credit = 100_000_000;
-    let (_, key) = app.customer(credit).await;
-    let key = Some(key.as_str());
+    let (_, api_key) = app.customer(credit).await;
+    let key = Some(api_key.as_str());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let input = json!({ "series": sheet(24, 36) });
@@ -110,7 +110,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     std::fs::create_dir(home.path().join(".xpand")).unwrap();
     std::fs::write(
         home.path().join(".xpand/dev-api-key"),
-        format!("{}\n", key.unwrap()),
+        format!("{}\n", &api_key),
     )
     .unwrap();
     let account = xpand(&app, None, home.path(), &["account", "--json"], b"")
@@ -185,7 +185,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     xpand(&app, key, d, &["jobs", "get", "not-a-uuid"], b"")
         .await
         .expect(2);
-    assert_eq!(app.balances(key.unwrap()).await, (credit, 0));
+    assert_eq!(app.balances(&api_key).await, (credit, 0));
 
     // No worker yet: a submitted job waits. get, list and cancel it; the escrow comes back.
     let params = ["--params", r#"{"horizon":6}"#];
@@ -201,7 +201,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     .json();
     assert_eq!(queued["status"], "queued");
     let id = queued["id"].as_str().unwrap().to_string();
-    assert!(app.balances(key.unwrap()).await.1 > 0, "the quote is held");
+    assert!(app.balances(&api_key).await.1 > 0, "the quote is held");
     let got = xpand(&app, key, d, &["jobs", "get", &id, "--json"], b"")
         .await
         .expect(0)
@@ -237,7 +237,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
         .json();
     assert_eq!(canceled["status"], "canceled");
     assert_eq!(
-        app.balances(key.unwrap()).await,
+        app.balances(&api_key).await,
         (credit, 0),
         "refunded in full"
     );
@@ -279,7 +279,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
         watched.stderr
     );
     assert!(watched.stderr.contains("3/3 shards"), "{}", watched.stderr);
-    let read = app.get_json(key.unwrap(), &format!("/v1/jobs/{id}")).await;
+    let read = app.get_json(&api_key, &format!("/v1/jobs/{id}")).await;
     assert_eq!(
         (&job["id"], forecasts(&job)),
         (&read["id"], forecasts(&read))
@@ -289,7 +289,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     let api = app
         .http
         .post(format!("{}/v1/jobs", app.base))
-        .bearer_auth(key.unwrap())
+        .bearer_auth(&api_key)
         .header("Prefer", "wait")
         .json(&json!({"kind": "forecast", "input": input, "params": {"horizon": 6}, "max_fee": 1_000_000}))
         .send()
@@ -356,17 +356,34 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
         "{}",
         human.stdout
     );
-    let row0: Vec<String> = forecasts(&api)[0]
-        .as_array()
-        .unwrap()
+    // One line per row after the heading, to six significant digits.
+    let lines: Vec<&str> = human.stdout.lines().collect();
+    let at = lines
         .iter()
-        .map(Value::to_string)
-        .collect();
-    assert!(
-        human.stdout.contains(&format!("  {}\n", row0.join(" "))),
-        "{}",
-        human.stdout
-    );
+        .position(|l| l.starts_with("forecasts ("))
+        .unwrap();
+    let shown = &lines[at + 1..];
+    let rows = forecasts(&api).as_array().unwrap();
+    assert_eq!(shown.len(), rows.len(), "{}", human.stdout);
+    for (line, row) in shown.iter().zip(rows) {
+        let values: Vec<f64> = line
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let row: Vec<f64> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(values.len(), row.len());
+        for (shown, exact) in values.iter().zip(&row) {
+            assert!(
+                (shown - exact).abs() <= 1e-5 * exact.abs(),
+                "{shown} for {exact}"
+            );
+        }
+    }
 
     // Files: upload, download byte-equal (to a path and to stdout), rm.
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -431,7 +448,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
         .await
         .expect(0)
         .json();
-    let (available, held) = app.balances(key.unwrap()).await;
+    let (available, held) = app.balances(&api_key).await;
     assert_eq!(
         (account["available"].as_i64(), account["held"].as_i64()),
         (Some(available), Some(held))
@@ -444,9 +461,7 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
         "{}",
         human.stdout
     );
-    let api_ledger = app
-        .get_json(key.unwrap(), "/v1/account/ledger?limit=200")
-        .await;
+    let api_ledger = app.get_json(&api_key, "/v1/account/ledger?limit=200").await;
     let all = api_ledger["entries"].as_array().unwrap();
     assert!(all.len() > 3, "{api_ledger}");
     let ledger = xpand(
