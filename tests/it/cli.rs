@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt as _;
 
 use crate::common::{sheet, TestApp};
 
@@ -265,20 +266,34 @@ async fn the_cli_submits_watches_cancels_lists_and_moves_files() {
     .json();
     let id = queued["id"].as_str().unwrap().to_string();
     let watch_args = ["jobs", "watch", &id, "--json"];
-    let watch = command(&app, key, d, &watch_args).spawn().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut watch = command(&app, key, d, &watch_args).spawn().unwrap();
+    // The worker starts once the watch has the job's first event, read off its stderr.
+    let mut lines = tokio::io::BufReader::new(watch.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("watch says where the job is")
+        .unwrap();
+    assert_eq!(
+        first.as_deref(),
+        Some(format!("job {id}: queued, 0/3 shards").as_str())
+    );
+    let rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        rest
+    });
     app.start_worker().await;
     let watched = finish(watch, &watch_args).await.expect(0);
     let job = watched.json();
     assert_eq!(job["status"], "succeeded");
-    assert!(
-        watched
-            .stderr
-            .contains(&format!("job {id}: queued, 0/3 shards")),
-        "{}",
-        watched.stderr
+    let rest = rest.await.unwrap();
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some(format!("job {id}: succeeded, 3/3 shards").as_str()),
+        "{rest:?}"
     );
-    assert!(watched.stderr.contains("3/3 shards"), "{}", watched.stderr);
     let read = app.get_json(&api_key, &format!("/v1/jobs/{id}")).await;
     assert_eq!(
         (&job["id"], forecasts(&job)),
