@@ -66,7 +66,7 @@ pub struct SubmitArgs {
     /// Cancel the job if it is still unfinished at this time (RFC 3339).
     #[arg(long, value_name = "TIME")]
     pub deadline: Option<String>,
-    /// An https URL the finished job is POSTed to (signed).
+    /// A URL told of the job when it ends (Standard Webhooks, signed; see docs/api.md).
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
 }
