@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod egress;
 pub mod epochs;

@@ -1,5 +1,6 @@
 //! `xpand`: the gateway binary. `xpand up` runs a whole local network for development;
-//! `xpand serve` runs one production gateway replica.
+//! `xpand serve` runs one production gateway replica; `xpand jobs|files|account` are the user
+//! commands, a client of a running gateway's API (`src/cli/`, docs/cli.md).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -7,7 +8,7 @@ use uuid::Uuid;
 use xpand::config::{GatewayArgs, DEFAULT_DATABASE_URL};
 use xpand::startup::{self, Application};
 use xpand::verify::{Credential, Verifier};
-use xpand::{accounts, ledger, nodes, telemetry, up};
+use xpand::{accounts, cli, ledger, nodes, telemetry, up};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Jobs on a running gateway: submit, get, watch, cancel, list.
+    Jobs(xpand::cli::jobs::JobsArgs),
+    /// Files on a running gateway: upload, download, rm.
+    Files(xpand::cli::files::FilesArgs),
+    /// Your balance (available and held); `account ledger`: your ledger entries.
+    Account(xpand::cli::account::AccountArgs),
     /// Development: migrate, run the gateway and local workers, print a dev API key.
     Up(up::UpArgs),
     /// Run one gateway replica (production).
@@ -110,8 +117,18 @@ enum AdminCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The user commands print only what they mean to: no log lines (tracing writes to stdout).
+    let command = match Cli::parse().command {
+        Command::Jobs(args) => std::process::exit(cli::run(cli::jobs::run(args)).await),
+        Command::Files(args) => std::process::exit(cli::run(cli::files::run(args)).await),
+        Command::Account(args) => std::process::exit(cli::run(cli::account::run(args)).await),
+        other => other,
+    };
     telemetry::init();
-    match Cli::parse().command {
+    match command {
+        Command::Jobs(_) | Command::Files(_) | Command::Account(_) => {
+            unreachable!("the user commands exited above")
+        }
         Command::Up(args) => up::run(args).await,
         Command::Serve(args) => {
             let app = Application::build(args.into_config()?).await?;

@@ -1,6 +1,7 @@
 //! The dependency rules of ARCHITECTURE.md, checked on the source: the gateway's top-level
-//! modules form no cycle, the domain never names a transport, only `http/` knows axum, and the
-//! job state machine names no job kind. Reads `src/` as text; needs no service.
+//! modules form no cycle, the domain never names a transport, only `http/` knows axum, the job
+//! state machine names no job kind, and the user commands (`cli/`) are only a client of the
+//! HTTP API. Reads `src/` as text; needs no service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ const DOMAIN: &[&str] = &[
 ];
 /// Adapters and the edge: what the domain must never reach into.
 const OUTSIDE_DOMAIN: &[&str] = &[
-    "broker", "events", "http", "presence", "startup", "up", "verify", "webhooks",
+    "broker", "cli", "events", "http", "presence", "startup", "up", "verify", "webhooks",
 ];
 /// Crates and types that are transports.
 const TRANSPORTS: &[&str] = &["axum", "redis", "rumqttc", "AppState", "reqwest"];
@@ -264,6 +265,37 @@ fn the_job_state_machine_names_no_kind() {
         for word in ["forecast", "anonymize", "video", "kinds::"] {
             if lower.contains(word) {
                 broken.push(format!("{} names {word:?}", file.path.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+}
+
+#[test]
+fn the_cli_is_only_a_client_of_the_api() {
+    let files = sources();
+    let cli = scanned(&files, &["cli"]);
+    assert!(
+        cli.iter().any(|f| names(&f.code, "reqwest")),
+        "src/cli/ names no reqwest: the check does not see its files"
+    );
+    let mut broken = Vec::new();
+    for file in cli {
+        for target in crate_references(&file.code) {
+            if target != "cli" {
+                broken.push(format!("{} uses crate::{target}", file.path.display()));
+            }
+        }
+        // `super::super::…` from a file under `src/cli/` would be the crate's root.
+        if file.code.contains("super::super") {
+            broken.push(format!(
+                "{} climbs out with super::super",
+                file.path.display()
+            ));
+        }
+        for word in ["sqlx", "axum", "redis", "rumqttc", "AppState"] {
+            if names(&file.code, word) {
+                broken.push(format!("{} names {word}", file.path.display()));
             }
         }
     }

@@ -5,6 +5,7 @@ mod admin;
 mod architecture;
 mod calc;
 mod chaos;
+mod cli;
 mod common;
 mod cors;
 mod epochs;
