@@ -27,7 +27,7 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, web
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
     components(schemas(ws::ClientOp, ws::Reply, crate::jobs::JobEvent)),
-    modifiers(&BearerAuth, &StandardResponses),
+    modifiers(&BearerAuth, &StandardResponses, &BinaryBodies),
     tags(
         (name = "jobs", description = "Submit and follow jobs (REST, SSE, WebSocket)"),
         (name = "files", description = "Uploads (inputs such as videos) and downloads"),
@@ -125,6 +125,57 @@ impl Modify for StandardResponses {
                         "415",
                         "The body's content type is not one this operation takes",
                     );
+                }
+            }
+        }
+    }
+}
+
+/// Bodies that are bytes (uploads, downloads, video segments) as `type: string, format:
+/// binary`, which generated clients send and read as raw bytes; a Rust `Vec<u8>` would say an
+/// array of integers, and a client would send the JSON of one.
+struct BinaryBodies;
+
+impl Modify for BinaryBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        use utoipa::openapi::RefOr;
+        let binary = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+                .build()
+        };
+        // What utoipa makes of a `Vec<u8>` body: an array (of integers).
+        let bytes = |content: &mut utoipa::openapi::Content, media: &str| {
+            let array = matches!(
+                content.schema,
+                Some(RefOr::T(utoipa::openapi::schema::Schema::Array(_)))
+            );
+            if array && !media.contains("json") {
+                content.schema = Some(binary().into());
+            }
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                if let Some(body) = operation.request_body.as_mut() {
+                    for (media, content) in body.content.iter_mut() {
+                        bytes(content, media);
+                    }
+                }
+                for response in operation.responses.responses.values_mut() {
+                    if let RefOr::T(response) = response {
+                        for (media, content) in response.content.iter_mut() {
+                            bytes(content, media);
+                        }
+                    }
                 }
             }
         }

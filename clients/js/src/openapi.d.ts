@@ -1945,7 +1945,7 @@ export interface operations {
         /** @description The file's bytes; its Content-Type is kept */
         requestBody: {
             content: {
-                "application/octet-stream": number[];
+                "application/octet-stream": string;
             };
         };
         responses: {
@@ -2035,7 +2035,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/octet-stream": number[];
+                    "application/octet-stream": string;
                 };
             };
             /** @description The requested range */
@@ -2044,7 +2044,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/octet-stream": number[];
+                    "application/octet-stream": string;
                 };
             };
             /** @description No credential, or one that is invalid, expired or revoked */
@@ -3265,7 +3265,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "video/x-matroska": number[];
+                    "video/x-matroska": string;
                 };
             };
             401: {
@@ -3313,7 +3313,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "video/mp4": number[];
+                "video/mp4": string;
             };
         };
         responses: {
