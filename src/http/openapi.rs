@@ -1,6 +1,7 @@
 //! The OpenAPI document, generated from the handlers' annotations. `openapi/openapi.json` is
 //! this document, committed; a test fails when the two differ (`xpand openapi > openapi/openapi.json`).
 
+use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -195,11 +196,57 @@ fn problem(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
+/// The document: the handlers' annotations, with each job kind's own shapes put in
+/// ([`with_kinds`]).
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+    with_kinds(&mut doc);
+    doc
+}
+
 /// The document as committed: pretty JSON with a trailing newline.
 pub fn render() -> String {
-    let mut s = ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serializes");
+    let mut s = serde_json::to_string_pretty(&document()).expect("JSON values serialize");
     s.push('\n');
     s
+}
+
+/// Puts in what each kind takes and gives (`crate::kinds::schemas`), so that generated clients
+/// get real types: `SubmitJob` becomes one submission per kind, told apart by `kind`, each with
+/// its kind's `input` and `params`; a job's `output` is one of the kinds' outputs. (Written as
+/// JSON: the kinds' schemas use what the annotations cannot, such as `const` and `anyOf`.)
+fn with_kinds(doc: &mut Value) {
+    let schemas = &mut doc["components"]["schemas"];
+    let submit = schemas["SubmitJob"].clone();
+    let reference = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+    let (mut submissions, mut mapping, mut outputs) = (Vec::new(), Map::new(), Vec::new());
+    for (kind, [(input, input_schema), (params, params_schema), (output, output_schema)]) in
+        crate::kinds::schemas()
+    {
+        let name = format!("{}Job", input.trim_end_matches("Input"));
+        let mut submission = submit.clone();
+        submission["description"] = json!(format!("A `{kind}` job submission."));
+        submission["additionalProperties"] = json!(false);
+        let properties = &mut submission["properties"];
+        properties["kind"] = json!({ "type": "string", "const": kind });
+        properties["input"] = reference(input);
+        properties["params"] = reference(params);
+        properties["max_fee"]["minimum"] = json!(0);
+        schemas[input] = input_schema;
+        schemas[params] = params_schema;
+        schemas[output] = output_schema;
+        schemas[&name] = submission;
+        submissions.push(reference(&name));
+        mapping.insert(kind.to_string(), reference(&name)["$ref"].clone());
+        outputs.push(reference(output));
+    }
+    schemas["SubmitJob"] = json!({
+        "description": "A job submission: one shape per kind, told apart by `kind`.",
+        "oneOf": submissions,
+        "discriminator": { "propertyName": "kind", "mapping": mapping },
+    });
+    outputs.push(json!({ "type": "null" }));
+    let output = &mut schemas["Job"]["properties"]["output"];
+    let description = output["description"].clone();
+    *output = json!({ "description": description, "anyOf": outputs });
 }

@@ -1,6 +1,7 @@
 //! The job kinds this gateway runs, each in its own folder behind [`crate::jobs::JobKind`].
 //!
-//! Adding a kind: a folder here implementing the trait, and one line in [`registry`]. A kind
+//! Adding a kind: a folder here implementing the trait, and one line in [`registry`] and in
+//! [`schemas`]. A kind
 //! whose shards carry a new kind of task or output also adds its variants to the wire types in
 //! `xpand-protocol` and a plugin to the worker.
 
@@ -10,6 +11,15 @@ pub mod forecast;
 use crate::config::Config;
 use crate::jobs::Kinds;
 use crate::transfers::TransferUrls;
+
+/// What each kind takes and gives, for the OpenAPI document: its name and the `(component,
+/// JSON schema)` of its input, its parameters and its output.
+pub fn schemas() -> [(&'static str, [(&'static str, serde_json::Value); 3]); 2] {
+    [
+        (forecast::KIND, forecast::schema::schemas()),
+        (anonymize::KIND, anonymize::schema::schemas()),
+    ]
+}
 
 /// Every kind this gateway accepts, configured.
 pub fn registry(config: &Config, transfers: TransferUrls) -> Kinds {

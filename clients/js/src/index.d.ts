@@ -189,12 +189,10 @@ export type Account = Schemas["Account"];
 export type TokenResponse = Schemas["TokenResponse"];
 export type Problem = Schemas["Problem"];
 /**
- * What `POST /v1/jobs` takes; `input` and `params` are the kind's own (see the API docs).
+ * What `POST /v1/jobs` takes: one shape per kind (`ForecastJob`, `AnonymizeJob`), each with its
+ * kind's own `input` and `params`.
  */
-export type SubmitJob = Omit<Schemas["SubmitJob"], "input" | "params"> & {
-    input: Record<string, unknown>;
-    params?: Record<string, unknown>;
-};
+export type SubmitJob = Schemas["SubmitJob"];
 export type TokenOptions = {
     scopes?: Schemas["Scope"][];
     ttlSeconds?: number;

@@ -11,9 +11,9 @@
 /** @typedef {Schemas['TokenResponse']} TokenResponse */
 /** @typedef {Schemas['Problem']} Problem */
 /**
- * What `POST /v1/jobs` takes; `input` and `params` are the kind's own (see the API docs).
- * @typedef {Omit<Schemas['SubmitJob'], 'input' | 'params'> & {
- *   input: Record<string, unknown>, params?: Record<string, unknown> }} SubmitJob
+ * What `POST /v1/jobs` takes: one shape per kind (`ForecastJob`, `AnonymizeJob`), each with its
+ * kind's own `input` and `params`.
+ * @typedef {Schemas['SubmitJob']} SubmitJob
  */
 /** @typedef {{ scopes?: Schemas['Scope'][], ttlSeconds?: number }} TokenOptions */
 

@@ -681,6 +681,73 @@ export interface components {
             /** Format: uuid */
             id: string;
         };
+        AnonymizeInput: {
+            /**
+             * Format: uuid
+             * @description A video uploaded with `POST /v1/files`.
+             */
+            file: string;
+        };
+        /** @description A `anonymize` job submission. */
+        AnonymizeJob: {
+            /**
+             * Format: date-time
+             * @description When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
+             *     owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
+             *     refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
+             */
+            deadline?: string | null;
+            input: components["schemas"]["AnonymizeInput"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            kind: "anonymize";
+            /**
+             * Format: int64
+             * @description The most the caller agrees to pay, in micro-credits. The job is refused if the quote is
+             *     higher.
+             * @example 100000
+             */
+            max_fee: number;
+            params?: components["schemas"]["AnonymizeParams"];
+            /**
+             * @description http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
+             *     specification's schedule, deduplicate on `webhook-id`. A URL registered with
+             *     `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
+             *     gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
+             *     (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
+             */
+            webhook?: string | null;
+        };
+        AnonymizeOutput: {
+            audio?: boolean;
+            duration_seconds?: number;
+            faces_masked?: number;
+            /**
+             * Format: uuid
+             * @description The masked video: `GET /v1/files/{file}`.
+             */
+            file: string;
+            frames?: number;
+            height?: number;
+            segments?: number;
+            sha256?: string;
+            size?: number;
+            unverified_shards?: number[];
+            width?: number;
+        };
+        AnonymizeParams: {
+            /** @description Width frames are scaled to for detection (default: the frame's). */
+            detect_width?: number;
+            /** @enum {string} */
+            quality?: "high" | "standard" | "small";
+            /** @enum {string} */
+            style?: "blur" | "mosaic" | "solid";
+            targets?: "faces"[];
+            /** @description Detection score from which a face is masked (0.2). */
+            threshold?: number;
+        };
         /** @description An API key as its owner sees it: never the secret. */
         ApiKey: {
             /** Format: date-time */
@@ -938,6 +1005,66 @@ export interface components {
              */
             size: number;
         };
+        /** @description One row per spreadsheet row, oldest value first. A blank cell (null) is filled between values and dropped at a row's ends; at most 30% of the cells from a row's first value to its last may be blank. */
+        ForecastInput: {
+            /** @description At most 10000 rows of at most 10000 cells. */
+            series: (number | null)[][];
+        };
+        /** @description A `forecast` job submission. */
+        ForecastJob: {
+            /**
+             * Format: date-time
+             * @description When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
+             *     owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
+             *     refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
+             */
+            deadline?: string | null;
+            input: components["schemas"]["ForecastInput"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            kind: "forecast";
+            /**
+             * Format: int64
+             * @description The most the caller agrees to pay, in micro-credits. The job is refused if the quote is
+             *     higher.
+             * @example 100000
+             */
+            max_fee: number;
+            params?: components["schemas"]["ForecastParams"];
+            /**
+             * @description http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
+             *     specification's schedule, deduplicate on `webhook-id`. A URL registered with
+             *     `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
+             *     gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
+             *     (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
+             */
+            webhook?: string | null;
+        };
+        ForecastOutput: {
+            /** @description One row per input row. In a canceled job's output, null for the rows not paid for. */
+            forecasts: (number[] | null)[];
+            intervals?: {
+                level: number;
+                lower: (number[] | null)[];
+                upper: (number[] | null)[];
+            }[];
+            /** @description A canceled job's rows not paid for. */
+            missing?: {
+                offset: number;
+                rows: number;
+            }[];
+            unverified_shards?: number[];
+        };
+        ForecastParams: {
+            /** @description Values to forecast per row. */
+            horizon: number;
+            /** @description Prediction interval level(s), in percent: adds `intervals` to the output. */
+            level?: number | number[];
+            /** @description Values per season; detected when absent. */
+            season_length?: number;
+        };
         /**
          * @description Everything needed to check that one entry is in the ledger, given only the gateway's key:
          *     the entry with its salt, the path to its block's Merkle root, and the signed block.
@@ -1000,7 +1127,7 @@ export interface components {
              *     `"unverified_shards": [idx, ...]`: shards held for a check by a second node that no node
              *     could run in time, accepted as the first node answered.
              */
-            output?: Record<string, never> | null;
+            output?: components["schemas"]["ForecastOutput"] | components["schemas"]["AnonymizeOutput"] | null;
             params: Record<string, never>;
             progress: components["schemas"]["JobProgress"];
             /**
@@ -1344,50 +1471,8 @@ export interface components {
          * @enum {string}
          */
         Side: "left" | "right";
-        /** @description A job submission. */
-        SubmitJob: {
-            /**
-             * Format: date-time
-             * @description When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
-             *     owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
-             *     refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
-             */
-            deadline?: string | null;
-            /**
-             * @description Kind-specific input. `forecast`: `{"series": [[number, ...], ...]}`, one array per
-             *     spreadsheet row, each with at least 3 values; a cell may be blank (`null` or `""`): filled
-             *     in between values, dropped at a row's ends, at most 30% of a row. `anonymize`: `{"file": "<file id>"}`, a
-             *     video uploaded with `POST /v1/files`.
-             */
-            input: Record<string, never>;
-            /**
-             * @description `forecast` or `anonymize`.
-             * @example forecast
-             */
-            kind: string;
-            /**
-             * Format: int64
-             * @description The most the caller agrees to pay, in micro-credits. The job is refused if the quote is
-             *     higher.
-             * @example 100000
-             */
-            max_fee: number;
-            /**
-             * @description Kind-specific parameters. `forecast`: `{"horizon": 1..=24}`. `anonymize` (all optional):
-             *     `{"targets": ["faces"], "style": "blur" | "mosaic" | "solid", "threshold": 0.01..=0.99
-             *     (default 0.2), "quality": "high" | "standard" | "small", "detect_width": 160..=3840
-             *     (default: the frame's width)}`.
-             */
-            params?: Record<string, never>;
-            /**
-             * @description http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
-             *     specification's schedule, deduplicate on `webhook-id`. A URL registered with
-             *     `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
-             *     gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
-             *     (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
-             */
-            webhook?: string | null;
-        };
+        /** @description A job submission: one shape per kind, told apart by `kind`. */
+        SubmitJob: components["schemas"]["ForecastJob"] | components["schemas"]["AnonymizeJob"];
         TokenRequest: {
             /** @description Scopes to grant, among the API key's own (default: all the key's scopes). */
             scopes?: components["schemas"]["Scope"][] | null;

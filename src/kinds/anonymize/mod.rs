@@ -14,6 +14,7 @@
 mod check;
 mod plan;
 mod reduce;
+pub mod schema;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -31,10 +31,10 @@ struct Params {
 
 /// The narrowest detector input a caller may ask for: below it, only faces filling much of
 /// the frame are found.
-const MIN_DETECT_WIDTH: u64 = 160;
+pub(super) const MIN_DETECT_WIDTH: u64 = 160;
 
 /// The x264 CRF of each `quality`.
-const QUALITIES: [(&str, u8); 3] = [("high", 18), ("standard", 23), ("small", 28)];
+pub(super) const QUALITIES: [(&str, u8); 3] = [("high", 18), ("standard", 23), ("small", 28)];
 
 fn parse_params(params: &Value, errors: &mut Vec<FieldError>) -> Option<Params> {
     let mut parsed = Params {

@@ -16,6 +16,7 @@
 mod blanks;
 mod output;
 mod params;
+pub mod schema;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
