@@ -378,18 +378,22 @@ pub async fn get(db: &PgPool, account: Uuid, id: Uuid) -> Result<FileInfo, AppEr
 /// A `Range: bytes=...` header resolved against a file's size: the inclusive byte range, or
 /// `None` for "not satisfiable". Only single ranges are served.
 pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = header.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || size == 0 {
+    let spec = header.strip_prefix("bytes=")?;
+    if size == 0 {
         return None;
     }
+    // Digits only, as the document's pattern says: no spaces, signs or lists.
     let (start, end) = spec.split_once('-')?;
-    let (start, end) = match (start.trim(), end.trim()) {
+    let number = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    let (start, end) = match (start, end) {
         ("", suffix) => {
-            let n: u64 = suffix.parse().ok()?;
+            let n = number(suffix)?;
             (size.checked_sub(n.min(size))?, size - 1)
         }
-        (start, "") => (start.parse().ok()?, size - 1),
-        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(size - 1)),
+        (start, "") => (number(start)?, size - 1),
+        (start, end) => (number(start)?, number(end)?.min(size - 1)),
     };
     (start <= end && start < size).then_some((start, end))
 }
@@ -410,5 +414,7 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
         assert_eq!(parse_range("items=0-1", 1000), None);
         assert_eq!(parse_range("bytes=x-1", 1000), None);
+        assert_eq!(parse_range("bytes= 0-1", 1000), None);
+        assert_eq!(parse_range("bytes=+5-", 1000), None);
     }
 }

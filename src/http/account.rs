@@ -39,6 +39,7 @@ pub async fn account(State(state): State<AppState>, caller: Caller) -> AppResult
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct LedgerParams {
     /// `next_cursor` from the previous page.
     cursor: Option<i64>,
@@ -81,11 +82,12 @@ pub async fn ledger_entries(
 pub struct TokenRequest {
     /// Scopes to grant, among the API key's own (default: all the key's scopes).
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub scopes: Option<Vec<Scope>>,
-    /// Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`, at most an
-    /// hour; default: the maximum).
+    /// Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`: 900 unless
+    /// the operator set it, at most an hour; default: the maximum).
     #[serde(default)]
-    #[schema(minimum = 60, maximum = 3600)]
+    #[schema(minimum = 60, maximum = 900)]
     pub ttl_seconds: Option<u64>,
 }
 

@@ -41,8 +41,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
     post, path = "/v1/jobs", tag = "jobs",
     request_body = SubmitJob,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key, same job (at most 255 characters)"),
-        ("Prefer" = Option<String>, Header, description = "`wait` or `wait=N` (seconds, at most 60): answer when the job ends, or after N seconds with the job still running"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key, same job (at most 255 characters)", pattern = r"^[!-~]{1,255}$"),
+        ("Prefer" = Option<String>, Header, description = "`wait` or `wait=N` (seconds, at most 60): answer when the job ends, or after N seconds with the job still running", pattern = r"^[ -~]*$"),
     ),
     responses(
         (status = 201, description = "Job created (finished already, with `Prefer: wait`, if it ended in time)", body = Job,
@@ -214,6 +214,7 @@ pub async fn get(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Only jobs in this status.
     status: Option<JobStatus>,

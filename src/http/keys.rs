@@ -42,6 +42,7 @@ pub struct CreateKey {
     pub name: String,
     /// Scopes the key may use, among the creating key's own (default: all of them).
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub scopes: Option<Vec<Scope>>,
 }
 

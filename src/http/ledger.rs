@@ -35,6 +35,7 @@ pub async fn public_key(State(state): State<AppState>) -> Json<PublicKey> {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct BlockParams {
     /// Only blocks above this height (default 0: from the first).
     after: Option<i64>,
@@ -188,6 +189,7 @@ pub async fn entry_proof(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct RecordParams {
     /// Only records with a higher id (default 0: from the first).
     after: Option<i64>,

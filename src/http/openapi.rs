@@ -170,6 +170,16 @@ impl Modify for BinaryBodies {
                     for (media, content) in body.content.iter_mut() {
                         bytes(content, media);
                     }
+                    // An upload of nothing is refused (`the file is empty`).
+                    for content in body.content.values_mut() {
+                        if let Some(RefOr::T(utoipa::openapi::schema::Schema::Object(object))) =
+                            content.schema.as_mut()
+                        {
+                            if object.format.is_some() {
+                                object.min_length = Some(1);
+                            }
+                        }
+                    }
                 }
                 for response in operation.responses.responses.values_mut() {
                     if let RefOr::T(response) = response {

@@ -1478,8 +1478,8 @@ export interface components {
             scopes?: components["schemas"]["Scope"][] | null;
             /**
              * Format: int64
-             * @description Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`, at most an
-             *     hour; default: the maximum).
+             * @description Lifetime in seconds, 60 up to the server's maximum (`XPAND_TOKEN_TTL_SECS`: 900 unless
+             *     the operator set it, at most an hour; default: the maximum).
              */
             ttl_seconds?: number | null;
         };
