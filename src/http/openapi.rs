@@ -63,6 +63,23 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every operation of the document, whatever its method.
+fn operations(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+    })
+}
+
 /// The answers every operation of a kind can give, added where an operation's own annotation
 /// does not name them, so that a client generated from the document knows every status it may
 /// meet (each a problem document): 401, 403 and 429 for a credential, 422 for a malformed path
@@ -72,61 +89,52 @@ struct StandardResponses;
 impl Modify for StandardResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::path::ParameterIn;
-        for item in openapi.paths.paths.values_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for operation in operations.into_iter().flatten() {
-                let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
-                let bearer = secured
-                    && serde_json::to_value(&operation.security)
-                        .is_ok_and(|v| v.to_string().contains("\"bearer\""));
-                let parameters = operation.parameters.iter().flatten();
-                let has_parameters = parameters
-                    .clone()
-                    .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query));
-                let body = operation.request_body.as_ref();
-                let json_body = body.is_some_and(|b| b.content.contains_key("application/json"));
-                let mut add = |status: &str, description: &str| {
-                    operation
-                        .responses
-                        .responses
-                        .entry(status.to_string())
-                        .or_insert_with(|| problem(description).into());
-                };
-                if secured {
-                    add(
-                        "401",
-                        "No credential, or one that is invalid, expired or revoked",
-                    );
-                }
-                if bearer {
-                    add("403", "The credential lacks the scope this operation needs");
-                    add(
-                        "429",
-                        "Over the credential's rate limit: retry after `Retry-After` seconds",
-                    );
-                }
-                if has_parameters || json_body {
-                    add(
-                        "422",
-                        "A malformed parameter or body field, named in `errors`",
-                    );
-                }
-                if json_body {
-                    add("400", "The body is not JSON");
-                }
-                if body.is_some() {
-                    add("413", "The body is larger than the gateway takes");
-                    add(
-                        "415",
-                        "The body's content type is not one this operation takes",
-                    );
-                }
+        for operation in operations(openapi) {
+            let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+            let bearer = secured
+                && serde_json::to_value(&operation.security)
+                    .is_ok_and(|v| v.to_string().contains("\"bearer\""));
+            let parameters = operation.parameters.iter().flatten();
+            let has_parameters = parameters
+                .clone()
+                .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query));
+            let body = operation.request_body.as_ref();
+            let json_body = body.is_some_and(|b| b.content.contains_key("application/json"));
+            let mut add = |status: &str, description: &str| {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| problem(description).into());
+            };
+            if secured {
+                add(
+                    "401",
+                    "No credential, or one that is invalid, expired or revoked",
+                );
+            }
+            if bearer {
+                add("403", "The credential lacks the scope this operation needs");
+                add(
+                    "429",
+                    "Over the credential's rate limit: retry after `Retry-After` seconds",
+                );
+            }
+            if has_parameters || json_body {
+                add(
+                    "422",
+                    "A malformed parameter or body field, named in `errors`",
+                );
+            }
+            if json_body {
+                add("400", "The body is not JSON");
+            }
+            if body.is_some() {
+                add("413", "The body is larger than the gateway takes");
+                add(
+                    "415",
+                    "The body's content type is not one this operation takes",
+                );
             }
         }
     }
@@ -157,35 +165,26 @@ impl Modify for BinaryBodies {
                 content.schema = Some(binary().into());
             }
         };
-        for item in openapi.paths.paths.values_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ];
-            for operation in operations.into_iter().flatten() {
-                if let Some(body) = operation.request_body.as_mut() {
-                    for (media, content) in body.content.iter_mut() {
-                        bytes(content, media);
-                    }
-                    // An upload of nothing is refused (`the file is empty`).
-                    for content in body.content.values_mut() {
-                        if let Some(RefOr::T(utoipa::openapi::schema::Schema::Object(object))) =
-                            content.schema.as_mut()
-                        {
-                            if object.format.is_some() {
-                                object.min_length = Some(1);
-                            }
+        for operation in operations(openapi) {
+            if let Some(body) = operation.request_body.as_mut() {
+                for (media, content) in body.content.iter_mut() {
+                    bytes(content, media);
+                }
+                // An upload of nothing is refused (`the file is empty`).
+                for content in body.content.values_mut() {
+                    if let Some(RefOr::T(utoipa::openapi::schema::Schema::Object(object))) =
+                        content.schema.as_mut()
+                    {
+                        if object.format.is_some() {
+                            object.min_length = Some(1);
                         }
                     }
                 }
-                for response in operation.responses.responses.values_mut() {
-                    if let RefOr::T(response) = response {
-                        for (media, content) in response.content.iter_mut() {
-                            bytes(content, media);
-                        }
+            }
+            for response in operation.responses.responses.values_mut() {
+                if let RefOr::T(response) = response {
+                    for (media, content) in response.content.iter_mut() {
+                        bytes(content, media);
                     }
                 }
             }

@@ -248,6 +248,15 @@ impl Domain {
             .unwrap()
     }
 
+    /// What a shard pays the node that completes it.
+    async fn fee(&self, shard: Uuid) -> i64 {
+        sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
+            .bind(shard)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
     async fn earnings(&self, node: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT COALESCE(l.balance, 0) FROM nodes n
@@ -456,11 +465,7 @@ async fn cancel_pays_done_shards_refunds_the_rest_and_drops_late_answers() {
     let job = domain.submit(16).await;
     let round = domain.assign().await;
     domain.answer(&round[0], 0.0).await.unwrap();
-    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
-        .bind(round[0].shard_id)
-        .fetch_one(&domain.db)
-        .await
-        .unwrap();
+    let fee = domain.fee(round[0].shard_id).await;
 
     let canceled = settlement::cancel(&domain.scheduler, domain.account, job)
         .await
@@ -518,11 +523,7 @@ async fn a_job_past_its_deadline_is_canceled_paying_the_work_done_and_saying_why
     let job = domain.submit(16).await;
     let round = domain.assign().await;
     domain.answer(&round[0], 0.0).await.unwrap();
-    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
-        .bind(round[0].shard_id)
-        .fetch_one(&domain.db)
-        .await
-        .unwrap();
+    let fee = domain.fee(round[0].shard_id).await;
     sweep::sweep(&domain.scheduler).await.unwrap();
     assert_eq!(
         domain.status(job).await,
@@ -631,11 +632,7 @@ async fn an_input_two_nodes_call_unusable_fails_its_job_and_pays_the_work_done()
     assert_eq!(round.len(), 2);
     let (done, bad) = (&round[0], &round[1]);
     domain.answer(done, 0.0).await.unwrap();
-    let fee: i64 = sqlx::query_scalar("SELECT fee FROM shards WHERE id = $1")
-        .bind(done.shard_id)
-        .fetch_one(&domain.db)
-        .await
-        .unwrap();
+    let fee = domain.fee(done.shard_id).await;
     // One node calling the input unusable is not enough: it might be the node.
     reject(&domain, bad, true).await;
     assert_eq!(domain.status(job).await, JobStatus::Running);
