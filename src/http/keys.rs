@@ -34,11 +34,7 @@ pub struct CreateKey {
     /// What the key is for, 1 to 64 characters, no control characters (required; missing, it
     /// is refused naming `name`).
     #[serde(default)]
-    #[schema(
-        min_length = 1,
-        max_length = 64,
-        pattern = r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"
-    )]
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
     /// Scopes the key may use, among the creating key's own (default: all of them).
     #[serde(default)]
