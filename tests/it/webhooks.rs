@@ -14,22 +14,20 @@ use crate::common::{forecast_job, TestApp};
 
 type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
 
-/// A receiver that fails its first request (as a deploying service would) and accepts the rest.
-async fn flaky_receiver() -> (String, Received) {
+/// A receiver that answers its `n`th request (from 1) with `answer(n)`, keeping every request.
+async fn receiver_answering(
+    answer: impl Fn(usize) -> StatusCode + Clone + Send + Sync + 'static,
+) -> (String, Received) {
     let received: Received = Default::default();
     let log = received.clone();
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let log = log.clone();
+            let (log, answer) = (log.clone(), answer.clone());
             async move {
                 let mut log = log.lock().unwrap();
                 log.push((headers, body.to_vec()));
-                if log.len() == 1 {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::NO_CONTENT
-                }
+                answer(log.len())
             }
         }),
     );
@@ -43,7 +41,12 @@ async fn flaky_receiver() -> (String, Received) {
 async fn a_finished_job_is_posted_signed_and_retried_until_accepted() {
     let mut app = TestApp::spawn().await;
     app.start_worker().await;
-    let (url, received) = flaky_receiver().await;
+    // Fails the first request, as a deploying service would, and accepts the rest.
+    let (url, received) = receiver_answering(|n| match n {
+        1 => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::NO_CONTENT,
+    })
+    .await;
     let (_, key) = app.customer(50_000_000).await;
     let mut body = forecast_job(8, 3);
     body["webhook"] = Value::String(url);
@@ -185,22 +188,7 @@ async fn webhooks_to_ipv6_forms_of_internal_addresses_are_refused_at_submit() {
 
 /// A receiver that answers every request with `status`.
 async fn receiver(status: StatusCode) -> (String, Received) {
-    let received: Received = Default::default();
-    let log = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let log = log.clone();
-            async move {
-                log.lock().unwrap().push((headers, body.to_vec()));
-                status
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, received)
+    receiver_answering(move |_| status).await
 }
 
 /// Waits until `received` holds `n` requests.
