@@ -28,6 +28,7 @@ test: setup clients
 	@scripts/setup-python-sdk.sh
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
+	@scripts/setup-generated-clients.sh
 	cargo fmt --all -- --check
 	@scripts/sqlx-prepare.sh --check
 	cargo clippy --workspace --all-targets -- -D warnings

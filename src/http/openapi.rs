@@ -34,6 +34,7 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, web
         (name = "files", description = "Uploads (inputs such as videos) and downloads"),
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
         (name = "account", description = "Balances, ledger entries and API keys"),
+        (name = "webhooks", description = "Standard Webhooks: endpoints, their events and each delivery attempt"),
         (name = "nodes", description = "Worker nodes of the network"),
         (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),
         (name = "ops", description = "Health, readiness, metrics, this document"),
@@ -210,6 +211,7 @@ fn problem(description: &str) -> utoipa::openapi::Response {
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
     with_kinds(&mut doc);
+    with_named_variants(&mut doc);
     doc
 }
 
@@ -258,4 +260,70 @@ fn with_kinds(doc: &mut Value) {
     let output = &mut schemas["Job"]["properties"]["output"];
     let description = output["description"].clone();
     *output = json!({ "description": description, "anyOf": outputs });
+}
+
+/// Gives each variant of a tagged union (`JobEvent`, `Reply`, `ClientOp`: inline objects told
+/// apart by one property holding a single string) a schema of its own, named after the union
+/// and its tag (`JobEventPartial`), and the union a discriminator over that property. Generated
+/// clients then get `JobEventPartial` rather than `JobEventType1`, and pick the variant by its
+/// tag instead of trying each in turn.
+fn with_named_variants(doc: &mut Value) {
+    let schemas = doc["components"]["schemas"]
+        .as_object_mut()
+        .expect("the document has schemas");
+    let tag_of = |variant: &Value| -> Option<(String, String)> {
+        let properties = variant.get("properties")?.as_object()?;
+        properties
+            .iter()
+            .find_map(|(name, schema)| match schema["enum"].as_array() {
+                Some(values)
+                    if values.len() == 1 && schema.get("type") == Some(&json!("string")) =>
+                {
+                    Some((name.clone(), values[0].as_str()?.to_string()))
+                }
+                _ => None,
+            })
+    };
+    let unions: Vec<String> = schemas
+        .iter()
+        .filter(|(_, schema)| {
+            schema["oneOf"].as_array().is_some_and(|variants| {
+                let tags: Vec<_> = variants.iter().map(tag_of).collect();
+                tags.iter().all(Option::is_some)
+                    && tags
+                        .windows(2)
+                        .all(|w| w[0].as_ref().map(|t| &t.0) == w[1].as_ref().map(|t| &t.0))
+            })
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for union in unions {
+        let variants = schemas[&union]["oneOf"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let (mut references, mut mapping, mut property) = (Vec::new(), Map::new(), String::new());
+        for variant in variants {
+            let (tag, value) = tag_of(&variant).expect("checked above");
+            let pascal: String = value
+                .split('_')
+                .map(|word| {
+                    let mut chars = word.chars();
+                    chars
+                        .next()
+                        .map(|c| c.to_uppercase().chain(chars).collect::<String>())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let name = format!("{union}{pascal}");
+            let reference = format!("#/components/schemas/{name}");
+            schemas.insert(name, variant);
+            references.push(json!({ "$ref": reference }));
+            mapping.insert(value, json!(reference));
+            property = tag;
+        }
+        let schema = &mut schemas[&union];
+        schema["oneOf"] = json!(references);
+        schema["discriminator"] = json!({ "propertyName": property, "mapping": mapping });
+    }
 }

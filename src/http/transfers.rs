@@ -85,7 +85,7 @@ async fn authorise(
     get, path = "/v1/transfers/{assignment}/input", tag = "workers",
     params(("assignment" = Uuid, Path, description = "Assignment id"), TransferQuery),
     responses(
-        (status = 200, description = "The segment", content_type = "video/x-matroska", body = Vec<u8>),
+        (status = 200, description = "The segment: Matroska bytes, served as plain bytes", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Expired or forged URL, bad node signature, or not the node's current assignment", body = Problem, content_type = "application/problem+json"),
     )
@@ -117,7 +117,7 @@ pub async fn input(
     let size = object.meta.size;
     Ok(Response::builder()
         .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "video/x-matroska")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, size)
         .body(Body::from_stream(object.into_stream()))
         .map_err(|e| anyhow::anyhow!("building the response: {e}"))?
@@ -128,7 +128,7 @@ pub async fn input(
 #[utoipa::path(
     put, path = "/v1/transfers/{assignment}/output", tag = "workers",
     params(("assignment" = Uuid, Path, description = "Assignment id"), TransferQuery),
-    request_body(content = Vec<u8>, content_type = "video/mp4"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The anonymized segment: MP4 bytes"),
     responses(
         (status = 201, description = "Stored", body = Uploaded),
         (status = 401, body = Problem, content_type = "application/problem+json"),

@@ -76,7 +76,7 @@ pub struct DeliveryList {
 /// with the endpoint's secret (`webhook-signature: v1,...`). Any other URL gets `completed`
 /// alone, signed with the gateway's key (`v1a,...`).
 #[utoipa::path(
-    post, path = "/v1/webhooks", tag = "jobs", operation_id = "register_webhook",
+    post, path = "/v1/webhooks", tag = "webhooks", operation_id = "register_webhook",
     request_body = RegisterEndpoint,
     responses(
         (status = 201, body = RegisteredEndpoint),
@@ -110,7 +110,7 @@ pub async fn register(
 
 /// Your webhook endpoints.
 #[utoipa::path(
-    get, path = "/v1/webhooks", tag = "jobs", operation_id = "list_webhooks",
+    get, path = "/v1/webhooks", tag = "webhooks", operation_id = "list_webhooks",
     responses(
         (status = 200, body = EndpointList),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -129,7 +129,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> AppResult<Js
 ///
 /// Messages already queued for it are still delivered, signed with the gateway's key.
 #[utoipa::path(
-    delete, path = "/v1/webhooks/{id}", tag = "jobs", operation_id = "delete_webhook",
+    delete, path = "/v1/webhooks/{id}", tag = "webhooks", operation_id = "delete_webhook",
     params(("id" = Uuid, Path, description = "Endpoint id")),
     responses(
         (status = 204, description = "Deleted"),
@@ -154,7 +154,7 @@ pub async fn delete(
 /// Each message (`webhook-id`) with its event and every attempt: when, the receiver's status
 /// or the error, how long it took.
 #[utoipa::path(
-    get, path = "/v1/jobs/{id}/deliveries", tag = "jobs", operation_id = "list_deliveries",
+    get, path = "/v1/jobs/{id}/deliveries", tag = "webhooks", operation_id = "list_deliveries",
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 200, body = DeliveryList),

@@ -14,6 +14,7 @@ mod files;
 mod forecast_oracle;
 mod fuzz_api;
 mod fuzz_inputs;
+mod generated_clients;
 mod jobs;
 mod js_client;
 mod keys;

@@ -851,33 +851,53 @@ export interface components {
             next_after?: number | null;
         };
         /** @description A client → server frame. */
-        ClientOp: {
-            idempotency_key?: string | null;
-            job: components["schemas"]["SubmitJob"];
-            /** @enum {string} */
-            op: "submit";
-            ref?: string | null;
-        } | {
+        ClientOp: components["schemas"]["ClientOpSubmit"] | components["schemas"]["ClientOpSubscribe"] | components["schemas"]["ClientOpUnsubscribe"] | components["schemas"]["ClientOpCancel"] | components["schemas"]["ClientOpPing"];
+        ClientOpCancel: {
             /** Format: uuid */
             job_id: string;
-            /** @enum {string} */
-            op: "subscribe";
-            ref?: string | null;
-        } | {
-            /** Format: uuid */
-            job_id: string;
-            /** @enum {string} */
-            op: "unsubscribe";
-            ref?: string | null;
-        } | {
-            /** Format: uuid */
-            job_id: string;
-            /** @enum {string} */
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             op: "cancel";
             ref?: string | null;
-        } | {
-            /** @enum {string} */
+        };
+        ClientOpPing: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             op: "ping";
+            ref?: string | null;
+        };
+        ClientOpSubmit: {
+            idempotency_key?: string | null;
+            job: components["schemas"]["SubmitJob"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            op: "submit";
+            ref?: string | null;
+        };
+        ClientOpSubscribe: {
+            /** Format: uuid */
+            job_id: string;
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            op: "subscribe";
+            ref?: string | null;
+        };
+        ClientOpUnsubscribe: {
+            /** Format: uuid */
+            job_id: string;
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            op: "unsubscribe";
             ref?: string | null;
         };
         CreateKey: {
@@ -1149,18 +1169,29 @@ export interface components {
             message: string;
         };
         /** @description A server → client event about one job (SSE `data`, and WebSocket frames). */
-        JobEvent: {
-            /** @enum {string} */
-            event: "progress";
-            /** Format: uuid */
-            job_id: string;
-            /** Format: int32 */
-            shards_done: number;
-            /** Format: int32 */
-            shards_total: number;
-            status: components["schemas"]["JobStatus"];
-        } | {
-            /** @enum {string} */
+        JobEvent: components["schemas"]["JobEventProgress"] | components["schemas"]["JobEventPartial"] | components["schemas"]["JobEventSucceeded"] | components["schemas"]["JobEventFailed"] | components["schemas"]["JobEventCanceled"];
+        JobEventCanceled: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "canceled";
+            job: components["schemas"]["Job"];
+        };
+        JobEventFailed: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "failed";
+            job: components["schemas"]["Job"];
+        };
+        /** @description One shard's slice of the output as soon as it is verified: `rows` start at row `offset`. */
+        JobEventPartial: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             event: "partial";
             /**
              * @description The rows' intervals, one per level the job asked for, where its kind gives them:
@@ -1174,17 +1205,28 @@ export interface components {
             rows: number[][];
             /** Format: int32 */
             shard: number;
-        } | {
-            /** @enum {string} */
+        };
+        /** @description Shards finished so far. */
+        JobEventProgress: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "progress";
+            /** Format: uuid */
+            job_id: string;
+            /** Format: int32 */
+            shards_done: number;
+            /** Format: int32 */
+            shards_total: number;
+            status: components["schemas"]["JobStatus"];
+        };
+        JobEventSucceeded: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             event: "succeeded";
-            job: components["schemas"]["Job"];
-        } | {
-            /** @enum {string} */
-            event: "failed";
-            job: components["schemas"]["Job"];
-        } | {
-            /** @enum {string} */
-            event: "canceled";
             job: components["schemas"]["Job"];
         };
         JobPage: {
@@ -1370,35 +1412,64 @@ export interface components {
             secret: string;
         };
         /** @description A server → client frame that answers an op (job events are sent as `JobEvent`). */
-        Reply: {
-            /** @enum {string} */
+        Reply: components["schemas"]["ReplyAccepted"] | components["schemas"]["ReplySubscribed"] | components["schemas"]["ReplyUnsubscribed"] | components["schemas"]["ReplyCancelAccepted"] | components["schemas"]["ReplyPong"] | components["schemas"]["ReplyError"];
+        ReplyAccepted: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             event: "accepted";
             job: components["schemas"]["Job"];
             ref?: string | null;
-        } | {
-            /** @enum {string} */
-            event: "subscribed";
-            job: components["schemas"]["Job"];
-            ref?: string | null;
-        } | {
-            /** @enum {string} */
-            event: "unsubscribed";
-            /** Format: uuid */
-            job_id: string;
-            ref?: string | null;
-        } | {
-            /** @enum {string} */
+        };
+        /**
+         * @description The answer to `cancel`: the job as the cancel ended it, its `output` holding the rows of
+         *     the shards paid for. A socket that follows the job still gets their `partial` events, then
+         *     the terminal `canceled` event.
+         */
+        ReplyCancelAccepted: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             event: "cancel_accepted";
             job: components["schemas"]["Job"];
             ref?: string | null;
-        } | {
-            /** @enum {string} */
-            event: "pong";
-            ref?: string | null;
-        } | {
-            /** @enum {string} */
+        };
+        ReplyError: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
             event: "error";
             problem: components["schemas"]["Problem"];
+            ref?: string | null;
+        };
+        ReplyPong: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "pong";
+            ref?: string | null;
+        };
+        ReplySubscribed: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "subscribed";
+            job: components["schemas"]["Job"];
+            ref?: string | null;
+        };
+        ReplyUnsubscribed: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            event: "unsubscribed";
+            /** Format: uuid */
+            job_id: string;
             ref?: string | null;
         };
         /**
@@ -3344,13 +3415,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The segment */
+            /** @description The segment: Matroska bytes, served as plain bytes */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "video/x-matroska": string;
+                    "application/octet-stream": string;
                 };
             };
             401: {
@@ -3396,9 +3467,10 @@ export interface operations {
             };
             cookie?: never;
         };
+        /** @description The anonymized segment: MP4 bytes */
         requestBody: {
             content: {
-                "video/mp4": string;
+                "application/octet-stream": string;
             };
         };
         responses: {

@@ -98,7 +98,7 @@ pub async fn download(
     Ok(total)
 }
 
-/// PUTs the file `from` to `url` as `video/mp4`, signed by `node`, streamed from disk with its
+/// PUTs the file `from` (an MP4) to `url` as bytes, signed by `node`, streamed from disk with its
 /// length; returns the bytes sent. An answer other than 2xx is an error quoting its status and
 /// the start of its body. Errors never quote the URL.
 pub async fn upload(
@@ -116,7 +116,7 @@ pub async fn upload(
         .with_context(|| format!("reading {}", from.display()))?
         .len();
     let response = signed(client.put(url), node, "PUT", url)?
-        .header(reqwest::header::CONTENT_TYPE, "video/mp4")
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
         .header(reqwest::header::CONTENT_LENGTH, length)
         .body(reqwest::Body::from(file))
         .send()
@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(detections.len(), 25);
         assert!(detections.iter().filter(|f| !f.is_empty()).count() >= 23);
         let put = puts.lock().unwrap().pop().expect("one upload");
-        assert_eq!(put.content_type, "video/mp4");
+        assert_eq!(put.content_type, "application/octet-stream");
         assert_eq!(put.content_length, Some(put.body.len()));
         assert_eq!(video_bytes, put.body.len() as u64);
         assert_eq!(video_sha256, xpand_protocol::sha256_hex(&put.body));
