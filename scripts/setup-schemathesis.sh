@@ -4,12 +4,11 @@
 # already installed.
 set -euo pipefail
 
-version=4.7.2
-# hypothesis-jsonschema 0.23 breaks on hypothesis 6.170 (AttributeError: many.more).
+version=4.32.5
 venv="${XPAND_SCHEMATHESIS_VENV:-$HOME/.cache/xpand/schemathesis-venv}"
 if [[ -x "$venv/bin/schemathesis" ]] && "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$version"; then
     exit 0
 fi
 echo "setup-schemathesis: installing schemathesis==$version into $venv" >&2
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$version" "hypothesis==6.140.0" >&2
+"$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$version" >&2

@@ -375,46 +375,91 @@ pub async fn get(db: &PgPool, account: Uuid, id: Uuid) -> Result<FileInfo, AppEr
     .ok_or(AppError::NotFound("file"))
 }
 
-/// A `Range: bytes=...` header resolved against a file's size: the inclusive byte range, or
-/// `None` for "not satisfiable". Only single ranges are served.
-pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = header.strip_prefix("bytes=")?;
-    if size == 0 {
-        return None;
-    }
-    // Digits only, as the document's pattern says: no spaces, signs or lists.
-    let (start, end) = spec.split_once('-')?;
-    let number = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+/// A `Range: bytes=...` header resolved against a file's size: the inclusive byte range. A
+/// header outside the document's grammar (one range of digits: no spaces, signs, lists or other
+/// units) is refused by name; a well-formed range that misses the file is "not satisfiable".
+pub fn parse_range(header: &str, size: u64) -> Result<(u64, u64), AppError> {
+    let malformed = || {
+        AppError::field(
+            "Range",
+            "must be bytes=START-END, bytes=START- or bytes=-SUFFIX (one range of digits)",
+        )
     };
-    let (start, end) = match (start, end) {
-        ("", suffix) => {
-            let n = number(suffix)?;
-            (size.checked_sub(n.min(size))?, size - 1)
+    let (start, end) = header
+        .strip_prefix("bytes=")
+        .and_then(|spec| spec.split_once('-'))
+        .ok_or_else(malformed)?;
+    let number = |s: &str| -> Result<Option<u64>, AppError> {
+        if s.is_empty() {
+            return Ok(None);
         }
-        (start, "") => (number(start)?, size - 1),
-        (start, end) => (number(start)?, number(end)?.min(size - 1)),
+        if !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(malformed());
+        }
+        // Past u64 is past any file: not satisfiable as a start, the end of the file as an end.
+        Ok(Some(s.parse().unwrap_or(u64::MAX)))
     };
-    (start <= end && start < size).then_some((start, end))
+    let unsatisfiable = AppError::RangeNotSatisfiable { size };
+    let range = match (number(start)?, number(end)?) {
+        (None, None) => return Err(malformed()),
+        _ if size == 0 => return Err(unsatisfiable),
+        (None, Some(suffix)) => (size - suffix.min(size), size - 1),
+        (Some(start), None) => (start, size - 1),
+        (Some(start), Some(end)) => (start, end.min(size - 1)),
+    };
+    if range.0 <= range.1 && range.0 < size {
+        Ok(range)
+    } else {
+        Err(unsatisfiable)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_range;
+    use crate::error::AppError;
 
     #[test]
     fn ranges_resolve_against_the_size() {
-        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 99)));
-        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 999)));
-        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 999)));
-        assert_eq!(parse_range("bytes=990-2000", 1000), Some((990, 999)));
-        assert_eq!(parse_range("bytes=-5000", 1000), Some((0, 999)));
-        assert_eq!(parse_range("bytes=1000-", 1000), None);
-        assert_eq!(parse_range("bytes=5-1", 1000), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
-        assert_eq!(parse_range("items=0-1", 1000), None);
-        assert_eq!(parse_range("bytes=x-1", 1000), None);
-        assert_eq!(parse_range("bytes= 0-1", 1000), None);
-        assert_eq!(parse_range("bytes=+5-", 1000), None);
+        let range = |h: &str, size| parse_range(h, size).ok();
+        assert_eq!(range("bytes=0-99", 1000), Some((0, 99)));
+        assert_eq!(range("bytes=900-", 1000), Some((900, 999)));
+        assert_eq!(range("bytes=-100", 1000), Some((900, 999)));
+        assert_eq!(range("bytes=990-2000", 1000), Some((990, 999)));
+        assert_eq!(range("bytes=-5000", 1000), Some((0, 999)));
+        assert_eq!(
+            range("bytes=0-99999999999999999999999", 1000),
+            Some((0, 999))
+        );
+    }
+
+    #[test]
+    fn a_range_past_the_file_is_unsatisfiable_and_a_malformed_one_is_refused_by_name() {
+        let unsatisfiable = ["bytes=1000-", "bytes=5-1", "bytes=-0", "bytes=0-0"];
+        for (header, size) in unsatisfiable.iter().zip([1000, 1000, 1000, 0]) {
+            assert!(
+                matches!(
+                    parse_range(header, size),
+                    Err(AppError::RangeNotSatisfiable { .. })
+                ),
+                "{header}"
+            );
+        }
+        for header in [
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=x-1",
+            "bytes= 0-1",
+            "bytes=+5-",
+            "bytes=-",
+            "{}",
+            "null",
+            "",
+        ] {
+            match parse_range(header, 1000) {
+                Err(AppError::Validation(errors)) => assert_eq!(errors[0].field, "Range"),
+                other => panic!("{header}: {other:?}"),
+            }
+        }
     }
 }

@@ -106,7 +106,7 @@ pub struct TokenResponse {
 /// the key is revoked (open streams using it are closed within about two seconds).
 #[utoipa::path(
     post, path = "/v1/auth/token", tag = "auth",
-    request_body(content = TokenRequest, description = "Optional; an empty body grants all scopes for the maximum lifetime"),
+    request_body(content = Option<TokenRequest>, description = "Optional; an empty body grants all scopes for the maximum lifetime"),
     responses(
         (status = 200, body = TokenResponse),
         (status = 401, body = Problem, content_type = "application/problem+json"),

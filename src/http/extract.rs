@@ -64,11 +64,29 @@ async fn read_json_body(req: Request, state: &AppState) -> Result<axum::body::By
 
 /// Parses JSON the way [`JsonBody`] does (the WebSocket uses it for frames): one value and
 /// nothing after it, and no NUL character in any string or key (Postgres text cannot hold one).
+/// A whole number written as a float (`221.0`) is read as the integer it is, as JSON Schema
+/// reads it; generated clients and Python's `json` write them.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let value = deserialize(de)?;
-    de.end()
-        .map_err(|_| AppError::MalformedJson("the body continues after the JSON value".into()))?;
+    let value = match serde_path_to_error::deserialize(&mut *de) {
+        Ok(value) => {
+            de.end().map_err(|_| {
+                AppError::MalformedJson("the body continues after the JSON value".into())
+            })?;
+            value
+        }
+        Err(e)
+            if e.inner()
+                .to_string()
+                .starts_with("invalid type: floating point") =>
+        {
+            let mut tree: Value = serde_json::from_slice(bytes)
+                .map_err(|e| AppError::MalformedJson(e.to_string()))?;
+            whole_floats_as_integers(&mut tree);
+            serde_path_to_error::deserialize(tree).map_err(rejection)?
+        }
+        Err(e) => return Err(rejection(e)),
+    };
     // Raw control characters are invalid JSON, so a NUL can only arrive escaped.
     if bytes.windows(6).any(|w| w == b"\\u0000") {
         let tree: Value =
@@ -78,6 +96,23 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
         }
     }
     Ok(value)
+}
+
+/// Rewrites every float with no fraction, within the range a double holds exactly, as an
+/// integer. (A float field still reads an integer.)
+fn whole_floats_as_integers(value: &mut Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if x.fract() == 0.0 && x.abs() <= EXACT {
+                *value = Value::from(x as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(whole_floats_as_integers),
+        _ => {}
+    }
 }
 
 /// The path of the first string or key holding a NUL, e.g. `input.series[0]` or `webhook`.
@@ -108,23 +143,21 @@ fn nul_path(value: &Value, path: String) -> Option<String> {
     }
 }
 
-fn deserialize<'de, T: DeserializeOwned>(
-    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
-) -> Result<T, AppError> {
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let inner = e.inner();
-        if inner.is_syntax() || inner.is_eof() {
-            AppError::MalformedJson(inner.to_string())
+/// A body serde could not read: a syntax error is `malformed-json`, anything else names the
+/// field's path.
+fn rejection(e: serde_path_to_error::Error<serde_json::Error>) -> AppError {
+    let inner = e.inner();
+    if inner.is_syntax() || inner.is_eof() {
+        AppError::MalformedJson(inner.to_string())
+    } else {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "body".to_string()
         } else {
-            let path = e.path().to_string();
-            let field = if path == "." {
-                "body".to_string()
-            } else {
-                path
-            };
-            AppError::Validation(vec![FieldError::new(field, inner.to_string())])
-        }
-    })
+            path
+        };
+        AppError::Validation(vec![FieldError::new(field, inner.to_string())])
+    }
 }
 
 /// `axum::extract::Path` with a problem rejection; a NUL in the path is refused.
@@ -170,4 +203,36 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Query<T> {
 /// Whether a percent-encoded path decodes to something with a NUL in it.
 fn contains_nul(path: &str) -> bool {
     path.as_bytes().windows(3).any(|w| w == b"%00")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    struct Body {
+        n: u64,
+        x: f64,
+        rows: Vec<Vec<i32>>,
+    }
+
+    #[test]
+    fn whole_floats_read_as_integers_and_fractions_are_refused_by_field() {
+        let body: Body = parse_json(br#"{"n": 221.0, "x": 2, "rows": [[1, -3.0]]}"#).unwrap();
+        assert_eq!((body.n, body.x, body.rows), (221, 2.0, vec![vec![1, -3]]));
+        for (json, field) in [
+            (r#"{"n": 221.5, "x": 1, "rows": []}"#, "n"),
+            (r#"{"n": 1e300, "x": 1, "rows": []}"#, "n"),
+            (r#"{"n": 1, "x": 1, "rows": [[0.5]]}"#, "rows[0][0]"),
+        ] {
+            match parse_json::<Body>(json.as_bytes()) {
+                Err(AppError::Validation(errors)) => assert_eq!(errors[0].field, field, "{json}"),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse_json::<Body>(br#"{"n": 1.0, "x": 1, "rows": []} {}"#),
+            Err(AppError::MalformedJson(_))
+        ));
+    }
 }

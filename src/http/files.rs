@@ -89,11 +89,12 @@ pub async fn delete(
 /// Download one of your files; `Range: bytes=...` (one range) gets a 206.
 #[utoipa::path(
     get, path = "/v1/files/{id}", tag = "files",
-    params(("id" = Uuid, Path, description = "File id"), ("Range" = Option<String>, Header, description = "bytes=start-end, bytes=start- or bytes=-suffix", pattern = r"^bytes=([0-9]+-[0-9]*|-[0-9]+)$")),
+    params(("id" = Uuid, Path, description = "File id"), ("Range" = Option<String>, Header, nullable = false, description = "bytes=start-end, bytes=start- or bytes=-suffix", pattern = r"^bytes=([0-9]+-[0-9]*|-[0-9]+)$")),
     responses(
         (status = 200, description = "The whole file", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A `Range` outside the grammar", body = Problem, content_type = "application/problem+json"),
         (status = 416, description = "The range is not satisfiable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -109,9 +110,7 @@ pub async fn download(
     let size = file.size as u64;
     let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
         None => None,
-        Some(spec) => {
-            Some(files::parse_range(spec, size).ok_or(AppError::RangeNotSatisfiable { size })?)
-        }
+        Some(spec) => Some(files::parse_range(spec, size)?),
     };
     let options = GetOptions {
         range: range.map(|(start, end)| GetRange::Bounded(start..end + 1)),

@@ -212,6 +212,7 @@ pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
     with_kinds(&mut doc);
     with_named_variants(&mut doc);
+    with_links(&mut doc);
     doc
 }
 
@@ -325,5 +326,48 @@ fn with_named_variants(doc: &mut Value) {
         let schema = &mut schemas[&union];
         schema["oneOf"] = json!(references);
         schema["discriminator"] = json!({ "propertyName": property, "mapping": mapping });
+    }
+}
+
+/// What a created resource's `id` can be passed to, as OpenAPI links on the create's 2xx
+/// responses: (create path, the operations that take the id as `{id}`).
+const LINKS: [(&str, &[&str]); 4] = [
+    (
+        "/v1/jobs",
+        &[
+            "get_job",
+            "cancel",
+            "list_deliveries",
+            "settlement_proof",
+            "events",
+        ],
+    ),
+    ("/v1/files", &["download", "delete_file"]),
+    ("/v1/webhooks", &["delete_webhook"]),
+    ("/v1/account/keys", &["revoke_key"]),
+];
+
+/// Adds [`LINKS`]: a reader (and a stateful fuzzer) learns that the `id` a create answers is
+/// what the operations on that resource take.
+fn with_links(doc: &mut Value) {
+    for (path, targets) in LINKS {
+        let links: Map<String, Value> = targets
+            .iter()
+            .map(|target| {
+                let link = json!({
+                    "operationId": target,
+                    "parameters": { "id": "$response.body#/id" },
+                });
+                (target.to_string(), link)
+            })
+            .collect();
+        let responses = doc["paths"][path]["post"]["responses"]
+            .as_object_mut()
+            .unwrap_or_else(|| panic!("POST {path} has responses"));
+        for (status, response) in responses.iter_mut() {
+            if status.starts_with('2') {
+                response["links"] = Value::Object(links.clone());
+            }
+        }
     }
 }

@@ -72,6 +72,10 @@ async fn uploads_stream_in_and_download_whole_or_by_range() {
     let resp = ranged("bytes=999999999-").await.unwrap();
     assert_eq!(resp.status(), 416);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let resp = ranged("bytes=0-1,5-6").await.unwrap();
+    assert_eq!(resp.status(), 422);
+    let problem: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "Range", "{problem}");
 
     assert_eq!(
         app.get(&other, &format!("/v1/files/{id}")).await.status(),

@@ -1974,9 +1974,9 @@ export interface operations {
             cookie?: never;
         };
         /** @description Optional; an empty body grants all scopes for the maximum lifetime */
-        requestBody: {
+        requestBody?: {
             content: {
-                "application/json": components["schemas"]["TokenRequest"];
+                "application/json": null | components["schemas"]["TokenRequest"];
             };
         };
         responses: {
@@ -2175,7 +2175,7 @@ export interface operations {
             query?: never;
             header?: {
                 /** @description bytes=start-end, bytes=start- or bytes=-suffix */
-                Range?: string | null;
+                Range?: string;
             };
             path: {
                 /** @description File id */
@@ -2238,7 +2238,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description A malformed parameter or body field, named in `errors` */
+            /** @description A `Range` outside the grammar */
             422: {
                 headers: {
                     [name: string]: unknown;
