@@ -108,6 +108,9 @@ pub struct GatewayArgs {
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
+    /// Largest accepted ONNX model, in bytes (it is read whole to be checked).
+    #[arg(long, env = "XPAND_MAX_MODEL_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_model_bytes: u64,
     /// Share of shard results checked by a second run on another node, in basis points.
     #[arg(long, env = "XPAND_REDUNDANCY_BPS", default_value_t = 500)]
     pub redundancy_bps: u32,
@@ -221,6 +224,7 @@ pub struct Config {
     pub max_video_seconds: u64,
     pub forecast_rows_per_shard: usize,
     pub max_upload_bytes: u64,
+    pub max_model_bytes: u64,
     pub node_msgs_per_sec: u32,
     pub scheduling: Scheduling,
     pub db_pool: u32,
@@ -359,6 +363,7 @@ impl GatewayArgs {
             max_video_seconds: self.max_video_secs,
             forecast_rows_per_shard: self.forecast_rows_per_shard,
             max_upload_bytes: self.max_upload_bytes,
+            max_model_bytes: self.max_model_bytes,
             node_msgs_per_sec: self.node_msgs_per_sec,
             scheduling: Scheduling {
                 lease: Duration::from_secs(self.lease_secs),

@@ -181,19 +181,41 @@ pub struct UploadLimits {
     pub quota_bytes: i64,
 }
 
-/// Bytes the account's files hold now.
+/// Bytes the account stores now: its files and its models' versions.
 pub async fn used_bytes<'c, E: sqlx::PgExecutor<'c>>(db: E, account: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT coalesce(sum(size), 0)::bigint FROM files WHERE account_id = $1")
-        .bind(account)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar(
+        "SELECT (coalesce((SELECT sum(size) FROM files WHERE account_id = $1), 0)
+               + coalesce((SELECT sum(size) FROM model_versions WHERE account_id = $1), 0))::bigint",
+    )
+    .bind(account)
+    .fetch_one(db)
+    .await
 }
 
 fn over_quota(quota: i64) -> AppError {
     AppError::QuotaExceeded(format!(
-        "the account's files would exceed its storage quota of {quota} bytes; delete some \
-         (DELETE /v1/files/{{id}}) or wait for them to expire"
+        "the account's files and models would exceed its storage quota of {quota} bytes; \
+         delete some (DELETE /v1/files/{{id}}, DELETE /v1/models/{{name}}/versions/{{v}}) or \
+         wait for files to expire"
     ))
+}
+
+/// Makes room for `size` more bytes of `account` within `quota`, in `tx`: the account row
+/// lock makes the check and the caller's insert one step against concurrent uploads.
+pub async fn reserve(
+    tx: &mut sqlx::PgConnection,
+    account: Uuid,
+    size: i64,
+    quota: i64,
+) -> Result<(), AppError> {
+    sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    if used_bytes(&mut *tx, account).await? + size > quota {
+        return Err(over_quota(quota));
+    }
+    Ok(())
 }
 
 /// Streams `body` into storage as a new file of `account` (see [`store_stream`]), within the
@@ -225,10 +247,10 @@ where
         other => other?,
     };
     let row = insert_within_quota(db, id, account, &stored, content_type, limits.quota_bytes).await;
-    if !matches!(row, Ok(Some(_))) {
+    if row.is_err() {
         let _ = store.delete(&path).await;
     }
-    row?.ok_or_else(|| over_quota(limits.quota_bytes))
+    row
 }
 
 /// Inserts the row unless concurrent uploads filled the quota meanwhile (the account row lock
@@ -240,18 +262,12 @@ async fn insert_within_quota(
     stored: &Stored,
     content_type: &str,
     quota: i64,
-) -> sqlx::Result<Option<FileInfo>> {
+) -> Result<FileInfo, AppError> {
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .execute(&mut *tx)
-        .await?;
-    if used_bytes(&mut *tx, account).await? + stored.size as i64 > quota {
-        return Ok(None);
-    }
+    reserve(&mut tx, account, stored.size as i64, quota).await?;
     let info = insert(&mut *tx, id, account, stored, content_type).await?;
     tx.commit().await?;
-    Ok(Some(info))
+    Ok(info)
 }
 
 /// Deletes one of the caller's files: its row, then its bytes. A file an unfinished job still

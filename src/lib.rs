@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod nodes;
 pub mod presence;
+pub mod registry;
 pub mod retention;
 pub mod shutdown;
 pub mod startup;

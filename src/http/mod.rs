@@ -10,6 +10,7 @@ pub mod guard;
 pub mod jobs;
 pub mod keys;
 pub mod ledger;
+pub mod models;
 pub mod nodes;
 pub mod openapi;
 pub mod ops;
@@ -23,7 +24,7 @@ pub mod ws;
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post, put};
@@ -45,6 +46,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks", get(webhooks::list).post(webhooks::register))
         .route("/v1/webhooks/{id}", delete(webhooks::delete))
         .route("/v1/ws", get(ws::upgrade))
+        .route(
+            "/v1/models",
+            get(models::list)
+                .post(models::register)
+                .layer(DefaultBodyLimit::max(
+                    state.config.max_model_bytes as usize + models::MAX_MANIFEST_BYTES + 64 * 1024,
+                )),
+        )
+        .route("/v1/models/{name}", get(models::get).patch(models::publish))
+        .route(
+            "/v1/models/{name}/versions/{version}",
+            get(models::version).delete(models::delete),
+        )
         .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/transfers/{assignment}/input", get(transfers::input))

@@ -5,7 +5,9 @@ use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, webhooks, ws};
+use crate::http::{
+    account, files, jobs, keys, ledger, models, nodes, ops, transfers, webhooks, ws,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +20,8 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, web
     paths(
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
         files::upload, files::download, files::delete, transfers::input, transfers::output,
+        models::register, models::list, models::get, models::publish, models::version,
+        models::delete,
         account::token, account::account, account::ledger_entries,
         keys::list, keys::create, keys::revoke,
         webhooks::register, webhooks::list, webhooks::delete, webhooks::deliveries,
@@ -34,6 +38,7 @@ use crate::http::{account, files, jobs, keys, ledger, nodes, ops, transfers, web
         (name = "files", description = "Uploads (inputs such as videos) and downloads"),
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
         (name = "account", description = "Balances, ledger entries and API keys"),
+        (name = "models", description = "The model registry: your ONNX models, their versions and publishing"),
         (name = "webhooks", description = "Standard Webhooks: endpoints, their events and each delivery attempt"),
         (name = "nodes", description = "Worker nodes of the network"),
         (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),

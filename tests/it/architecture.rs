@@ -16,6 +16,7 @@ const DOMAIN: &[&str] = &[
     "kinds",
     "ledger",
     "nodes",
+    "registry",
     "retention",
     "transfers",
 ];

@@ -239,6 +239,7 @@ pub fn test_config(db_name: &str) -> Config {
             straggler_min_secs: 10.0,
         },
         max_upload_bytes: 8 * 1024 * 1024,
+        max_model_bytes: 4 * 1024 * 1024,
         pool: xpand::config::PoolConfig {
             issuance: 1_000_000,
             fee_share_bps: 5_000,

@@ -20,6 +20,7 @@ mod js_client;
 mod keys;
 mod ledger_chain;
 mod ledger_properties;
+mod models;
 mod ops;
 mod protocol;
 mod python_sdk;
