@@ -105,6 +105,14 @@ pub struct GatewayArgs {
     /// smaller one spreads a sheet over more nodes and streams it back in more slices.
     #[arg(long, env = "XPAND_FORECAST_ROWS_PER_SHARD", default_value_t = DEFAULT_FORECAST_ROWS_PER_SHARD)]
     pub forecast_rows_per_shard: usize,
+    /// About how many input elements a predict shard carries: a model's fixed cost per run
+    /// against spreading a job over nodes.
+    #[arg(
+        long,
+        env = "XPAND_PREDICT_ELEMENTS_PER_SHARD",
+        default_value_t = 65_536
+    )]
+    pub predict_elements_per_shard: usize,
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "XPAND_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
@@ -223,6 +231,7 @@ pub struct Config {
     pub public_url: Option<String>,
     pub max_video_seconds: u64,
     pub forecast_rows_per_shard: usize,
+    pub predict_elements_per_shard: usize,
     pub max_upload_bytes: u64,
     pub max_model_bytes: u64,
     pub node_msgs_per_sec: u32,
@@ -314,8 +323,8 @@ impl GatewayArgs {
         if self.max_video_secs == 0 {
             bail!("XPAND_MAX_VIDEO_SECS must be > 0");
         }
-        if self.forecast_rows_per_shard == 0 {
-            bail!("XPAND_FORECAST_ROWS_PER_SHARD must be > 0");
+        if self.forecast_rows_per_shard == 0 || self.predict_elements_per_shard == 0 {
+            bail!("XPAND_FORECAST_ROWS_PER_SHARD and XPAND_PREDICT_ELEMENTS_PER_SHARD must be > 0");
         }
         if self.max_connections == 0 || self.header_timeout_secs == 0 || self.rate_limit == 0 {
             bail!(
@@ -362,6 +371,7 @@ impl GatewayArgs {
             public_url: self.public_url,
             max_video_seconds: self.max_video_secs,
             forecast_rows_per_shard: self.forecast_rows_per_shard,
+            predict_elements_per_shard: self.predict_elements_per_shard,
             max_upload_bytes: self.max_upload_bytes,
             max_model_bytes: self.max_model_bytes,
             node_msgs_per_sec: self.node_msgs_per_sec,

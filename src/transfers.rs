@@ -39,6 +39,8 @@ pub enum Direction {
     Input,
     /// PUT the shard's output.
     Output,
+    /// GET the model a predict shard runs.
+    Model,
 }
 
 impl Direction {
@@ -46,6 +48,7 @@ impl Direction {
         match self {
             Direction::Input => "input",
             Direction::Output => "output",
+            Direction::Model => "model",
         }
     }
 }

@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files", post(files::upload))
         .route("/v1/files/{id}", get(files::download).delete(files::delete))
         .route("/v1/transfers/{assignment}/input", get(transfers::input))
+        .route("/v1/transfers/{assignment}/model", get(transfers::model))
         .route("/v1/transfers/{assignment}/output", put(transfers::output))
         .route("/v1/auth/token", post(account::token))
         .route("/v1/account", get(account::account))

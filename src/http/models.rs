@@ -245,6 +245,7 @@ pub async fn version(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "An unfinished job runs the model; the detail names it", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

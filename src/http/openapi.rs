@@ -19,7 +19,7 @@ use crate::http::{
     ),
     paths(
         jobs::submit, jobs::get, jobs::list, jobs::cancel, jobs::events, ws::upgrade,
-        files::upload, files::download, files::delete, transfers::input, transfers::output,
+        files::upload, files::download, files::delete, transfers::input, transfers::model, transfers::output,
         models::register, models::list, models::get, models::publish, models::version,
         models::delete,
         account::token, account::account, account::ledger_entries,

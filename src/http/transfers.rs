@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use xpand_protocol::transfer::{self, NODE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use xpand_protocol::ShardTask;
 
 use super::extract::{Path, Query};
 use crate::error::{AppError, AppResult, Problem};
 use crate::files;
 use crate::http::state::AppState;
+use crate::registry;
 use crate::transfers::{self, Direction};
 
 /// How far a node's request timestamp may be from the gateway's clock.
@@ -108,12 +110,61 @@ pub async fn input(
         &headers,
     )
     .await?;
-    let path = transfers::input_path(job, idx);
-    let object = state
-        .files
-        .get(&path)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+    serve(&state, transfers::input_path(job, idx)).await
+}
+
+/// Download the registry model a predict shard runs (workers only); the node checks its hash.
+#[utoipa::path(
+    get, path = "/v1/transfers/{assignment}/model", tag = "workers", operation_id = "model",
+    params(("assignment" = Uuid, Path, description = "Assignment id"), TransferQuery),
+    responses(
+        (status = 200, description = "The model's ONNX bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Expired or forged URL, bad node signature, not the node's current assignment, or one that runs no registry model", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The model version is gone", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn model(
+    State(state): State<AppState>,
+    Path(assignment): Path<Uuid>,
+    Query(query): Query<TransferQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    let (job, idx) = authorise(
+        &state,
+        Direction::Model,
+        assignment,
+        &query,
+        &method,
+        &uri,
+        &headers,
+    )
+    .await?;
+    let task: Option<sqlx::types::Json<ShardTask>> = sqlx::query_scalar(
+        "SELECT task FROM shards WHERE job_id = $1 AND idx = $2 AND assignment_id = $3",
+    )
+    .bind(job)
+    .bind(idx)
+    .bind(assignment)
+    .fetch_optional(&state.db)
+    .await?;
+    let Some(sqlx::types::Json(ShardTask::Predict(task))) = task else {
+        return Err(AppError::Forbidden(
+            "the assignment runs no registry model".into(),
+        ));
+    };
+    serve(&state, registry::object_path(&task.model, &task.sha256)).await
+}
+
+/// Streams an object as bytes.
+async fn serve(state: &AppState, path: object_store::path::Path) -> AppResult<Response> {
+    let object = match state.files.get(&path).await {
+        Ok(object) => object,
+        Err(object_store::Error::NotFound { .. }) => return Err(AppError::NotFound("object")),
+        Err(e) => return Err(anyhow::anyhow!("reading {path}: {e}").into()),
+    };
     let size = object.meta.size;
     Ok(Response::builder()
         .status(StatusCode::OK)

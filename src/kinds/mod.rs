@@ -7,6 +7,7 @@
 
 pub mod anonymize;
 pub mod forecast;
+pub mod predict;
 
 use crate::config::Config;
 use crate::jobs::Kinds;
@@ -14,10 +15,11 @@ use crate::transfers::TransferUrls;
 
 /// What each kind takes and gives, for the OpenAPI document: its name and the `(component,
 /// JSON schema)` of its input, its parameters and its output.
-pub fn schemas() -> [(&'static str, [(&'static str, serde_json::Value); 3]); 2] {
+pub fn schemas() -> [(&'static str, [(&'static str, serde_json::Value); 3]); 3] {
     [
         (forecast::KIND, forecast::schema::schemas()),
         (anonymize::KIND, anonymize::schema::schemas()),
+        (predict::KIND, predict::schema::schemas()),
     ]
 }
 
@@ -26,6 +28,11 @@ pub fn registry(config: &Config, transfers: TransferUrls) -> Kinds {
     Kinds::default()
         .with(forecast::Forecast {
             rows_per_shard: config.forecast_rows_per_shard,
+        })
+        .with(predict::Predict {
+            elements_per_shard: config.predict_elements_per_shard,
+            transfers: transfers.clone(),
+            url_lifetime: config.scheduling.job_timeout,
         })
         .with(anonymize::Anonymize {
             transfers,

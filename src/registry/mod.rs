@@ -26,58 +26,53 @@ const MAX_RANK: usize = 8;
 /// Highest price per row, in micro-credits.
 pub const MAX_PRICE_PER_ROW: i64 = 1_000_000;
 
-/// A tensor element type, by the Open Inference Protocol's names.
+/// A tensor element type, by the Open Inference Protocol's names: those the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Datatype {
-    Bool,
-    Uint8,
-    Uint16,
-    Uint32,
-    Uint64,
-    Int8,
-    Int16,
-    Int32,
-    Int64,
-    Fp16,
     Fp32,
     Fp64,
+    Int32,
+    Int64,
 }
 
 impl Datatype {
-    /// The type of an ONNX `TensorProto.DataType` code, if the registry takes it.
+    pub const NAMES: &'static str = "FP32, FP64, INT32 or INT64";
+
+    /// The type of an ONNX `TensorProto.DataType` code, if the workers run it.
     pub fn from_onnx(code: i32) -> Option<Self> {
         Some(match code {
             1 => Self::Fp32,
-            2 => Self::Uint8,
-            3 => Self::Int8,
-            4 => Self::Uint16,
-            5 => Self::Int16,
             6 => Self::Int32,
             7 => Self::Int64,
-            9 => Self::Bool,
-            10 => Self::Fp16,
             11 => Self::Fp64,
-            12 => Self::Uint32,
-            13 => Self::Uint64,
             _ => return None,
         })
     }
 
     pub fn name(self) -> &'static str {
         match self {
-            Self::Bool => "BOOL",
-            Self::Uint8 => "UINT8",
-            Self::Uint16 => "UINT16",
-            Self::Uint32 => "UINT32",
-            Self::Uint64 => "UINT64",
-            Self::Int8 => "INT8",
-            Self::Int16 => "INT16",
-            Self::Int32 => "INT32",
-            Self::Int64 => "INT64",
-            Self::Fp16 => "FP16",
             Self::Fp32 => "FP32",
             Self::Fp64 => "FP64",
+            Self::Int32 => "INT32",
+            Self::Int64 => "INT64",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Fp32, Self::Fp64, Self::Int32, Self::Int64]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
+
+    /// Whether a value is one of this type's: integers for the integer types, in range.
+    pub fn holds(self, x: f64) -> bool {
+        match self {
+            Self::Fp32 => x.is_finite() && x.abs() <= f32::MAX as f64,
+            Self::Fp64 => x.is_finite(),
+            Self::Int32 => x.fract() == 0.0 && (i32::MIN as f64..=i32::MAX as f64).contains(&x),
+            // Exact as a JSON number only within ±2^53.
+            Self::Int64 => x.fract() == 0.0 && x.abs() <= 9_007_199_254_740_992.0,
         }
     }
 }
@@ -435,6 +430,19 @@ pub async fn delete_version(
     .fetch_all(&mut *tx)
     .await?;
     let victim = pick(versions, version)?;
+    // Its nodes would find the model gone: the job is let finish first.
+    let reader: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE kind = 'predict' AND status IN ('queued', 'running')
+         AND input->>'model' = $1 LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(job) = reader {
+        return Err(AppError::Conflict(format!(
+            "job {job} runs model '{name}'; delete the version once the job has ended (or cancel it)"
+        )));
+    }
     sqlx::query("DELETE FROM model_versions WHERE name = $1 AND sha256 = $2")
         .bind(name)
         .bind(&victim.sha256)

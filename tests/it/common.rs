@@ -224,6 +224,7 @@ pub fn test_config(db_name: &str) -> Config {
         // Small shards: a test's few rows still make several, so streaming and multi-shard
         // settlement are exercised.
         forecast_rows_per_shard: 8,
+        predict_elements_per_shard: 8_192,
         node_msgs_per_sec: 2_000,
         scheduling: xpand::config::Scheduling {
             lease: Duration::from_secs(30),

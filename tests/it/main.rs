@@ -22,6 +22,7 @@ mod ledger_chain;
 mod ledger_properties;
 mod models;
 mod ops;
+mod predict;
 mod protocol;
 mod python_sdk;
 mod registration;

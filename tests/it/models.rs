@@ -15,7 +15,7 @@ use crate::common::{problem, TestApp};
 
 const FLOAT: i32 = 1;
 
-fn tensor(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+pub(crate) fn tensor(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     let mut shape = TensorShapeProto::new();
     for dim in dims {
         let mut d = tensor_shape_proto::Dimension::new();
@@ -37,7 +37,7 @@ fn tensor(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 }
 
 /// A churn scorer: `p = sigmoid(x · w)`, x of 8 features per row.
-fn churn(flaw: impl FnOnce(&mut ModelProto)) -> Vec<u8> {
+pub(crate) fn churn(flaw: impl FnOnce(&mut ModelProto)) -> Vec<u8> {
     let mut weights = TensorProto::new();
     weights.name = "w".into();
     weights.dims = vec![8, 1];
@@ -70,7 +70,7 @@ fn churn(flaw: impl FnOnce(&mut ModelProto)) -> Vec<u8> {
     model.write_to_bytes().unwrap()
 }
 
-fn manifest(name: &str) -> Value {
+pub(crate) fn manifest(name: &str) -> Value {
     json!({
         "name": name,
         "description": "Churn probability from 8 account features",
@@ -80,7 +80,12 @@ fn manifest(name: &str) -> Value {
     })
 }
 
-async fn upload(app: &TestApp, key: &str, manifest: &Value, model: Vec<u8>) -> reqwest::Response {
+pub(crate) async fn upload(
+    app: &TestApp,
+    key: &str,
+    manifest: &Value,
+    model: Vec<u8>,
+) -> reqwest::Response {
     let form = Form::new()
         .part(
             "manifest",

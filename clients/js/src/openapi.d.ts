@@ -633,6 +633,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/transfers/{assignment}/model": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Download the registry model a predict shard runs (workers only); the node checks its hash. */
+        get: operations["model"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/transfers/{assignment}/output": {
         parameters: {
             query?: never;
@@ -973,10 +990,10 @@ export interface components {
             key: string;
         };
         /**
-         * @description A tensor element type, by the Open Inference Protocol's names.
+         * @description A tensor element type, by the Open Inference Protocol's names: those the workers run.
          * @enum {string}
          */
-        Datatype: "BOOL" | "UINT8" | "UINT16" | "UINT32" | "UINT64" | "INT8" | "INT16" | "INT32" | "INT64" | "FP16" | "FP32" | "FP64";
+        Datatype: "FP32" | "FP64" | "INT32" | "INT64";
         /** @description One message sent (or to be sent) to a job's webhook, with its attempts. */
         Delivery: {
             /**
@@ -1211,7 +1228,7 @@ export interface components {
              *     `"unverified_shards": [idx, ...]`: shards held for a check by a second node that no node
              *     could run in time, accepted as the first node answered.
              */
-            output?: components["schemas"]["ForecastOutput"] | components["schemas"]["AnonymizeOutput"] | null;
+            output?: components["schemas"]["ForecastOutput"] | components["schemas"]["AnonymizeOutput"] | components["schemas"]["PredictOutput"] | null;
             params: Record<string, never>;
             progress: components["schemas"]["JobProgress"];
             /**
@@ -1465,6 +1482,77 @@ export interface components {
             /** Format: int32 */
             total_slots: number;
         };
+        PredictInput: {
+            id?: string;
+            inputs: {
+                /** @description The elements in row-major order, flat or nested. */
+                data: unknown[];
+                /**
+                 * @description One of FP32, FP64, INT32 or INT64.
+                 * @enum {string}
+                 */
+                datatype: "FP32" | "FP64" | "INT32" | "INT64";
+                name: string;
+                /** @description The first dimension is the rows. */
+                shape: number[];
+            }[];
+            /** @description A model from `GET /v1/models`. */
+            model: string;
+            /** @description The outputs to return (default: all). */
+            outputs?: {
+                name: string;
+            }[];
+            parameters?: Record<string, never>;
+            /** @description `latest` (the default), a sha256 or a prefix of at least 8 hex digits. */
+            version?: string;
+        };
+        /** @description A `predict` job submission. */
+        PredictJob: {
+            /**
+             * Format: date-time
+             * @description When the job must be done by (RFC 3339). Still unfinished then, it is canceled as its
+             *     owner would cancel it (nodes paid for shards done, whose rows stay in `output`; the rest
+             *     refunded), with `error.code` `deadline_exceeded`. Within `XPAND_JOB_TIMEOUT_SECS` of now.
+             */
+            deadline?: string | null;
+            input: components["schemas"]["PredictInput"];
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            kind: "predict";
+            /**
+             * Format: int64
+             * @description The most the caller agrees to pay, in micro-credits. The job is refused if the quote is
+             *     higher.
+             * @example 100000
+             */
+            max_fee: number;
+            params?: components["schemas"]["PredictParams"];
+            /**
+             * @description http(s) URL to tell of the job, per Standard Webhooks: at least once, retried on the
+             *     specification's schedule, deduplicate on `webhook-id`. A URL registered with
+             *     `POST /v1/webhooks` gets the events it chose, signed with its secret (`v1,...`); any other
+             *     gets `job.completed` with the job as it ended, signed with the gateway's ed25519 key
+             *     (`v1a,...`, over `{webhook-id}.{webhook-timestamp}.{body}`).
+             */
+            webhook?: string | null;
+        };
+        PredictOutput: {
+            outputs: {
+                /** @description The elements in row-major order, flat. */
+                data: unknown[];
+                /**
+                 * @description One of FP32, FP64, INT32 or INT64.
+                 * @enum {string}
+                 */
+                datatype: "FP32" | "FP64" | "INT32" | "INT64";
+                name: string;
+                /** @description The first dimension is the rows. */
+                shape: number[];
+            }[];
+        };
+        PredictParams: Record<string, never>;
         /** @description An RFC 9457 problem document. */
         Problem: {
             /**
@@ -1670,7 +1758,7 @@ export interface components {
          */
         Side: "left" | "right";
         /** @description A job submission: one shape per kind, told apart by `kind`. */
-        SubmitJob: components["schemas"]["ForecastJob"] | components["schemas"]["AnonymizeJob"];
+        SubmitJob: components["schemas"]["ForecastJob"] | components["schemas"]["AnonymizeJob"] | components["schemas"]["PredictJob"];
         /** @description One input or output tensor: the first dimension is the batch (rows), `-1` a free one. */
         TensorSpec: {
             datatype: components["schemas"]["Datatype"];
@@ -3787,6 +3875,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description An unfinished job runs the model; the detail names it */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description A malformed parameter or body field, named in `errors` */
             422: {
                 headers: {
@@ -4008,6 +4105,69 @@ export interface operations {
             };
             /** @description Expired or forged URL, bad node signature, or not the node's current assignment */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A malformed parameter or body field, named in `errors` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    model: {
+        parameters: {
+            query: {
+                /** @description Expiry, Unix ms. */
+                exp: number;
+                /** @description The gateway's signature of the URL. */
+                sig: string;
+            };
+            header?: never;
+            path: {
+                /** @description Assignment id */
+                assignment: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The model's ONNX bytes */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": string;
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Expired or forged URL, bad node signature, not the node's current assignment, or one that runs no registry model */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The model version is gone */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

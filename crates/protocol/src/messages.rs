@@ -62,6 +62,8 @@ pub enum ShardTask {
     },
     /// Mask every face in one segment of a video.
     Anonymize(AnonymizeTask),
+    /// Run a registered model on a slice of rows.
+    Predict(PredictTask),
 }
 
 impl ShardTask {
@@ -70,6 +72,7 @@ impl ShardTask {
         match self {
             ShardTask::Forecast { series, .. } => series.len() as u32,
             ShardTask::Anonymize(task) => task.frames,
+            ShardTask::Predict(task) => task.rows(),
         }
     }
 }
@@ -100,6 +103,65 @@ pub struct AnonymizeTask {
     pub detect_width: Option<u32>,
     /// x264 constant rate factor of the re-encode (lower is better and larger).
     pub crf: u8,
+}
+
+/// A slice of rows for a customer's model. The model's bytes never travel over MQTT: a node
+/// that does not hold them fetches them from `model_url` (signed for this assignment) and runs
+/// them only if they hash to `sha256`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PredictTask {
+    /// The registry's name for the model.
+    pub model: String,
+    /// Hex sha256 of the ONNX bytes: the version, and what the node checks.
+    pub sha256: String,
+    /// Bytes of the model, so a node knows what it fetches.
+    pub size: u64,
+    /// GET: the model's bytes. Filled in for each assignment.
+    #[serde(default)]
+    pub model_url: String,
+    /// The model's inputs, each batched along its first dimension (the rows).
+    pub inputs: Vec<Tensor>,
+    /// The outputs to return, in order, with the types the model declares.
+    pub outputs: Vec<TensorDecl>,
+}
+
+impl PredictTask {
+    /// Rows in the slice: the first dimension of its inputs.
+    pub fn rows(&self) -> u32 {
+        self.inputs
+            .first()
+            .and_then(|t| t.shape.first())
+            .map_or(0, |&rows| rows.max(0) as u32)
+    }
+}
+
+/// A tensor in the Open Inference Protocol's terms: its datatype by name (`FP32`, `FP64`,
+/// `INT32`, `INT64`), its shape, and its elements flattened in row-major order. Integers travel
+/// as numbers too (exact up to 2^53).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data: Vec<f64>,
+}
+
+impl Tensor {
+    /// Elements per row (the product of the dimensions after the first).
+    pub fn row_len(&self) -> usize {
+        self.shape
+            .iter()
+            .skip(1)
+            .map(|&d| d.max(0) as usize)
+            .product()
+    }
+}
+
+/// An output a task asks for: its name and the datatype the model declares for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorDecl {
+    pub name: String,
+    pub datatype: String,
 }
 
 /// How a detected region is masked.
@@ -171,6 +233,8 @@ pub enum ShardOutput {
         video_sha256: String,
         video_bytes: u64,
     },
+    /// The outputs a predict task asked for, in its order, each with the slice's rows.
+    Predict { outputs: Vec<Tensor> },
 }
 
 /// The bounds of one prediction interval around every forecast of a shard: `lower[r][h]` and
@@ -190,6 +254,7 @@ impl ShardOutput {
         match self {
             ShardOutput::Forecast { .. } => false,
             ShardOutput::Anonymize { .. } => true,
+            ShardOutput::Predict { .. } => false,
         }
     }
 
@@ -223,6 +288,25 @@ impl ShardOutput {
                 .iter()
                 .map(|frame| serde_json::to_vec(frame).expect("detections serialize"))
                 .collect(),
+            // Row i of every output, together. (`get`: the shape is checked after the chain.)
+            ShardOutput::Predict { outputs } => {
+                let rows = outputs
+                    .first()
+                    .and_then(|t| t.shape.first())
+                    .map_or(0, |&r| r.max(0) as usize);
+                (0..rows)
+                    .map(|i| {
+                        let slices: Vec<&[f64]> = outputs
+                            .iter()
+                            .map(|t| {
+                                let n = t.row_len();
+                                t.data.get(i * n..(i + 1) * n).unwrap_or(&[])
+                            })
+                            .collect();
+                        serde_json::to_vec(&slices).expect("f64 rows serialize")
+                    })
+                    .collect()
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! The models this worker runs: every model in the models directory whose manifest verifies,
-//! loaded behind the plugin for its kind, by name. What the worker announces comes from here.
+//! loaded behind the plugin for its kind, by name, and the runner of customers' registry models
+//! (`onnx-runtime`, serving predict shards). What the worker announces comes from here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,9 +8,10 @@ use std::sync::Arc;
 use anyhow::bail;
 use xpand_protocol::{Accelerator, ModelInfo};
 
-use crate::config::WorkerConfig;
+use crate::config::{WorkerConfig, MODEL_SESSIONS, ONNXRUNTIME_VERSION};
 use crate::models;
 use crate::onnx::OnnxRuntime;
+use crate::plugins::predict::{self, ModelCache, PredictPlugin};
 use crate::plugins::{self, Plugin};
 
 /// A verified model behind its plugin.
@@ -73,5 +75,21 @@ pub(crate) fn load_all(
             config.models_dir.display()
         );
     }
+    // Customers' models from the registry, fetched as predict shards name them.
+    let cache = ModelCache::new(
+        runtime,
+        config.node_key.clone(),
+        config.model_cache_dir.clone(),
+        config.model_cache_bytes,
+        MODEL_SESSIONS,
+    )?;
+    let info = ModelInfo {
+        name: predict::RUNNER.into(),
+        version: ONNXRUNTIME_VERSION.into(),
+        kind: predict::KIND.into(),
+        sha256: String::new(),
+    };
+    let plugin = Box::new(PredictPlugin::new(cache));
+    loaded.insert(info.name.clone(), Arc::new(LoadedModel { info, plugin }));
     Ok((loaded, accelerator))
 }

@@ -42,7 +42,14 @@ pub struct WorkerConfig {
     pub accelerator: AcceleratorChoice,
     /// Intra-op threads of each inference session; `None`: ONNX Runtime's default (all cores).
     pub inference_threads: Option<usize>,
+    /// Where registry models fetched for predict shards are kept, by sha256.
+    pub model_cache_dir: PathBuf,
+    /// Most bytes of fetched models kept on disk (least recently used go first).
+    pub model_cache_bytes: u64,
 }
+
+/// Registry models kept loaded in memory, least recently used evicted first.
+pub const MODEL_SESSIONS: usize = 8;
 
 impl WorkerConfig {
     /// A configuration with defaults for everything but the broker and the two keys: topic prefix
@@ -50,6 +57,8 @@ impl WorkerConfig {
     /// shard per core, a heartbeat every 2 s, accelerator `auto`.
     pub fn new(broker: BrokerAddress, node_key: NodeKey, gateway_key: impl Into<String>) -> Self {
         let name = default_name(&node_key);
+        let model_cache_dir =
+            std::env::temp_dir().join(format!("xpand-models-{}", &node_key.id()[..16]));
         Self {
             broker,
             topic_prefix: "xpand".to_string(),
@@ -62,6 +71,8 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(2),
             accelerator: AcceleratorChoice::Auto,
             inference_threads: None,
+            model_cache_dir,
+            model_cache_bytes: 2 << 30,
         }
     }
 }

@@ -20,6 +20,7 @@ pub use config::{
     default_ort_dylib_path, load_node_key, lock_node_key, AcceleratorChoice, WorkerConfig,
     ONNXRUNTIME_VERSION,
 };
+pub use onnx::environment as onnx_environment;
 pub use plugins::face_detect;
 pub use worker::run;
 pub use xpand_protocol::BrokerAddress;

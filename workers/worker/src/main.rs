@@ -73,6 +73,15 @@ struct Cli {
     /// Where to run models.
     #[arg(long, env = "XPAND_ACCELERATOR", value_enum, default_value = "auto")]
     accelerator: AcceleratorChoice,
+
+    /// Where customers' models fetched for predict jobs are kept [default: a directory under
+    /// the system's temporary one].
+    #[arg(long, env = "XPAND_MODEL_CACHE_DIR")]
+    model_cache_dir: Option<PathBuf>,
+
+    /// Most megabytes of fetched models kept on disk.
+    #[arg(long, env = "XPAND_MODEL_CACHE_MB", default_value_t = 2048)]
+    model_cache_mb: u64,
 }
 
 #[tokio::main]
@@ -111,6 +120,10 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_millis(cli.heartbeat_ms);
     config.accelerator = cli.accelerator;
     config.inference_threads = cli.inference_threads;
+    if let Some(dir) = cli.model_cache_dir {
+        config.model_cache_dir = dir;
+    }
+    config.model_cache_bytes = cli.model_cache_mb << 20;
     run(config, shutdown_signal()).await
 }
 

@@ -16,7 +16,9 @@ use crate::config::AcceleratorChoice;
 /// several in one process) shares this one.
 static ENVIRONMENT: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
 
-fn environment(dylib: &Path) -> anyhow::Result<Environment> {
+/// The process's ONNX Runtime environment, loaded from `dylib` the first time (tests that run the
+/// bare model beside in-process workers take it from here).
+pub fn environment(dylib: &Path) -> anyhow::Result<Environment> {
     let mut slot = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((loaded, env)) = slot.as_ref() {
         if loaded != dylib {

@@ -9,6 +9,7 @@ use crate::onnx::OnnxRuntime;
 pub mod anonymize;
 pub mod face_detect;
 pub mod forecast;
+pub mod predict;
 
 /// Runs shards of one kind on one model. `run` is called on a blocking thread.
 pub trait Plugin: Send + Sync {
@@ -46,6 +47,7 @@ pub fn task_kind(task: &ShardTask) -> &'static str {
     match task {
         ShardTask::Forecast { .. } => forecast::KIND,
         ShardTask::Anonymize(_) => anonymize::KIND,
+        ShardTask::Predict(_) => predict::KIND,
     }
 }
 

@@ -39,7 +39,7 @@ mod mask;
 mod pipeline;
 #[cfg(test)]
 mod testing;
-mod transfer;
+pub(crate) mod transfer;
 
 /// The shard kind this plugin serves (its model's manifest kind is `face_detect`).
 pub const KIND: &str = "anonymize";

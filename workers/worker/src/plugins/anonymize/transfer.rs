@@ -25,7 +25,7 @@ const ERROR_BODY_BYTES: usize = 300;
 /// The HTTP client for segment transfers: bounded connect, stall and total times, and no idle
 /// connections kept (transfers are large and rare; a kept connection would also tie the client
 /// to one runtime).
-pub(super) fn http_client() -> anyhow::Result<reqwest::Client> {
+pub(crate) fn http_client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)
@@ -37,7 +37,7 @@ pub(super) fn http_client() -> anyhow::Result<reqwest::Client> {
 
 /// Runs `future` to completion from a blocking thread: on the runtime this thread belongs to
 /// (plugins run on tokio's blocking threads), else on a runtime of its own.
-pub(super) fn block_on<F: Future>(future: F) -> anyhow::Result<F::Output> {
+pub(crate) fn block_on<F: Future>(future: F) -> anyhow::Result<F::Output> {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => Ok(handle.block_on(future)),
         Err(_) => Ok(tokio::runtime::Builder::new_current_thread()

@@ -1,0 +1,152 @@
+//! A `predict` job as a data scientist runs one: their model registered, rows sent in the Open
+//! Inference Protocol's shapes, and the answer compared with ONNX Runtime run directly on the
+//! same model and rows. The worker starts cold: it fetches the model through the signed URL,
+//! checks its hash and caches it; a second job runs warm. Bad requests are refused naming the
+//! tensor and the element, and charge nothing.
+
+use ort::session::Session;
+use ort::value::Tensor;
+use serde_json::{json, Value};
+
+use crate::common::{problem, TestApp};
+use crate::models::{churn, manifest, upload};
+
+/// `rows` rows of 8 features, varied and deterministic.
+fn features(rows: usize) -> Vec<f32> {
+    (0..rows * 8)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect()
+}
+
+/// The model run directly.
+fn onnx_runtime(model: &[u8], x: &[f32]) -> Vec<f64> {
+    // One environment per process: the in-process worker's.
+    let env = xpand_worker::onnx_environment(&xpand_worker::default_ort_dylib_path())
+        .expect("ONNX Runtime loads (scripts/setup-onnxruntime.sh)");
+    let mut session = Session::builder(&env)
+        .unwrap()
+        .commit_from_memory(model)
+        .unwrap();
+    let outputs = session
+        .run(ort::inputs!["x" => Tensor::from_array(([x.len() / 8, 8], x.to_vec())).unwrap()])
+        .unwrap();
+    let (_, data) = outputs["p"].try_extract_tensor::<f32>().unwrap();
+    data.iter().map(|&v| f64::from(v)).collect()
+}
+
+fn body(rows: usize, nested: bool) -> Value {
+    let x = features(rows);
+    let data: Value = if nested {
+        json!(x.chunks(8).collect::<Vec<_>>())
+    } else {
+        json!(x)
+    };
+    json!({
+        "kind": "predict",
+        "input": {
+            "model": "churn",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 8], "data": data}],
+        },
+        "max_fee": 1_000_000,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensors() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let model = churn(|_| {});
+    assert_eq!(
+        upload(&app, &key, &manifest("churn"), model.clone())
+            .await
+            .status(),
+        201
+    );
+
+    // Cold: the worker fetches the model, checks it, and runs 300 rows (one shard: the tests
+    // cut shards at 8,192 elements, 1,024 rows of this model).
+    let resp = app
+        .http
+        .post(format!("{}/v1/jobs", app.base))
+        .bearer_auth(&key)
+        .header("Prefer", "wait=30")
+        .json(&body(300, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let p = &job["output"]["outputs"][0];
+    assert_eq!(
+        (p["name"].clone(), p["datatype"].clone()),
+        (json!("p"), json!("FP32"))
+    );
+    assert_eq!(p["shape"], json!([300, 1]));
+    let got: Vec<f64> = serde_json::from_value(p["data"].clone()).unwrap();
+    let want = onnx_runtime(&model, &features(300));
+    assert_eq!(got, want, "the job's numbers are ONNX Runtime's");
+    // Gateway fee and 20 per row.
+    assert_eq!(job["cost"], 1_000 + 300 * 20);
+
+    // Warm, nested data, many shards: the same numbers, in order.
+    let (status, job) = app.submit(&key, &body(5_000, true)).await;
+    assert_eq!(status, 201);
+    let job = app.wait_for(&key, job.id).await;
+    let output = job.output.clone().expect("an output");
+    let got: Vec<f64> = serde_json::from_value(output["outputs"][0]["data"].clone()).unwrap();
+    assert_eq!(got, onnx_runtime(&model, &features(5_000)));
+    assert!(job.progress.shards_total > 1, "{:?}", job.progress);
+
+    // Refusals name the tensor and the element, and charge nothing.
+    let before = app.balances(&key).await;
+    let mut wrong_type = body(2, false);
+    wrong_type["input"]["inputs"][0]["datatype"] = json!("INT64");
+    let mut wrong_shape = body(2, false);
+    wrong_shape["input"]["inputs"][0]["shape"] = json!([2, 7]);
+    let mut short = body(2, false);
+    short["input"]["inputs"][0]["shape"] = json!([3, 8]);
+    let mut text = body(2, false);
+    text["input"]["inputs"][0]["data"][5] = json!("NaN");
+    let mut unknown = body(2, false);
+    unknown["input"]["model"] = json!("nope");
+    let mut extra = body(2, false);
+    extra["input"]["inputs"][0]["name"] = json!("y");
+    for (what, request, field, detail) in [
+        (
+            "datatype",
+            wrong_type,
+            "input.inputs[0].datatype",
+            "must be FP32",
+        ),
+        ("shape", wrong_shape, "input.inputs[0].shape[1]", "is 7"),
+        ("count", short, "input.inputs[0].data", "the shape needs 24"),
+        ("element", text, "input.inputs[0].data[5]", "\"NaN\""),
+        ("model", unknown, "input.model", "no model 'nope'"),
+        ("name", extra, "input.inputs[0].name", "'y' is not an input"),
+    ] {
+        let resp = app.post_json(&key, "/v1/jobs", &request).await;
+        assert_eq!(resp.status(), 422, "{what}");
+        let refused = problem(resp).await;
+        let error = refused
+            .errors
+            .iter()
+            .find(|e| e.field == field)
+            .unwrap_or_else(|| panic!("{what}: {refused:?}"));
+        assert!(error.detail.contains(detail), "{what}: {}", error.detail);
+    }
+    assert_eq!(app.balances(&key).await, before);
+
+    // Once its jobs have ended, the model can be deleted.
+    let resp = app
+        .http
+        .delete(format!("{}/v1/models/churn/versions/latest", app.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
