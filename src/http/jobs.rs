@@ -25,7 +25,7 @@ use crate::jobs::{self, Job, JobEvent, JobStatus, ListFilter, SubmitJob, Submitt
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The longest `Prefer: wait` honoured, and what a bare `wait` means.
-const MAX_WAIT: Duration = Duration::from_secs(60);
+pub(super) const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// Submit a job.
 ///
@@ -118,7 +118,7 @@ fn preferred_wait(headers: &HeaderMap) -> AppResult<Option<Duration>> {
 }
 
 /// The job once it ends, or as it is when `wait` runs out (or the server stops).
-async fn wait_for_end(
+pub(super) async fn wait_for_end(
     state: &AppState,
     account: Uuid,
     job: Job,

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod extract;
 pub mod files;
 pub mod guard;
+pub mod inference;
 pub mod jobs;
 pub mod keys;
 pub mod ledger;
@@ -94,6 +95,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ledger/entries/{id}/proof", get(ledger::entry_proof))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/{id}", get(nodes::get))
+        .route("/v2/health/ready", get(inference::ready))
+        .route("/v2/models/{name}", get(inference::model))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(inference::model_version),
+        )
+        .route("/v2/models/{name}/infer", post(inference::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(inference::infer_version),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::http::{
-    account, files, jobs, keys, ledger, models, nodes, ops, transfers, webhooks, ws,
+    account, files, inference, jobs, keys, ledger, models, nodes, ops, transfers, webhooks, ws,
 };
 
 #[derive(OpenApi)]
@@ -22,6 +22,8 @@ use crate::http::{
         files::upload, files::download, files::delete, transfers::input, transfers::model, transfers::output,
         models::register, models::list, models::get, models::publish, models::version,
         models::delete,
+        inference::ready, inference::model, inference::model_version, inference::infer,
+        inference::infer_version,
         account::token, account::account, account::ledger_entries,
         keys::list, keys::create, keys::revoke,
         webhooks::register, webhooks::list, webhooks::delete, webhooks::deliveries,
@@ -39,6 +41,7 @@ use crate::http::{
         (name = "auth", description = "Short-lived tokens for browsers and add-ins"),
         (name = "account", description = "Balances, ledger entries and API keys"),
         (name = "models", description = "The model registry: your ONNX models, their versions and publishing"),
+        (name = "inference", description = "The Open Inference Protocol (KServe v2) over the model registry: existing clients need a URL and a token"),
         (name = "webhooks", description = "Standard Webhooks: endpoints, their events and each delivery attempt"),
         (name = "nodes", description = "Worker nodes of the network"),
         (name = "ledger", description = "The sealed, signed, hash-chained ledger and inclusion proofs"),

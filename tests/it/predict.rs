@@ -138,6 +138,30 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
     }
     assert_eq!(app.balances(&key).await, before);
 
+    // An existing Open Inference Protocol client, Triton's, with nothing but the URL and a key.
+    let venv = std::env::var("XPAND_GENERATED_VENV").unwrap_or_else(|_| {
+        format!("{}/.cache/xpand/generated-venv", std::env::var("HOME").unwrap())
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/generated/triton.py");
+    let triton = tokio::process::Command::new(format!("{venv}/bin/python"))
+        .args([script, "50"])
+        .env("XPAND_URL", &app.base)
+        .env("XPAND_API_KEY", &key)
+        .kill_on_drop(true)
+        .output();
+    let triton = tokio::time::timeout(std::time::Duration::from_secs(60), triton)
+        .await
+        .expect("the Triton client ends within a minute")
+        .expect("the venv's python runs (scripts/setup-generated-clients.sh)");
+    assert!(
+        triton.status.success(),
+        "the Triton client failed:\n{}{}",
+        String::from_utf8_lossy(&triton.stdout),
+        String::from_utf8_lossy(&triton.stderr)
+    );
+    let got: Vec<f64> = serde_json::from_slice(&triton.stdout).unwrap();
+    assert_eq!(got, onnx_runtime(&model, &features(50)));
+
     // Once its jobs have ended, the model can be deleted.
     let resp = app
         .http
