@@ -328,6 +328,8 @@ pub struct NodeSlot {
     pub accelerator: Accelerator,
     /// Power score of the node's last closed epoch, if it has one.
     pub score: Option<i64>,
+    /// The registry models (sha256s) it holds.
+    pub held: Vec<String>,
 }
 
 /// An active node with a current heartbeat and a capability statement.
@@ -377,6 +379,7 @@ pub async fn available(pool: &PgPool, presence: &dyn Presence) -> anyhow::Result
             free: (n.caps.max_concurrent_shards as i64 - n.busy).max(0),
             accelerator: n.caps.accelerator,
             score: n.score,
+            held: n.caps.held_models,
             id: n.id,
         })
         .collect())
@@ -447,6 +450,15 @@ const NODE_SELECT: &str = "SELECT n.id, n.name, n.status, n.capabilities, n.anno
         n.registered_at, n.shards_done, n.shards_failed, COALESCE(l.balance, 0) AS earnings
     FROM nodes n LEFT JOIN ledger_accounts l ON l.owner = n.account_id AND l.purpose = 'earnings'";
 
+/// A capability statement as others may read it: without the registry models the node holds,
+/// whose hashes would fingerprint customers' private models.
+fn public_capabilities(mut statement: serde_json::Value) -> serde_json::Value {
+    if let Some(fields) = statement.as_object_mut() {
+        fields.remove("held_models");
+    }
+    statement
+}
+
 async fn with_liveness(presence: &dyn Presence, rows: Vec<NodeRow>) -> anyhow::Result<Vec<Node>> {
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     let alive = presence.alive(&ids).await?;
@@ -458,7 +470,7 @@ async fn with_liveness(presence: &dyn Presence, rows: Vec<NodeRow>) -> anyhow::R
             name: r.name,
             status: r.status,
             alive,
-            capabilities: r.capabilities,
+            capabilities: r.capabilities.map(public_capabilities),
             announced_at: r.announced_at,
             registered_at: r.registered_at,
             shards_done: r.shards_done,

@@ -141,9 +141,14 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     let mut assignments = Vec::with_capacity(pending.len());
     let mut kinds = Vec::with_capacity(pending.len());
     for shard in pending {
+        let warm = match &shard.task.0 {
+            ShardTask::Predict(task) => Some(task.sha256.as_str()),
+            _ => None,
+        };
         let Some(slot) = choose_slot(
             &mut slots,
             &shard.model,
+            warm,
             &shard.excluded_nodes,
             &shard.rejected_by,
             &shard.ran_on,
@@ -346,10 +351,13 @@ async fn placeable_pending(
 /// race itself), and never one in `rejected_by` (it rejected the shard or returned a result
 /// that failed its checks) while some live node that holds the model, busy or not, did not;
 /// preferring nodes not in `excluded` (they also lost it: lapsed lease, silence, restart), then
-/// GPUs, then the least loaded (which spreads a job's shards), then the best power score.
+/// nodes that hold the registry model `warm` names (they run it without fetching it; a cold
+/// node still takes the shard when no warm one has room), then GPUs, then the least loaded
+/// (which spreads a job's shards), then the best power score.
 fn choose_slot<'a>(
     slots: &'a mut [nodes::NodeSlot],
     model: &str,
+    warm: Option<&str>,
     excluded: &[String],
     rejected_by: &[String],
     ran_on: &[String],
@@ -366,6 +374,7 @@ fn choose_slot<'a>(
         .min_by_key(|s| {
             (
                 excluded.contains(&s.id),
+                warm.is_some_and(|sha| !s.held.iter().any(|h| h == sha)),
                 s.accelerator != Accelerator::Cuda,
                 -s.free,
                 -s.score.unwrap_or(0),
@@ -384,6 +393,7 @@ mod tests {
             free,
             accelerator,
             score,
+            held: Vec::new(),
         }
     }
 
@@ -392,12 +402,12 @@ mod tests {
     }
 
     fn chosen(slots: &mut [nodes::NodeSlot], excluded: &[&str], ran_on: &[&str]) -> Option<String> {
-        choose_slot(slots, "m", &owned(excluded), &[], &owned(ran_on)).map(|s| s.id.clone())
+        choose_slot(slots, "m", None, &owned(excluded), &[], &owned(ran_on)).map(|s| s.id.clone())
     }
 
     fn chosen_after_rejects(slots: &mut [nodes::NodeSlot], rejected_by: &[&str]) -> Option<String> {
         let rejected_by = owned(rejected_by);
-        choose_slot(slots, "m", &rejected_by, &rejected_by, &[]).map(|s| s.id.clone())
+        choose_slot(slots, "m", None, &rejected_by, &rejected_by, &[]).map(|s| s.id.clone())
     }
 
     #[test]
@@ -451,5 +461,24 @@ mod tests {
         let mut other_model = [slot("x", 4, Cpu, None)];
         other_model[0].models = vec!["other".into()];
         assert_eq!(chosen(&mut other_model, &[], &[]), None);
+    }
+
+    #[test]
+    fn a_node_that_holds_the_model_goes_first_and_a_cold_one_when_it_is_full() {
+        use Accelerator::{Cpu, Cuda};
+        let mut slots = [
+            slot("cold-gpu", 4, Cuda, Some(5_000)),
+            slot("warm", 1, Cpu, None),
+        ];
+        slots[1].held = vec!["abc".into()];
+        let warm = |slots: &mut [nodes::NodeSlot]| {
+            choose_slot(slots, "m", Some("abc"), &[], &[], &[]).map(|s| s.id.clone())
+        };
+        assert_eq!(warm(&mut slots).as_deref(), Some("warm"));
+        slots[1].free = 0;
+        assert_eq!(warm(&mut slots).as_deref(), Some("cold-gpu"));
+        // Without a registry model, nothing changes.
+        slots[1].free = 1;
+        assert_eq!(chosen(&mut slots, &[], &[]).as_deref(), Some("cold-gpu"));
     }
 }

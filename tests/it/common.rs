@@ -338,6 +338,11 @@ impl TestApp {
         cfg.name = format!("test-{}", &key.id()[..6]);
         cfg.max_concurrent_shards = 4;
         cfg.heartbeat_interval = Duration::from_millis(500);
+        // Removed with the test's scratch directory.
+        cfg.model_cache_dir = self
+            .config
+            .scratch_dir
+            .join(format!("models-{}", &key.id()[..16]));
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(xpand_worker::run(cfg, async {
             let _ = stopped.await;

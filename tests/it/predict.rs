@@ -140,7 +140,10 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
 
     // An existing Open Inference Protocol client, Triton's, with nothing but the URL and a key.
     let venv = std::env::var("XPAND_GENERATED_VENV").unwrap_or_else(|_| {
-        format!("{}/.cache/xpand/generated-venv", std::env::var("HOME").unwrap())
+        format!(
+            "{}/.cache/xpand/generated-venv",
+            std::env::var("HOME").unwrap()
+        )
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/generated/triton.py");
     let triton = tokio::process::Command::new(format!("{venv}/bin/python"))
@@ -171,6 +174,111 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+/// What a node's last capability statement says it holds.
+async fn held(app: &TestApp, node: &str) -> Vec<String> {
+    let held: Option<Value> =
+        sqlx::query_scalar("SELECT capabilities->'held_models' FROM nodes WHERE id = $1")
+            .bind(node)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    held.and_then(|h| serde_json::from_value(h).ok())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_node_is_preferred_and_a_model_that_fails_its_hash_is_refused() {
+    let mut app = TestApp::spawn().await;
+    let first = app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let model = churn(|_| {});
+    let version: Value = upload(&app, &key, &manifest("churn"), model)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sha = version["sha256"].as_str().unwrap().to_string();
+    let (_, job) = app.submit(&key, &body(10, false)).await;
+    assert_eq!(
+        app.wait_for(&key, job.id).await.status,
+        xpand::jobs::JobStatus::Succeeded
+    );
+
+    // The node that ran it says it holds the model (a hash, which others never read).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !held(&app, &first).await.contains(&sha) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the statement never listed the model"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let nodes = app.get_json(&key, "/v1/nodes").await;
+    assert!(!nodes.to_string().contains(&sha), "{nodes}");
+
+    // A second, cold node joins: the warm one still gets the model's shards.
+    let second = app.start_worker().await;
+    for _ in 0..3 {
+        let (_, job) = app.submit(&key, &body(10, false)).await;
+        app.wait_for(&key, job.id).await;
+        let ran_on: Vec<String> =
+            sqlx::query_scalar("SELECT node_id FROM shards WHERE job_id = $1")
+                .bind(job.id)
+                .fetch_all(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(ran_on, std::slice::from_ref(&first));
+    }
+
+    // A version whose stored bytes were swapped is refused by the node that fetches it: it
+    // hashes to something else. The node neither runs nor keeps it, and the job can be
+    // canceled with its escrow back.
+    let other = churn(|m| m.graph.as_mut().unwrap().initializer[0].float_data[0] = 9.0);
+    let v2: Value = upload(&app, &key, &manifest("churn"), other)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let v2 = v2["sha256"].as_str().unwrap().to_string();
+    let stored = app.config.files_dir.join(format!("models/churn/{v2}"));
+    std::fs::write(
+        &stored,
+        churn(|m| m.graph.as_mut().unwrap().initializer[0].float_data[0] = 7.0),
+    )
+    .unwrap();
+    let before = app.balances(&key).await;
+    let mut request = body(10, false);
+    request["input"]["version"] = json!(v2);
+    let (_, job) = app.submit(&key, &request).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let rejected: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT unnest(rejected_by) FROM shards WHERE job_id = $1")
+                .bind(job.id)
+                .fetch_all(&app.db)
+                .await
+                .unwrap();
+        if rejected.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nodes never refused the model: {rejected:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for node in [&first, &second] {
+        assert!(!held(&app, node).await.contains(&v2));
+    }
+    let resp = app
+        .post_json(&key, &format!("/v1/jobs/{}/cancel", job.id), &json!({}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.balances(&key).await, before);
     app.assert_ledger_invariants().await;
     app.teardown().await;
 }

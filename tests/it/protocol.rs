@@ -136,6 +136,7 @@ impl FakeNode {
             max_concurrent_shards: slots,
             worker_version: "test".into(),
             started_at_ms: 0,
+            held_models: Vec::new(),
         };
         self.send(UpKind::Announce, self.seal(UpKind::Announce, &announce))
             .await;

@@ -168,6 +168,7 @@ impl Domain {
             max_concurrent_shards: 4,
             worker_version: "test".into(),
             started_at_ms: 0,
+            held_models: Vec::new(),
         };
         let envelope = key.seal(&self.topics.up(&id, UpKind::Announce), &announce);
         let now = xpand_protocol::now_ms();

@@ -142,6 +142,7 @@ impl Sim {
             max_concurrent_shards: node.slots,
             worker_version: "sim".into(),
             started_at_ms: xpand_protocol::now_ms(),
+            held_models: Vec::new(),
         };
         self.nodes[i].alive = true;
         self.nodes[i].held.clear();

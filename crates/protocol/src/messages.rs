@@ -37,6 +37,10 @@ pub struct Announce {
     /// process, so they go back to the queue at once instead of waiting out their leases.
     #[serde(default)]
     pub started_at_ms: i64,
+    /// The sha256s of the registry models this node holds, so that placement prefers it for
+    /// their predict shards (it runs them without fetching). Absent from older workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_models: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -24,7 +24,7 @@ use xpand_protocol::{
 use crate::assignments::{Admitted, AssignmentGate};
 use crate::catalog::{self, LoadedModel};
 use crate::config::{cpu_cores, total_memory_mb, WorkerConfig};
-use crate::plugins::{task_kind, InputUnusable};
+use crate::plugins::{self, task_kind, InputUnusable};
 
 /// Largest MQTT packet we accept from the broker. Shard inputs travel inline, so this is roomier
 /// than rumqttc's 10 KiB default; large inputs belong in files, not in MQTT.
@@ -53,7 +53,10 @@ struct Worker {
     key: NodeKey,
     topics: Topics,
     client: AsyncClient,
-    announce: Announce,
+    /// The capability statement; its `held_models` follow the model cache.
+    announce: std::sync::Mutex<Announce>,
+    /// Where the registry models this node holds are kept.
+    model_cache_dir: std::path::PathBuf,
     models: HashMap<String, Arc<LoadedModel>>,
     max_shards: usize,
     /// Shards running now.
@@ -92,6 +95,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         .context("loading models")??;
     let mut model_infos: Vec<ModelInfo> = models.values().map(|m| m.info.clone()).collect();
     model_infos.sort_by(|a, b| a.name.cmp(&b.name));
+    let model_names: Vec<String> = model_infos.iter().map(|m| m.name.clone()).collect();
     let announce = Announce {
         name: config.name.clone(),
         models: model_infos,
@@ -102,6 +106,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
             .context("max_concurrent_shards is too large")?,
         worker_version: env!("CARGO_PKG_VERSION").to_string(),
         started_at_ms: now_ms(),
+        held_models: plugins::predict::held(&config.model_cache_dir),
     };
 
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config), REQUEST_QUEUE);
@@ -109,7 +114,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         key: config.node_key.clone(),
         topics: Topics::new(&config.topic_prefix),
         client,
-        announce,
+        announce: std::sync::Mutex::new(announce),
+        model_cache_dir: config.model_cache_dir.clone(),
         models,
         max_shards: config.max_concurrent_shards,
         running: watch::Sender::new(0),
@@ -121,8 +127,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
     });
     tracing::info!(
         node_id = worker.key.id(),
-        name = %worker.announce.name,
-        models = ?worker.announce.models.iter().map(|m| &m.name).collect::<Vec<_>>(),
+        name = %config.name,
+        models = ?model_names,
         accelerator = ?accelerator,
         broker = format!("{}:{}", config.broker.host, config.broker.port),
         topic_prefix = %config.topic_prefix,
@@ -258,7 +264,18 @@ async fn send_heartbeats(worker: Arc<Worker>, every: Duration) {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_some_and(|at| at.elapsed() >= REANNOUNCE_INTERVAL);
-            if due {
+            // A model fetched or evicted changes what placement should know.
+            let held = plugins::predict::held(&worker.model_cache_dir);
+            let changed = {
+                let mut announce = worker
+                    .announce
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let changed = announce.held_models != held;
+                announce.held_models = held;
+                changed
+            };
+            if due || changed {
                 worker.publish_announce().await;
             }
             let active_shards = u32::try_from(*worker.running.borrow()).unwrap_or(u32::MAX);
@@ -315,7 +332,12 @@ impl Worker {
             .announced_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        self.publish(UpKind::Announce, &self.announce).await;
+        let announce = self
+            .announce
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        self.publish(UpKind::Announce, &announce).await;
     }
 
     /// Announces again at the gateway's request, unless we just did.

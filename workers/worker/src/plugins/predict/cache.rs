@@ -141,3 +141,21 @@ impl ModelCache {
         }
     }
 }
+
+/// The sha256s of the models kept in `dir`, sorted: what the capability statement says the
+/// node holds.
+pub fn held(dir: &Path) -> Vec<String> {
+    let mut held: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".onnx")
+                .map(str::to_string)
+        })
+        .collect();
+    held.sort();
+    held
+}

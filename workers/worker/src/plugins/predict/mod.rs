@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use ort::value::{DynValue, Tensor as OrtTensor};
 use xpand_protocol::{ShardOutput, ShardTask, Tensor};
 
-pub use self::cache::ModelCache;
+pub use self::cache::{held, ModelCache};
 use super::{InputUnusable, Plugin};
 
 pub const KIND: &str = "predict";
