@@ -27,6 +27,8 @@ enum Command {
     Jobs(xpand::cli::jobs::JobsArgs),
     /// Files on a running gateway: upload, download, rm.
     Files(xpand::cli::files::FilesArgs),
+    /// Your ONNX models in the registry: push, list, show, rm.
+    Models(xpand::cli::models::ModelsArgs),
     /// Your balance (available and held); `account ledger`: your ledger entries.
     Account(xpand::cli::account::AccountArgs),
     /// Development: migrate, run the gateway and local workers, print a dev API key.
@@ -121,12 +123,13 @@ async fn main() -> anyhow::Result<()> {
     let command = match Cli::parse().command {
         Command::Jobs(args) => std::process::exit(cli::run(cli::jobs::run(args)).await),
         Command::Files(args) => std::process::exit(cli::run(cli::files::run(args)).await),
+        Command::Models(args) => std::process::exit(cli::run(cli::models::run(args)).await),
         Command::Account(args) => std::process::exit(cli::run(cli::account::run(args)).await),
         other => other,
     };
     telemetry::init();
     match command {
-        Command::Jobs(_) | Command::Files(_) | Command::Account(_) => {
+        Command::Jobs(_) | Command::Files(_) | Command::Models(_) | Command::Account(_) => {
             unreachable!("the user commands exited above")
         }
         Command::Up(args) => up::run(args).await,

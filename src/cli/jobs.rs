@@ -41,12 +41,13 @@ pub enum JobsCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
-    /// The job kind: `forecast` or `anonymize`.
+    /// The job kind: `forecast`, `anonymize` or `predict`.
     #[arg(long)]
     pub kind: String,
     /// A JSON file holding the job's input (`-`: standard input). forecast:
     /// `{"series": [[112, 118, ...], ...]}`, one array per spreadsheet row; anonymize:
-    /// `{"file": "<id from xpand files upload>"}`.
+    /// `{"file": "<id from xpand files upload>"}`; predict: `{"model": "<name>", "inputs":
+    /// [{"name", "datatype", "shape", "data"}]}` (the Open Inference Protocol's request).
     #[arg(long, value_name = "FILE")]
     pub input: String,
     /// The job's parameters as JSON, e.g. `{"horizon": 6}` (forecast) or `{"style": "blur"}`.

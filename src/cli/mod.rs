@@ -1,7 +1,7 @@
-//! The user commands of the `xpand` binary (`xpand jobs …`, `xpand files …`, `xpand account`),
-//! shaped after GitHub's `gh`: a compact summary or table for people by default, `--json` for
-//! scripts (the API's JSON and nothing else on stdout; progress and notes on stderr), and exit
-//! codes a script can branch on ([`exit`]).
+//! The user commands of the `xpand` binary (`xpand jobs …`, `xpand files …`, `xpand models …`,
+//! `xpand account`), shaped after GitHub's `gh`: a compact summary or table for people by
+//! default, `--json` for scripts (the API's JSON and nothing else on stdout; progress and notes
+//! on stderr), and exit codes a script can branch on ([`exit`]).
 //!
 //! They are a client of a running gateway's public HTTP API and nothing more: they name nothing
 //! of the rest of this crate (no domain type, no database), so they can do nothing a `curl`
@@ -20,6 +20,7 @@ macro_rules! outln {
 pub mod account;
 pub mod files;
 pub mod jobs;
+pub mod models;
 
 use std::io::IsTerminal;
 use std::time::Duration;

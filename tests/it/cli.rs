@@ -13,14 +13,14 @@ use tokio::io::AsyncBufReadExt as _;
 use crate::common::{sheet, TestApp};
 
 /// What one run of the binary did.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Run {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
             panic!(
                 "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
@@ -30,7 +30,7 @@ impl Run {
     }
 
     /// Exit code `code`, or the test fails with what the command said.
-    fn expect(self, code: i32) -> Self {
+    pub(crate) fn expect(self, code: i32) -> Self {
         assert_eq!(
             self.code, code,
             "exit code\nstdout:\n{}\nstderr:\n{}",
@@ -70,7 +70,13 @@ async fn finish(child: tokio::process::Child, args: &[&str]) -> Run {
 }
 
 /// Runs the binary to its end, `stdin` as its standard input.
-async fn xpand(app: &TestApp, key: Option<&str>, dir: &Path, args: &[&str], stdin: &[u8]) -> Run {
+pub(crate) async fn xpand(
+    app: &TestApp,
+    key: Option<&str>,
+    dir: &Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> Run {
     let mut child = command(app, key, dir, args).spawn().expect("xpand runs");
     let mut input = child.stdin.take().unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut input, stdin)

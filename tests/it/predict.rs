@@ -1,13 +1,16 @@
 //! A `predict` job as a data scientist runs one: their model registered, rows sent in the Open
-//! Inference Protocol's shapes, and the answer compared with ONNX Runtime run directly on the
-//! same model and rows. The worker starts cold: it fetches the model through the signed URL,
-//! checks its hash and caches it; a second job runs warm. Bad requests are refused naming the
-//! tensor and the element, and charge nothing.
+//! Inference Protocol's shapes (REST, the CLI, and Triton's own client), and the answer compared
+//! with ONNX Runtime run directly on the same model and rows. The worker starts cold: it fetches
+//! the model through the signed URL, checks its hash and caches it; later jobs run warm, and
+//! placement prefers the node that holds the model. Bad requests are refused naming the tensor
+//! and the element, and charge nothing; bytes that fail their hash are refused by every node,
+//! and a model ONNX Runtime cannot load fails its job with a full refund, blaming no node.
 
 use ort::session::Session;
 use ort::value::Tensor;
 use serde_json::{json, Value};
 
+use crate::cli::xpand;
 use crate::common::{problem, TestApp};
 use crate::models::{churn, manifest, upload};
 
@@ -191,7 +194,7 @@ async fn held(app: &TestApp, node: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_node_is_preferred_and_a_model_that_fails_its_hash_is_refused() {
+async fn warm_nodes_go_first_and_swapped_or_unloadable_models_fail_cleanly() {
     let mut app = TestApp::spawn().await;
     let first = app.start_worker().await;
     let (_, key) = app.customer(10_000_000).await;
@@ -279,6 +282,128 @@ async fn a_warm_node_is_preferred_and_a_model_that_fails_its_hash_is_refused() {
         .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(app.balances(&key).await, before);
+
+    // A model the registry takes but ONNX Runtime cannot load (its weights do not fit its
+    // input) is the model's fault: both nodes say so, and the job fails with a full refund.
+    let broken = churn(|m| {
+        let w = &mut m.graph.as_mut().unwrap().initializer[0];
+        w.dims = vec![7, 1];
+        w.float_data.truncate(7);
+    });
+    assert_eq!(
+        upload(&app, &key, &manifest("misfit"), broken)
+            .await
+            .status(),
+        201
+    );
+    let mut request = body(10, false);
+    request["input"]["model"] = json!("misfit");
+    let (_, job) = app.submit(&key, &request).await;
+    let job = app.wait_for(&key, job.id).await;
+    assert_eq!(job.status, xpand::jobs::JobStatus::Failed);
+    assert_eq!(
+        job.error.as_ref().map(|e| e.code.as_str()),
+        Some("input_unusable")
+    );
+    assert_eq!(app.balances(&key).await, before);
+    let failures: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(shards_failed), 0)::bigint FROM nodes")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(failures, 0, "the nodes are not blamed for the model");
     app.assert_ledger_invariants().await;
+    app.teardown().await;
+}
+
+/// The example in `examples/models/breast-cancer/`, as `training/train_tabular.py` wrote it.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/models/breast-cancer");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_of_docs_models_md_score_the_example_as_onnx_runtime_does() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, key) = app.customer(10_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Some(key.as_str());
+    let (model, manifest, request) = (
+        format!("{EXAMPLE}/model.onnx"),
+        format!("{EXAMPLE}/manifest.json"),
+        format!("{EXAMPLE}/request.json"),
+    );
+    let pushed = xpand(
+        &app,
+        key,
+        dir.path(),
+        &["models", "push", &model, "-m", &manifest],
+        b"",
+    )
+    .await
+    .expect(0);
+    assert!(
+        pushed.stdout.starts_with("model breast-cancer version "),
+        "{}",
+        pushed.stdout
+    );
+    let job = xpand(
+        &app,
+        key,
+        dir.path(),
+        &[
+            "jobs", "submit", "--kind", "predict", "--input", &request, "--wait", "--json",
+        ],
+        b"",
+    )
+    .await
+    .expect(0)
+    .json();
+    let outputs = &job["output"]["outputs"];
+    assert_eq!(outputs[0]["name"], "label");
+    assert_eq!(outputs[0]["datatype"], "INT64");
+    assert_eq!(outputs[1]["shape"], json!([114, 2]));
+
+    // ONNX Runtime run directly on the same file and rows.
+    let body: Value = serde_json::from_str(&std::fs::read_to_string(&request).unwrap()).unwrap();
+    let x: Vec<f32> = body["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let env = xpand_worker::onnx_environment(&xpand_worker::default_ort_dylib_path()).unwrap();
+    let mut session = Session::builder(&env)
+        .unwrap()
+        .commit_from_file(&model)
+        .unwrap();
+    let direct = session
+        .run(ort::inputs!["x" => Tensor::from_array(([114usize, 30], x)).unwrap()])
+        .unwrap();
+    let (_, labels) = direct["label"].try_extract_tensor::<i64>().unwrap();
+    let (_, probabilities) = direct["probabilities"].try_extract_tensor::<f32>().unwrap();
+    let got_labels: Vec<i64> = serde_json::from_value(outputs[0]["data"].clone()).unwrap();
+    let got_probabilities: Vec<f64> = serde_json::from_value(outputs[1]["data"].clone()).unwrap();
+    assert_eq!(got_labels, labels);
+    let direct: Vec<f64> = probabilities.iter().map(|&p| f64::from(p)).collect();
+    assert_eq!(got_probabilities, direct);
+
+    // The listing shows it; `rm` deletes it.
+    let listed = xpand(&app, key, dir.path(), &["models", "list"], b"")
+        .await
+        .expect(0);
+    assert!(listed.stdout.contains("breast-cancer"), "{}", listed.stdout);
+    xpand(
+        &app,
+        key,
+        dir.path(),
+        &["models", "rm", "breast-cancer", "latest"],
+        b"",
+    )
+    .await
+    .expect(0);
     app.teardown().await;
 }
