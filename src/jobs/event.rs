@@ -31,6 +31,11 @@ pub enum JobEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[schema(value_type = Option<Vec<IntervalRows>>)]
         intervals: Option<serde_json::Value>,
+        /// A predict job's slice as the Open Inference Protocol's tensors (`name`, `datatype`,
+        /// `shape`, `data`); `rows` then holds each row's values across them, in order.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<Vec<Object>>)]
+        outputs: Option<serde_json::Value>,
     },
     Succeeded {
         job: Box<Job>,

@@ -165,6 +165,8 @@ pub struct PartialRows {
     pub rows: Value,
     /// Bounds of the slice's rows, where the kind gives them (forecast intervals).
     pub intervals: Option<Value>,
+    /// The slice as named tensors, where the kind's output is tensors (predict).
+    pub outputs: Option<Value>,
 }
 
 /// One shard's place in a job that ended early, and its output if it was done (and paid).

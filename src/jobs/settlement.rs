@@ -114,6 +114,7 @@ pub(super) async fn complete_shard(
             offset: accepted.row_offset,
             rows: slice.rows,
             intervals: slice.intervals,
+            outputs: slice.outputs,
         };
         events.push((job.account, partial));
     }

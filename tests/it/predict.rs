@@ -6,9 +6,11 @@
 //! and the element, and charge nothing; bytes that fail their hash are refused by every node,
 //! and a model ONNX Runtime cannot load fails its job with a full refund, blaming no node.
 
+use futures::{SinkExt, StreamExt};
 use ort::session::Session;
 use ort::value::Tensor;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::xpand;
 use crate::common::{problem, TestApp};
@@ -101,6 +103,60 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
     let got: Vec<f64> = serde_json::from_value(output["outputs"][0]["data"].clone()).unwrap();
     assert_eq!(got, onnx_runtime(&model, &features(5_000)));
     assert!(job.progress.shards_total > 1, "{:?}", job.progress);
+
+    // Over the WebSocket, as an add-in would: each shard's slice streams as it is verified
+    // (rows across the outputs, and the protocol's tensors), before the job ends.
+    let token: Value = app
+        .post_json(&key, "/v1/auth/token", &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/v1/ws?token={}",
+        app.base.replace("http://", "ws://"),
+        token["token"].as_str().unwrap()
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let submit = json!({"op": "submit", "ref": "scores", "job": body(3_000, false)});
+    socket
+        .send(Message::text(submit.to_string()))
+        .await
+        .unwrap();
+    let mut slices: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+    let finished = loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), socket.next())
+            .await
+            .expect("a frame within 30 s")
+            .expect("the socket stays open")
+            .unwrap();
+        let Message::Text(text) = frame else { continue };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        match frame["event"].as_str() {
+            Some("partial") => {
+                let tensor = &frame["outputs"][0];
+                assert_eq!(tensor["name"], "p");
+                let data: Vec<f64> = serde_json::from_value(tensor["data"].clone()).unwrap();
+                let rows: Vec<Vec<f64>> = serde_json::from_value(frame["rows"].clone()).unwrap();
+                assert_eq!(
+                    rows.concat(),
+                    data,
+                    "rows and tensors carry the same numbers"
+                );
+                slices.insert(frame["offset"].as_i64().unwrap(), data);
+            }
+            Some("succeeded") => break frame["job"].clone(),
+            Some("failed" | "canceled") => panic!("{frame}"),
+            _ => {}
+        }
+    };
+    assert_eq!(slices.len(), 3, "one slice per shard");
+    let streamed: Vec<f64> = slices.into_values().flatten().collect();
+    let want = onnx_runtime(&model, &features(3_000));
+    assert_eq!(streamed, want);
+    let got: Vec<f64> =
+        serde_json::from_value(finished["output"]["outputs"][0]["data"].clone()).unwrap();
+    assert_eq!(got, want);
 
     // Refusals name the tensor and the element, and charge nothing.
     let before = app.balances(&key).await;

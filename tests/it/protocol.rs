@@ -958,3 +958,83 @@ async fn a_big_job_does_not_starve_another_accounts_small_one() {
     node.die().await;
     app.teardown().await;
 }
+
+/// A predict shard answered with made-up numbers by a node that announced the runner: the
+/// replica an honest node runs disagrees, the third run settles it, and the job carries ONNX
+/// Runtime's numbers (as in the forecast case above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_worker_on_a_predict_job_is_outvoted() {
+    let mut app = TestApp::spawn_with(|c| c.scheduling.redundancy_bps = 10_000).await;
+    let (_, customer) = app.customer(50_000_000).await;
+    let model = crate::models::churn(|_| {});
+    let registered =
+        crate::models::upload(&app, &customer, &crate::models::manifest("churn"), model).await;
+    assert_eq!(registered.status(), 201);
+    let liar_key = NodeKey::generate();
+    xpand::nodes::register(&app.db, liar_key.id(), "liar")
+        .await
+        .unwrap();
+    let runner = ModelInfo {
+        name: xpand::kinds::predict::RUNNER.into(),
+        version: "test".into(),
+        kind: "predict".into(),
+        sha256: String::new(),
+    };
+    let mut liar = FakeNode::start_with(&app, liar_key.clone(), runner, 4).await;
+    app.wait_until_alive(liar_key.id()).await;
+    let rows: Vec<f64> = (0..40).map(|i| f64::from(i % 7) - 3.0).collect();
+    let request = serde_json::json!({
+        "kind": "predict",
+        "max_fee": 1_000_000,
+        "input": {"model": "churn",
+                  "inputs": [{"name": "x", "datatype": "FP32", "shape": [5, 8], "data": rows}]},
+    });
+    let job: Value = app
+        .post_json(&customer, "/v1/jobs", &request)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let assignment = liar.next_assignment().await;
+    app.start_worker().await;
+    app.start_worker().await;
+    let ShardTask::Predict(task) = &assignment.task else {
+        panic!(
+            "a predict assignment was expected, got {:?}",
+            assignment.task
+        );
+    };
+    let lie = ShardOutput::Predict {
+        outputs: vec![xpand_protocol::Tensor {
+            name: "p".into(),
+            datatype: "FP32".into(),
+            shape: vec![i64::from(task.rows()), 1],
+            data: vec![0.5; task.rows() as usize],
+        }],
+    };
+    let lie = result_for(&assignment, lie);
+    liar.send(UpKind::Result, liar.seal(UpKind::Result, &lie))
+        .await;
+    let job = tokio::time::timeout(
+        Duration::from_secs(60),
+        app.wait_for_job(&customer, &job_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let scores: Vec<f64> =
+        serde_json::from_value(job["output"]["outputs"][0]["data"].clone()).unwrap();
+    assert!(
+        scores.iter().all(|&p| p != 0.5),
+        "the lie did not reach the output: {scores:?}"
+    );
+    let losers: Vec<String> = sqlx::query_scalar("SELECT loser FROM challenges")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(losers, [liar_key.id().to_string()]);
+    liar.die().await;
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}

@@ -1371,6 +1371,11 @@ export interface components {
             job_id: string;
             /** Format: int32 */
             offset: number;
+            /**
+             * @description A predict job's slice as the Open Inference Protocol's tensors (`name`, `datatype`,
+             *     `shape`, `data`); `rows` then holds each row's values across them, in order.
+             */
+            outputs?: Record<string, never>[] | null;
             rows: number[][];
             /** Format: int32 */
             shard: number;

@@ -140,6 +140,7 @@ pub fn partial(output: &ShardOutput) -> Option<PartialRows> {
     Some(PartialRows {
         rows: json!(forecasts),
         intervals: (!intervals.is_empty()).then(|| json!(intervals)),
+        outputs: None,
     })
 }
 

@@ -75,13 +75,35 @@ pub fn agree(a: &ShardOutput, b: &ShardOutput) -> bool {
         })
 }
 
+/// A shard's slice as the stream carries it: each row's values across the outputs, in their
+/// order (`[label, p0, p1]`), and the same slice as the protocol's tensors.
 pub fn partial(output: &ShardOutput) -> Option<PartialRows> {
     let ShardOutput::Predict { outputs } = output else {
         return None;
     };
+    let count = outputs
+        .first()
+        .and_then(|t| t.shape.first())
+        .map_or(0, |&r| r.max(0) as usize);
+    let rows: Vec<Vec<f64>> = (0..count)
+        .map(|i| {
+            outputs
+                .iter()
+                .flat_map(|t| {
+                    let n = t.row_len();
+                    t.data
+                        .get(i * n..(i + 1) * n)
+                        .unwrap_or(&[])
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        })
+        .collect();
     Some(PartialRows {
-        rows: json!({ "outputs": outputs.iter().map(body).collect::<Vec<_>>() }),
+        rows: json!(rows),
         intervals: None,
+        outputs: Some(json!(outputs.iter().map(body).collect::<Vec<_>>())),
     })
 }
 
