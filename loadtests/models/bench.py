@@ -71,7 +71,19 @@ def example_model(seed: int):
 
 
 def client() -> httpx.Client:
-    return httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    return httpx.Client(
+        base_url=URL,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+        event_hooks={"response": [_not_rate_limited]},
+    )
+
+
+def _not_rate_limited(response: httpx.Response) -> None:
+    # The dev gateway allows 100 requests a second per key; a run at 8 clients can pass it.
+    # A 429 fails the run loudly instead of being measured as a job.
+    if response.status_code == 429:
+        raise SystemExit("rate-limited (429): start the gateway with a higher XPAND_RATE_LIMIT")
 
 
 def register(http, data: bytes, manifest: dict) -> tuple[str, float]:
@@ -167,7 +179,9 @@ def measure(label: str, data: bytes, manifest: dict, row: np.ndarray) -> dict:
     out["bare_per_s"] = b["per_s"]
     out["p50_over_bare"] = out["p50_ms"] / b["p50_ms"]
     with client() as http:
-        for v in http.get(f"/v1/models/{manifest['name']}").json()["versions"]:
+        model = http.get(f"/v1/models/{manifest['name']}")
+        model.raise_for_status()
+        for v in model.json()["versions"]:
             http.delete(f"/v1/models/{manifest['name']}/versions/{v['sha256']}")
     print(json.dumps(out), flush=True)
     return out

@@ -265,17 +265,7 @@ async fn send_heartbeats(worker: Arc<Worker>, every: Duration) {
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_some_and(|at| at.elapsed() >= REANNOUNCE_INTERVAL);
             // A model fetched or evicted changes what placement should know.
-            let held = plugins::predict::held(&worker.model_cache_dir);
-            let changed = {
-                let mut announce = worker
-                    .announce
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let changed = announce.held_models != held;
-                announce.held_models = held;
-                changed
-            };
-            if due || changed {
+            if worker.update_held() || due {
                 worker.publish_announce().await;
             }
             let active_shards = u32::try_from(*worker.running.borrow()).unwrap_or(u32::MAX);
@@ -324,6 +314,16 @@ impl Worker {
             }
         }
         self.publish_announce().await;
+    }
+
+    /// Brings the statement's `held_models` up to date with the model cache; true when that
+    /// changed it.
+    fn update_held(&self) -> bool {
+        let held = plugins::predict::held(&self.model_cache_dir);
+        let mut announce = self.announce.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = announce.held_models != held;
+        announce.held_models = held;
+        changed
     }
 
     /// Publishes the capability statement (retained, so gateways that start later read it).
@@ -564,6 +564,11 @@ impl Worker {
         // No closing progress message: the result carries the whole chain, and a shard shorter
         // than the progress interval sends the gateway nothing but its result.
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // A model fetched for this shard is announced before the result frees the slot, so the
+        // next shard of the model finds this node warm rather than fetching it on another.
+        if matches!(output, ShardOutput::Predict { .. }) && self.update_held() {
+            self.publish_announce().await;
+        }
         let result = ShardResult {
             assignment_id,
             shard_id,
