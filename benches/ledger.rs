@@ -96,6 +96,7 @@ async fn settle(pool: &PgPool, customer: Uuid, nodes: &[Uuid], i: usize) -> anyh
             (nodes[(i + 1) % nodes.len()], ESCROW * 25 / 100),
         ],
         fee: ESCROW / 10,
+        royalty: None,
     };
     let mut tx = pool.begin().await?;
     escrow::release(&mut tx, job, &release, "bench").await?;

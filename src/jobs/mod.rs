@@ -194,11 +194,15 @@ pub(crate) struct JobRow {
     /// Indexes of shards accepted without the check they were held for.
     pub unverified_shards: Vec<i32>,
     pub data_expired_at: Option<DateTime<Utc>>,
+    /// Whom a success pays a royalty, and how much (a published model's owner).
+    pub royalty_account: Option<Uuid>,
+    pub royalty: i64,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "id, kind, status, params, output, error, quote, \
     max_fee, escrow, gateway_fee, cost, shards_total, shards_done, webhook, deadline, \
-    request_hash, created_at, updated_at, started_at, finished_at, unverified_shards, data_expired_at";
+    request_hash, created_at, updated_at, started_at, finished_at, unverified_shards, data_expired_at, \
+    royalty_account, royalty";
 
 impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {
@@ -236,6 +240,8 @@ pub struct JobPlan {
     pub model: String,
     /// The gateway's share of the price; workers earn the shards' fees.
     pub gateway_fee: i64,
+    /// What a success pays the owner of another account's model it runs, and to whom.
+    pub royalty: Option<(Uuid, i64)>,
     pub shards: Vec<ShardPlan>,
     /// Objects stored while planning (video segments): deleted if the job is refused after all.
     pub staged: Vec<object_store::path::Path>,
@@ -246,7 +252,9 @@ pub struct JobPlan {
 
 impl JobPlan {
     pub fn quote(&self) -> i64 {
-        self.gateway_fee + self.shards.iter().map(|s| s.fee).sum::<i64>()
+        self.gateway_fee
+            + self.royalty.map_or(0, |(_, amount)| amount)
+            + self.shards.iter().map(|s| s.fee).sum::<i64>()
     }
 }
 

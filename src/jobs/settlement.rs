@@ -207,6 +207,7 @@ pub async fn finish(
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: job.gateway_fee,
+                royalty: job.royalty_account.map(|owner| (owner, job.royalty)),
             },
             {
                 if let (false, Some(fields)) =
@@ -223,6 +224,7 @@ pub async fn finish(
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: 0,
+                royalty: None,
             },
             output,
             reason,
@@ -233,6 +235,7 @@ pub async fn finish(
             Release {
                 payouts: done_shard_payouts(conn, job_id).await?,
                 fee: 0,
+                royalty: None,
             },
             output,
             Some(error),

@@ -165,8 +165,9 @@ async fn store(
     let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
         "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
                            gateway_fee, shards_total, webhook, idempotency_key, request_hash,
-                           input_files, deadline)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13, $14)
+                           input_files, deadline, royalty_account, royalty)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13, $14, $15,
+                 $16)
          RETURNING {JOB_COLUMNS}"
     ))
     .bind(id)
@@ -183,6 +184,8 @@ async fn store(
     .bind(hash)
     .bind(&plan.reads)
     .bind(req.deadline)
+    .bind(plan.royalty.map(|(account, _)| account))
+    .bind(plan.royalty.map_or(0, |(_, amount)| amount))
     .fetch_one(&mut *tx)
     .await;
     if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {

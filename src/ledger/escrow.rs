@@ -47,12 +47,16 @@ pub struct Release {
     pub payouts: Vec<(Uuid, i64)>,
     /// The gateway's fee, to revenue.
     pub fee: i64,
+    /// A royalty to a model's owner account (to what it may spend).
+    pub royalty: Option<(Uuid, i64)>,
 }
 
 impl Release {
-    /// What the caller is charged: payouts plus fee.
+    /// What the caller is charged: payouts, fee and royalty.
     pub fn cost(&self) -> i64 {
-        self.payouts.iter().map(|(_, a)| a).sum::<i64>() + self.fee
+        self.payouts.iter().map(|(_, a)| a).sum::<i64>()
+            + self.fee
+            + self.royalty.map_or(0, |(_, amount)| amount)
     }
 }
 
@@ -77,7 +81,10 @@ pub async fn release(
     release: &Release,
     memo: &str,
 ) -> Result<Released, LedgerError> {
-    if release.fee < 0 || release.payouts.iter().any(|&(_, a)| a < 0) {
+    if release.fee < 0
+        || release.payouts.iter().any(|&(_, a)| a < 0)
+        || release.royalty.is_some_and(|(_, a)| a < 0)
+    {
         return Err(LedgerError::InvalidAmount(
             "payouts and fees cannot be negative",
         ));
@@ -116,6 +123,11 @@ pub async fn release(
     postings.extend(release.payouts.iter().map(|&(owner, amount)| Posting {
         owner,
         purpose: Purpose::Earnings,
+        amount,
+    }));
+    postings.extend(release.royalty.map(|(owner, amount)| Posting {
+        owner,
+        purpose: Purpose::Available,
         amount,
     }));
     post(

@@ -101,9 +101,14 @@ pub struct Manifest {
     pub inputs: Vec<TensorSpec>,
     #[schema(min_items = 1, max_items = 32)]
     pub outputs: Vec<TensorSpec>,
-    /// Micro-credits per row (per element of the batch dimension) a job pays.
+    /// Micro-credits per row (per element of the batch dimension) a job pays the nodes.
     #[schema(minimum = 1, maximum = 1_000_000, example = 20)]
     pub price_per_row: i64,
+    /// Micro-credits per row that another account's job pays you, the owner, when it succeeds
+    /// (published models; your own jobs pay none).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000, example = 5)]
+    pub royalty_per_row: i64,
 }
 
 impl Manifest {
@@ -134,6 +139,12 @@ impl Manifest {
             errors.push(FieldError::new(
                 "manifest.price_per_row",
                 format!("must be from 1 to {MAX_PRICE_PER_ROW} micro-credits"),
+            ));
+        }
+        if !(0..=MAX_PRICE_PER_ROW).contains(&self.royalty_per_row) {
+            errors.push(FieldError::new(
+                "manifest.royalty_per_row",
+                format!("must be from 0 to {MAX_PRICE_PER_ROW} micro-credits"),
             ));
         }
         for (field, tensors) in [("inputs", &self.inputs), ("outputs", &self.outputs)] {
@@ -380,6 +391,15 @@ fn pick(versions: Vec<ModelVersion>, version: &str) -> Result<ModelVersion, AppE
             "names more than one version; give more digits",
         )),
     }
+}
+
+/// The account that owns model `name` (never shown to others; a royalty is paid to it).
+pub async fn owner(db: &PgPool, name: &str) -> Result<Uuid, AppError> {
+    sqlx::query_scalar("SELECT account_id FROM models WHERE name = $1")
+        .bind(name)
+        .fetch_optional(db)
+        .await?
+        .ok_or(AppError::NotFound("model"))
 }
 
 /// Publishes (or withdraws) a model of `account`.

@@ -162,7 +162,11 @@ impl Split {
             })
             .collect();
         let fee = amount - payouts.iter().map(|(_, a)| a).sum::<i64>();
-        Release { payouts, fee }
+        Release {
+            payouts,
+            fee,
+            royalty: None,
+        }
     }
 }
 
@@ -720,6 +724,7 @@ async fn concurrent_settlements_and_racing_payouts_keep_the_ledger_whole() {
     let warmup = Release {
         payouts: vec![(nodes[0].account, 5_000)],
         fee: 4_000,
+        royalty: None,
     };
     assert!(hold_and_release(&pool, customers[0], 10_000, &warmup).await);
     let (issuance, fee_share) = (1_000_000, 3_000);
@@ -753,6 +758,8 @@ async fn concurrent_settlements_and_racing_payouts_keep_the_ledger_whole() {
                         (nodes[(i + k + 1) % nodes.len()].account, amount / 5),
                     ],
                     fee: amount / 10,
+                    // Another customer's model: its owner's balance is locked by others' jobs too.
+                    royalty: Some((customers[(i + k + 1) % customers.len()], amount / 20)),
                 };
                 if hold_and_release(&pool, customer, amount, &release).await {
                     settled.push((customer, release));
@@ -832,6 +839,9 @@ async fn concurrent_settlements_and_racing_payouts_keep_the_ledger_whole() {
         add(SYSTEM_ACCOUNT, Purpose::Revenue, release.fee);
         for &(node, amount) in &release.payouts {
             add(node, Purpose::Earnings, amount);
+        }
+        if let Some((owner, amount)) = release.royalty {
+            add(owner, Purpose::Available, amount);
         }
     }
     let actual: BTreeMap<(Uuid, String), i64> = sqlx::query_as::<_, (Uuid, String, i64)>(

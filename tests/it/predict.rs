@@ -463,3 +463,46 @@ async fn the_commands_of_docs_models_md_score_the_example_as_onnx_runtime_does()
     .expect(0);
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_accounts_job_pays_a_published_models_owner_its_royalty() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker().await;
+    let (_, owner) = app.customer(1_000_000).await;
+    let (_, user) = app.customer(1_000_000).await;
+    let mut with_royalty = manifest("churn");
+    with_royalty["royalty_per_row"] = json!(3);
+    assert_eq!(
+        upload(&app, &owner, &with_royalty, churn(|_| {}))
+            .await
+            .status(),
+        201
+    );
+    // Private: the other account cannot run it.
+    let resp = app.post_json(&user, "/v1/jobs", &body(10, false)).await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(problem(resp).await.errors[0].field, "input.model");
+    let resp = app
+        .http
+        .patch(format!("{}/v1/models/churn", app.base))
+        .bearer_auth(&owner)
+        .json(&json!({"published": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // 10 rows: the gateway's fee, 20 a row to the node, 3 a row to the owner.
+    let (_, job) = app.submit(&user, &body(10, false)).await;
+    let job = app.wait_for(&user, job.id).await;
+    assert_eq!(job.status, xpand::jobs::JobStatus::Succeeded);
+    assert_eq!(job.cost, Some(1_000 + 10 * 20 + 10 * 3));
+    assert_eq!(app.balances(&user).await, (1_000_000 - 1_230, 0));
+    assert_eq!(app.balances(&owner).await, (1_000_000 + 30, 0));
+    // The owner's own jobs pay no royalty.
+    let (_, job) = app.submit(&owner, &body(10, false)).await;
+    let job = app.wait_for(&owner, job.id).await;
+    assert_eq!(job.cost, Some(1_000 + 10 * 20));
+    app.assert_ledger_invariants().await;
+    app.teardown().await;
+}

@@ -1469,10 +1469,17 @@ export interface components {
             outputs: components["schemas"]["TensorSpec"][];
             /**
              * Format: int64
-             * @description Micro-credits per row (per element of the batch dimension) a job pays.
+             * @description Micro-credits per row (per element of the batch dimension) a job pays the nodes.
              * @example 20
              */
             price_per_row: number;
+            /**
+             * Format: int64
+             * @description Micro-credits per row that another account's job pays you, the owner, when it succeeds
+             *     (published models; your own jobs pay none).
+             * @example 5
+             */
+            royalty_per_row?: number;
         };
         /** @description A model: its versions, newest first. */
         Model: {

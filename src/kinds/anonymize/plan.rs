@@ -246,6 +246,7 @@ pub(super) async fn plan(
     Ok(JobPlan {
         model: MODEL.into(),
         gateway_fee: super::PRICE_PER_JOB,
+        royalty: None,
         shards,
         staged,
         reads: vec![file],

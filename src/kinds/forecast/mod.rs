@@ -111,6 +111,7 @@ pub fn plan(
     Ok(JobPlan {
         model: MODEL.into(),
         gateway_fee: PRICE_PER_JOB,
+        royalty: None,
         shards: shard(series, &params, rows_per_shard),
         staged: Vec::new(),
         reads: Vec::new(),

@@ -10,7 +10,8 @@
 //! within a relative tolerance and every integer is equal ([`output`]).
 //!
 //! Price: the gateway's fee per job plus the model's `price_per_row` for each row, which the
-//! node that runs the row earns.
+//! node that runs the row earns, plus, for another account's published model, its
+//! `royalty_per_row` for each row, which its owner is paid when the job succeeds.
 
 mod output;
 pub mod schema;
@@ -130,6 +131,10 @@ async fn plan(
     let (Some(inputs), true) = (inputs, errors.is_empty()) else {
         return Err(AppError::Validation(errors));
     };
+    let rows = inputs[0].shape[0];
+    let owner = registry::owner(&ctx.db, &version.name).await?;
+    let royalty = (owner != request.account && manifest.royalty_per_row > 0)
+        .then(|| (owner, rows * manifest.royalty_per_row));
     let template = PredictTask {
         model: version.name.clone(),
         sha256: version.sha256.clone(),
@@ -141,6 +146,7 @@ async fn plan(
     Ok(JobPlan {
         model: RUNNER.into(),
         gateway_fee: PRICE_PER_JOB,
+        royalty,
         shards: shard(
             inputs,
             &template,
