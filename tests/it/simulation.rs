@@ -12,7 +12,10 @@
 //! - a seeded RNG chooses everything: nodes joining, dying, restarting, lying, straggling and
 //!   rejecting; nodes that refuse every shard; jobs of every size from three accounts, a few
 //!   with a poisoned cell that every node refuses as unusable input; cancels; redundancy off,
-//!   sampled at 100%, or only for new nodes.
+//!   sampled at 100%, or only for new nodes;
+//! - a third of the jobs are `predict` jobs over three published registry models. Each node
+//!   keeps two of them (least recently used evicted), runs the others cold, and announces what
+//!   it holds before its result, as the worker does, so placement's warm preference is driven.
 //!
 //! After every step: no starvation (if a live node with a free slot may run some pending shard,
 //! the dispatch round assigns one), no shard is sent more than `XPAND_MAX_SHARD_ATTEMPTS`
@@ -90,7 +93,15 @@ struct SimNode {
     behaviour: Behaviour,
     alive: bool,
     held: Vec<Held>,
+    /// The registry models it keeps (sha256s), most recently used first; kept across restarts,
+    /// as files on disk are.
+    cache: Vec<String>,
+    /// When its current process started (what its statements say).
+    started_at_ms: i64,
 }
+
+/// Registry models a simulated node keeps at once.
+const CACHE: usize = 2;
 
 struct Sim {
     rng: StdRng,
@@ -100,6 +111,8 @@ struct Sim {
     topics: Topics,
     nodes: Vec<SimNode>,
     accounts: Vec<Uuid>,
+    /// The published registry models predict jobs run: (name, sha256).
+    models: Vec<(String, String)>,
     jobs: Vec<(Uuid, Uuid)>,
     /// Jobs submitted with a poisoned cell.
     poisoned: Vec<Uuid>,
@@ -127,25 +140,42 @@ impl Sim {
 
     /// A node process starting: it announces (with its start time) and beats.
     async fn start_process(&mut self, i: usize) {
+        self.nodes[i].alive = true;
+        self.nodes[i].held.clear();
+        self.nodes[i].started_at_ms = xpand_protocol::now_ms();
+        self.announce(i).await;
+    }
+
+    /// Node `i`'s capability statement: the forecast model, the runner of registry models, and
+    /// the registry models it holds.
+    async fn announce(&mut self, i: usize) {
         let node = &self.nodes[i];
+        let mut held = node.cache.clone();
+        held.sort();
         let announce = Announce {
             name: format!("sim-{i}"),
-            models: vec![ModelInfo {
-                name: xpand::kinds::forecast::MODEL.into(),
-                version: "1.0.0".into(),
-                kind: "forecast".into(),
-                sha256: "0".repeat(64),
-            }],
+            models: vec![
+                ModelInfo {
+                    name: xpand::kinds::forecast::MODEL.into(),
+                    version: "1.0.0".into(),
+                    kind: "forecast".into(),
+                    sha256: "0".repeat(64),
+                },
+                ModelInfo {
+                    name: xpand::kinds::predict::RUNNER.into(),
+                    version: "sim".into(),
+                    kind: "predict".into(),
+                    sha256: String::new(),
+                },
+            ],
             accelerator: Accelerator::Cpu,
             memory_mb: 1024,
             cpu_cores: 1,
             max_concurrent_shards: node.slots,
             worker_version: "sim".into(),
-            started_at_ms: xpand_protocol::now_ms(),
-            held_models: Vec::new(),
+            started_at_ms: node.started_at_ms,
+            held_models: held,
         };
-        self.nodes[i].alive = true;
-        self.nodes[i].held.clear();
         self.send(i, UpKind::Announce, &announce).await;
     }
 
@@ -168,6 +198,8 @@ impl Sim {
             behaviour,
             alive: false,
             held: Vec::new(),
+            cache: Vec::new(),
+            started_at_ms: 0,
         });
         self.start_process(i).await;
         self.count("nodes");
@@ -175,6 +207,9 @@ impl Sim {
 
     async fn submit(&mut self) {
         let account = self.accounts[self.rng.gen_range(0..self.accounts.len())];
+        if self.rng.gen_bool(0.3) {
+            return self.submit_predict(account).await;
+        }
         let rows = if self.rng.gen_bool(0.2) {
             self.rng.gen_range(60..=160)
         } else {
@@ -209,6 +244,43 @@ impl Sim {
             Err(e) => panic!("a valid job was refused: {e}"),
         }
         self.count("jobs");
+    }
+
+    /// A predict job on one of the registry models: a few rows, or enough for several shards.
+    async fn submit_predict(&mut self, account: Uuid) {
+        let (model, _) = self.models[self.rng.gen_range(0..self.models.len())].clone();
+        let rows: usize = if self.rng.gen_bool(0.2) {
+            self.rng.gen_range(1_200..=2_500)
+        } else {
+            self.rng.gen_range(1..=40)
+        };
+        let mut data: Vec<f64> = (0..rows * 8).map(|k| ((k % 17) as f64) - 8.0).collect();
+        let poisoned = self.rng.gen_bool(0.05);
+        if poisoned {
+            let at = self.rng.gen_range(0..data.len());
+            data[at] = POISON;
+        }
+        let req = SubmitJob {
+            kind: "predict".into(),
+            input: json!({ "model": model, "inputs": [
+                { "name": "x", "datatype": "FP32", "shape": [rows, 8], "data": data }] }),
+            params: json!({}),
+            max_fee: 100_000_000,
+            webhook: None,
+            deadline: None,
+        };
+        match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
+            Ok(Submitted::Created(job)) => {
+                self.jobs.push((account, job.id));
+                if poisoned {
+                    self.poisoned.push(job.id);
+                    self.count("poisoned jobs");
+                }
+            }
+            Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
+            Err(e) => panic!("a valid predict job was refused: {e}"),
+        }
+        self.count("predict jobs");
     }
 
     async fn cancel_one(&mut self) {
@@ -287,13 +359,11 @@ impl Sim {
 
     async fn answer(&mut self, i: usize, a: &Assignment) {
         let behaviour = self.nodes[i].behaviour;
-        let ShardTask::Forecast {
-            series, horizon, ..
-        } = &a.task
-        else {
-            panic!("only forecasts are simulated");
+        let input_unusable = match &a.task {
+            ShardTask::Forecast { series, .. } => series.iter().flatten().any(|&v| v == POISON),
+            ShardTask::Predict(task) => task.inputs.iter().any(|t| t.data.contains(&POISON)),
+            ShardTask::Anonymize(_) => panic!("video is not simulated"),
         };
-        let input_unusable = series.iter().flatten().any(|&v| v == POISON);
         let refuses = match behaviour {
             Behaviour::Rejecter => self.rng.gen_bool(0.5),
             Behaviour::Refuser => true,
@@ -310,21 +380,64 @@ impl Sim {
             self.count("rejects");
             return;
         }
-        // The "model": each row's last value, repeated. A liar answers something else.
+        // The "model": a forecast repeats each row's last value; a predict model scores a row
+        // by its sum. A liar answers something else.
         let lie = if behaviour == Behaviour::Liar {
             1e6
         } else {
             0.0
         };
-        let output = ShardOutput::Forecast {
-            forecasts: series
-                .iter()
-                .map(|row| vec![row.last().copied().unwrap_or(0.0) + lie; *horizon as usize])
-                .collect(),
-            intervals: Vec::new(),
+        let output = match &a.task {
+            ShardTask::Forecast {
+                series, horizon, ..
+            } => ShardOutput::Forecast {
+                forecasts: series
+                    .iter()
+                    .map(|row| vec![row.last().copied().unwrap_or(0.0) + lie; *horizon as usize])
+                    .collect(),
+                intervals: Vec::new(),
+            },
+            ShardTask::Predict(task) => {
+                self.use_model(i, &task.sha256).await;
+                let x = &task.inputs[0];
+                let scores = x
+                    .data
+                    .chunks(x.row_len())
+                    .map(|row| row.iter().sum::<f64>() * 0.001 + lie);
+                ShardOutput::Predict {
+                    outputs: vec![xpand_protocol::Tensor {
+                        name: "p".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![x.shape[0], 1],
+                        data: scores.collect(),
+                    }],
+                }
+            }
+            ShardTask::Anonymize(_) => unreachable!("refused above"),
         };
         self.send(i, UpKind::Result, &result_for(a, output)).await;
         self.count("results");
+    }
+
+    /// Node `i` runs registry model `sha`: warm if it holds it, else it fetches it (evicting
+    /// the least recently used beyond [`CACHE`]) and announces what it now holds before its
+    /// result, as the worker does.
+    async fn use_model(&mut self, i: usize, sha: &str) {
+        let cache = &mut self.nodes[i].cache;
+        if let Some(at) = cache.iter().position(|held| held == sha) {
+            let held = cache.remove(at);
+            cache.insert(0, held);
+            self.count("warm runs");
+            return;
+        }
+        cache.insert(0, sha.to_string());
+        let evicted = cache.len() > CACHE;
+        cache.truncate(CACHE);
+        self.count("cold runs");
+        if evicted {
+            self.count("evictions");
+        }
+        self.announce(i).await;
     }
 
     /// Whether some pending shard may run on some live node with a free slot, decided here
@@ -588,11 +701,21 @@ impl Sim {
                 .await
                 .unwrap();
         for (input, output) in &done {
-            assert_eq!(
-                output["forecasts"].as_array().map(Vec::len),
-                input["series"].as_array().map(Vec::len),
-                "a succeeded job lost rows"
-            );
+            if let Some(series) = input.get("series") {
+                assert_eq!(
+                    output["forecasts"].as_array().map(Vec::len),
+                    series.as_array().map(Vec::len),
+                    "a succeeded job lost rows"
+                );
+            } else {
+                let rows = &input["inputs"][0]["shape"][0];
+                assert_eq!(
+                    &output["outputs"][0]["shape"][0], rows,
+                    "a succeeded predict job lost rows"
+                );
+                let scores = output["outputs"][0]["data"].as_array().map(Vec::len);
+                assert_eq!(scores, rows.as_u64().map(|r| r as usize), "{output}");
+            }
         }
         // A poisoned job never succeeds: it fails once two nodes refused its input (or its
         // shard ran out of nodes to try), unless it was canceled first.
@@ -662,6 +785,28 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
             .unwrap();
         accounts.push(id);
     }
+    // Three published models of the first account, which every account's predict jobs run.
+    let mut models = Vec::new();
+    for (i, name) in ["sim-a", "sim-b", "sim-c"].into_iter().enumerate() {
+        let bytes = crate::models::churn(|m| {
+            m.graph.as_mut().unwrap().initializer[0].float_data[0] = i as f32
+        });
+        let manifest = serde_json::from_value(crate::models::manifest(name)).unwrap();
+        let (version, _) = xpand::registry::register(
+            &connected.scheduler.files,
+            &db,
+            accounts[0],
+            manifest,
+            bytes.into(),
+            i64::MAX,
+        )
+        .await
+        .unwrap();
+        xpand::registry::publish(&db, accounts[0], name, true)
+            .await
+            .unwrap();
+        models.push((version.name, version.sha256));
+    }
     let mut sim = Sim {
         rng,
         scheduler: connected.scheduler,
@@ -670,6 +815,7 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
         topics,
         nodes: Vec::new(),
         accounts,
+        models,
         jobs: Vec::new(),
         poisoned: Vec::new(),
         dispatches: HashMap::new(),
