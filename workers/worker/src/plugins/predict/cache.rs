@@ -64,6 +64,10 @@ impl ModelCache {
             .context(InputUnusable)?;
         let session = Arc::new(Mutex::new(session));
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another shard of the model may have loaded it meanwhile: one session is kept.
+        if let Some((_, loaded)) = sessions.iter().find(|(sha, _)| *sha == task.sha256) {
+            return Ok(loaded.clone());
+        }
         sessions.push_front((task.sha256.clone(), session.clone()));
         sessions.truncate(self.max_sessions);
         Ok(session)
