@@ -36,6 +36,18 @@ pub struct Args {
     #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub concurrency: u32,
 
+    /// Open loop (rest mode): start jobs at this constant rate, per second, whatever the
+    /// gateway answers, and time each from its scheduled start, so a stall shows in the
+    /// latencies instead of slowing the arrivals (no coordinated omission). `--concurrency`
+    /// is then unused.
+    #[arg(long, value_parser = positive_rate)]
+    pub rate: Option<f64>,
+
+    /// Open loop: the most jobs outstanding at once; an arrival beyond it is counted as an
+    /// error (`overloaded`) rather than delayed.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_outstanding: u64,
+
     /// ws: jobs outstanding per socket.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub in_flight: u32,
@@ -117,6 +129,13 @@ impl Args {
             bail!("the API key is empty");
         }
         Ok(key)
+    }
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0 => Ok(rate),
+        _ => Err("a rate is a number of jobs per second, above 0".into()),
     }
 }
 

@@ -56,8 +56,18 @@ async fn main() -> anyhow::Result<()> {
         stats: Recorder::new(),
         job_timeout: Duration::from_secs(args.job_timeout),
     });
-    let summary = match ws_url {
-        None => {
+    let summary = match (ws_url, args.rate) {
+        (None, Some(rate)) => {
+            let (follow, every) = (args.follow, Duration::from_millis(args.poll_interval_ms));
+            let most = args.max_outstanding;
+            harness
+                .run(setup, 1, move |h| {
+                    rest::open_loop(h, rate, most, follow, every)
+                })
+                .await
+        }
+        (Some(_), Some(_)) => anyhow::bail!("--rate (open loop) runs in --mode rest"),
+        (None, None) => {
             let (follow, every) = (args.follow, Duration::from_millis(args.poll_interval_ms));
             harness
                 .run(setup, args.concurrency, move |h| {
@@ -65,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await
         }
-        Some(url) => {
+        (Some(url), None) => {
             let in_flight = args.in_flight as usize;
             harness
                 .run(setup, args.concurrency, move |h| {
@@ -103,6 +113,7 @@ fn setup(args: &Args) -> Setup {
         mode,
         follow,
         concurrency: args.concurrency,
+        rate: args.rate,
         in_flight,
         rows: args.rows,
         history: args.history,

@@ -1,6 +1,6 @@
 //! `--mode rest`: each client submits a job with `POST /v1/jobs`, follows it to its end (SSE,
 //! polling, or the submit's own answer with `Prefer: wait`), and repeats until the budget runs
-//! out.
+//! out. With `--rate`, jobs start on a fixed schedule instead ([`open_loop`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,56 @@ pub async fn client(h: Arc<Harness>, follow: Follow, poll_every: Duration) {
         let started = Instant::now();
         if let Some(outcome) = run_job(&h, seq, started, follow, poll_every).await {
             h.stats.finished(outcome, started.elapsed());
+        }
+    }
+}
+
+/// Starts a job every `1 / rate` seconds until the budget runs out, each followed to its end
+/// on its own task, and times each from when it was scheduled to start: if the gateway, or
+/// this process, falls behind, the wait is in the latencies (no coordinated omission). An
+/// arrival while `most` jobs are outstanding is counted as an `overloaded` error at once.
+pub async fn open_loop(
+    h: Arc<Harness>,
+    rate: f64,
+    most: u64,
+    follow: Follow,
+    poll_every: Duration,
+) {
+    let start = tokio::time::Instant::now();
+    let mut jobs = tokio::task::JoinSet::new();
+    let mut arrival = 0u64;
+    while let Some(seq) = h.budget.take() {
+        let due = start + Duration::from_secs_f64(arrival as f64 / rate);
+        arrival += 1;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = h.budget.stopped() => break,
+        }
+        while let Some(joined) = jobs.try_join_next() {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        if jobs.len() as u64 >= most {
+            let detail = format!("{most} jobs outstanding: the gateway fell behind the rate");
+            h.stats
+                .finished(Outcome::error("overloaded", detail), Duration::ZERO);
+            continue;
+        }
+        let (h, scheduled) = (Arc::clone(&h), due.into_std());
+        jobs.spawn(async move {
+            if let Some(outcome) = run_job(&h, seq, scheduled, follow, poll_every).await {
+                h.stats.finished(outcome, scheduled.elapsed());
+            }
+        });
+    }
+    while let Some(joined) = jobs.join_next().await {
+        if let Err(e) = joined {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
         }
     }
 }

@@ -184,6 +184,9 @@ pub struct Setup {
     /// `sse` or `poll` for rest; absent for ws.
     pub follow: Option<&'static str>,
     pub concurrency: u32,
+    /// Open loop: the arrival rate, jobs per second (latencies count from scheduled starts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
     /// Jobs outstanding per socket (ws only).
     pub in_flight: Option<u32>,
     pub rows: u32,
@@ -196,6 +199,8 @@ pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    #[serde(rename = "p99_9")]
+    pub p999: f64,
     pub max: f64,
 }
 
@@ -206,6 +211,7 @@ impl Percentiles {
             p50: ms(h.value_at_quantile(0.50)),
             p90: ms(h.value_at_quantile(0.90)),
             p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
             max: ms(h.max()),
         })
     }
@@ -242,9 +248,13 @@ pub struct Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.setup;
-        let how = match (s.in_flight, s.follow) {
-            (Some(n), _) => format!("{} sockets x {n} in flight", s.concurrency),
-            (None, follow) => format!(
+        let how = match (s.in_flight, s.follow, s.rate) {
+            (_, follow, Some(rate)) => format!(
+                "open loop at {rate} jobs/s, timed from scheduled starts, follow by {}",
+                follow.unwrap_or("-")
+            ),
+            (Some(n), _, None) => format!("{} sockets x {n} in flight", s.concurrency),
+            (None, follow, None) => format!(
                 "{} clients, follow by {}",
                 s.concurrency,
                 follow.unwrap_or("-")
@@ -278,8 +288,8 @@ impl std::fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "{:<12} {:>9} {:>9} {:>9} {:>9}",
-            "", "p50", "p90", "p99", "max"
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "", "p50", "p90", "p99", "p99.9", "max"
         )?;
         for (name, p) in [
             ("latency ms", &self.latency_ms),
@@ -288,8 +298,8 @@ impl std::fmt::Display for Summary {
             match p {
                 Some(p) => writeln!(
                     f,
-                    "{name:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-                    p.p50, p.p90, p.p99, p.max
+                    "{name:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                    p.p50, p.p90, p.p99, p.p999, p.max
                 )?,
                 None => writeln!(f, "{name:<12} {:>9}", "-")?,
             }
@@ -317,6 +327,7 @@ mod tests {
             mode: "ws",
             follow: None,
             concurrency: 2,
+            rate: None,
             in_flight: Some(4),
             rows: 40,
             history: 48,
