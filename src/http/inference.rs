@@ -69,6 +69,24 @@ pub struct ModelMetadata {
     pub outputs: Vec<crate::registry::TensorSpec>,
 }
 
+/// The server's metadata: its name, version and protocol extensions (none).
+#[utoipa::path(
+    get, path = "/v2", tag = "inference", operation_id = "inference_server",
+    responses((status = 200, description = "`name`, `version`, `extensions`", body = Object)),
+)]
+pub async fn server() -> Json<Value> {
+    Json(json!({ "name": "xpand", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }))
+}
+
+/// Live: the gateway answers.
+#[utoipa::path(
+    get, path = "/v2/health/live", tag = "inference", operation_id = "inference_live",
+    responses((status = 200, description = "Live")),
+)]
+pub async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
 /// Ready: the gateway takes inference requests (liveness and readiness of its services are
 /// `/healthz` and `/readyz`).
 #[utoipa::path(
@@ -77,6 +95,48 @@ pub struct ModelMetadata {
 )]
 pub async fn ready() -> Json<Value> {
     Json(json!({ "ready": true }))
+}
+
+/// Whether the model (its latest version) may be run: it exists and the caller may run it.
+#[utoipa::path(
+    get, path = "/v2/models/{name}/ready", tag = "inference", operation_id = "inference_model_ready",
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "Ready"),
+        (status = 404, body = crate::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn model_ready(
+    State(state): State<AppState>,
+    caller: Result<Caller, AppError>,
+    Path(name): Path<String>,
+) -> ProtocolResult<Json<Value>> {
+    let caller = caller?;
+    caller.require(Scope::JobsRead)?;
+    registry::version(&state.db, caller.account_id, &name, "latest").await?;
+    Ok(Json(json!({ "name": name, "ready": true })))
+}
+
+/// Whether one version of the model may be run.
+#[utoipa::path(
+    get, path = "/v2/models/{name}/versions/{version}/ready", tag = "inference", operation_id = "inference_model_version_ready",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "A sha256, a prefix of at least 8 hex digits, or `latest`")),
+    responses(
+        (status = 200, description = "Ready"),
+        (status = 404, body = crate::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn model_version_ready(
+    State(state): State<AppState>,
+    caller: Result<Caller, AppError>,
+    Path((name, version)): Path<(String, String)>,
+) -> ProtocolResult<Json<Value>> {
+    let caller = caller?;
+    caller.require(Scope::JobsRead)?;
+    registry::version(&state.db, caller.account_id, &name, &version).await?;
+    Ok(Json(json!({ "name": name, "ready": true })))
 }
 
 /// A model's metadata (its latest version).

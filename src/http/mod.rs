@@ -95,7 +95,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ledger/entries/{id}/proof", get(ledger::entry_proof))
         .route("/v1/nodes", get(nodes::list))
         .route("/v1/nodes/{id}", get(nodes::get))
+        .route("/v2", get(inference::server))
+        .route("/v2/health/live", get(inference::live))
         .route("/v2/health/ready", get(inference::ready))
+        .route("/v2/models/{name}/ready", get(inference::model_ready))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(inference::model_version_ready),
+        )
         .route("/v2/models/{name}", get(inference::model))
         .route(
             "/v2/models/{name}/versions/{version}",

@@ -1,8 +1,9 @@
 """Triton's own HTTP client (tritonclient, from PyPI) against xpand's Open Inference Protocol.
 
-It needs nothing but the URL and a token: readiness, the model's metadata, an inference whose
-numbers it prints (as JSON, for tests/it/predict.rs to compare with ONNX Runtime run directly),
-and a refused request read as the protocol's error. Any mismatch fails an assertion.
+It needs nothing but the URL and a token: liveness, readiness (the server's and the model's),
+the server's and the model's metadata, an inference whose numbers it prints (as JSON, for
+tests/it/predict.rs to compare with ONNX Runtime run directly), and a refused request read as
+the protocol's error. Any mismatch fails an assertion.
 """
 
 import json
@@ -18,7 +19,11 @@ headers = {"Authorization": f"Bearer {os.environ['XPAND_API_KEY']}"}
 rows = int(sys.argv[1])
 
 client = httpclient.InferenceServerClient(url=url)
+assert client.is_server_live(headers=headers)
 assert client.is_server_ready(headers=headers)
+assert client.get_server_metadata(headers=headers)["name"] == "xpand"
+assert client.is_model_ready("churn", headers=headers)
+assert not client.is_model_ready("no-such-model", headers=headers)
 metadata = client.get_model_metadata("churn", headers=headers)
 assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}], metadata
 
