@@ -103,6 +103,19 @@ pub(crate) async fn upload(
         .unwrap()
 }
 
+/// Publishes model `name` of the account `key` stands for.
+pub(crate) async fn publish(app: &TestApp, key: &str, name: &str) {
+    let resp = app
+        .http
+        .patch(format!("{}/v1/models/{name}", app.base))
+        .bearer_auth(key)
+        .json(&json!({"published": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// Stored model bytes, counted on disk.
 fn stored_objects(app: &TestApp) -> usize {
     fn walk(dir: &std::path::Path) -> usize {
@@ -168,15 +181,7 @@ async fn a_model_is_registered_listed_published_and_deleted() {
     let taken = upload(&app, &other, &manifest("churn"), churn(|_| {})).await;
     assert_eq!(taken.status(), 409);
     // Published: it sees the model, not whose it is, and still cannot change it.
-    let resp = app
-        .http
-        .patch(format!("{}/v1/models/churn", app.base))
-        .bearer_auth(&owner)
-        .json(&json!({"published": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    publish(&app, &owner, "churn").await;
     let seen = app.get_json(&other, "/v1/models/churn").await;
     assert_eq!(
         (seen["owned"].clone(), seen["published"].clone()),

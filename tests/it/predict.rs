@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::xpand;
 use crate::common::{problem, TestApp};
-use crate::models::{churn, manifest, upload};
+use crate::models::{churn, manifest, publish, upload};
 
 /// `rows` rows of 8 features, varied and deterministic.
 fn features(rows: usize) -> Vec<f32> {
@@ -482,15 +482,7 @@ async fn another_accounts_job_pays_a_published_models_owner_its_royalty() {
     let resp = app.post_json(&user, "/v1/jobs", &body(10, false)).await;
     assert_eq!(resp.status(), 422);
     assert_eq!(problem(resp).await.errors[0].field, "input.model");
-    let resp = app
-        .http
-        .patch(format!("{}/v1/models/churn", app.base))
-        .bearer_auth(&owner)
-        .json(&json!({"published": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    publish(&app, &owner, "churn").await;
 
     // 10 rows: the gateway's fee, 20 a row to the node, 3 a row to the owner.
     let (_, job) = app.submit(&user, &body(10, false)).await;

@@ -224,10 +224,26 @@ impl Sim {
             let row = self.rng.gen_range(0..series.len());
             series[row][0] = POISON;
         }
+        let horizon = self.rng.gen_range(1..=6);
+        let (input, params) = (json!({ "series": series }), json!({ "horizon": horizon }));
+        self.submit_job(account, "forecast", input, params, poisoned)
+            .await;
+        self.count("jobs");
+    }
+
+    /// Submits a job the gateway must accept, and remembers it (and whether it is poisoned).
+    async fn submit_job(
+        &mut self,
+        account: Uuid,
+        kind: &str,
+        input: serde_json::Value,
+        params: serde_json::Value,
+        poisoned: bool,
+    ) {
         let req = SubmitJob {
-            kind: "forecast".into(),
-            input: json!({ "series": series }),
-            params: json!({ "horizon": self.rng.gen_range(1..=6) }),
+            kind: kind.into(),
+            input,
+            params,
             max_fee: 100_000_000,
             webhook: None,
             deadline: None,
@@ -241,9 +257,8 @@ impl Sim {
                 }
             }
             Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
-            Err(e) => panic!("a valid job was refused: {e}"),
+            Err(e) => panic!("a valid {kind} job was refused: {e}"),
         }
-        self.count("jobs");
     }
 
     /// A predict job on one of the registry models: a few rows, or enough for several shards.
@@ -260,26 +275,10 @@ impl Sim {
             let at = self.rng.gen_range(0..data.len());
             data[at] = POISON;
         }
-        let req = SubmitJob {
-            kind: "predict".into(),
-            input: json!({ "model": model, "inputs": [
-                { "name": "x", "datatype": "FP32", "shape": [rows, 8], "data": data }] }),
-            params: json!({}),
-            max_fee: 100_000_000,
-            webhook: None,
-            deadline: None,
-        };
-        match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
-            Ok(Submitted::Created(job)) => {
-                self.jobs.push((account, job.id));
-                if poisoned {
-                    self.poisoned.push(job.id);
-                    self.count("poisoned jobs");
-                }
-            }
-            Ok(Submitted::Existing(_)) => unreachable!("no idempotency key was sent"),
-            Err(e) => panic!("a valid predict job was refused: {e}"),
-        }
+        let input = json!({ "model": model, "inputs": [
+            { "name": "x", "datatype": "FP32", "shape": [rows, 8], "data": data }] });
+        self.submit_job(account, "predict", input, json!({}), poisoned)
+            .await;
         self.count("predict jobs");
     }
 
