@@ -572,6 +572,19 @@ pub async fn problem(resp: reqwest::Response) -> Problem {
     read(resp).await
 }
 
+/// A 422 whose problem names `field` with a detail containing `detail` (`what` labels a
+/// failure).
+pub async fn assert_refused(resp: reqwest::Response, what: &str, field: &str, detail: &str) {
+    assert_eq!(resp.status(), 422, "{what}");
+    let refused = problem(resp).await;
+    let error = refused
+        .errors
+        .iter()
+        .find(|e| e.field == field)
+        .unwrap_or_else(|| panic!("{what}: no error on {field}: {refused:?}"));
+    assert!(error.detail.contains(detail), "{what}: {}", error.detail);
+}
+
 /// A forecast job's output, which the API types as kind-specific JSON.
 #[derive(Debug, serde::Deserialize)]
 pub struct ForecastOutput {

@@ -11,7 +11,7 @@ use onnx_protobuf::{
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
-use crate::common::{problem, TestApp};
+use crate::common::{assert_refused, problem, TestApp};
 
 const FLOAT: i32 = 1;
 
@@ -293,14 +293,7 @@ async fn hostile_or_lying_models_are_refused_by_name_and_leave_nothing() {
     ];
     for (what, manifest, model, field, detail) in cases {
         let resp = upload(&app, &key, &manifest, model).await;
-        assert_eq!(resp.status(), 422, "{what}");
-        let refused = problem(resp).await;
-        let error = refused
-            .errors
-            .iter()
-            .find(|e| e.field == field)
-            .unwrap_or_else(|| panic!("{what}: no error on {field}: {refused:?}"));
-        assert!(error.detail.contains(detail), "{what}: {}", error.detail);
+        assert_refused(resp, what, field, detail).await;
     }
     // The lying manifest names both of its lies.
     let refused = problem(upload(&app, &key, &lying, whole.clone()).await).await;

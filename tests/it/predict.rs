@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::xpand;
-use crate::common::{problem, TestApp};
+use crate::common::{assert_refused, problem, TestApp};
 use crate::models::{churn, manifest, publish, upload};
 
 /// `rows` rows of 8 features, varied and deterministic.
@@ -186,14 +186,7 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
         ("name", extra, "input.inputs[0].name", "'y' is not an input"),
     ] {
         let resp = app.post_json(&key, "/v1/jobs", &request).await;
-        assert_eq!(resp.status(), 422, "{what}");
-        let refused = problem(resp).await;
-        let error = refused
-            .errors
-            .iter()
-            .find(|e| e.field == field)
-            .unwrap_or_else(|| panic!("{what}: {refused:?}"));
-        assert!(error.detail.contains(detail), "{what}: {}", error.detail);
+        assert_refused(resp, what, field, detail).await;
     }
     assert_eq!(app.balances(&key).await, before);
 
