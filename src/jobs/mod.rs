@@ -242,6 +242,10 @@ pub struct JobPlan {
     pub gateway_fee: i64,
     /// What a success pays the owner of another account's model it runs, and to whom.
     pub royalty: Option<(Uuid, i64)>,
+    /// What of the input the job's row keeps, when its shards' tasks carry all the rest (so
+    /// that a forecast's rows are written once, not twice); `None` keeps the whole input (a
+    /// kind that reads it back, as video's join does).
+    pub input_record: Option<Value>,
     pub shards: Vec<ShardPlan>,
     /// Objects stored while planning (video segments): deleted if the job is refused after all.
     pub staged: Vec<object_store::path::Path>,

@@ -173,7 +173,7 @@ async fn store(
     .bind(id)
     .bind(account)
     .bind(&req.kind)
-    .bind(&req.input)
+    .bind(plan.input_record.as_ref().unwrap_or(&req.input))
     .bind(&req.params)
     .bind(quote)
     .bind(req.max_fee)

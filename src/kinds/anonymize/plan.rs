@@ -247,6 +247,7 @@ pub(super) async fn plan(
         model: MODEL.into(),
         gateway_fee: super::PRICE_PER_JOB,
         royalty: None,
+        input_record: None,
         shards,
         staged,
         reads: vec![file],

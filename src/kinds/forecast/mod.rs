@@ -112,6 +112,8 @@ pub fn plan(
         model: MODEL.into(),
         gateway_fee: PRICE_PER_JOB,
         royalty: None,
+        // The rows travel in the shards' tasks and nothing reads them back from the job.
+        input_record: Some(serde_json::json!({})),
         shards: shard(series, &params, rows_per_shard),
         staged: Vec::new(),
         reads: Vec::new(),

@@ -147,6 +147,9 @@ async fn plan(
         model: RUNNER.into(),
         gateway_fee: PRICE_PER_JOB,
         royalty,
+        // The tensors travel in the shards' tasks; the job keeps which model it runs (a
+        // version in use is not deleted).
+        input_record: Some(serde_json::json!({ "model": version.name, "version": version.sha256 })),
         shards: shard(
             inputs,
             &template,
