@@ -97,14 +97,18 @@ pub async fn requeue_lost(scheduler: &Scheduler, lost: Lost<'_>) -> anyhow::Resu
 /// primaries that got a copy.
 pub async fn speculate(db: &PgPool, rules: &Scheduling) -> sqlx::Result<Vec<Uuid>> {
     let copies: Vec<Uuid> = sqlx::query_scalar(
-        "WITH finished AS (
-             SELECT job_id, percentile_cont(0.5) WITHIN GROUP (
-                        ORDER BY extract(epoch FROM completed_at - assigned_at)) AS median
-             FROM shards
-             WHERE status IN ('done', 'verifying') AND replica_of IS NULL
-               AND assigned_at IS NOT NULL AND completed_at IS NOT NULL
-               AND job_id IN (SELECT job_id FROM shards WHERE status = 'assigned')
-             GROUP BY job_id)
+        // The running jobs first (a handful), then their finished shards by job: asked the
+        // other way round, the planner checked every finished shard in the table against the
+        // running ones, 10 s on a development database of 19,000 shards.
+        "WITH running AS MATERIALIZED (
+             SELECT DISTINCT job_id FROM shards WHERE status = 'assigned' AND replica_of IS NULL),
+         finished AS (
+             SELECT d.job_id, percentile_cont(0.5) WITHIN GROUP (
+                        ORDER BY extract(epoch FROM d.completed_at - d.assigned_at)) AS median
+             FROM running r JOIN shards d ON d.job_id = r.job_id
+             WHERE d.status IN ('done', 'verifying') AND d.replica_of IS NULL
+               AND d.assigned_at IS NOT NULL AND d.completed_at IS NOT NULL
+             GROUP BY d.job_id)
          INSERT INTO shards (id, job_id, idx, row_offset, row_count, model, task, fee, status,
                              excluded_nodes, replica_of, speculative)
          SELECT gen_random_uuid(), s.job_id, s.idx, s.row_offset, s.row_count, s.model, s.task,
