@@ -196,6 +196,29 @@ async fn a_model_is_registered_listed_published_and_deleted() {
     };
     assert_eq!(delete(&other, &sha).await.unwrap().status(), 404);
 
+    // A job that runs the model (queued: this gateway has no worker) keeps it from deletion,
+    // named in the refusal; once it is canceled, the version goes.
+    let rows: Vec<f32> = vec![0.5; 8];
+    let job: Value = app
+        .post_json(
+            &owner,
+            "/v1/jobs",
+            &json!({"kind": "predict", "max_fee": 100_000, "input": {"model": "churn",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": rows}]}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap();
+    let resp = delete(&owner, &sha).await.unwrap();
+    assert_eq!(resp.status(), 409);
+    assert!(problem(resp).await.detail.contains(job_id));
+    let canceled = app
+        .post_json(&owner, &format!("/v1/jobs/{job_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(canceled.status(), 200);
+
     // Deleting both versions frees the name and the storage; nothing was charged.
     assert_eq!(delete(&owner, &sha).await.unwrap().status(), 204);
     assert_eq!(delete(&owner, "latest").await.unwrap().status(), 204);
