@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::extract::{parse_json, Path};
+use super::extract::{JsonBody, Path};
 use super::jobs::{submit_job, wait_for_end, MAX_WAIT};
 use crate::error::AppError;
 use crate::http::auth::{Caller, Scope};
@@ -213,9 +213,9 @@ pub async fn infer(
     State(state): State<AppState>,
     caller: Result<Caller, AppError>,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<JsonBody<Value>, AppError>,
 ) -> ProtocolResult<Json<Value>> {
-    run(&state, caller?, name, "latest".into(), &body).await
+    run(&state, caller?, name, "latest".into(), body?.0).await
 }
 
 /// Run one version of the model on the request's rows.
@@ -236,9 +236,9 @@ pub async fn infer_version(
     State(state): State<AppState>,
     caller: Result<Caller, AppError>,
     Path((name, version)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Result<JsonBody<Value>, AppError>,
 ) -> ProtocolResult<Json<Value>> {
-    run(&state, caller?, name, version, &body).await
+    run(&state, caller?, name, version, body?.0).await
 }
 
 async fn run(
@@ -246,16 +246,10 @@ async fn run(
     caller: Caller,
     name: String,
     version: String,
-    body: &[u8],
+    mut input: Value,
 ) -> ProtocolResult<Json<Value>> {
     caller.require(Scope::JobsWrite)?;
-    if body.len() > state.config.max_body_bytes {
-        return Err(AppError::PayloadTooLarge {
-            limit: state.config.max_body_bytes,
-        }
-        .into());
-    }
-    let mut input: Value = parse_json(body)?;
+    // `JsonBody` has taken only an object (within `XPAND_MAX_BODY_BYTES`, typed as JSON).
     let Some(object) = input.as_object_mut() else {
         return Err(AppError::field("body", "must be a JSON object").into());
     };

@@ -217,6 +217,17 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
     let got: Vec<f64> = serde_json::from_slice(&triton.stdout).unwrap();
     assert_eq!(got, onnx_runtime(&model, &features(50)));
 
+    // A request past the body limit (1 MiB in tests) is refused in the protocol's shape too.
+    let huge = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [40_000, 8],
+                                  "data": vec![0.123_456_7_f64; 320_000]}]});
+    let resp = app.post_json(&key, "/v2/models/churn/infer", &huge).await;
+    assert_eq!(resp.status(), 413);
+    let refused: Value = resp.json().await.unwrap();
+    assert!(
+        refused["error"].as_str().unwrap().contains("larger than"),
+        "{refused}"
+    );
+
     // Once its jobs have ended, the model can be deleted.
     let resp = app
         .http
