@@ -6,7 +6,6 @@
 //! (`inputs[0].data[5]`).
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -33,26 +32,20 @@ impl From<AppError> for ProtocolError {
 
 impl IntoResponse for ProtocolError {
     fn into_response(self) -> Response {
-        let mut problem = self.0.problem();
-        for e in &mut problem.errors {
-            if let Some(field) = e.field.strip_prefix("input.") {
-                e.field = field.to_string();
+        crate::http::problem::respond(self.0, |mut problem| {
+            for e in &mut problem.errors {
+                if let Some(field) = e.field.strip_prefix("input.") {
+                    e.field = field.to_string();
+                }
             }
-        }
-        let mut detail = problem.detail.clone();
-        if let Some(first) = problem.errors.first() {
-            detail = format!("{}: {}", first.field, first.detail);
-        }
-        let status =
-            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut body = serde_json::to_value(&problem).unwrap_or_else(|_| json!({}));
-        body["error"] = json!(detail);
-        let mut response = (status, Json(body)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/problem+json"),
-        );
-        response
+            let error = match problem.errors.first() {
+                Some(first) => format!("{}: {}", first.field, first.detail),
+                None => problem.detail.clone(),
+            };
+            let mut body = serde_json::to_value(problem).expect("problems serialize");
+            body["error"] = json!(error);
+            body
+        })
     }
 }
 

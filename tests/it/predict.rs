@@ -217,6 +217,15 @@ async fn a_predict_job_returns_what_onnx_runtime_computes_and_refuses_bad_tensor
     let got: Vec<f64> = serde_json::from_slice(&triton.stdout).unwrap();
     assert_eq!(got, onnx_runtime(&model, &features(50)));
 
+    // A refused key is the gateway's usual 401 (with its challenge) in the protocol's shape.
+    let resp = app
+        .post_json("xp_wrong", "/v2/models/churn/infer", &json!({}))
+        .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let refused: Value = resp.json().await.unwrap();
+    assert!(refused["error"].is_string(), "{refused}");
+
     // A request past the body limit (1 MiB in tests) is refused in the protocol's shape too.
     let huge = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [40_000, 8],
                                   "data": vec![0.123_456_7_f64; 320_000]}]});
