@@ -313,44 +313,51 @@ async fn version_row<'c, E: sqlx::PgExecutor<'c>>(
 
 /// The models `account` may see: its own and the published ones, by name.
 pub async fn list(db: &PgPool, account: Uuid) -> Result<Vec<Model>, AppError> {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM models WHERE account_id = $1 OR published ORDER BY name LIMIT 1000",
-    )
-    .bind(account)
-    .fetch_all(db)
-    .await?;
-    let mut models = Vec::with_capacity(names.len());
-    for name in names {
-        models.push(get(db, account, &name).await?);
-    }
-    Ok(models)
+    visible(db, account, None).await
 }
 
 /// One model `account` may see, with its versions newest first.
 pub async fn get(db: &PgPool, account: Uuid, name: &str) -> Result<Model, AppError> {
-    let row: Option<(Uuid, bool, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT account_id, published, created_at FROM models
-         WHERE name = $1 AND (account_id = $2 OR published)",
+    visible(db, account, Some(name))
+        .await?
+        .pop()
+        .ok_or(AppError::NotFound("model"))
+}
+
+/// The models `account` may see (only `name`, if given), each with its versions newest first:
+/// two queries however many models there are.
+async fn visible(db: &PgPool, account: Uuid, name: Option<&str>) -> Result<Vec<Model>, AppError> {
+    let rows: Vec<(String, Uuid, bool, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT name, account_id, published, created_at FROM models
+         WHERE (account_id = $1 OR published) AND ($2::text IS NULL OR name = $2)
+         ORDER BY name LIMIT 1000",
     )
-    .bind(name)
     .bind(account)
-    .fetch_optional(db)
-    .await?;
-    let (owner, published, created_at) = row.ok_or(AppError::NotFound("model"))?;
-    let versions = sqlx::query_as(
-        "SELECT name, sha256, size, manifest, created_at FROM model_versions
-         WHERE name = $1 ORDER BY created_at DESC, sha256",
-    )
     .bind(name)
     .fetch_all(db)
     .await?;
-    Ok(Model {
-        name: name.to_string(),
-        owned: owner == account,
-        published,
-        created_at,
-        versions,
-    })
+    let names: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let mut versions: Vec<ModelVersion> = sqlx::query_as(
+        "SELECT name, sha256, size, manifest, created_at FROM model_versions
+         WHERE name = ANY($1) ORDER BY name, created_at DESC, sha256",
+    )
+    .bind(&names)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, owner, published, created_at)| {
+            let split = versions.partition_point(|v| v.name == name);
+            let rest = versions.split_off(split);
+            Model {
+                versions: std::mem::replace(&mut versions, rest),
+                name,
+                owned: owner == account,
+                published,
+                created_at,
+            }
+        })
+        .collect())
 }
 
 /// One version `account` may see: `version` is its sha256, a prefix of at least 8 hex digits

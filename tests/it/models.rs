@@ -164,7 +164,26 @@ async fn a_model_is_registered_listed_published_and_deleted() {
     assert_eq!(model["owned"], true);
     assert_eq!(model["published"], false);
     assert_eq!(model["versions"].as_array().unwrap().len(), 2);
-    assert_eq!(stored_objects(&app), 2);
+    // The listing gives each model its own versions.
+    let other_model = upload(&app, &owner, &manifest("another"), churn(|_| {})).await;
+    assert_eq!(other_model.status(), 201);
+    let listed = app.get_json(&owner, "/v1/models").await;
+    let counts: Vec<(String, usize)> = listed["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_string(),
+                m["versions"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [("another".to_string(), 1), ("churn".to_string(), 2)]
+    );
+    assert_eq!(stored_objects(&app), 3);
     let by_prefix = app
         .get_json(&owner, &format!("/v1/models/churn/versions/{}", &sha[..8]))
         .await;
@@ -223,7 +242,7 @@ async fn a_model_is_registered_listed_published_and_deleted() {
     assert_eq!(delete(&owner, &sha).await.unwrap().status(), 204);
     assert_eq!(delete(&owner, "latest").await.unwrap().status(), 204);
     assert_eq!(app.get(&owner, "/v1/models/churn").await.status(), 404);
-    assert_eq!(stored_objects(&app), 0);
+    assert_eq!(stored_objects(&app), 1, "only the other model is left");
     assert_eq!(app.balances(&owner).await, (1_000_000, 0));
     assert_eq!(
         upload(&app, &other, &manifest("churn"), bytes)
