@@ -77,14 +77,21 @@ pub enum Failure {
     Disputed,
 }
 
-/// Counts a run `node` finished (a result stored, replicas included), for its power score and
-/// for how many of its results are still checked as a new node's. Callers run it last before
-/// their commit: every result of the node updates this one row.
-pub async fn count_run(conn: &mut sqlx::PgConnection, node: &str) -> sqlx::Result<()> {
-    sqlx::query!(
-        "UPDATE nodes SET shards_done = shards_done + 1 WHERE id = $1",
-        node
+/// Counts the runs `nodes` finished (a result stored, replicas included; a node named twice ran
+/// twice), for their power scores and for how many of their results are still checked as a new
+/// node's. Callers run it last before their commit: every result of a node updates its one row,
+/// so the rows are locked in one order (by id), each once.
+pub async fn count_runs(conn: &mut sqlx::PgConnection, nodes: &[String]) -> sqlx::Result<()> {
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE nodes n SET shards_done = n.shards_done + c.runs
+         FROM (SELECT node, count(*) AS runs FROM UNNEST($1::text[]) AS node
+               GROUP BY node ORDER BY node) c
+         WHERE n.id = c.node",
     )
+    .bind(nodes)
     .execute(conn)
     .await?;
     Ok(())

@@ -181,64 +181,93 @@ impl Inbound {
     }
 
     /// Admits one worker message and acts on it; drops are counted, never returned. The MQTT loop
-    /// calls this for each publish (the scheduler simulation calls it directly).
+    /// calls this for each publish, concurrently: results that arrive together are settled
+    /// together all the same ([`results::on_results`]).
     pub async fn handle_message(&self, topic: &str, payload: &[u8]) {
-        let Admitted {
-            kind,
-            opened,
-            entry,
-        } = match self.admit(topic, payload).await {
-            Ok(admitted) => admitted,
-            Err(reason) => {
-                tracing::debug!(topic, reason = reason.label(), "dropped a worker message");
-                self.scheduler.metrics.reject(reason.label());
-                return;
-            }
-        };
-        self.scheduler
-            .metrics
-            .worker_messages
-            .with_label_values(&[kind.as_str()])
-            .inc();
-        let node = opened.signer.as_str();
-        let outcome = match kind {
-            UpKind::Announce => match opened.parse::<Announce>() {
-                Ok(announce) => self.on_announce(node, opened.ts, &announce, payload).await,
-                Err(_) => Err(DropReason::BadBody.into()),
-            },
-            UpKind::Heartbeat => {
-                if !entry.announced {
-                    // A live node we hold no statement of (it announced before it was registered,
-                    // or the broker lost its retained statement): without one it gets no work.
-                    self.broker.request_announce(node).await;
+        self.handle_messages(&[(topic, payload)]).await
+    }
+
+    /// Admits worker messages and acts on them, the results among them as one batch after the
+    /// others; drops are counted, never returned. The scheduler simulation hands it what its
+    /// nodes sent in one step.
+    pub async fn handle_messages(&self, messages: &[(&str, &[u8])]) {
+        let mut results = Vec::new();
+        for &(topic, payload) in messages {
+            let Admitted {
+                kind,
+                opened,
+                entry,
+            } = match self.admit(topic, payload).await {
+                Ok(admitted) => admitted,
+                Err(reason) => {
+                    tracing::debug!(topic, reason = reason.label(), "dropped a worker message");
+                    self.scheduler.metrics.reject(reason.label());
+                    continue;
                 }
-                self.on_heartbeat(node).await
-            }
-            UpKind::Progress => match opened.parse::<Progress>() {
-                Ok(p) => results::on_progress(&self.scheduler, node, &p).await,
-                Err(_) => Err(DropReason::BadBody.into()),
-            },
-            UpKind::Result => match opened.parse::<ShardResult>() {
-                Ok(r) => results::on_result(&self.scheduler, node, r).await,
-                Err(_) => Err(DropReason::BadBody.into()),
-            },
-            UpKind::Reject => match opened.parse::<Reject>() {
-                Ok(r) => results::on_reject(&self.scheduler, node, &r).await,
-                Err(_) => Err(DropReason::BadBody.into()),
-            },
-        };
-        if let Err(e) = outcome {
-            let reason = match e.downcast_ref::<Refused>() {
-                Some(Refused::StaleAssignment) => Some(DropReason::StaleAssignment),
-                Some(Refused::OtherNode) => Some(DropReason::CrossNode),
-                Some(Refused::BadResult) => Some(DropReason::BadResult),
-                None => e.downcast_ref::<DropReason>().copied(),
             };
-            match reason {
-                Some(reason) => self.scheduler.metrics.reject(reason.label()),
-                None => {
-                    tracing::error!(error = ?e, kind = kind.as_str(), node, "handling a worker message failed")
+            self.scheduler
+                .metrics
+                .worker_messages
+                .with_label_values(&[kind.as_str()])
+                .inc();
+            let node = opened.signer.as_str();
+            let outcome = match kind {
+                UpKind::Announce => match opened.parse::<Announce>() {
+                    Ok(announce) => self.on_announce(node, opened.ts, &announce, payload).await,
+                    Err(_) => Err(DropReason::BadBody.into()),
+                },
+                UpKind::Heartbeat => {
+                    if !entry.announced {
+                        // A live node we hold no statement of (it announced before it was
+                        // registered, or the broker lost its retained statement): without one it
+                        // gets no work.
+                        self.broker.request_announce(node).await;
+                    }
+                    self.on_heartbeat(node).await
                 }
+                UpKind::Progress => match opened.parse::<Progress>() {
+                    Ok(p) => results::on_progress(&self.scheduler, node, &p).await,
+                    Err(_) => Err(DropReason::BadBody.into()),
+                },
+                UpKind::Result => match opened.parse::<ShardResult>() {
+                    Ok(r) => {
+                        results.push((node.to_string(), r));
+                        continue;
+                    }
+                    Err(_) => Err(DropReason::BadBody.into()),
+                },
+                UpKind::Reject => match opened.parse::<Reject>() {
+                    Ok(r) => results::on_reject(&self.scheduler, node, &r).await,
+                    Err(_) => Err(DropReason::BadBody.into()),
+                },
+            };
+            self.count_outcome(kind, node, outcome);
+        }
+        if results.is_empty() {
+            return;
+        }
+        let nodes: Vec<String> = results.iter().map(|(node, _)| node.clone()).collect();
+        let outcomes = results::on_results(&self.scheduler, results).await;
+        for (node, outcome) in nodes.iter().zip(outcomes) {
+            self.count_outcome(UpKind::Result, node, outcome);
+        }
+    }
+
+    /// Counts a message that was refused by its reason, and logs one that failed.
+    fn count_outcome(&self, kind: UpKind, node: &str, outcome: anyhow::Result<()>) {
+        let Err(e) = outcome else {
+            return;
+        };
+        let reason = match e.downcast_ref::<Refused>() {
+            Some(Refused::StaleAssignment) => Some(DropReason::StaleAssignment),
+            Some(Refused::OtherNode) => Some(DropReason::CrossNode),
+            Some(Refused::BadResult) => Some(DropReason::BadResult),
+            None => e.downcast_ref::<DropReason>().copied(),
+        };
+        match reason {
+            Some(reason) => self.scheduler.metrics.reject(reason.label()),
+            None => {
+                tracing::error!(error = ?e, kind = kind.as_str(), node, "handling a worker message failed")
             }
         }
     }

@@ -1,18 +1,27 @@
 //! Results: what nodes report about their assignments. Progress renews a lease, a reject
 //! offers the shard elsewhere, and a result is verified (digest, hash chain, shape, upload),
 //! stored as its run's answer and then, by the shard's role, accepted, held for a check,
-//! counted as a vote or raced against its primary.
+//! counted as a vote or raced against its primary. Results that arrive together are settled
+//! together, in one transaction per batch ([`ResultQueue`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Mutex;
 
 use chrono::Utc;
+use futures::FutureExt;
 use sqlx::PgConnection;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 use xpand_protocol::{Progress, ProgressChain, Reject, ShardResult, ShardTask, Stop};
 
 use super::kind::{JobKind, UploadedShard};
-use super::settlement::{complete_shard, fail_hopeless, lock_job, Accepted};
+use super::settlement::{
+    complete_shard, fail_hopeless, lock_job, lock_jobs, Accepted, LockedJob, Settling,
+};
 use super::verification::{self, Verdict};
 use super::Scheduler;
-use crate::nodes::{self, Failure};
+use crate::ledger::LedgerError;
 
 /// Why a node's message about an assignment was not acted on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +88,7 @@ pub async fn on_reject(scheduler: &Scheduler, node: &str, r: &Reject) -> anyhow:
 
 struct AssignedShard {
     id: Uuid,
+    assignment_id: Uuid,
     idx: i32,
     row_offset: i32,
     model: String,
@@ -123,45 +133,267 @@ fn verify_result(kind: &dyn JobKind, shard: &AssignedShard, r: &ShardResult) -> 
     kind.check_output(&shard.task.0, &r.output)
 }
 
-/// Verifies and stores a shard result; completes the job when it was the last shard (kinds
-/// that reduce later do so after this transaction).
+/// Results settled in one transaction at most.
+const MAX_BATCH: usize = 64;
+
+/// A result admitted from a node, its upload checked, waiting to be settled.
+struct Arrival {
+    node: String,
+    result: ShardResult,
+    /// Why its upload is not what it claims, when it is not.
+    upload_refused: Option<String>,
+}
+
+type Reply = oneshot::Sender<anyhow::Result<()>>;
+
+/// The results waiting to be settled, and whether a settler is taking them. Results that arrive
+/// while a batch is being settled wait and are settled together in the next one, as a database
+/// groups commits: one result alone is a batch of one, and many arriving at once cost one
+/// transaction, with each hot row (the gateway's revenue, a customer's balance, a node's
+/// counts) locked once for all of them.
+#[derive(Default)]
+pub(super) struct ResultQueue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: VecDeque<(Arrival, Reply)>,
+    settling: bool,
+}
+
+impl ResultQueue {
+    /// Queues `arrivals` together and starts a settler unless one runs. The settler is a task
+    /// of its own, so a caller that stops waiting loses no result.
+    fn enqueue(&self, scheduler: &Scheduler, arrivals: Vec<(Arrival, Reply)>) {
+        let mut state = self
+            .state
+            .lock()
+            .expect("the result queue is never poisoned");
+        state.waiting.extend(arrivals);
+        if !state.settling && !state.waiting.is_empty() {
+            state.settling = true;
+            tokio::spawn(settle_waiting(scheduler.clone()));
+        }
+    }
+
+    /// The next batch, or `None` (and the settler stops) when nothing waits.
+    fn next_batch(&self) -> Option<Vec<(Arrival, Reply)>> {
+        let mut state = self
+            .state
+            .lock()
+            .expect("the result queue is never poisoned");
+        if state.waiting.is_empty() {
+            state.settling = false;
+            return None;
+        }
+        let n = state.waiting.len().min(MAX_BATCH);
+        Some(state.waiting.drain(..n).collect())
+    }
+}
+
+/// The settler: settles what waits, a batch at a time, until nothing does.
+async fn settle_waiting(scheduler: Scheduler) {
+    while let Some(batch) = scheduler.results.next_batch() {
+        let (arrivals, replies): (Vec<Arrival>, Vec<Reply>) = batch.into_iter().unzip();
+        // A panic is a bug, but it must not leave the queue without a settler.
+        let outcomes = AssertUnwindSafe(settle(&scheduler, &arrivals))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(results = arrivals.len(), "settling results panicked");
+                arrivals
+                    .iter()
+                    .map(|_| Err(anyhow::anyhow!("settling the result panicked")))
+                    .collect()
+            });
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// Verifies and settles a shard result ([`on_results`] with one).
 pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> anyhow::Result<()> {
-    // An upload is checked before any lock is taken: it means reading the file.
-    let upload_refused = check_upload(scheduler, node, &r).await?;
+    on_results(scheduler, vec![(node.to_string(), r)])
+        .await
+        .pop()
+        .expect("one outcome per result")
+}
+
+/// Verifies and settles results that arrived together, `(node, result)`, in one batch with
+/// whatever else is waiting: each is stored as its run's answer and then, by the shard's role,
+/// accepted, held for a check, counted as a vote or raced against its primary; a job whose
+/// last shard is accepted ends and is paid in the same transaction (kinds that reduce later
+/// do so after it). One outcome per result, in order: a refused result ([`Refused`]) is
+/// refused alone and the others settle.
+pub async fn on_results(
+    scheduler: &Scheduler,
+    results: Vec<(String, ShardResult)>,
+) -> Vec<anyhow::Result<()>> {
+    let mut waits = Vec::with_capacity(results.len());
+    let mut arrivals = Vec::with_capacity(results.len());
+    for (node, result) in results {
+        // An upload is checked before any lock is taken: it means reading the file.
+        match check_upload(scheduler, &node, &result).await {
+            Ok(upload_refused) => {
+                let (reply, wait) = oneshot::channel();
+                let arrival = Arrival {
+                    node,
+                    result,
+                    upload_refused,
+                };
+                arrivals.push((arrival, reply));
+                waits.push(Ok(wait));
+            }
+            Err(e) => waits.push(Err(e)),
+        }
+    }
+    scheduler.results.enqueue(scheduler, arrivals);
+    let mut outcomes = Vec::with_capacity(waits.len());
+    for wait in waits {
+        outcomes.push(match wait {
+            Ok(wait) => wait
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the settler stopped"))),
+            Err(e) => Err(e),
+        });
+    }
+    outcomes
+}
+
+/// Settles a batch in one transaction; when that fails (a deadlock, a job another replica
+/// released first), each of its results alone, so one member cannot sink the others.
+async fn settle(scheduler: &Scheduler, arrivals: &[Arrival]) -> Vec<anyhow::Result<()>> {
+    if arrivals.len() > 1 {
+        match settle_together(scheduler, arrivals).await {
+            Ok(outcomes) => return outcomes,
+            Err(e) => tracing::warn!(
+                results = arrivals.len(),
+                error = format!("{e:#}"),
+                "settling a batch of results failed; settling them one by one"
+            ),
+        }
+    }
+    let mut outcomes = Vec::with_capacity(arrivals.len());
+    for arrival in arrivals {
+        let outcome = match settle_together(scheduler, std::slice::from_ref(arrival)).await {
+            Ok(mut one) => one.pop().expect("one outcome per result"),
+            // Released already, by a replica whose job update this one could not see yet.
+            Err(e) if matches!(e.downcast_ref(), Some(LedgerError::AlreadyPosted(_))) => {
+                Err(Refused::StaleAssignment.into())
+            }
+            Err(e) => Err(e),
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Settles `arrivals` in one transaction: their jobs locked in id order, then their shards,
+/// each result then judged in turn; the hot rows and the commit come last ([`Settling`]). The
+/// outer error is the transaction's (nothing of the batch took effect); the inner ones are
+/// the results refused.
+async fn settle_together(
+    scheduler: &Scheduler,
+    arrivals: &[Arrival],
+) -> anyhow::Result<Vec<anyhow::Result<()>>> {
+    let assignments: Vec<Uuid> = arrivals.iter().map(|a| a.result.assignment_id).collect();
     let mut tx = scheduler.db.begin().await?;
-    let Some(job_id) = sqlx::query_scalar!(
-        "SELECT job_id FROM shards WHERE assignment_id = $1",
-        r.assignment_id
+    let job_of: HashMap<Uuid, Uuid> = sqlx::query!(
+        r#"SELECT assignment_id AS "assignment_id!", job_id FROM shards
+           WHERE assignment_id = ANY($1)"#,
+        &assignments
     )
-    .fetch_optional(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?
-    else {
+    .into_iter()
+    .map(|s| (s.assignment_id, s.job_id))
+    .collect();
+    let mut job_ids: Vec<Uuid> = job_of.values().copied().collect();
+    job_ids.sort_unstable();
+    job_ids.dedup();
+    let mut jobs: HashMap<Uuid, LockedJob> = lock_jobs(&mut tx, &job_ids)
+        .await?
+        .into_iter()
+        .map(|job| (job.id, job))
+        .collect();
+    let mut shards: HashMap<Uuid, AssignedShard> = assigned_shards(&mut tx, &assignments)
+        .await?
+        .into_iter()
+        .map(|shard| (shard.assignment_id, shard))
+        .collect();
+
+    let mut settling = Settling::default();
+    let mut seen = HashSet::new();
+    let mut outcomes = Vec::with_capacity(arrivals.len());
+    for arrival in arrivals {
+        let assignment = arrival.result.assignment_id;
         // A re-dispatched shard has a new assignment id: this is a late answer to an old one.
-        return Err(Refused::StaleAssignment.into());
-    };
-    let job = lock_job(&mut tx, job_id).await?;
-    let kind = scheduler.kinds.of(&job.kind)?.clone();
-    let shard = sqlx::query_as!(
+        let Some(&job_id) = job_of.get(&assignment) else {
+            outcomes.push(Err(Refused::StaleAssignment.into()));
+            continue;
+        };
+        if !seen.insert(job_id) {
+            // An earlier result of this batch changed this job: read it and the shard again.
+            let job = lock_job(&mut tx, job_id).await?;
+            jobs.insert(job_id, job);
+            shards.remove(&assignment);
+            if let Some(shard) = assigned_shards(&mut tx, &[assignment]).await?.pop() {
+                shards.insert(assignment, shard);
+            }
+        }
+        let (Some(job), Some(shard)) = (jobs.get(&job_id), shards.remove(&assignment)) else {
+            outcomes.push(Err(Refused::StaleAssignment.into()));
+            continue;
+        };
+        let outcome = judge(scheduler, &mut tx, job, shard, arrival, &mut settling).await?;
+        outcomes.push(outcome.map_err(anyhow::Error::from));
+    }
+    settling.commit(scheduler, tx).await?;
+    Ok(outcomes)
+}
+
+/// The shards whose current assignments are `assignments`, locked in id order.
+async fn assigned_shards(
+    conn: &mut PgConnection,
+    assignments: &[Uuid],
+) -> sqlx::Result<Vec<AssignedShard>> {
+    sqlx::query_as!(
         AssignedShard,
-        r#"SELECT id, idx, row_offset, model, replica_of, speculative,
-                  task AS "task: sqlx::types::Json<ShardTask>", status, node_id, assigned_at,
-                  progress_done, progress_chain,
-                  (SELECT shards_done FROM nodes WHERE id = $2) AS "node_done!"
-           FROM shards WHERE assignment_id = $1 FOR UPDATE OF shards"#,
-        r.assignment_id,
-        node
+        r#"SELECT s.id, s.assignment_id AS "assignment_id!", s.idx, s.row_offset, s.model,
+                  s.replica_of, s.speculative,
+                  s.task AS "task: sqlx::types::Json<ShardTask>", s.status, s.node_id,
+                  s.assigned_at, s.progress_done, s.progress_chain,
+                  COALESCE(n.shards_done, 0) AS "node_done!"
+           FROM shards s LEFT JOIN nodes n ON n.id = s.node_id
+           WHERE s.assignment_id = ANY($1) ORDER BY s.id FOR UPDATE OF s"#,
+        assignments
     )
-    .fetch_one(&mut *tx)
-    .await?;
+    .fetch_all(conn)
+    .await
+}
+
+/// Judges one result on its locked job and shard: refused (a bad one sends the shard elsewhere
+/// and charges its node), or stored and acted on by the shard's role.
+async fn judge(
+    scheduler: &Scheduler,
+    tx: &mut PgConnection,
+    job: &LockedJob,
+    shard: AssignedShard,
+    arrival: &Arrival,
+    settling: &mut Settling,
+) -> anyhow::Result<Result<(), Refused>> {
+    let (node, r) = (arrival.node.as_str(), &arrival.result);
+    let kind = scheduler.kinds.of(&job.kind)?.clone();
     if shard.node_id.as_deref() != Some(node) {
-        return Err(Refused::OtherNode.into());
+        return Ok(Err(Refused::OtherNode));
     }
     if shard.status != "assigned" || job.status.is_terminal() {
-        return Err(Refused::StaleAssignment.into());
+        return Ok(Err(Refused::StaleAssignment));
     }
-    if let Err(why) =
-        verify_result(kind.as_ref(), &shard, &r).and(upload_refused.map_or(Ok(()), Err))
-    {
+    let upload = arrival.upload_refused.clone().map_or(Ok(()), Err);
+    if let Err(why) = verify_result(kind.as_ref(), &shard, r).and(upload) {
         tracing::warn!(node, shard = %shard.id, why, "refused a shard result");
         sqlx::query!(
             "UPDATE shards SET status = 'pending', node_id = NULL, assignment_id = NULL,
@@ -173,20 +405,18 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
         )
         .execute(&mut *tx)
         .await?;
-        nodes::charge_failures(&mut tx, &[(node.to_string(), shard.id)], Failure::BadResult)
-            .await?;
-        tx.commit().await?;
-        fail_hopeless(scheduler, Some(&[shard.id])).await?;
-        scheduler.wake_dispatcher();
-        return Err(Refused::BadResult.into());
+        settling.charge_bad_result(node, shard.id);
+        settling.requeued.push(shard.id);
+        return Ok(Err(Refused::BadResult));
     }
 
     // The run's output goes on its own row either way: a primary's as its result (or, while it
     // waits for a replica, its candidate), a replica's as its vote, a speculative copy's as the
     // answer that may beat its primary.
-    // Work done counts for the node's power score, replicas included; the count is taken last
-    // before the commit ([`nodes::count_run`]). Read here without a lock, it may miss a run of
-    // the node's still committing: a new node's checks can end a result or two late or early.
+    // Work done counts for the node's power score, replicas included; the count is taken at
+    // the commit ([`Settling`]). Read here before it, it may miss runs of the node's that
+    // commit meanwhile or settle in the same batch: a new node's checks can end a result or
+    // two late or early.
     let hold = shard.replica_of.is_none()
         && verification::wanted(scheduler, node, shard.node_done, &shard.model).await?;
     sqlx::query!(
@@ -200,38 +430,32 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
     )
     .execute(&mut *tx)
     .await?;
-    let mut stops = Vec::new();
     let accepted = if shard.speculative {
         let primary = shard.replica_of.expect("a speculative copy has a primary");
-        supersede(&mut tx, primary, node, &r, &mut stops).await?
+        supersede(&mut *tx, primary, node, r, &mut settling.stops).await?
     } else if hold {
-        verification::add_replica(&mut tx, shard.id, &[node.to_string()]).await?;
+        verification::add_replica(&mut *tx, shard.id, &[node.to_string()]).await?;
         None
     } else if let Some(primary) = shard.replica_of {
-        decide(&mut tx, scheduler, kind.as_ref(), job_id, primary).await?
+        decide(&mut *tx, scheduler, kind.as_ref(), job.id, primary).await?
     } else {
         Some(Accepted {
             idx: shard.idx,
             row_offset: shard.row_offset,
-            output: r.output,
+            output: r.output.clone(),
         })
     };
     if !shard.speculative && shard.replica_of.is_none() {
         // The primary answered: a speculative copy still running is not needed any more.
-        stop_copies(&mut tx, shard.id, &mut stops).await?;
+        stop_copies(&mut *tx, shard.id, &mut settling.stops).await?;
     }
     let Some(accepted) = accepted else {
-        nodes::count_run(&mut tx, node).await?;
-        tx.commit().await?;
+        settling.count_run(node);
         if let Some(primary) = shard.replica_of {
             // Split votes send the primary round again, which spends an attempt.
-            fail_hopeless(scheduler, Some(&[primary])).await?;
+            settling.requeued.push(primary);
         }
-        for stop in &stops {
-            scheduler.link.send_stop(stop).await;
-        }
-        scheduler.wake_dispatcher();
-        return Ok(());
+        return Ok(Ok(()));
     };
     if let Some(assigned_at) = shard.assigned_at {
         let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
@@ -241,12 +465,8 @@ pub async fn on_result(scheduler: &Scheduler, node: &str, r: ShardResult) -> any
             .with_label_values(&[kind.name()])
             .observe(secs);
     }
-    complete_shard(scheduler, tx, &kind, &job, accepted, Some(node)).await?;
-    for stop in &stops {
-        scheduler.link.send_stop(stop).await;
-    }
-    scheduler.wake_dispatcher();
-    Ok(())
+    complete_shard(tx, &kind, job, accepted, Some(node), settling).await?;
+    Ok(Ok(()))
 }
 
 /// A speculative copy answered: if its primary is still running, the copy's result becomes the
@@ -387,7 +607,7 @@ async fn decide(
 
 /// For an output with an upload, whether the upload is what the result claims: `Some(why)`
 /// when not. `None` for outputs without one and for results that will be dropped anyway
-/// (stale, another node's), which the locked checks in [`on_result`] then sort out.
+/// (stale, another node's), which the locked checks in [`judge`] then sort out.
 async fn check_upload(
     scheduler: &Scheduler,
     node: &str,

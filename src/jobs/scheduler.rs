@@ -13,6 +13,7 @@ use xpand_protocol::NodeKey;
 
 use super::event::EventSink;
 use super::ports::NodeLink;
+use super::results::ResultQueue;
 use super::{Job, JobEvent, Kinds};
 use crate::config::Scheduling;
 use crate::egress::EgressPolicy;
@@ -48,6 +49,8 @@ pub struct SchedulerParts {
 pub struct Scheduler {
     parts: Arc<SchedulerParts>,
     wakeup: Arc<Notify>,
+    /// Results waiting to be settled together.
+    pub(super) results: Arc<ResultQueue>,
 }
 
 impl Scheduler {
@@ -55,6 +58,7 @@ impl Scheduler {
         Self {
             parts: Arc::new(parts),
             wakeup: Arc::default(),
+            results: Arc::default(),
         }
     }
 

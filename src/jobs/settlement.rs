@@ -34,22 +34,37 @@ pub(super) struct LockedJob {
 
 /// Locks job `id`'s row in the caller's transaction (the first lock of the job → shards order).
 pub(super) async fn lock_job(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<LockedJob> {
-    let job = sqlx::query!(
-        r#"SELECT account_id, status AS "status: JobStatus", shards_total, kind,
+    lock_jobs(conn, &[id])
+        .await?
+        .pop()
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Locks the rows of the jobs `ids` that exist, in one order (by id) so that two transactions
+/// locking several jobs cannot deadlock; returns them in that order.
+pub(super) async fn lock_jobs(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<LockedJob>> {
+    let jobs = sqlx::query!(
+        r#"SELECT id, account_id, status AS "status: JobStatus", shards_total, kind,
                   webhook IS NOT NULL AS "has_webhook!"
-           FROM jobs WHERE id = $1 FOR UPDATE"#,
-        id
+           FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
+        ids
     )
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(LockedJob {
-        id,
-        account: job.account_id,
-        shards_total: job.shards_total,
-        status: job.status,
-        kind: job.kind,
-        has_webhook: job.has_webhook,
-    })
+    Ok(jobs
+        .into_iter()
+        .map(|job| LockedJob {
+            id: job.id,
+            account: job.account_id,
+            shards_total: job.shards_total,
+            status: job.status,
+            kind: job.kind,
+            has_webhook: job.has_webhook,
+        })
+        .collect())
 }
 
 /// A primary shard's accepted answer: where its rows go and what they are.
@@ -59,17 +74,81 @@ pub(super) struct Accepted {
     pub output: ShardOutput,
 }
 
-/// Counts an accepted shard on its job and commits `tx`: the last shard reduces and settles an
-/// inline kind's job in the same transaction, or starts a deferred reduction after the commit.
-/// `run_by` is the node whose run produced the answer, counted for its power score just before
-/// the commit (its row is hot: every result of that node updates it).
+/// What a settling transaction defers to its end: events published while it still holds its
+/// jobs' rows (so every `partial` precedes the terminal event), then the hot rows in one go
+/// (failures charged and runs counted on the nodes' rows, escrows released on the balances,
+/// each row locked once however many results the transaction settles), then its commit, then
+/// what must wait for the commit. One result's transaction and a batch's use it alike.
+#[derive(Default)]
+pub(super) struct Settling {
+    events: Vec<(Uuid, JobEvent)>,
+    failures: Vec<(String, Uuid)>,
+    runs: Vec<String>,
+    releases: Vec<(Uuid, Release, String)>,
+    finished: Vec<(Uuid, Job)>,
+    reductions: Vec<(Arc<dyn JobKind>, Uuid)>,
+    /// Stops for runs not needed any more, sent after the commit.
+    pub stops: Vec<xpand_protocol::Stop>,
+    /// Shards sent back to the queue, checked for hopelessness after the commit.
+    pub requeued: Vec<Uuid>,
+}
+
+impl Settling {
+    /// Charges `node` a bad result for `shard`, with the other hot rows.
+    pub fn charge_bad_result(&mut self, node: &str, shard: Uuid) {
+        self.failures.push((node.to_string(), shard));
+    }
+
+    /// Counts a finished run of `node`'s for its power score, with the other hot rows.
+    pub fn count_run(&mut self, node: &str) {
+        self.runs.push(node.to_string());
+    }
+
+    /// Applies what was deferred, commits `tx`, then publishes the jobs that ended, starts
+    /// deferred reductions, sends stops and fails jobs whose shards can go nowhere.
+    pub async fn commit(
+        mut self,
+        scheduler: &Scheduler,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> anyhow::Result<()> {
+        scheduler
+            .events
+            .publish_all(std::mem::take(&mut self.events))
+            .await;
+        if !self.failures.is_empty() {
+            nodes::charge_failures(&mut tx, &self.failures, nodes::Failure::BadResult).await?;
+        }
+        nodes::count_runs(&mut tx, &self.runs).await?;
+        escrow::release_all(&mut tx, &self.releases).await?;
+        tx.commit().await?;
+
+        for (account, job) in self.finished {
+            scheduler.publish_finished(account, job).await;
+        }
+        for (kind, job) in self.reductions {
+            tokio::spawn(reduce_deferred(scheduler.clone(), kind, job));
+        }
+        for stop in &self.stops {
+            scheduler.link.send_stop(stop).await;
+        }
+        if !self.requeued.is_empty() {
+            fail_hopeless(scheduler, Some(&self.requeued)).await?;
+        }
+        scheduler.wake_dispatcher();
+        Ok(())
+    }
+}
+
+/// Counts an accepted shard on its job, in the caller's transaction: the last shard reduces and
+/// ends an inline kind's job there, or starts a deferred reduction after the commit. `run_by`
+/// is the node whose run produced the answer, counted for its power score at the commit.
 pub(super) async fn complete_shard(
-    scheduler: &Scheduler,
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    conn: &mut PgConnection,
     kind: &Arc<dyn JobKind>,
     job: &LockedJob,
     accepted: Accepted,
     run_by: Option<&str>,
+    settling: &mut Settling,
 ) -> anyhow::Result<()> {
     let shards_done = sqlx::query_scalar!(
         "UPDATE jobs SET shards_done = shards_done + 1, status = 'running',
@@ -77,7 +156,7 @@ pub(super) async fn complete_shard(
          WHERE id = $1 RETURNING shards_done",
         job.id
     )
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
     let inline = kind.reduction() == Reduction::Inline;
     let last = shards_done == job.shards_total;
@@ -92,7 +171,7 @@ pub(super) async fn complete_shard(
                WHERE job_id = $1 AND replica_of IS NULL ORDER BY idx"#,
                 job.id
             )
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?
             .into_iter()
             .map(|o| o.0)
@@ -102,10 +181,7 @@ pub(super) async fn complete_shard(
     } else {
         None
     };
-    // Partial and progress events go out while this transaction holds the job row lock:
-    // concurrent results for the same job publish in lock order, so every `partial` precedes
-    // the terminal event, which is sent after the commit. A job ending here needs no progress
-    // event: the terminal one carries its counts.
+    // A job ending here needs no progress event: the terminal one carries its counts.
     let mut events = Vec::with_capacity(2);
     if let Some(slice) = kind.partial(&accepted.output) {
         let partial = JobEvent::Partial {
@@ -134,24 +210,27 @@ pub(super) async fn complete_shard(
                 _ => WebhookEvent::Progress,
             };
             let data = serde_json::to_value(event).expect("events serialize");
-            store::enqueue_webhook(&mut tx, job.id, kind, Some(data)).await?;
+            store::enqueue_webhook(&mut *conn, job.id, kind, Some(data)).await?;
         }
     }
-    scheduler.events.publish_all(events).await;
-    let finished = match output {
-        Some(output) => finish(&mut tx, job.id, Outcome::Succeeded(output)).await?,
-        None => None,
-    };
-    if let Some(node) = run_by {
-        nodes::count_run(&mut tx, node).await?;
+    settling.events.extend(events);
+    if let Some(output) = output {
+        let ended = end(
+            &mut *conn,
+            job.id,
+            Outcome::Succeeded(output),
+            &mut settling.releases,
+        )
+        .await?;
+        if let Some(ended) = ended {
+            settling.finished.push((job.account, ended));
+        }
     }
-    tx.commit().await?;
-
-    if let Some(finished) = finished {
-        scheduler.publish_finished(job.account, finished).await;
+    if let Some(node) = run_by {
+        settling.count_run(node);
     }
     if last && !inline {
-        tokio::spawn(reduce_deferred(scheduler.clone(), kind.clone(), job.id));
+        settling.reductions.push((kind.clone(), job.id));
     }
     Ok(())
 }
@@ -184,6 +263,26 @@ pub async fn finish(
     conn: &mut PgConnection,
     job_id: Uuid,
     outcome: Outcome,
+) -> anyhow::Result<Option<Job>> {
+    let mut releases = Vec::with_capacity(1);
+    let ended = end(&mut *conn, job_id, outcome, &mut releases).await?;
+    match escrow::release_all(conn, &releases).await {
+        Ok(_) => Ok(ended),
+        // Released already (by a replica whose job update we cannot see yet): the failed
+        // insert aborted the transaction, so nothing above takes effect either.
+        Err(LedgerError::AlreadyPosted(_)) => Ok(None),
+        Err(e) => Err(e).context("releasing escrow"),
+    }
+}
+
+/// Ends a job as [`finish`] does, leaving its escrow's release in `releases` for the caller to
+/// post last ([`escrow::release_all`]): it locks balances that every job touches (the
+/// gateway's revenue, the nodes' earnings), which should stay locked only until the commit.
+async fn end(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    outcome: Outcome,
+    releases: &mut Vec<(Uuid, Release, String)>,
 ) -> anyhow::Result<Option<Job>> {
     let job: JobRow = sqlx::query_as(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
@@ -256,16 +355,11 @@ pub async fn finish(
     if row.webhook.is_some() {
         store::enqueue_webhook(conn, job_id, WebhookEvent::Completed, None).await?;
     }
-    // Last, because it locks balances that every job touches (the gateway's revenue, the
-    // nodes' earnings): they stay locked only until the caller commits.
-    let memo = format!("job {} {}", job.kind, status.as_str());
-    match escrow::release(conn, job_id, &release, &memo).await {
-        Ok(_) => {}
-        // Released already (by a replica whose job update we cannot see yet): the failed
-        // insert aborted the transaction, so nothing above takes effect either.
-        Err(LedgerError::AlreadyPosted(_)) => return Ok(None),
-        Err(e) => return Err(e).context("releasing escrow"),
-    }
+    releases.push((
+        job_id,
+        release,
+        format!("job {} {}", job.kind, status.as_str()),
+    ));
     Ok(Some(row.into()))
 }
 

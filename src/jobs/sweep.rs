@@ -12,6 +12,7 @@ use xpand_protocol::ShardOutput;
 use super::kind::Reduction;
 use super::settlement::{
     cancel_overdue, complete_shard, fail, fail_hopeless, lock_job, reduce_deferred, Accepted,
+    Settling,
 };
 use super::Scheduler;
 use crate::config::Scheduling;
@@ -183,7 +184,9 @@ async fn accept_unchecked(scheduler: &Scheduler) -> anyhow::Result<()> {
             row_offset,
             output: output.0,
         };
-        complete_shard(scheduler, tx, kind, &job, accepted, None).await?;
+        let mut settling = Settling::default();
+        complete_shard(&mut tx, kind, &job, accepted, None, &mut settling).await?;
+        settling.commit(scheduler, tx).await?;
         scheduler
             .metrics
             .unverified_shards

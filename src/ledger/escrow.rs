@@ -5,7 +5,9 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{post, LedgerError, Posting, Purpose, Subject, TxKind, SYSTEM_ACCOUNT};
+use super::{
+    post, post_all, LedgerError, Posting, Purpose, Subject, Transaction, TxKind, SYSTEM_ACCOUNT,
+};
 
 /// Moves `amount` (> 0) from `account`'s available balance to held, for `job_id`.
 /// Fails with [`LedgerError::Overdrawn`] when the balance is short.
@@ -81,66 +83,84 @@ pub async fn release(
     release: &Release,
     memo: &str,
 ) -> Result<Released, LedgerError> {
-    if release.fee < 0
-        || release.payouts.iter().any(|&(_, a)| a < 0)
-        || release.royalty.is_some_and(|(_, a)| a < 0)
-    {
+    let released = release_all(conn, &[(job_id, release.clone(), memo.to_string())]).await?;
+    Ok(released[0])
+}
+
+/// Releases several jobs' escrows, as [`release`] does each, with a fixed number of statements
+/// ([`post_all`]): the holds are read in one query and the releases posted together. Either all
+/// are released or the call fails and the caller's transaction must roll back.
+pub async fn release_all(
+    conn: &mut PgConnection,
+    releases: &[(Uuid, Release, String)],
+) -> Result<Vec<Released>, LedgerError> {
+    if releases.iter().any(|(_, r, _)| {
+        r.fee < 0 || r.payouts.iter().any(|&(_, a)| a < 0) || r.royalty.is_some_and(|(_, a)| a < 0)
+    }) {
         return Err(LedgerError::InvalidAmount(
             "payouts and fees cannot be negative",
         ));
     }
-    let (account, escrow): (Uuid, i64) = sqlx::query_as(
-        "SELECT a.owner, e.amount FROM ledger_transactions t
+    let jobs: Vec<Uuid> = releases.iter().map(|(job, _, _)| *job).collect();
+    let holds: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "SELECT t.job_id, a.owner, e.amount FROM ledger_transactions t
          JOIN ledger_entries e ON e.tx_id = t.id
          JOIN ledger_accounts a ON a.id = e.ledger_account_id
-         WHERE t.job_id = $1 AND t.kind = 'escrow_hold' AND a.purpose = 'held'",
+         WHERE t.job_id = ANY($1) AND t.kind = 'escrow_hold' AND a.purpose = 'held'",
     )
-    .bind(job_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or(LedgerError::InvalidAmount("no escrow is held for this job"))?;
-    let refund = escrow - release.cost();
-    if refund < 0 {
-        return Err(LedgerError::Overdrawn);
-    }
-    let mut postings = vec![
-        Posting {
-            owner: account,
-            purpose: Purpose::Held,
-            amount: -escrow,
-        },
-        Posting {
-            owner: account,
-            purpose: Purpose::Available,
-            amount: refund,
-        },
-        Posting {
-            owner: SYSTEM_ACCOUNT,
-            purpose: Purpose::Revenue,
-            amount: release.fee,
-        },
-    ];
-    postings.extend(release.payouts.iter().map(|&(owner, amount)| Posting {
-        owner,
-        purpose: Purpose::Earnings,
-        amount,
-    }));
-    postings.extend(release.royalty.map(|(owner, amount)| Posting {
-        owner,
-        purpose: Purpose::Available,
-        amount,
-    }));
-    post(
-        conn,
-        TxKind::EscrowRelease,
-        Subject::Job(job_id),
-        memo,
-        &postings,
-    )
+    .bind(&jobs)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(Released {
-        account,
-        escrow,
-        refund,
-    })
+    let mut released = Vec::with_capacity(releases.len());
+    let mut transactions = Vec::with_capacity(releases.len());
+    for (job_id, release, memo) in releases {
+        let &(_, account, escrow) = holds
+            .iter()
+            .find(|(job, _, _)| job == job_id)
+            .ok_or(LedgerError::InvalidAmount("no escrow is held for this job"))?;
+        let refund = escrow - release.cost();
+        if refund < 0 {
+            return Err(LedgerError::Overdrawn);
+        }
+        let mut postings = vec![
+            Posting {
+                owner: account,
+                purpose: Purpose::Held,
+                amount: -escrow,
+            },
+            Posting {
+                owner: account,
+                purpose: Purpose::Available,
+                amount: refund,
+            },
+            Posting {
+                owner: SYSTEM_ACCOUNT,
+                purpose: Purpose::Revenue,
+                amount: release.fee,
+            },
+        ];
+        postings.extend(release.payouts.iter().map(|&(owner, amount)| Posting {
+            owner,
+            purpose: Purpose::Earnings,
+            amount,
+        }));
+        postings.extend(release.royalty.map(|(owner, amount)| Posting {
+            owner,
+            purpose: Purpose::Available,
+            amount,
+        }));
+        transactions.push(Transaction {
+            kind: TxKind::EscrowRelease,
+            subject: Subject::Job(*job_id),
+            memo: memo.clone(),
+            postings,
+        });
+        released.push(Released {
+            account,
+            escrow,
+            refund,
+        });
+    }
+    post_all(conn, &transactions).await?;
+    Ok(released)
 }

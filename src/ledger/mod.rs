@@ -144,6 +144,15 @@ pub struct Posting {
     pub amount: i64,
 }
 
+/// A balanced transaction to record: its postings, what it is about, and a memo.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub kind: TxKind,
+    pub subject: Subject,
+    pub memo: String,
+    pub postings: Vec<Posting>,
+}
+
 /// Records a balanced transaction and applies it to the balances. Zero-amount postings are
 /// dropped. Returns the transaction id. Runs in the caller's transaction: the caller commits.
 pub async fn post(
@@ -153,47 +162,100 @@ pub async fn post(
     memo: &str,
     postings: &[Posting],
 ) -> Result<i64, LedgerError> {
-    let sum = postings
-        .iter()
-        .try_fold(0i64, |acc, p| acc.checked_add(p.amount))
-        .ok_or(LedgerError::Unbalanced(i64::MAX))?;
-    if sum != 0 {
-        return Err(LedgerError::Unbalanced(sum));
+    let transaction = Transaction {
+        kind,
+        subject,
+        memo: memo.to_string(),
+        postings: postings.to_vec(),
+    };
+    let ids = post_all(conn, std::slice::from_ref(&transaction)).await?;
+    Ok(ids[0])
+}
+
+/// Records several balanced transactions with a fixed number of statements, however many there
+/// are, and applies them to the balances, each account changed once by the sum of its legs.
+/// This is how a batch of settlements pays: the gateway's revenue and a busy customer's balance,
+/// which every job touches, are locked once per batch. Returns the transaction ids in order.
+/// Either every transaction is recorded or none: a failure (an unbalanced one, one posted
+/// already, an overdraft) leaves the caller's Postgres transaction to roll back.
+pub async fn post_all(
+    conn: &mut PgConnection,
+    transactions: &[Transaction],
+) -> Result<Vec<i64>, LedgerError> {
+    if transactions.is_empty() {
+        return Ok(Vec::new());
     }
-    let postings: Vec<Posting> = postings.iter().filter(|p| p.amount != 0).copied().collect();
+    // Every leg, flattened, with the index of its transaction.
+    let mut legs: Vec<(i64, Posting)> = Vec::new();
+    for (n, t) in transactions.iter().enumerate() {
+        let sum = t
+            .postings
+            .iter()
+            .try_fold(0i64, |acc, p| acc.checked_add(p.amount))
+            .ok_or(LedgerError::Unbalanced(i64::MAX))?;
+        if sum != 0 {
+            return Err(LedgerError::Unbalanced(sum));
+        }
+        legs.extend(
+            t.postings
+                .iter()
+                .filter(|p| p.amount != 0)
+                .map(|&p| (n as i64 + 1, p)),
+        );
+    }
+    let postings: Vec<Posting> = legs.iter().map(|&(_, p)| p).collect();
     let accounts = account_ids(conn, &postings).await?;
     let amounts: Vec<i64> = postings.iter().map(|p| p.amount).collect();
+    let leg_tx: Vec<i64> = legs.iter().map(|&(n, _)| n).collect();
 
-    let (job_id, epoch) = match subject {
-        Subject::None => (None, None),
-        Subject::Job(job) => (Some(job), None),
-        Subject::Epoch(epoch) => (None, Some(epoch)),
-    };
-    let tx_id: i64 = sqlx::query_scalar(
-        "INSERT INTO ledger_transactions (kind, job_id, epoch, memo) VALUES ($1, $2, $3, $4)
-         RETURNING id",
+    let kinds: Vec<&str> = transactions.iter().map(|t| t.kind.as_str()).collect();
+    let (jobs, epochs): (Vec<Option<Uuid>>, Vec<Option<i64>>) = transactions
+        .iter()
+        .map(|t| match t.subject {
+            Subject::None => (None, None),
+            Subject::Job(job) => (Some(job), None),
+            Subject::Epoch(epoch) => (None, Some(epoch)),
+        })
+        .unzip();
+    let memos: Vec<&str> = transactions.iter().map(|t| t.memo.as_str()).collect();
+    // Ids are drawn first, in order, so the entries can name their transaction in the same
+    // statement (the foreign key is checked at its end).
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "WITH ids AS MATERIALIZED (
+             SELECT n, nextval(pg_get_serial_sequence('ledger_transactions', 'id')) AS id
+             FROM generate_series(1, cardinality($1::text[])) n),
+         tx AS (
+             INSERT INTO ledger_transactions (id, kind, job_id, epoch, memo)
+             SELECT ids.id, t.kind, t.job_id, t.epoch, t.memo
+             FROM UNNEST($1::text[], $2::uuid[], $3::bigint[], $4::text[])
+                  WITH ORDINALITY AS t(kind, job_id, epoch, memo, n)
+             JOIN ids ON ids.n = t.n),
+         entries AS (
+             INSERT INTO ledger_entries (tx_id, ledger_account_id, amount)
+             SELECT ids.id, e.account, e.amount
+             FROM UNNEST($5::bigint[], $6::bigint[], $7::bigint[]) AS e(n, account, amount)
+             JOIN ids ON ids.n = e.n)
+         SELECT id FROM ids ORDER BY n",
     )
-    .bind(kind.as_str())
-    .bind(job_id)
-    .bind(epoch)
-    .bind(memo)
-    .fetch_one(&mut *conn)
+    .bind(&kinds)
+    .bind(&jobs)
+    .bind(&epochs)
+    .bind(&memos)
+    .bind(&leg_tx)
+    .bind(&accounts)
+    .bind(&amounts)
+    .fetch_all(&mut *conn)
     .await
     .map_err(|e| match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
-            LedgerError::AlreadyPosted(kind.as_str())
+            LedgerError::AlreadyPosted(if transactions.len() == 1 {
+                transactions[0].kind.as_str()
+            } else {
+                "transaction"
+            })
         }
         _ => LedgerError::Db(e),
     })?;
-    sqlx::query(
-        "INSERT INTO ledger_entries (tx_id, ledger_account_id, amount)
-         SELECT $1, e.account, e.amount FROM UNNEST($2::bigint[], $3::bigint[]) AS e(account, amount)",
-    )
-    .bind(tx_id)
-    .bind(&accounts)
-    .bind(&amounts)
-    .execute(&mut *conn)
-    .await?;
 
     // Balances are touched last, so their row locks (some accounts, like the gateway's revenue,
     // are in every job) are held for as little of the transaction as possible. They are locked
@@ -208,16 +270,17 @@ pub async fn post(
         }
         same
     });
-    let (ids, deltas): (Vec<i64>, Vec<i64>) = changes.into_iter().unzip();
+    changes.retain(|&(_, delta)| delta != 0);
+    let (ids_changed, deltas): (Vec<i64>, Vec<i64>) = changes.into_iter().unzip();
     sqlx::query("SELECT id FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&ids)
+        .bind(&ids_changed)
         .execute(&mut *conn)
         .await?;
     sqlx::query(
         "UPDATE ledger_accounts a SET balance = a.balance + c.delta
          FROM UNNEST($1::bigint[], $2::bigint[]) AS c(id, delta) WHERE a.id = c.id",
     )
-    .bind(&ids)
+    .bind(&ids_changed)
     .bind(&deltas)
     .execute(&mut *conn)
     .await
@@ -225,7 +288,7 @@ pub async fn post(
         sqlx::Error::Database(db) if db.is_check_violation() => LedgerError::Overdrawn,
         _ => LedgerError::Db(e),
     })?;
-    Ok(tx_id)
+    Ok(ids)
 }
 
 /// Credits a customer from issuance: the stand-in for the paper's on-chain payment oracle. A
