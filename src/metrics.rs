@@ -2,7 +2,8 @@
 //! so nothing here is global).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -19,6 +20,10 @@ pub struct Metrics {
     pub dispatched_shards: IntCounterVec,
     /// Held results accepted without a second run (no node could check them in time).
     pub unverified_shards: IntCounterVec,
+    /// Results settled per transaction: how much settling in batches saves.
+    pub result_batch_size: Histogram,
+    /// Batches that failed as a whole and were settled one result at a time.
+    pub result_batches_split: IntCounter,
 }
 
 impl Metrics {
@@ -81,6 +86,19 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let result_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "result_batch_size",
+                "Shard results settled together in one transaction",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .expect("valid metric");
+        let result_batches_split = IntCounter::new(
+            "result_batches_split_total",
+            "Batches of results that failed together and were settled one by one",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -91,6 +109,8 @@ impl Metrics {
             Box::new(rejected_messages.clone()),
             Box::new(dispatched_shards.clone()),
             Box::new(unverified_shards.clone()),
+            Box::new(result_batch_size.clone()),
+            Box::new(result_batches_split.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -105,6 +125,8 @@ impl Metrics {
             rejected_messages,
             dispatched_shards,
             unverified_shards,
+            result_batch_size,
+            result_batches_split,
         }
     }
 

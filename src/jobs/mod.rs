@@ -15,6 +15,7 @@
 //! [`kind::JobKind`]; the transports are behind [`ports`]. Nothing here names a kind, MQTT or
 //! Redis.
 
+mod batch;
 pub mod dispatch;
 mod event;
 pub mod kind;

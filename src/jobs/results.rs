@@ -2,19 +2,16 @@
 //! offers the shard elsewhere, and a result is verified (digest, hash chain, shape, upload),
 //! stored as its run's answer and then, by the shard's role, accepted, held for a check,
 //! counted as a vote or raced against its primary. Results that arrive together are settled
-//! together, in one transaction per batch ([`ResultQueue`]).
+//! together, in one transaction per batch ([`ResultBatcher`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::AssertUnwindSafe;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
-use futures::FutureExt;
 use sqlx::PgConnection;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 use xpand_protocol::{Progress, ProgressChain, Reject, ShardResult, ShardTask, Stop};
 
+use super::batch::Batcher;
 use super::kind::{JobKind, UploadedShard};
 use super::settlement::{
     complete_shard, fail_hopeless, lock_job, lock_jobs, Accepted, LockedJob, Settling,
@@ -137,80 +134,22 @@ fn verify_result(kind: &dyn JobKind, shard: &AssignedShard, r: &ShardResult) -> 
 const MAX_BATCH: usize = 64;
 
 /// A result admitted from a node, its upload checked, waiting to be settled.
-struct Arrival {
+pub(super) struct Arrival {
     node: String,
     result: ShardResult,
     /// Why its upload is not what it claims, when it is not.
     upload_refused: Option<String>,
 }
 
-type Reply = oneshot::Sender<anyhow::Result<()>>;
-
-/// The results waiting to be settled, and whether a settler is taking them. Results that arrive
-/// while a batch is being settled wait and are settled together in the next one, as a database
-/// groups commits: one result alone is a batch of one, and many arriving at once cost one
+/// Results wait while a batch is being settled and are settled together in the next one: one
 /// transaction, with each hot row (the gateway's revenue, a customer's balance, a node's
 /// counts) locked once for all of them.
-#[derive(Default)]
-pub(super) struct ResultQueue {
-    state: Mutex<QueueState>,
-}
+pub(super) type ResultBatcher = Batcher<(), Arrival, anyhow::Result<()>>;
 
-#[derive(Default)]
-struct QueueState {
-    waiting: VecDeque<(Arrival, Reply)>,
-    settling: bool,
-}
-
-impl ResultQueue {
-    /// Queues `arrivals` together and starts a settler unless one runs. The settler is a task
-    /// of its own, so a caller that stops waiting loses no result.
-    fn enqueue(&self, scheduler: &Scheduler, arrivals: Vec<(Arrival, Reply)>) {
-        let mut state = self
-            .state
-            .lock()
-            .expect("the result queue is never poisoned");
-        state.waiting.extend(arrivals);
-        if !state.settling && !state.waiting.is_empty() {
-            state.settling = true;
-            tokio::spawn(settle_waiting(scheduler.clone()));
-        }
-    }
-
-    /// The next batch, or `None` (and the settler stops) when nothing waits.
-    fn next_batch(&self) -> Option<Vec<(Arrival, Reply)>> {
-        let mut state = self
-            .state
-            .lock()
-            .expect("the result queue is never poisoned");
-        if state.waiting.is_empty() {
-            state.settling = false;
-            return None;
-        }
-        let n = state.waiting.len().min(MAX_BATCH);
-        Some(state.waiting.drain(..n).collect())
-    }
-}
-
-/// The settler: settles what waits, a batch at a time, until nothing does.
-async fn settle_waiting(scheduler: Scheduler) {
-    while let Some(batch) = scheduler.results.next_batch() {
-        let (arrivals, replies): (Vec<Arrival>, Vec<Reply>) = batch.into_iter().unzip();
-        // A panic is a bug, but it must not leave the queue without a settler.
-        let outcomes = AssertUnwindSafe(settle(&scheduler, &arrivals))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| {
-                tracing::error!(results = arrivals.len(), "settling results panicked");
-                arrivals
-                    .iter()
-                    .map(|_| Err(anyhow::anyhow!("settling the result panicked")))
-                    .collect()
-            });
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
-        }
-    }
+pub(super) fn result_batcher() -> ResultBatcher {
+    Batcher::new(MAX_BATCH, |scheduler, arrivals| {
+        Box::pin(async move { settle(&scheduler, &arrivals).await })
+    })
 }
 
 /// Verifies and settles a shard result ([`on_results`] with one).
@@ -231,32 +170,34 @@ pub async fn on_results(
     scheduler: &Scheduler,
     results: Vec<(String, ShardResult)>,
 ) -> Vec<anyhow::Result<()>> {
-    let mut waits = Vec::with_capacity(results.len());
+    let mut checked = Vec::with_capacity(results.len());
     let mut arrivals = Vec::with_capacity(results.len());
     for (node, result) in results {
         // An upload is checked before any lock is taken: it means reading the file.
         match check_upload(scheduler, &node, &result).await {
             Ok(upload_refused) => {
-                let (reply, wait) = oneshot::channel();
-                let arrival = Arrival {
+                arrivals.push(Arrival {
                     node,
                     result,
                     upload_refused,
-                };
-                arrivals.push((arrival, reply));
-                waits.push(Ok(wait));
+                });
+                checked.push(Ok(()));
             }
-            Err(e) => waits.push(Err(e)),
+            Err(e) => checked.push(Err(e)),
         }
     }
-    scheduler.results.enqueue(scheduler, arrivals);
-    let mut outcomes = Vec::with_capacity(waits.len());
-    for wait in waits {
-        outcomes.push(match wait {
-            Ok(wait) => wait
+    let mut settled = scheduler
+        .results
+        .enqueue(scheduler, (), arrivals)
+        .into_iter();
+    let mut outcomes = Vec::with_capacity(checked.len());
+    for check in checked {
+        outcomes.push(match (check, settled.next()) {
+            (Ok(()), Some(settled)) => settled
                 .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("the settler stopped"))),
-            Err(e) => Err(e),
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("settling the result panicked"))),
+            (Ok(()), None) => unreachable!("one receiver per queued result"),
+            (Err(e), _) => Err(e),
         });
     }
     outcomes
@@ -265,18 +206,26 @@ pub async fn on_results(
 /// Settles a batch in one transaction; when that fails (a deadlock, a job another replica
 /// released first), each of its results alone, so one member cannot sink the others.
 async fn settle(scheduler: &Scheduler, arrivals: &[Arrival]) -> Vec<anyhow::Result<()>> {
+    let metrics = &scheduler.metrics;
     if arrivals.len() > 1 {
         match settle_together(scheduler, arrivals).await {
-            Ok(outcomes) => return outcomes,
-            Err(e) => tracing::warn!(
-                results = arrivals.len(),
-                error = format!("{e:#}"),
-                "settling a batch of results failed; settling them one by one"
-            ),
+            Ok(outcomes) => {
+                metrics.result_batch_size.observe(arrivals.len() as f64);
+                return outcomes;
+            }
+            Err(e) => {
+                metrics.result_batches_split.inc();
+                tracing::warn!(
+                    results = arrivals.len(),
+                    error = format!("{e:#}"),
+                    "settling a batch of results failed; settling them one by one"
+                )
+            }
         }
     }
     let mut outcomes = Vec::with_capacity(arrivals.len());
     for arrival in arrivals {
+        metrics.result_batch_size.observe(1.0);
         let outcome = match settle_together(scheduler, std::slice::from_ref(arrival)).await {
             Ok(mut one) => one.pop().expect("one outcome per result"),
             // Released already, by a replica whose job update this one could not see yet.

@@ -13,7 +13,8 @@ use xpand_protocol::NodeKey;
 
 use super::event::EventSink;
 use super::ports::NodeLink;
-use super::results::ResultQueue;
+use super::results::{result_batcher, ResultBatcher};
+use super::store::{submit_batcher, SubmitBatcher};
 use super::{Job, JobEvent, Kinds};
 use crate::config::Scheduling;
 use crate::egress::EgressPolicy;
@@ -50,7 +51,9 @@ pub struct Scheduler {
     parts: Arc<SchedulerParts>,
     wakeup: Arc<Notify>,
     /// Results waiting to be settled together.
-    pub(super) results: Arc<ResultQueue>,
+    pub(super) results: Arc<ResultBatcher>,
+    /// Submissions waiting to be stored together, per account.
+    pub(super) submits: Arc<SubmitBatcher>,
 }
 
 impl Scheduler {
@@ -58,7 +61,8 @@ impl Scheduler {
         Self {
             parts: Arc::new(parts),
             wakeup: Arc::default(),
-            results: Arc::default(),
+            results: Arc::new(result_batcher()),
+            submits: Arc::new(submit_batcher()),
         }
     }
 

@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::batch::Batcher;
 use super::kind::PlanRequest;
 use super::{Job, JobPlan, JobRow, JobStatus, Kinds, Scheduler, SubmitJob, JOB_COLUMNS};
 use crate::error::{AppError, FieldError};
@@ -100,7 +101,8 @@ pub enum Submitted {
 }
 
 /// Prices, escrows and stores a job with its shards, in one transaction: a refused job leaves
-/// no trace and moves no money (objects staged while planning are deleted again).
+/// no trace and moves no money (objects staged while planning are deleted again). Submissions
+/// of one account that arrive together are stored together ([`SubmitBatcher`]).
 pub async fn submit(
     scheduler: &Scheduler,
     account: Uuid,
@@ -115,102 +117,161 @@ pub async fn submit(
         }
     }
     let id = Uuid::now_v7();
-    let plan = plan(scheduler, account, id, req).await?;
-    let max_unfinished = scheduler.max_unfinished_jobs;
-    let idempotency = Idempotency {
-        key: idempotency_key,
-        hash: &hash,
-    };
-    let stored = store(pool, account, id, req, idempotency, &plan, max_unfinished).await;
-    if !matches!(stored, Ok(Submitted::Created(_))) {
-        files::delete_all(scheduler.files.as_ref(), &plan.staged).await;
-    }
-    stored
-}
-
-/// A submission's idempotency key, if any, and the hash of the request it stands for.
-#[derive(Clone, Copy)]
-struct Idempotency<'a> {
-    key: Option<&'a str>,
-    hash: &'a str,
-}
-
-async fn store(
-    pool: &PgPool,
-    account: Uuid,
-    id: Uuid,
-    req: &SubmitJob,
-    idempotency: Idempotency<'_>,
-    plan: &JobPlan,
-    max_unfinished: i64,
-) -> Result<Submitted, AppError> {
-    let Idempotency {
-        key: idempotency_key,
-        hash,
-    } = idempotency;
+    let mut plan = plan(scheduler, account, id, req).await?;
     let quote = plan.quote();
     if quote > req.max_fee {
+        files::delete_all(scheduler.files.as_ref(), &plan.staged).await;
         return Err(AppError::MaxFeeBelowQuote {
             quote,
             max_fee: req.max_fee,
         });
     }
+    let staged = plan.staged.clone();
+    let planned = Planned {
+        id,
+        account,
+        kind: req.kind.clone(),
+        input: plan
+            .input_record
+            .take()
+            .unwrap_or_else(|| req.input.clone()),
+        params: req.params.clone(),
+        max_fee: req.max_fee,
+        webhook: req.webhook.clone(),
+        deadline: req.deadline,
+        idempotency_key: idempotency_key.map(str::to_string),
+        hash,
+        plan,
+        max_unfinished: scheduler.max_unfinished_jobs,
+    };
+    let stored = scheduler
+        .submits
+        .enqueue(scheduler, account, vec![planned])
+        .pop()
+        .expect("one receiver per queued submission")
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("storing the job panicked").into()));
+    if !matches!(stored, Ok(Submitted::Created(_))) {
+        files::delete_all(scheduler.files.as_ref(), &staged).await;
+    }
+    stored
+}
 
-    // The account's balance rows are locked last (by the hold, then the quota count under
-    // it), so concurrent submits of one account wait for each other as briefly as possible.
-    let mut tx = pool.begin().await?;
-    // The files the job reads are held (shared) until the commit, so a delete either ran before
-    // (and the submit is refused here) or waits and then sees the job.
-    files::hold_for_job(&mut tx, account, &plan.reads).await?;
-    let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
-        "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee, escrow,
-                           gateway_fee, shards_total, webhook, idempotency_key, request_hash,
-                           input_files, deadline, royalty_account, royalty)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13, $14, $15,
-                 $16)
-         RETURNING {JOB_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(account)
-    .bind(&req.kind)
-    .bind(plan.input_record.as_ref().unwrap_or(&req.input))
-    .bind(&req.params)
-    .bind(quote)
-    .bind(req.max_fee)
-    .bind(plan.gateway_fee)
-    .bind(plan.shards.len() as i32)
-    .bind(&req.webhook)
-    .bind(idempotency_key)
-    .bind(hash)
-    .bind(&plan.reads)
-    .bind(req.deadline)
-    .bind(plan.royalty.map(|(account, _)| account))
-    .bind(plan.royalty.map_or(0, |(_, amount)| amount))
-    .fetch_one(&mut *tx)
-    .await;
-    if let (Err(sqlx::Error::Database(db)), Some(key)) = (&inserted, idempotency_key) {
-        if db.is_unique_violation() {
-            // A concurrent request with the same key won the race; answer with its job.
-            drop(tx);
-            let existing = find_by_idempotency_key(pool, account, key)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("idempotent job vanished"))?;
-            return existing_for(existing, hash);
+/// Submissions of one account stored in one transaction at most.
+const MAX_BATCH: usize = 64;
+
+/// A submission validated and priced, waiting to be stored: what its job's row keeps.
+pub(super) struct Planned {
+    id: Uuid,
+    account: Uuid,
+    kind: String,
+    /// What the row keeps of the input ([`JobPlan::input_record`]).
+    input: serde_json::Value,
+    params: serde_json::Value,
+    max_fee: i64,
+    webhook: Option<String>,
+    deadline: Option<chrono::DateTime<chrono::Utc>>,
+    idempotency_key: Option<String>,
+    /// Of the request, to tell an idempotent retry from a different request under its key.
+    hash: String,
+    plan: JobPlan,
+    max_unfinished: i64,
+}
+
+/// An account's submissions wait while a batch of its submissions is being stored and are
+/// stored together in the next one: one transaction, one escrow posting for all their holds,
+/// the account's balance locked once.
+pub(super) type SubmitBatcher = Batcher<Uuid, Planned, Result<Submitted, AppError>>;
+
+pub(super) fn submit_batcher() -> SubmitBatcher {
+    Batcher::new(MAX_BATCH, |scheduler, planned| {
+        Box::pin(async move { store(&scheduler.db, &planned).await })
+    })
+}
+
+/// Stores a batch of one account's submissions in one transaction; when that fails (one is
+/// refused: a short balance, the quota, an idempotency key raced), each alone, so a refused
+/// submission gets its own problem and the others their jobs.
+async fn store(pool: &PgPool, planned: &[Planned]) -> Vec<Result<Submitted, AppError>> {
+    if planned.len() > 1 {
+        if let Ok(stored) = store_together(pool, planned).await {
+            return stored.into_iter().map(Ok).collect();
         }
     }
-    let row = inserted?;
-    insert_shards(&mut tx, id, plan).await?;
+    let mut stored = Vec::with_capacity(planned.len());
+    for one in planned {
+        let outcome = store_together(pool, std::slice::from_ref(one)).await;
+        stored.push(outcome.map(|mut one| one.pop().expect("one job per submission")));
+    }
+    stored
+}
 
-    match escrow::hold(&mut tx, account, id, quote).await {
+/// Stores one account's submissions, their shards and their escrow holds in one transaction,
+/// or none of them.
+async fn store_together(pool: &PgPool, planned: &[Planned]) -> Result<Vec<Submitted>, AppError> {
+    let (account, max_unfinished) = (planned[0].account, planned[0].max_unfinished);
+    // The account's balance rows are locked last (by the holds, then the quota count under
+    // them), so concurrent submits of one account wait for each other as briefly as possible.
+    let mut tx = pool.begin().await?;
+    let mut rows = Vec::with_capacity(planned.len());
+    for job in planned {
+        // The files the job reads are held (shared) until the commit, so a delete either ran
+        // before (and the submit is refused here) or waits and then sees the job.
+        files::hold_for_job(&mut tx, account, &job.plan.reads).await?;
+        let inserted: sqlx::Result<JobRow> = sqlx::query_as(&format!(
+            "INSERT INTO jobs (id, account_id, kind, status, input, params, quote, max_fee,
+                               escrow, gateway_fee, shards_total, webhook, idempotency_key,
+                               request_hash, input_files, deadline, royalty_account, royalty)
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $6, $8, $9, $10, $11, $12, $13, $14,
+                     $15, $16)
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(job.id)
+        .bind(account)
+        .bind(&job.kind)
+        .bind(&job.input)
+        .bind(&job.params)
+        .bind(job.plan.quote())
+        .bind(job.max_fee)
+        .bind(job.plan.gateway_fee)
+        .bind(job.plan.shards.len() as i32)
+        .bind(&job.webhook)
+        .bind(&job.idempotency_key)
+        .bind(&job.hash)
+        .bind(&job.plan.reads)
+        .bind(job.deadline)
+        .bind(job.plan.royalty.map(|(account, _)| account))
+        .bind(job.plan.royalty.map_or(0, |(_, amount)| amount))
+        .fetch_one(&mut *tx)
+        .await;
+        if let (Err(sqlx::Error::Database(db)), Some(key), [_]) =
+            (&inserted, &job.idempotency_key, planned)
+        {
+            if db.is_unique_violation() {
+                // A concurrent request with the same key won the race; answer with its job.
+                drop(tx);
+                let existing = find_by_idempotency_key(pool, account, key)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("idempotent job vanished"))?;
+                return Ok(vec![existing_for(existing, &job.hash)?]);
+            }
+        }
+        rows.push(inserted?);
+        insert_shards(&mut tx, job.id, &job.plan).await?;
+    }
+
+    let holds: Vec<(Uuid, i64)> = planned.iter().map(|j| (j.id, j.plan.quote())).collect();
+    match escrow::hold_all(&mut tx, account, &holds).await {
         Ok(()) => {}
         Err(LedgerError::Overdrawn) => {
             drop(tx);
             let available = ledger::balances(pool, account).await?.available;
+            let quote = holds.iter().map(|(_, quote)| quote).sum();
             return Err(AppError::InsufficientFunds { quote, available });
         }
         Err(e) => return Err(AppError::Internal(e.into())),
     }
-    // Counted after the hold, which locks the account's balance: concurrent submits of one
+    // Counted after the holds, which lock the account's balance: concurrent submits of one
     // account pass here one at a time, so the quota cannot be raced past.
     let unfinished = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM jobs
@@ -226,7 +287,10 @@ async fn store(
         )));
     }
     tx.commit().await?;
-    Ok(Submitted::Created(row.into()))
+    Ok(rows
+        .into_iter()
+        .map(|row| Submitted::Created(row.into()))
+        .collect())
 }
 
 fn existing_for(row: JobRow, hash: &str) -> Result<Submitted, AppError> {

@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    post, post_all, LedgerError, Posting, Purpose, Subject, Transaction, TxKind, SYSTEM_ACCOUNT,
+    post_all, LedgerError, Posting, Purpose, Subject, Transaction, TxKind, SYSTEM_ACCOUNT,
 };
 
 /// Moves `amount` (> 0) from `account`'s available balance to held, for `job_id`.
@@ -17,29 +17,41 @@ pub async fn hold(
     job_id: Uuid,
     amount: i64,
 ) -> Result<(), LedgerError> {
-    if amount <= 0 {
+    hold_all(conn, account, &[(job_id, amount)]).await
+}
+
+/// Holds each `(job, amount)` from `account`, as [`hold`] does each, with a fixed number of
+/// statements ([`post_all`]). Either all are held or the call fails (overdrawn when their sum
+/// is short) and the caller's transaction must roll back.
+pub async fn hold_all(
+    conn: &mut PgConnection,
+    account: Uuid,
+    holds: &[(Uuid, i64)],
+) -> Result<(), LedgerError> {
+    if holds.iter().any(|&(_, amount)| amount <= 0) {
         return Err(LedgerError::InvalidAmount("an escrow must be positive"));
     }
-    post(
-        conn,
-        TxKind::EscrowHold,
-        Subject::Job(job_id),
-        "escrow for job",
-        &[
-            Posting {
-                owner: account,
-                purpose: Purpose::Available,
-                amount: -amount,
-            },
-            Posting {
-                owner: account,
-                purpose: Purpose::Held,
-                amount,
-            },
-        ],
-    )
-    .await
-    .map(|_| ())
+    let transactions: Vec<Transaction> = holds
+        .iter()
+        .map(|&(job, amount)| Transaction {
+            kind: TxKind::EscrowHold,
+            subject: Subject::Job(job),
+            memo: "escrow for job".into(),
+            postings: vec![
+                Posting {
+                    owner: account,
+                    purpose: Purpose::Available,
+                    amount: -amount,
+                },
+                Posting {
+                    owner: account,
+                    purpose: Purpose::Held,
+                    amount,
+                },
+            ],
+        })
+        .collect();
+    post_all(conn, &transactions).await.map(|_| ())
 }
 
 /// How a job's escrow is divided when it is released.

@@ -151,6 +151,11 @@ impl Domain {
 
     /// A registered forecast node that announced 4 slots and is up.
     async fn node(&self, name: &str) -> String {
+        self.node_with_slots(name, 4).await
+    }
+
+    /// A registered forecast node that announced `slots` slots and is up.
+    async fn node_with_slots(&self, name: &str, slots: u32) -> String {
         let key = NodeKey::generate();
         let id = key.id().to_string();
         xpand::nodes::register(&self.db, &id, name).await.unwrap();
@@ -165,7 +170,7 @@ impl Domain {
             accelerator: Accelerator::Cpu,
             memory_mb: 1024,
             cpu_cores: 1,
-            max_concurrent_shards: 4,
+            max_concurrent_shards: slots,
             worker_version: "test".into(),
             started_at_ms: 0,
             held_models: Vec::new(),
@@ -219,17 +224,8 @@ impl Domain {
 
     /// Answers `a` as its node would, each value `bias` off the right answer (1.0 everywhere).
     async fn answer(&self, a: &Assignment, bias: f64) -> anyhow::Result<()> {
-        let ShardTask::Forecast {
-            series, horizon, ..
-        } = &a.task
-        else {
-            panic!("forecast jobs have forecast shards");
-        };
-        let output = ShardOutput::Forecast {
-            forecasts: vec![vec![1.0 + bias; *horizon as usize]; series.len()],
-            intervals: Vec::new(),
-        };
-        results::on_result(&self.scheduler, &a.node, result_for(a, output)).await
+        let result = forecast_result(a, bias, 0);
+        results::on_result(&self.scheduler, &a.node, result).await
     }
 
     async fn status(&self, job: Uuid) -> JobStatus {
@@ -278,6 +274,22 @@ impl Domain {
         let _ = std::fs::remove_dir_all(&self.leftovers.dirs[0]);
         self.leftovers.disarm();
     }
+}
+
+/// The result a node sends for forecast assignment `a`: each value `bias` off the right answer
+/// (1.0 everywhere), with `extra_rows` rows more than it was given (a malformed answer).
+fn forecast_result(a: &Assignment, bias: f64, extra_rows: usize) -> xpand_protocol::ShardResult {
+    let ShardTask::Forecast {
+        series, horizon, ..
+    } = &a.task
+    else {
+        panic!("forecast jobs have forecast shards");
+    };
+    let output = ShardOutput::Forecast {
+        forecasts: vec![vec![1.0 + bias; *horizon as usize]; series.len() + extra_rows],
+        intervals: Vec::new(),
+    };
+    result_for(a, output)
 }
 
 fn refused(result: anyhow::Result<()>) -> Option<Refused> {
@@ -745,4 +757,184 @@ async fn a_long_history_makes_no_job_scan_a_whole_table() {
     );
     // Still armed: dropping it removes the database and directories.
     drop(domain.leftovers);
+}
+
+/// What happens to one shard's answer in [`settling_as_a_batch_or_one_by_one_moves_the_same_money`].
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Right,
+    /// Malformed: refused, its node charged, its shard back in the queue.
+    Malformed,
+    /// Sent twice: the copy is stale.
+    Twice,
+}
+
+/// Everything settling decided, with the ids that differ between two databases replaced by
+/// what they stand for (`customer`, `node`, `system`; a job by its submission order).
+#[derive(Debug, PartialEq)]
+struct Settled {
+    refusals: Vec<Option<Refused>>,
+    jobs: Vec<(String, Option<i64>)>,
+    balances: Vec<(String, String, i64)>,
+    entries: Vec<(String, Option<usize>, String, String, i64)>,
+}
+
+/// Submits `jobs` (their row counts) to one node, answers every shard by its fate (cycling
+/// through `fates`), and settles the answers one by one or all together.
+async fn settle_answers(jobs: &[usize], fates: &[Fate], together: bool) -> Settled {
+    let domain = Domain::new(|r| {
+        r.redundancy_bps = 0;
+        r.verify_new_node_shards = 0;
+    })
+    .await;
+    let node = domain.node_with_slots("solo", 64).await;
+    let mut ids = Vec::new();
+    for &rows in jobs {
+        ids.push(domain.submit(rows).await);
+    }
+    let mut round = Vec::new();
+    for a in domain.assign().await {
+        let idx: i32 = sqlx::query_scalar("SELECT idx FROM shards WHERE id = $1")
+            .bind(a.shard_id)
+            .fetch_one(&domain.db)
+            .await
+            .unwrap();
+        let job = ids.iter().position(|&id| id == a.job_id).unwrap();
+        round.push(((job, idx), a));
+    }
+    round.sort_by_key(|(order, _)| *order);
+    let mut answers = Vec::new();
+    for (k, (_, a)) in round.iter().enumerate() {
+        match fates[k % fates.len()] {
+            Fate::Right => answers.push((node.clone(), forecast_result(a, 0.0, 0))),
+            Fate::Malformed => answers.push((node.clone(), forecast_result(a, 0.0, 1))),
+            Fate::Twice => {
+                answers.push((node.clone(), forecast_result(a, 0.0, 0)));
+                answers.push((node.clone(), forecast_result(a, 0.0, 0)));
+            }
+        }
+    }
+    let count = answers.len();
+    let outcomes = if together {
+        results::on_results(&domain.scheduler, answers).await
+    } else {
+        let mut outcomes = Vec::new();
+        for (node, result) in answers {
+            outcomes.push(results::on_result(&domain.scheduler, &node, result).await);
+        }
+        outcomes
+    };
+    let metrics = &domain.scheduler.metrics;
+    if together && count > 1 {
+        assert_eq!(
+            (
+                metrics.result_batch_size.get_sample_count(),
+                metrics.result_batch_size.get_sample_sum()
+            ),
+            (1, count as f64),
+            "the answers were settled as one batch"
+        );
+    }
+    assert_eq!(
+        metrics.result_batches_split.get(),
+        0,
+        "no batch had to be split"
+    );
+
+    let node_account: Uuid = sqlx::query_scalar("SELECT account_id FROM nodes WHERE id = $1")
+        .bind(&node)
+        .fetch_one(&domain.db)
+        .await
+        .unwrap();
+    let role = |owner: Uuid| {
+        if owner == domain.account {
+            "customer"
+        } else if owner == node_account {
+            "node"
+        } else if owner == Uuid::nil() {
+            "system"
+        } else {
+            panic!("money moved for an unknown owner {owner}")
+        }
+        .to_string()
+    };
+    let mut job_states = Vec::new();
+    for id in &ids {
+        let state: (String, Option<i64>) =
+            sqlx::query_as("SELECT status, cost FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&domain.db)
+                .await
+                .unwrap();
+        job_states.push(state);
+    }
+    let balances: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT owner, purpose, balance FROM ledger_accounts")
+            .fetch_all(&domain.db)
+            .await
+            .unwrap();
+    let mut balances: Vec<_> = balances
+        .into_iter()
+        .map(|(owner, purpose, balance)| (role(owner), purpose, balance))
+        .collect();
+    balances.sort();
+    let entries: Vec<(String, Option<Uuid>, Uuid, String, i64)> = sqlx::query_as(
+        "SELECT t.kind, t.job_id, a.owner, a.purpose, e.amount FROM ledger_entries e
+         JOIN ledger_transactions t ON t.id = e.tx_id
+         JOIN ledger_accounts a ON a.id = e.ledger_account_id",
+    )
+    .fetch_all(&domain.db)
+    .await
+    .unwrap();
+    let mut entries: Vec<_> = entries
+        .into_iter()
+        .map(|(kind, job, owner, purpose, amount)| {
+            let job = job.map(|job| ids.iter().position(|&id| id == job).unwrap());
+            (kind, job, role(owner), purpose, amount)
+        })
+        .collect();
+    entries.sort();
+    domain.finish().await;
+    Settled {
+        refusals: outcomes.into_iter().map(refused).collect(),
+        jobs: job_states,
+        balances,
+        entries,
+    }
+}
+
+/// A batch must be nothing but a faster way to settle: the same answers settled one by one and
+/// as one batch, with malformed and stale members among them, refuse the same answers and
+/// leave the same jobs, balances and ledger entries.
+#[test]
+fn settling_as_a_batch_or_one_by_one_moves_the_same_money() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 6,
+        max_shrink_iters: 16,
+        source_file: Some(file!()),
+        ..Config::default()
+    });
+    let fate = prop_oneof![
+        4 => Just(Fate::Right),
+        1 => Just(Fate::Malformed),
+        1 => Just(Fate::Twice),
+    ];
+    let plans = (
+        prop::collection::vec(1usize..=24, 1..=5),
+        prop::collection::vec(fate, 1..=8),
+    );
+    let result = runner.run(&plans, |(jobs, fates)| {
+        rt.block_on(async {
+            let one_by_one = settle_answers(&jobs, &fates, false).await;
+            let together = settle_answers(&jobs, &fates, true).await;
+            prop_assert_eq!(one_by_one, together);
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }

@@ -13,6 +13,9 @@
 //!   rejecting; nodes that refuse every shard; jobs of every size from three accounts, a few
 //!   with a poisoned cell that every node refuses as unusable input; cancels; redundancy off,
 //!   sampled at 100%, or only for new nodes;
+//! - the results nodes send in a step reach the gateway as one batch, settled together; a batch
+//!   sometimes carries a stale member (an old result sent again), or races a cancel of one of
+//!   its jobs or a lease of one of its shards lapsing into the sweep;
 //! - a third of the jobs are `predict` jobs over three published registry models. Each node
 //!   keeps two of them (least recently used evicted), runs the others cold, and announces what
 //!   it holds before its result, as the worker does, so placement's warm preference is driven.
@@ -43,7 +46,7 @@ use xpand::presence::RedisPresence;
 use xpand::startup::Connected;
 use xpand_protocol::{
     Accelerator, Announce, Assignment, Heartbeat, ModelInfo, NodeKey, Progress, ProgressChain,
-    Reject, ShardOutput, ShardTask, Topics, UpKind,
+    Reject, ShardOutput, ShardResult, ShardTask, Topics, UpKind,
 };
 
 use crate::common::{
@@ -118,6 +121,10 @@ struct Sim {
     poisoned: Vec<Uuid>,
     /// How often each shard was dispatched.
     dispatches: HashMap<Uuid, u32>,
+    /// Results the nodes sent this step, `(node, result)`: they reach the gateway together.
+    outbox: Vec<(usize, ShardResult)>,
+    /// Results sent in recent steps, which a node may send again.
+    sent: Vec<(usize, ShardResult)>,
     step: u32,
     last_advance: Instant,
     /// What the run did, for the summary line.
@@ -354,6 +361,80 @@ impl Sim {
                 self.answer(i, &held.assignment).await;
             }
         }
+        self.deliver_results().await;
+    }
+
+    /// The step's results reach the gateway as one batch, as results that arrive together are
+    /// settled. Sometimes a batch carries a stale member (a node sending an old result again,
+    /// as after a lost acknowledgement), and sometimes it races the owner canceling one of its
+    /// jobs or the sweep taking back one of its shards whose lease just lapsed. Who wins a race
+    /// is Postgres's to decide, the one thing a seed does not fix; either way the invariants
+    /// must hold.
+    async fn deliver_results(&mut self) {
+        let mut batch = std::mem::take(&mut self.outbox);
+        if !self.sent.is_empty() && self.rng.gen_bool(0.2) {
+            let (i, old) = self.sent[self.rng.gen_range(0..self.sent.len())].clone();
+            if self.nodes[i].alive {
+                batch.insert(self.rng.gen_range(0..=batch.len()), (i, old));
+                self.count("stale batch members");
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        self.count("result batches");
+        let sealed: Vec<(String, Vec<u8>)> = batch
+            .iter()
+            .map(|(i, r)| {
+                let key = &self.nodes[*i].key;
+                let topic = self.topics.up(key.id(), UpKind::Result);
+                let payload = key.seal(&topic, r);
+                (topic, payload)
+            })
+            .collect();
+        let messages: Vec<(&str, &[u8])> = sealed
+            .iter()
+            .map(|(topic, payload)| (topic.as_str(), payload.as_slice()))
+            .collect();
+        let (_, member) = &batch[self.rng.gen_range(0..batch.len())];
+        let member_job: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT j.account_id, j.id FROM shards s JOIN jobs j ON j.id = s.job_id
+             WHERE s.id = $1",
+        )
+        .bind(member.shard_id)
+        .fetch_optional(&self.scheduler.db)
+        .await
+        .unwrap();
+        let scheduler = &self.scheduler;
+        match (self.rng.gen_range(0..10), member_job) {
+            (0, Some((account, job))) => {
+                let (_, ()) = tokio::join!(
+                    xpand::jobs::settlement::cancel(scheduler, account, job),
+                    self.inbound.handle_messages(&messages)
+                );
+                self.count("batches racing a cancel");
+            }
+            (1, Some(_)) => {
+                sqlx::query(
+                    "UPDATE shards SET lease_expires_at = now() - interval '1 second'
+                     WHERE assignment_id = $1 AND status = 'assigned'",
+                )
+                .bind(member.assignment_id)
+                .execute(&scheduler.db)
+                .await
+                .unwrap();
+                let (swept, ()) = tokio::join!(
+                    xpand::jobs::sweep::sweep(scheduler),
+                    self.inbound.handle_messages(&messages)
+                );
+                swept.unwrap();
+                self.count("batches racing a lease expiry");
+            }
+            _ => self.inbound.handle_messages(&messages).await,
+        }
+        self.sent.extend(batch);
+        let keep = self.sent.len().saturating_sub(20);
+        self.sent.drain(..keep);
     }
 
     async fn answer(&mut self, i: usize, a: &Assignment) {
@@ -414,7 +495,7 @@ impl Sim {
             }
             ShardTask::Anonymize(_) => unreachable!("refused above"),
         };
-        self.send(i, UpKind::Result, &result_for(a, output)).await;
+        self.outbox.push((i, result_for(a, output)));
         self.count("results");
     }
 
@@ -736,6 +817,13 @@ impl Sim {
         }
         assert_every_job_settled(&self.scheduler.db).await;
         assert_ledger_invariants(&self.scheduler.db).await;
+        // A stale member is refused alone; a race is lost or won by lock order. Neither may
+        // fail a batch's transaction as a whole.
+        assert_eq!(
+            self.scheduler.metrics.result_batches_split.get(),
+            0,
+            "a batch of results failed as a whole and was settled one by one"
+        );
     }
 }
 
@@ -817,6 +905,8 @@ async fn run_seed(seed: u64, template: &str) -> HashMap<&'static str, u64> {
         jobs: Vec::new(),
         poisoned: Vec::new(),
         dispatches: HashMap::new(),
+        outbox: Vec::new(),
+        sent: Vec::new(),
         step: 0,
         last_advance: Instant::now(),
         counts: HashMap::new(),
