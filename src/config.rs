@@ -136,6 +136,11 @@ pub struct GatewayArgs {
     /// ... and at least this many seconds.
     #[arg(long, env = "XPAND_STRAGGLER_MIN_SECS", default_value_t = 10.0)]
     pub straggler_min_secs: f64,
+    /// Place a one-shard job on a node in its submit transaction when a slot is free and no
+    /// other shard waits, rather than in a dispatch round after it (`false` leaves every
+    /// placement to the dispatcher).
+    #[arg(long, env = "XPAND_PLACE_AT_SUBMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub place_at_submit: bool,
     /// Nodes whose last closed epoch scored below this get no shards.
     #[arg(long, env = "XPAND_MIN_POWER_SCORE", default_value_t = -1_000, allow_negative_numbers = true)]
     pub min_power_score: i64,
@@ -264,6 +269,8 @@ pub struct Scheduling {
     pub straggler_factor: f64,
     /// ...once it has run at least this long.
     pub straggler_min_secs: f64,
+    /// Whether a one-shard job may be placed in its submit transaction.
+    pub place_at_submit: bool,
 }
 
 /// What an epoch's reward pool holds.
@@ -385,6 +392,7 @@ impl GatewayArgs {
                 min_power_score: self.min_power_score,
                 straggler_factor: self.straggler_factor,
                 straggler_min_secs: self.straggler_min_secs,
+                place_at_submit: self.place_at_submit,
             },
             db_pool: self.db_pool,
             egress: crate::egress::EgressPolicy {

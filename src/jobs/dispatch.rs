@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::PgConnection;
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use xpand_protocol::{Accelerator, Assignment, ShardTask};
 
@@ -36,8 +37,9 @@ pub async fn run_dispatcher(scheduler: Scheduler, shutdown: Shutdown) {
     }
 }
 
+/// A shard waiting for a node, with what placement must know of it.
 #[derive(sqlx::FromRow)]
-struct PendingShard {
+pub(super) struct PendingShard {
     id: Uuid,
     job_id: Uuid,
     kind: String,
@@ -48,12 +50,34 @@ struct PendingShard {
     ran_on: Vec<String>,
 }
 
+impl PendingShard {
+    /// A shard just planned, which no node has run, rejected or lost.
+    pub(super) fn new(id: Uuid, job_id: Uuid, kind: &str, model: &str, task: ShardTask) -> Self {
+        Self {
+            id,
+            job_id,
+            kind: kind.to_string(),
+            model: model.to_string(),
+            task: sqlx::types::Json(task),
+            excluded_nodes: Vec::new(),
+            rejected_by: Vec::new(),
+            ran_on: Vec::new(),
+        }
+    }
+}
+
 /// One round: [`assign`], then send what it signed.
 async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<Drained> {
     let Round {
         dispatched,
         drained,
     } = assign(scheduler).await?;
+    send(scheduler, dispatched).await;
+    Ok(drained)
+}
+
+/// Sends assignments recorded and committed (by a round, or by a submit that placed its job).
+pub(super) async fn send(scheduler: &Scheduler, dispatched: Vec<Dispatched>) {
     for Dispatched {
         assignment,
         kind,
@@ -70,7 +94,6 @@ async fn dispatch_once(scheduler: &Scheduler) -> anyhow::Result<Drained> {
             .with_label_values(&[kind])
             .inc();
     }
-    Ok(drained)
 }
 
 /// Whether a round left nothing it could place: every placeable pending shard was assigned,
@@ -114,10 +137,9 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     if !any_pending(&scheduler.db).await? {
         return Ok(Round::drained());
     }
-    let mut slots = nodes::available(&scheduler.db, scheduler.presence.as_ref()).await?;
-    // A node whose last epoch scored below the floor (failures, disputes) gets no work.
-    let floor = scheduler.rules.min_power_score;
-    slots.retain(|s| s.score.is_none_or(|score| score >= floor));
+    // One placement at a time on this replica, so two never count the same free slot.
+    let _placing = scheduler.placing.lock().await;
+    let mut slots = free_slots(scheduler).await?;
     let capacity: i64 = slots.iter().map(|s| s.free).sum();
     if capacity == 0 {
         return Ok(Round::drained());
@@ -136,7 +158,93 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     } else {
         Drained::No
     };
+    let recorded = place(scheduler, &mut tx, &mut slots, pending).await?;
+    if recorded.dispatched.is_empty() {
+        return Ok(Round::drained());
+    }
+    tx.commit().await?;
+    Ok(Round {
+        dispatched: recorded.announce(scheduler).await,
+        drained,
+    })
+}
 
+/// The free slots of live nodes whose last epoch scored at least the floor (a node below it,
+/// for failures or disputes, gets no work).
+async fn free_slots(scheduler: &Scheduler) -> anyhow::Result<Vec<nodes::NodeSlot>> {
+    let mut slots = nodes::available(&scheduler.db, scheduler.presence.as_ref()).await?;
+    let floor = scheduler.rules.min_power_score;
+    slots.retain(|s| s.score.is_none_or(|score| score >= floor));
+    Ok(slots)
+}
+
+/// A placement at submit, granted: this replica's placement turn, held until the submit
+/// commits, and the free slots it may use.
+pub(super) struct SubmitPlacement {
+    _turn: OwnedMutexGuard<()>,
+    slots: Vec<nodes::NodeSlot>,
+}
+
+/// Whether a submit may place its one-shard jobs itself ([`place`] in its transaction): when
+/// the rules allow it, no dispatch round runs on this replica (a submit never waits for one;
+/// the round will place the job instead), no shard waits for a node (it would be passed by),
+/// and some node has a free slot.
+pub(super) async fn placement_at_submit(
+    scheduler: &Scheduler,
+) -> anyhow::Result<Option<SubmitPlacement>> {
+    if !scheduler.rules.place_at_submit {
+        return Ok(None);
+    }
+    let Ok(turn) = scheduler.placing.clone().try_lock_owned() else {
+        return Ok(None);
+    };
+    if any_pending(&scheduler.db).await? {
+        return Ok(None);
+    }
+    let slots = free_slots(scheduler).await?;
+    if slots.iter().all(|s| s.free == 0) {
+        return Ok(None);
+    }
+    Ok(Some(SubmitPlacement { _turn: turn, slots }))
+}
+
+impl SubmitPlacement {
+    /// Places `shards` (new, of jobs in the caller's transaction) where [`choose_slot`] says.
+    pub(super) async fn place(
+        &mut self,
+        scheduler: &Scheduler,
+        tx: &mut PgConnection,
+        shards: Vec<PendingShard>,
+    ) -> anyhow::Result<Recorded> {
+        place(scheduler, tx, &mut self.slots, shards).await
+    }
+}
+
+/// Assignments recorded in a transaction, to announce once it commits.
+#[derive(Default)]
+pub(super) struct Recorded {
+    dispatched: Vec<Dispatched>,
+    started: Vec<(Uuid, JobEvent)>,
+}
+
+impl Recorded {
+    /// Tells the owners of jobs that started that they run; returns the assignments to send.
+    /// Told before the assignments go out, so no result can overtake its job's `running`.
+    pub(super) async fn announce(self, scheduler: &Scheduler) -> Vec<Dispatched> {
+        scheduler.events.publish_all(self.started).await;
+        self.dispatched
+    }
+}
+
+/// Matches `pending` to `slots` ([`choose_slot`]) and records the assignments in `tx` (each
+/// signed once: the same bytes are sealed into the ledger and returned for sending). Jobs that
+/// got their first shard turn `running`.
+async fn place(
+    scheduler: &Scheduler,
+    tx: &mut PgConnection,
+    slots: &mut [nodes::NodeSlot],
+    pending: Vec<PendingShard>,
+) -> anyhow::Result<Recorded> {
     let lease_expires_at = Utc::now() + scheduler.rules.lease;
     let mut assignments = Vec::with_capacity(pending.len());
     let mut kinds = Vec::with_capacity(pending.len());
@@ -146,7 +254,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
             _ => None,
         };
         let Some(slot) = choose_slot(
-            &mut slots,
+            slots,
             &shard.model,
             warm,
             &shard.excluded_nodes,
@@ -172,7 +280,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
         });
     }
     if assignments.is_empty() {
-        return Ok(Round::drained());
+        return Ok(Recorded::default());
     }
     let shard_ids: Vec<Uuid> = assignments.iter().map(|a| a.shard_id).collect();
     let node_ids: Vec<&str> = assignments.iter().map(|a| a.node.as_str()).collect();
@@ -194,13 +302,13 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     let mut messages = Vec::with_capacity(assignments.len());
     for a in &assignments {
         let message = scheduler.link.seal_assignment(a);
-        ledger::blocks::record(&mut tx, "assignment", &a.node, &message.payload).await?;
+        ledger::blocks::record(&mut *tx, "assignment", &a.node, &message.payload).await?;
         messages.push(message);
     }
     // Jobs that got their first shard turn `running` in this transaction. Their rows are
-    // taken only if free (`SKIP LOCKED`): waiting for a job lock while holding shard locks
-    // would invert the job → shard lock order. A job skipped here (being canceled, say) turns
-    // `running` with its first result instead.
+    // taken only if free (`SKIP LOCKED`; a submit's own rows are its own): waiting for a job
+    // lock while holding shard locks would invert the job → shard lock order. A job skipped
+    // here (being canceled, say) turns `running` with its first result instead.
     let mut job_ids: Vec<Uuid> = assignments.iter().map(|a| a.job_id).collect();
     job_ids.sort();
     job_ids.dedup();
@@ -216,21 +324,20 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     .await?;
     for job in started.iter().filter(|job| job.has_webhook) {
         let data = serde_json::json!({ "job_id": job.id, "status": JobStatus::Running });
-        store::enqueue_webhook(&mut tx, job.id, WebhookEvent::Start, Some(data)).await?;
+        store::enqueue_webhook(&mut *tx, job.id, WebhookEvent::Start, Some(data)).await?;
     }
-    tx.commit().await?;
-
-    // Told before the assignments go out, so no result can overtake its job's `running`.
-    let running = started.into_iter().map(|job| {
-        let progress = JobEvent::Progress {
-            job_id: job.id,
-            status: JobStatus::Running,
-            shards_done: job.shards_done,
-            shards_total: job.shards_total,
-        };
-        (job.account_id, progress)
-    });
-    scheduler.events.publish_all(running.collect()).await;
+    let started = started
+        .into_iter()
+        .map(|job| {
+            let progress = JobEvent::Progress {
+                job_id: job.id,
+                status: JobStatus::Running,
+                shards_done: job.shards_done,
+                shards_total: job.shards_total,
+            };
+            (job.account_id, progress)
+        })
+        .collect();
     let dispatched = assignments
         .into_iter()
         .zip(kinds)
@@ -241,9 +348,9 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
             message,
         })
         .collect();
-    Ok(Round {
+    Ok(Recorded {
         dispatched,
-        drained,
+        started,
     })
 }
 

@@ -54,6 +54,8 @@ pub struct Scheduler {
     pub(super) results: Arc<ResultBatcher>,
     /// Submissions waiting to be stored together, per account.
     pub(super) submits: Arc<SubmitBatcher>,
+    /// This replica's placement turn: a dispatch round or a submit placing its job.
+    pub(super) placing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Scheduler {
@@ -63,6 +65,7 @@ impl Scheduler {
             wakeup: Arc::default(),
             results: Arc::new(result_batcher()),
             submits: Arc::new(submit_batcher()),
+            placing: Arc::default(),
         }
     }
 

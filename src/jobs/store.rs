@@ -6,6 +6,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::batch::Batcher;
+use super::dispatch::{self, PendingShard, Recorded};
 use super::kind::PlanRequest;
 use super::{Job, JobPlan, JobRow, JobStatus, Kinds, Scheduler, SubmitJob, JOB_COLUMNS};
 use crate::error::{AppError, FieldError};
@@ -185,31 +186,43 @@ pub(super) type SubmitBatcher = Batcher<Uuid, Planned, Result<Submitted, AppErro
 
 pub(super) fn submit_batcher() -> SubmitBatcher {
     Batcher::new(MAX_BATCH, |scheduler, planned| {
-        Box::pin(async move { store(&scheduler.db, &planned).await })
+        Box::pin(async move { store(&scheduler, &planned).await })
     })
 }
 
 /// Stores a batch of one account's submissions in one transaction; when that fails (one is
 /// refused: a short balance, the quota, an idempotency key raced), each alone, so a refused
 /// submission gets its own problem and the others their jobs.
-async fn store(pool: &PgPool, planned: &[Planned]) -> Vec<Result<Submitted, AppError>> {
+async fn store(scheduler: &Scheduler, planned: &[Planned]) -> Vec<Result<Submitted, AppError>> {
     if planned.len() > 1 {
-        if let Ok(stored) = store_together(pool, planned).await {
+        if let Ok(stored) = store_together(scheduler, planned).await {
             return stored.into_iter().map(Ok).collect();
         }
     }
     let mut stored = Vec::with_capacity(planned.len());
     for one in planned {
-        let outcome = store_together(pool, std::slice::from_ref(one)).await;
+        let outcome = store_together(scheduler, std::slice::from_ref(one)).await;
         stored.push(outcome.map(|mut one| one.pop().expect("one job per submission")));
     }
     stored
 }
 
 /// Stores one account's submissions, their shards and their escrow holds in one transaction,
-/// or none of them.
-async fn store_together(pool: &PgPool, planned: &[Planned]) -> Result<Vec<Submitted>, AppError> {
+/// or none of them. A one-shard job is also placed on a node there when it may be
+/// ([`dispatch::placement_at_submit`]), and its assignment sent after the commit: a small job
+/// then costs no dispatch round of its own.
+async fn store_together(
+    scheduler: &Scheduler,
+    planned: &[Planned],
+) -> Result<Vec<Submitted>, AppError> {
+    let pool = &scheduler.db;
     let (account, max_unfinished) = (planned[0].account, planned[0].max_unfinished);
+    let mut placement = if planned.iter().any(|job| job.plan.shards.len() == 1) {
+        dispatch::placement_at_submit(scheduler).await?
+    } else {
+        None
+    };
+    let mut placeable = Vec::new();
     // The account's balance rows are locked last (by the holds, then the quota count under
     // them), so concurrent submits of one account wait for each other as briefly as possible.
     let mut tx = pool.begin().await?;
@@ -257,7 +270,19 @@ async fn store_together(pool: &PgPool, planned: &[Planned]) -> Result<Vec<Submit
             }
         }
         rows.push(inserted?);
-        insert_shards(&mut tx, job.id, &job.plan).await?;
+        let shards = insert_shards(&mut tx, job.id, &job.plan).await?;
+        if let ([shard], [planned_shard], true) =
+            (&shards[..], &job.plan.shards[..], placement.is_some())
+        {
+            let task = planned_shard.task.clone();
+            placeable.push(PendingShard::new(
+                *shard,
+                job.id,
+                &job.kind,
+                &job.plan.model,
+                task,
+            ));
+        }
     }
 
     let holds: Vec<(Uuid, i64)> = planned.iter().map(|j| (j.id, j.plan.quote())).collect();
@@ -286,7 +311,14 @@ async fn store_together(pool: &PgPool, planned: &[Planned]) -> Result<Vec<Submit
              wait for some to finish"
         )));
     }
+    let recorded = match placement.as_mut() {
+        Some(placement) => placement.place(scheduler, &mut tx, placeable).await?,
+        None => Recorded::default(),
+    };
     tx.commit().await?;
+    drop(placement);
+    let dispatched = recorded.announce(scheduler).await;
+    dispatch::send(scheduler, dispatched).await;
     Ok(rows
         .into_iter()
         .map(|row| Submitted::Created(row.into()))
@@ -300,7 +332,12 @@ fn existing_for(row: JobRow, hash: &str) -> Result<Submitted, AppError> {
     Ok(Submitted::Existing(row.into()))
 }
 
-async fn insert_shards(conn: &mut PgConnection, job: Uuid, plan: &JobPlan) -> sqlx::Result<()> {
+/// Inserts `plan`'s shards of `job`, pending; returns their ids in plan order.
+async fn insert_shards(
+    conn: &mut PgConnection,
+    job: Uuid,
+    plan: &JobPlan,
+) -> sqlx::Result<Vec<Uuid>> {
     let n = plan.shards.len();
     let (mut ids, mut idxs, mut offsets, mut counts, mut fees, mut tasks) = (
         Vec::with_capacity(n),
@@ -334,7 +371,7 @@ async fn insert_shards(conn: &mut PgConnection, job: Uuid, plan: &JobPlan) -> sq
     .bind(&fees)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(ids)
 }
 
 async fn find_by_idempotency_key(

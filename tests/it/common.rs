@@ -238,6 +238,7 @@ pub fn test_config(db_name: &str) -> Config {
             min_power_score: -1_000,
             straggler_factor: 3.0,
             straggler_min_secs: 10.0,
+            place_at_submit: true,
         },
         max_upload_bytes: 8 * 1024 * 1024,
         max_model_bytes: 4 * 1024 * 1024,

@@ -50,10 +50,11 @@ impl Presence for Up {
     }
 }
 
-/// Seals like the gateway, delivers nowhere, remembers the stops.
+/// Seals like the gateway, delivers nowhere, remembers what it was given.
 struct Outbox {
     key: NodeKey,
     topics: Topics,
+    sent: Mutex<Vec<SealedMessage>>,
     stops: Mutex<Vec<Stop>>,
 }
 
@@ -64,7 +65,8 @@ impl NodeLink for Outbox {
         SealedMessage { topic, payload }
     }
 
-    fn send(&self, _message: SealedMessage) -> BoxFuture<'_, anyhow::Result<()>> {
+    fn send(&self, message: SealedMessage) -> BoxFuture<'_, anyhow::Result<()>> {
+        self.sent.lock().unwrap().push(message);
         Box::pin(async { Ok(()) })
     }
 
@@ -110,12 +112,15 @@ impl Domain {
         let db = xpand::startup::connect_db(&config).await.unwrap();
         xpand::startup::migrate(&db).await.unwrap();
         let mut rules = config.scheduling;
+        // The cases place shards by hand ([`Domain::assign`]), unless one says otherwise.
+        rules.place_at_submit = false;
         adjust(&mut rules);
         let topics = Topics::new(&config.topic_prefix);
         let up = Arc::new(Up::default());
         let outbox = Arc::new(Outbox {
             key: config.gateway_key.clone(),
             topics: topics.clone(),
+            sent: Mutex::default(),
             stops: Mutex::default(),
         });
         let feed = Arc::new(Feed::default());
@@ -294,6 +299,47 @@ fn forecast_result(a: &Assignment, bias: f64, extra_rows: usize) -> xpand_protoc
 
 fn refused(result: anyhow::Result<()>) -> Option<Refused> {
     result.err()?.downcast_ref::<Refused>().copied()
+}
+
+#[tokio::test]
+async fn a_small_job_is_placed_in_its_submit_unless_shards_wait_before_it() {
+    let domain = Domain::new(|r| r.place_at_submit = true).await;
+    let node = domain.node("a").await;
+    let small = domain.submit(8).await;
+    assert_eq!(
+        domain.status(small).await,
+        JobStatus::Running,
+        "placed and started by its submit, with no dispatch round"
+    );
+    let sent = std::mem::take(&mut *domain.outbox.sent.lock().unwrap());
+    assert_eq!(sent.len(), 1, "its assignment went out after the commit");
+    assert_eq!(sent[0].topic, domain.topics.assign(&node));
+    let opened = xpand_protocol::Envelope::open(
+        &sent[0].payload,
+        &sent[0].topic,
+        xpand_protocol::now_ms(),
+        30_000,
+    )
+    .unwrap();
+    let assignment: Assignment = opened.parse().unwrap();
+    assert_eq!(
+        (assignment.job_id, assignment.node.as_str()),
+        (small, node.as_str())
+    );
+    domain.answer(&assignment, 0.0).await.unwrap();
+    assert_eq!(domain.status(small).await, JobStatus::Succeeded);
+
+    // A job of several shards is left to the dispatcher; a small one submitted while its shards
+    // wait does not pass them.
+    let large = domain.submit(40).await;
+    let behind = domain.submit(8).await;
+    assert_eq!(domain.status(large).await, JobStatus::Queued);
+    assert_eq!(domain.status(behind).await, JobStatus::Queued);
+    assert!(domain.outbox.sent.lock().unwrap().is_empty());
+    let round = domain.assign().await;
+    assert_eq!(round.len(), 4, "the node's four slots");
+    assert!(round.iter().all(|a| a.job_id == large), "oldest job first");
+    domain.finish().await;
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! (its own database) and Redis (its own prefix), with no MQTT and no wall clock:
 //! - worker messages are sealed by simulated nodes and handed to `broker::Inbound`'s
 //!   `handle_message`, what the MQTT loop calls for each publish; assignments come straight from
-//!   `jobs::dispatch::assign`; the sweep is `jobs::sweep::sweep`. The simulation uses the same
+//!   `jobs::dispatch::assign`, or for a job placed at submit from its shard's row; the sweep is
+//!   `jobs::sweep::sweep`. The simulation uses the same
 //!   handles startup wires (`startup::Connected`), with no hook of its own;
 //! - time is virtual: each step moves every stored timestamp back onto a grid of whole steps
 //!   (ten virtual seconds), one step older, so leases, waits and timeouts pass in steps, not
@@ -102,6 +103,16 @@ struct SimNode {
     /// When its current process started (what its statements say).
     started_at_ms: i64,
 }
+
+/// A shard's row as a node's assignment: assignment, shard, node, model, lease, task.
+type PlacedShard = (
+    Uuid,
+    Uuid,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    sqlx::types::Json<ShardTask>,
+);
 
 /// Registry models a simulated node keeps at once.
 const CACHE: usize = 2;
@@ -258,6 +269,7 @@ impl Sim {
         match xpand::jobs::submit(&self.scheduler, account, &req, None).await {
             Ok(Submitted::Created(job)) => {
                 self.jobs.push((account, job.id));
+                self.deliver_placed_at_submit(job.id).await;
                 if poisoned {
                     self.poisoned.push(job.id);
                     self.count("poisoned jobs");
@@ -638,39 +650,71 @@ impl Sim {
                 return;
             }
             for Dispatched { assignment, .. } in round {
-                self.count("assignments");
-                let sent = self.dispatches.entry(assignment.shard_id).or_default();
-                *sent += 1;
-                assert!(
-                    *sent <= MAX_ATTEMPTS,
-                    "step {}: shard {} was dispatched {} times, past the attempt cap",
-                    self.step,
-                    assignment.shard_id,
-                    *sent
-                );
-                self.check_placement(&assignment).await;
-                let Some(node) = self
-                    .nodes
-                    .iter_mut()
-                    .find(|n| n.key.id() == assignment.node)
-                else {
-                    panic!("assigned to a node the simulation does not know");
-                };
-                if !node.alive {
-                    continue; // Lost on the wire: the node is dead and does not know it.
-                }
-                let delay = match node.behaviour {
-                    Behaviour::Straggler => self.rng.gen_range(6..=12),
-                    _ => self.rng.gen_range(0..=2),
-                };
-                node.held.push(Held {
-                    assignment,
-                    due: self.step + delay,
-                });
+                self.deliver(assignment).await;
             }
             if drained == xpand::jobs::dispatch::Drained::Yes {
                 return;
             }
+        }
+    }
+
+    /// An assignment reaches its node (unless the node is dead), which answers it some steps
+    /// later; never more often per shard than the attempt cap allows.
+    async fn deliver(&mut self, assignment: Assignment) {
+        self.count("assignments");
+        let sent = self.dispatches.entry(assignment.shard_id).or_default();
+        *sent += 1;
+        assert!(
+            *sent <= MAX_ATTEMPTS,
+            "step {}: shard {} was dispatched {} times, past the attempt cap",
+            self.step,
+            assignment.shard_id,
+            *sent
+        );
+        self.check_placement(&assignment).await;
+        let Some(node) = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.key.id() == assignment.node)
+        else {
+            panic!("assigned to a node the simulation does not know");
+        };
+        if !node.alive {
+            return; // Lost on the wire: the node is dead and does not know it.
+        }
+        let delay = match node.behaviour {
+            Behaviour::Straggler => self.rng.gen_range(6..=12),
+            _ => self.rng.gen_range(0..=2),
+        };
+        node.held.push(Held {
+            assignment,
+            due: self.step + delay,
+        });
+    }
+
+    /// A job placed in its submit transaction had its assignment sent then, over the link the
+    /// simulation does not listen to: its node receives it as the shard row records it.
+    async fn deliver_placed_at_submit(&mut self, job: Uuid) {
+        let placed: Vec<PlacedShard> = sqlx::query_as(
+            "SELECT assignment_id, id, node_id, model, lease_expires_at, task FROM shards
+                 WHERE job_id = $1 AND status = 'assigned'",
+        )
+        .bind(job)
+        .fetch_all(&self.scheduler.db)
+        .await
+        .unwrap();
+        for (assignment_id, shard_id, node, model, lease, task) in placed {
+            self.count("placed at submit");
+            let assignment = Assignment {
+                assignment_id,
+                job_id: job,
+                shard_id,
+                node,
+                model,
+                lease_expires_at_ms: lease.timestamp_millis(),
+                task: task.0,
+            };
+            self.deliver(assignment).await;
         }
     }
 
