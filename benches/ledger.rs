@@ -5,7 +5,9 @@
 //!   release (payouts to two of four nodes, the gateway's fee, a refund), each in a transaction
 //!   of its own as the product settles; once one at a time, once eight at a time. Each settler
 //!   has its own customer; the revenue balance is one row every release credits, as in the
-//!   product.
+//!   product. Then the same in batches of 16, as the gateway stores submits and settles
+//!   results that arrive together: 16 holds in one transaction ([`escrow::hold_all`]), then
+//!   their 16 releases in one ([`escrow::release_all`]).
 //! - Sealing: 100,000 entries sealed by `blocks::seal_all` (blocks of 10,000), then one
 //!   inclusion proof for the entry in the middle. The entries are bulk-inserted in one statement
 //!   as 50,000 balanced deposit transactions, with the balances moved to match (the deferred
@@ -78,6 +80,7 @@ async fn run(url: &str, jobs: usize) -> anyhow::Result<Vec<Row>> {
     for concurrency in [1, 8] {
         rows.push(settlements(&pool, &nodes, jobs, concurrency).await?);
     }
+    rows.push(batched_settlements(&pool, &nodes, jobs, 16).await?);
     rows.extend(sealing(&pool).await?);
     pool.close().await;
     Ok(rows)
@@ -90,16 +93,8 @@ async fn settle(pool: &PgPool, customer: Uuid, nodes: &[Uuid], i: usize) -> anyh
     let mut tx = pool.begin().await?;
     escrow::hold(&mut tx, customer, job, ESCROW).await?;
     tx.commit().await?;
-    let release = Release {
-        payouts: vec![
-            (nodes[i % nodes.len()], ESCROW * 30 / 100),
-            (nodes[(i + 1) % nodes.len()], ESCROW * 25 / 100),
-        ],
-        fee: ESCROW / 10,
-        royalty: None,
-    };
     let mut tx = pool.begin().await?;
-    escrow::release(&mut tx, job, &release, "bench").await?;
+    escrow::release(&mut tx, job, &release_of(nodes, i), "bench").await?;
     tx.commit().await?;
     Ok(())
 }
@@ -146,6 +141,58 @@ async fn settlements(
     latencies.sort_unstable();
     Ok(Row {
         what: format!("settle (hold + release), concurrency {concurrency}"),
+        n: format!("{jobs} jobs"),
+        total,
+        rate: format!("{:.0} jobs/s", jobs as f64 / total.as_secs_f64()),
+        latency: Some((percentile(&latencies, 50), percentile(&latencies, 99))),
+    })
+}
+
+/// Job `i`'s release: 30 % and 25 % to two of the nodes, 10 % fee, the rest refunded.
+fn release_of(nodes: &[Uuid], i: usize) -> Release {
+    Release {
+        payouts: vec![
+            (nodes[i % nodes.len()], ESCROW * 30 / 100),
+            (nodes[(i + 1) % nodes.len()], ESCROW * 25 / 100),
+        ],
+        fee: ESCROW / 10,
+        royalty: None,
+    }
+}
+
+/// `jobs` settled as [`settle`] does, `batch` at a time: their holds in one transaction, then
+/// their releases in one.
+async fn batched_settlements(
+    pool: &PgPool,
+    nodes: &[Uuid],
+    jobs: usize,
+    batch: usize,
+) -> anyhow::Result<Row> {
+    let credit = ESCROW * jobs as i64;
+    let (customer, _) = xpand::accounts::create_customer(pool, "bench", credit).await?;
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for first in (0..jobs).step_by(batch) {
+        let t = Instant::now();
+        let ids: Vec<usize> = (first..jobs.min(first + batch)).collect();
+        let holds: Vec<(Uuid, i64)> = ids.iter().map(|_| (Uuid::now_v7(), ESCROW)).collect();
+        let mut tx = pool.begin().await?;
+        escrow::hold_all(&mut tx, customer, &holds).await?;
+        tx.commit().await?;
+        let releases: Vec<(Uuid, Release, String)> = holds
+            .iter()
+            .zip(&ids)
+            .map(|(&(job, _), &i)| (job, release_of(nodes, i), "bench".to_string()))
+            .collect();
+        let mut tx = pool.begin().await?;
+        escrow::release_all(&mut tx, &releases).await?;
+        tx.commit().await?;
+        latencies.push(t.elapsed());
+    }
+    let total = started.elapsed();
+    latencies.sort_unstable();
+    Ok(Row {
+        what: format!("settle in batches of {batch} (hold_all + release_all; latency per batch)"),
         n: format!("{jobs} jobs"),
         total,
         rate: format!("{:.0} jobs/s", jobs as f64 / total.as_secs_f64()),
