@@ -43,10 +43,13 @@ struct ProbeJson {
     #[serde(default)]
     streams: Vec<StreamJson>,
     format: Option<FormatJson>,
+    #[serde(default)]
+    packets: Vec<PacketJson>,
 }
 
 #[derive(Deserialize)]
 struct StreamJson {
+    index: Option<u32>,
     codec_type: Option<String>,
     codec_name: Option<String>,
     width: Option<u32>,
@@ -56,42 +59,51 @@ struct StreamJson {
 }
 
 #[derive(Deserialize)]
+struct PacketJson {
+    stream_index: Option<u32>,
+    #[serde(default)]
+    flags: String,
+}
+
+#[derive(Deserialize)]
 struct FormatJson {
     format_name: Option<String>,
     duration: Option<String>,
 }
 
-/// Probes `path`: container and streams first, then every packet of the video stream (no
-/// decoding) to count frames and find keyframes. A file whose index promises more frames than it
-/// holds (truncated) or that the demuxer reports errors in is refused.
+/// Probes `path` in one ffprobe run: container and streams, and every packet (no decoding) to
+/// count the video stream's frames and find its keyframes. A file whose index promises more
+/// frames than it holds (truncated) or that the demuxer reports errors in is refused.
 pub async fn probe(path: &Path) -> Result<VideoProbe, ProbeError> {
     let out = ffprobe(
         &[
             "-show_entries",
-            "format=format_name,duration:stream=codec_type,codec_name,width,height,r_frame_rate,nb_frames",
+            "format=format_name,duration:\
+             stream=index,codec_type,codec_name,width,height,r_frame_rate,nb_frames:\
+             packet=stream_index,flags",
             "-of",
             "json",
         ],
         path,
     )
     .await?;
-    if !out.success {
+    let parsed: Option<ProbeJson> = serde_json::from_slice(&out.stdout).ok();
+    let Some(ProbeJson {
+        streams,
+        format: Some(format),
+        packets,
+    }) = parsed
+    else {
         return Err(ProbeError::Unusable(format!(
             "not a video file this service reads ({})",
             first_line(&out.stderr)
         )));
-    }
-    let parsed: ProbeJson = serde_json::from_slice(&out.stdout).context("parsing ffprobe json")?;
-    let format = parsed
-        .format
-        .ok_or_else(|| ProbeError::Unusable("not a video file".into()))?;
-    let video = parsed
-        .streams
+    };
+    let video = streams
         .iter()
         .find(|s| s.codec_type.as_deref() == Some("video"))
         .ok_or_else(|| ProbeError::Unusable("the file has no video stream".into()))?;
-    let audio_codec = parsed
-        .streams
+    let audio_codec = streams
         .iter()
         .find(|s| s.codec_type.as_deref() == Some("audio"))
         .and_then(|s| s.codec_name.clone());
@@ -105,30 +117,17 @@ pub async fn probe(path: &Path) -> Result<VideoProbe, ProbeError> {
         .as_deref()
         .and_then(parse_rate)
         .ok_or_else(|| ProbeError::Unusable("the video stream has no frame rate".into()))?;
-
-    let packets = ffprobe(
-        &[
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "packet=flags",
-            "-of",
-            "csv=p=0",
-        ],
-        path,
-    )
-    .await?;
-    if !packets.success || !packets.stderr.trim().is_empty() {
+    // The demuxer read every packet: a failure or anything it complains of is damage.
+    if !out.success || !out.stderr.trim().is_empty() {
         return Err(ProbeError::Unusable(format!(
             "the video is corrupt or truncated ({})",
-            first_line(&packets.stderr)
+            first_line(&out.stderr)
         )));
     }
-    let flags = String::from_utf8_lossy(&packets.stdout);
     let mut frames: u32 = 0;
     let mut keyframes = Vec::new();
-    for line in flags.lines().filter(|l| !l.trim().is_empty()) {
-        if line.starts_with('K') {
+    for packet in packets.iter().filter(|p| p.stream_index == video.index) {
+        if packet.flags.starts_with('K') {
             keyframes.push(frames);
         }
         frames += 1;
