@@ -2,7 +2,6 @@
 //! against the limits, priced from frames × pixels and cut at keyframes into segment shards.
 
 use anyhow::Context as _;
-use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::Value;
 use uuid::Uuid;
 use xpand_protocol::{AnonymizeTask, MaskStyle, ShardTask};
@@ -187,20 +186,18 @@ pub(super) async fn plan(
         ));
     }
 
+    // Segment i holds the packets from cut i - 1 up to cut i: the split copies packets and cuts
+    // only at the keyframes named, so its frames are known without reading it again. A segment
+    // that decodes to any other count is refused by the worker that runs it.
+    let bounds: Vec<u32> = std::iter::once(0)
+        .chain(cuts.iter().copied())
+        .chain(std::iter::once(probe.frames))
+        .collect();
     let mut shards = Vec::with_capacity(segments.len());
     let mut staged = Vec::with_capacity(segments.len());
-    let mut offset = 0u32;
     let result = async {
-        // Each count is an ffprobe process reading its whole segment: run them side by side,
-        // since the caller waits for the submit, but no more at once than there are cores (a
-        // video may have 64 segments).
-        let at_once = std::thread::available_parallelism().map_or(2, usize::from);
-        let counts: Vec<_> = futures::stream::iter(segments.clone())
-            .map(|segment| async move { media::count_frames(&segment).await })
-            .buffered(at_once)
-            .try_collect()
-            .await?;
-        for (idx, (segment, (frames, ..))) in segments.iter().zip(counts).enumerate() {
+        for (idx, (segment, span)) in segments.iter().zip(bounds.windows(2)).enumerate() {
+            let (offset, frames) = (span[0], span[1] - span[0]);
             let path = input_path(job, idx as i32);
             files::store_local_file(&ctx.files, &path, segment).await?;
             staged.push(path);
@@ -224,7 +221,6 @@ pub(super) async fn plan(
                     crf: params.crf,
                 }),
             });
-            offset += frames;
         }
         anyhow::Ok(())
     }
@@ -232,16 +228,6 @@ pub(super) async fn plan(
     if let Err(e) = result {
         files::delete_all(ctx.files.as_ref(), &staged).await;
         return Err(AppError::Internal(e.context("storing the segments")));
-    }
-    if offset != probe.frames {
-        files::delete_all(ctx.files.as_ref(), &staged).await;
-        return Err(AppError::field(
-            "input.file",
-            format!(
-                "the segments hold {offset} frames where the video has {} (is it damaged?)",
-                probe.frames
-            ),
-        ));
     }
     Ok(JobPlan {
         model: MODEL.into(),
