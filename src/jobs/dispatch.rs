@@ -1,6 +1,7 @@
 //! Dispatch: pending shards matched to live nodes with room, fairly across accounts, each
 //! assignment signed once, recorded, sealed and sent.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -38,7 +39,6 @@ pub async fn run_dispatcher(scheduler: Scheduler, shutdown: Shutdown) {
 }
 
 /// A shard waiting for a node, with what placement must know of it.
-#[derive(sqlx::FromRow)]
 pub(super) struct PendingShard {
     id: Uuid,
     job_id: Uuid,
@@ -145,7 +145,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
         return Ok(Round::drained());
     }
     let mut tx = scheduler.db.begin().await?;
-    let pending = placeable_pending(
+    let (pending, placeable) = placeable_pending(
         &mut tx,
         &slots,
         capacity,
@@ -153,7 +153,7 @@ pub async fn assign(scheduler: &Scheduler) -> anyhow::Result<Round> {
     )
     .await?;
     // Fewer placeable shards than free slots: this round takes all there are.
-    let drained = if (pending.len() as i64) < capacity {
+    let drained = if (placeable as i64) < capacity {
         Drained::Yes
     } else {
         Drained::No
@@ -364,7 +364,8 @@ async fn any_pending(db: &sqlx::PgPool) -> sqlx::Result<bool> {
 }
 
 /// Up to `limit` pending shards that some slot in `slots` may run, fairest first, locked for
-/// this round.
+/// this round; and how many were placeable (a shard another round holds is skipped, not
+/// waited for).
 ///
 /// Only placeable shards are taken: a shard no free node may run now (its model is on no live
 /// node with room, or every such node already ran it, or only nodes that rejected it have room
@@ -383,7 +384,7 @@ async fn placeable_pending(
     slots: &[nodes::NodeSlot],
     limit: i64,
     max_attempts: u32,
-) -> sqlx::Result<Vec<PendingShard>> {
+) -> sqlx::Result<(Vec<PendingShard>, usize)> {
     let mut live_nodes = Vec::new();
     let mut live_models = Vec::new();
     let mut has_room = Vec::new();
@@ -394,7 +395,7 @@ async fn placeable_pending(
             has_room.push(slot.free > 0);
         }
     }
-    sqlx::query_as(
+    let ranked: Vec<(Uuid, String, Vec<String>)> = sqlx::query_as(
         "WITH live AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[])
                        AS f(node, model, has_room)),
          candidate AS (
@@ -414,15 +415,16 @@ async fn placeable_pending(
              WHERE s.status = 'pending' AND s.model = ANY($2)
                AND s.attempts < $5 AND cardinality(s.input_refused_by) < 2),
          -- What each waiting account has started already: its unfinished jobs' shards that are
-         -- no longer pending.
+         -- no longer pending, counted per account on both sides (a join per job would compare
+         -- every unfinished job with every waiting shard: a second a round at 1,000 of each).
          served AS (
-             SELECT j.account_id, sum(j.shards_total - COALESCE(p.pending, 0)) AS started
-             FROM jobs j
-             LEFT JOIN (SELECT job_id, count(*) FILTER (WHERE replica_of IS NULL) AS pending
-                        FROM candidate GROUP BY job_id) p ON p.job_id = j.id
-             WHERE j.status IN ('queued', 'running')
-               AND j.account_id IN (SELECT account_id FROM candidate)
-             GROUP BY j.account_id),
+             SELECT t.account_id, t.total - COALESCE(c.pending, 0) AS started
+             FROM (SELECT j.account_id, sum(j.shards_total) AS total FROM jobs j
+                   WHERE j.status IN ('queued', 'running')
+                     AND j.account_id IN (SELECT account_id FROM candidate)
+                   GROUP BY j.account_id) t
+             LEFT JOIN (SELECT account_id, count(*) FILTER (WHERE replica_of IS NULL) AS pending
+                        FROM candidate GROUP BY account_id) c ON c.account_id = t.account_id),
          ranked AS (
              SELECT c.*, s.started + row_number() OVER (
                         PARTITION BY c.account_id ORDER BY c.created_at, c.job_id, c.idx, c.id
@@ -437,20 +439,61 @@ async fn placeable_pending(
                         OR NOT EXISTS (SELECT 1 FROM live g
                                        WHERE g.model = c.model AND g.node <> ALL(c.ran_on)
                                          AND g.node <> ALL(c.rejected_by)))))
-         SELECT s.id, s.job_id, r.kind, s.model, s.task, s.excluded_nodes, s.rejected_by, r.ran_on
-         FROM ranked r JOIN shards s ON s.id = r.id
-         WHERE s.status = 'pending'
+         SELECT r.id, r.kind, r.ran_on FROM ranked r
          ORDER BY r.account_turn, r.created_at, r.job_id, r.idx, r.id
-         LIMIT $4
-         FOR UPDATE OF s SKIP LOCKED",
+         LIMIT $4",
     )
     .bind(&live_nodes)
     .bind(&live_models)
     .bind(&has_room)
     .bind(limit)
     .bind(max_attempts as i32)
-    .fetch_all(conn)
-    .await
+    .fetch_all(&mut *conn)
+    .await?;
+    // Locked by a statement of their own: joined back to `shards` in the ranking, the planner
+    // misjudging a fresh table's row counts re-ran the whole ranking once per pending shard
+    // (half a second a round at 1,000 waiting).
+    let ids: Vec<Uuid> = ranked.iter().map(|(id, ..)| *id).collect();
+    let mut locked: HashMap<Uuid, LockedPending> = sqlx::query_as(
+        "SELECT id, job_id, model, task, excluded_nodes, rejected_by FROM shards
+         WHERE id = ANY($1) AND status = 'pending'
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|shard: LockedPending| (shard.id, shard))
+    .collect();
+    let placeable = ranked.len();
+    let shards = ranked
+        .into_iter()
+        .filter_map(|(id, kind, ran_on)| {
+            let shard = locked.remove(&id)?;
+            Some(PendingShard {
+                id,
+                job_id: shard.job_id,
+                kind,
+                model: shard.model,
+                task: shard.task,
+                excluded_nodes: shard.excluded_nodes,
+                rejected_by: shard.rejected_by,
+                ran_on,
+            })
+        })
+        .collect();
+    Ok((shards, placeable))
+}
+
+/// A ranked shard's row, locked for the round.
+#[derive(sqlx::FromRow)]
+struct LockedPending {
+    id: Uuid,
+    job_id: Uuid,
+    model: String,
+    task: sqlx::types::Json<ShardTask>,
+    excluded_nodes: Vec<String>,
+    rejected_by: Vec<String>,
 }
 
 /// Where a shard of `model` goes: a node with a free slot, never one in `ran_on` (for a
