@@ -285,6 +285,10 @@ async fn store_together(
         }
     }
 
+    let recorded = match placement.as_mut() {
+        Some(placement) => placement.place(scheduler, &mut tx, placeable).await?,
+        None => Recorded::default(),
+    };
     let holds: Vec<(Uuid, i64)> = planned.iter().map(|j| (j.id, j.plan.quote())).collect();
     match escrow::hold_all(&mut tx, account, &holds).await {
         Ok(()) => {}
@@ -311,10 +315,6 @@ async fn store_together(
              wait for some to finish"
         )));
     }
-    let recorded = match placement.as_mut() {
-        Some(placement) => placement.place(scheduler, &mut tx, placeable).await?,
-        None => Recorded::default(),
-    };
     tx.commit().await?;
     drop(placement);
     let dispatched = recorded.announce(scheduler).await;
