@@ -29,6 +29,7 @@ test: setup clients
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
 	@scripts/setup-generated-clients.sh
+	@scripts/check-deploy.sh
 	cargo fmt --all -- --check
 	@scripts/sqlx-prepare.sh --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -56,6 +57,7 @@ bench-peers: setup
 	@PEERS_COMMAND="make bench-peers" loadtests/peers/run.sh
 
 lint:
+	@scripts/check-deploy.sh
 	cargo fmt --all -- --check
 	@scripts/sqlx-prepare.sh --check
 	cargo clippy --workspace --all-targets -- -D warnings
