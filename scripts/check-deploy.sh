@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Validates the Kubernetes manifests under deploy/k8s/ offline, as `make test` does: yamllint
-# for the YAML itself, then kubernetes-validate --strict (schemas shipped in the package, no
-# cluster and no network) against the Kubernetes version named below. Both come from PyPI into
-# ~/.cache/xpand/deploy-venv. A manifest with a field Kubernetes does not know must fail, so the
-# check first proves that it does.
+# Validates what deploy/ holds offline, as `make test` does: yamllint for the YAML itself; the
+# Kubernetes manifests under deploy/k8s/ with kubernetes-validate --strict (schemas shipped in
+# the package, no cluster and no network) against the Kubernetes version named below; and
+# deploy/compose.yaml against the Compose Specification's schema (shipped in check-jsonschema).
+# The tools come from PyPI into ~/.cache/xpand/deploy-venv. A file with a field its schema does
+# not know must fail, so the check first proves that each validator refuses one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KUBERNETES_VERSION=1.31.0
 venv="$HOME/.cache/xpand/deploy-venv"
 if ! "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1 \
-    || ! "$venv/bin/yamllint" --version >/dev/null 2>&1; then
-    echo "check-deploy: installing kubernetes-validate and yamllint into $venv (PyPI)" >&2
+    || ! "$venv/bin/yamllint" --version >/dev/null 2>&1 \
+    || ! "$venv/bin/check-jsonschema" --version >/dev/null 2>&1; then
+    echo "check-deploy: installing the validators into $venv (PyPI)" >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        kubernetes-validate==1.37.0 yamllint==1.38.0
+        kubernetes-validate==1.37.0 yamllint==1.38.0 check-jsonschema==0.39.0
 fi
 validate() { "$venv/bin/kubernetes-validate" --strict --quiet -k "$KUBERNETES_VERSION" "$@"; }
+compose() { "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$@"; }
 
 bad="$(mktemp --suffix=.yaml)"
 trap 'rm -f "$bad"' EXIT
@@ -24,8 +27,14 @@ if validate "$bad" >/dev/null 2>&1; then
     echo "check-deploy: kubernetes-validate accepted an unknown field; it checks nothing" >&2
     exit 1
 fi
+printf 'services:\n  x:\n    imagez: y\n' > "$bad"
+if compose "$bad" >/dev/null 2>&1; then
+    echo "check-deploy: the Compose schema accepted an unknown field; it checks nothing" >&2
+    exit 1
+fi
 
-"$venv/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s
+"$venv/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s deploy/compose.yaml
+compose --quiet deploy/compose.yaml
 manifests=()
 for f in deploy/k8s/*.yaml; do
     [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")
@@ -43,4 +52,5 @@ for f in "${manifests[@]}"; do
     grep -qx "  - $name" deploy/k8s/kustomization.yaml \
         || { echo "check-deploy: $name is not in kustomization.yaml" >&2; exit 1; }
 done
-echo "check-deploy: ${#manifests[@]} manifests valid for Kubernetes $KUBERNETES_VERSION" >&2
+echo "check-deploy: ${#manifests[@]} manifests valid for Kubernetes $KUBERNETES_VERSION," \
+    "deploy/compose.yaml valid for the Compose Specification" >&2
