@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers clients
+.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers clients images
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -53,6 +53,11 @@ soak: services
 # xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
 # loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,
 # CLIENTS, STACKS tune it.
+# Container images (podman, as root): the base from Debian's packages, then the gateway and the
+# CPU worker (CUDA=1 adds the CUDA worker). deploy/images/containers.conf makes podman use runc.
+images: setup
+	CONTAINERS_CONF=$(CURDIR)/deploy/images/containers.conf scripts/build-images.sh
+
 bench-peers: setup
 	@PEERS_COMMAND="make bench-peers" loadtests/peers/run.sh
 
