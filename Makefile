@@ -50,14 +50,14 @@ clients:
 soak: services
 	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run --profile soak -E 'test(scheduler_simulation)' --no-capture
 
-# xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
-# loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,
-# CLIENTS, STACKS tune it.
 # Container images (podman, as root): the base from Debian's packages, then the gateway and the
 # CPU worker (CUDA=1 adds the CUDA worker). deploy/images/containers.conf makes podman use runc.
 images: setup
 	CONTAINERS_CONF=$(CURDIR)/deploy/images/containers.conf scripts/build-images.sh
 
+# xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
+# loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,
+# CLIENTS, STACKS tune it.
 bench-peers: setup
 	@PEERS_COMMAND="make bench-peers" loadtests/peers/run.sh
 
