@@ -3,8 +3,10 @@
 # Kubernetes manifests under deploy/k8s/ with kubernetes-validate --strict (schemas shipped in
 # the package, no cluster and no network) against the Kubernetes version named below; and
 # deploy/compose.yaml against the Compose Specification's schema (shipped in check-jsonschema).
-# The tools come from PyPI into ~/.cache/xpand/deploy-venv. A file with a field its schema does
-# not know must fail, so the check first proves that each validator refuses one.
+# The alert rules and the dashboard under deploy/monitoring/ must name only metrics the gateway
+# exports (scripts/check-monitoring.py). The tools come from PyPI into
+# ~/.cache/xpand/deploy-venv. A file with a field its schema does not know must fail, so the
+# check first proves that each validator refuses one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KUBERNETES_VERSION=1.31.0
@@ -33,8 +35,10 @@ if compose "$bad" >/dev/null 2>&1; then
     exit 1
 fi
 
-"$venv/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s deploy/compose.yaml
+"$venv/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s deploy/compose.yaml \
+    deploy/monitoring
 compose --quiet deploy/compose.yaml
+"$venv/bin/python" scripts/check-monitoring.py
 manifests=()
 for f in deploy/k8s/*.yaml; do
     [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")

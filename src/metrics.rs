@@ -2,8 +2,8 @@
 //! so nothing here is global).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -24,6 +24,9 @@ pub struct Metrics {
     pub result_batch_size: Histogram,
     /// Batches that failed as a whole and were settled one result at a time.
     pub result_batches_split: IntCounter,
+    /// Ledger entry ids past the last sealed block (entries not sealed yet, and ids a rolled-back
+    /// posting skipped), refreshed from Postgres at each scrape.
+    pub ledger_unsealed_entries: IntGauge,
 }
 
 impl Metrics {
@@ -99,6 +102,11 @@ impl Metrics {
             "Batches of results that failed together and were settled one by one",
         )
         .expect("valid metric");
+        let ledger_unsealed_entries = IntGauge::new(
+            "ledger_unsealed_entries",
+            "Ledger entry ids past the last sealed block: entries not sealed yet",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -111,6 +119,7 @@ impl Metrics {
             Box::new(unverified_shards.clone()),
             Box::new(result_batch_size.clone()),
             Box::new(result_batches_split.clone()),
+            Box::new(ledger_unsealed_entries.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -127,6 +136,7 @@ impl Metrics {
             unverified_shards,
             result_batch_size,
             result_batches_split,
+            ledger_unsealed_entries,
         }
     }
 

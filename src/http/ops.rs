@@ -72,6 +72,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             state.metrics.jobs.with_label_values(&[&status]).set(n);
         }
     }
+    // Two index lookups: the newest entry and the end of the newest block.
+    if let Ok(unsealed) = sqlx::query_scalar::<_, i64>(
+        "SELECT COALESCE((SELECT max(id) FROM ledger_entries), 0)
+              - COALESCE((SELECT max(last_entry_id) FROM ledger_blocks), 0)",
+    )
+    .fetch_one(&state.db)
+    .await
+    {
+        state.metrics.ledger_unsealed_entries.set(unsealed.max(0));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

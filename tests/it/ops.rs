@@ -148,6 +148,15 @@ async fn health_readiness_and_metrics() {
         ),
         "{metrics}"
     );
+    // The sealer runs hourly here, so every entry (the deposit's and the escrow hold's) is
+    // still unsealed, and the gauge says how many.
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(entries >= 4, "a deposit and a hold post two entries each");
+    let unsealed = format!("xpand_ledger_unsealed_entries {entries}");
+    assert!(series.contains(&unsealed.as_str()), "{metrics}");
     app.teardown().await;
 }
 
