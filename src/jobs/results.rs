@@ -408,11 +408,7 @@ async fn judge(
     };
     if let Some(assigned_at) = shard.assigned_at {
         let secs = (Utc::now() - assigned_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        scheduler
-            .metrics
-            .shard_latency
-            .with_label_values(&[kind.name()])
-            .observe(secs);
+        settling.observe_latency(kind.name(), secs);
     }
     complete_shard(tx, &kind, job, accepted, Some(node), settling).await?;
     Ok(Ok(()))

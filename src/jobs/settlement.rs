@@ -91,6 +91,9 @@ pub(super) struct Settling {
     pub stops: Vec<xpand_protocol::Stop>,
     /// Shards sent back to the queue, checked for hopelessness after the commit.
     pub requeued: Vec<Uuid>,
+    /// Accepted shards' times from assignment, by kind: observed once the commit succeeded, so
+    /// a batch settled again one by one counts each once.
+    latencies: Vec<(&'static str, f64)>,
 }
 
 impl Settling {
@@ -102,6 +105,11 @@ impl Settling {
     /// Counts a finished run of `node`'s for its power score, with the other hot rows.
     pub fn count_run(&mut self, node: &str) {
         self.runs.push(node.to_string());
+    }
+
+    /// Records an accepted shard's time from assignment (`xpand_shard_latency_seconds`).
+    pub fn observe_latency(&mut self, kind: &'static str, secs: f64) {
+        self.latencies.push((kind, secs));
     }
 
     /// Applies what was deferred, commits `tx`, then publishes the jobs that ended, starts
@@ -122,6 +130,10 @@ impl Settling {
         escrow::release_all(&mut tx, &self.releases).await?;
         tx.commit().await?;
 
+        for (kind, secs) in self.latencies {
+            let latency = &scheduler.metrics.shard_latency;
+            latency.with_label_values(&[kind]).observe(secs);
+        }
         for (account, job) in self.finished {
             scheduler.publish_finished(account, job).await;
         }
