@@ -218,7 +218,17 @@ async fn store_together(
     let pool = &scheduler.db;
     let (account, max_unfinished) = (planned[0].account, planned[0].max_unfinished);
     let mut placement = if planned.iter().any(|job| job.plan.shards.len() == 1) {
-        dispatch::placement_at_submit(scheduler).await?
+        // Placing here only saves a dispatch round: a failure to look (presence unreachable,
+        // say) leaves the job to the dispatcher rather than failing the submit.
+        dispatch::placement_at_submit(scheduler)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "placing at submit failed; left to dispatch"
+                );
+                None
+            })
     } else {
         None
     };
