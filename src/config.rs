@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use xpand_protocol::{BrokerAddress, NodeKey};
+use xpand_protocol::{BrokerAddress, BrokerLink, NodeKey};
 
 /// The development database `xpand up` creates when missing.
 /// Fewest rows in a forecast shard by default: about 15 ms of one CPU thread (a row costs the
@@ -27,9 +27,17 @@ pub struct GatewayArgs {
     pub database_url: String,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
-    /// MQTT broker, `mqtt://host:port`.
+    /// MQTT broker, `mqtts://host:port` (TLS) or `mqtt://host:port`.
     #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt_url: String,
+    /// PEM file of the CAs that sign an mqtts:// broker's certificate [default: the public
+    /// web roots built in].
+    #[arg(long, env = "XPAND_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// Broker hosts that may be reached over plaintext mqtt:// although they are not this
+    /// machine (comma-separated), for a broker on a private network.
+    #[arg(long, env = "XPAND_MQTT_PLAINTEXT_HOSTS", value_delimiter = ',')]
+    pub mqtt_plaintext_hosts: Vec<String>,
     /// Prefix of every MQTT topic (the tree is `{prefix}/v1/...`).
     #[arg(long, env = "XPAND_TOPIC_PREFIX", default_value = "xpand")]
     pub topic_prefix: String,
@@ -218,7 +226,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
     pub redis_url: String,
-    pub mqtt: BrokerAddress,
+    pub mqtt: BrokerLink,
     pub topic_prefix: String,
     pub redis_prefix: String,
     pub gateway_key: NodeKey,
@@ -284,10 +292,15 @@ pub struct PoolConfig {
 
 impl GatewayArgs {
     pub fn into_config(self) -> anyhow::Result<Config> {
-        let mqtt: BrokerAddress = self
+        let mqtt_address: BrokerAddress = self
             .mqtt_url
             .parse()
-            .context("MQTT_URL must look like mqtt://host:port")?;
+            .context("MQTT_URL must look like mqtts://host:port or mqtt://host:port")?;
+        let mqtt = BrokerLink::new(
+            mqtt_address,
+            self.mqtt_ca_file.as_deref(),
+            &self.mqtt_plaintext_hosts,
+        )?;
         if !self.database_url.starts_with("postgres") {
             bail!(
                 "DATABASE_URL must be a postgres:// URL, got {:?}",

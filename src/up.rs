@@ -190,10 +190,20 @@ impl LocalWorker {
                 "--inference-threads".into(),
                 inference_threads(args.workers).to_string().into(),
             ],
-            envs: vec![
+            envs: [
                 ("XPAND_MQTT_URL", args.gateway.mqtt_url.clone()),
                 ("XPAND_TOPIC_PREFIX", config.topic_prefix.clone()),
-            ],
+                (
+                    "XPAND_MQTT_PLAINTEXT_HOSTS",
+                    args.gateway.mqtt_plaintext_hosts.join(","),
+                ),
+            ]
+            .into_iter()
+            .chain(
+                (args.gateway.mqtt_ca_file.as_ref())
+                    .map(|ca| ("XPAND_MQTT_CA_FILE", ca.display().to_string())),
+            )
+            .collect(),
             name,
             program,
         })

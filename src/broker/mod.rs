@@ -8,8 +8,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use rumqttc::NetworkOptions;
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::Semaphore;
 use xpand_protocol::{AnnounceRequest, Assignment, NodeKey, Stop, Topics, UpKind};
 
@@ -38,14 +37,10 @@ impl Broker {
     /// Creates the client; nothing is sent until [`run_inbound`] polls the returned event loop.
     pub fn new(config: &Config) -> (Self, EventLoop) {
         let client_id = format!("xpand-gw-{}", uuid::Uuid::new_v4().simple());
-        let mut options = MqttOptions::new(client_id, &config.mqtt.host, config.mqtt.port);
+        let mut options = config.mqtt.mqtt_options(client_id);
         options.set_keep_alive(Duration::from_secs(15));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(8 * 1024 * 1024));
-        // Small request/response messages: Nagle plus delayed ACKs would add ~40 ms to each shard.
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        options.set_network_options(network);
         let (client, eventloop) = AsyncClient::new(options, 1024);
         (
             Self {

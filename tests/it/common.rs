@@ -18,7 +18,7 @@ use xpand::http::account::Account;
 use xpand::jobs::Job;
 use xpand::startup::Application;
 use xpand_protocol::NodeKey;
-use xpand_worker::{BrokerAddress, WorkerConfig};
+use xpand_worker::{BrokerAddress, BrokerLink, WorkerConfig};
 
 pub fn pg_server() -> String {
     std::env::var("XPAND_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
@@ -203,10 +203,7 @@ pub fn test_config(db_name: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: format!("{}/{db_name}", pg_server()),
         redis_url: redis_url(),
-        mqtt: BrokerAddress {
-            host: MQTT_HOST.into(),
-            port: MQTT_PORT,
-        },
+        mqtt: BrokerLink::new(BrokerAddress::plain(MQTT_HOST, MQTT_PORT), None, &[]).unwrap(),
         topic_prefix: format!("xpand-test/{prefix}"),
         redis_prefix: format!("xpand-test:{prefix}"),
         gateway_key: NodeKey::generate(),
@@ -810,4 +807,182 @@ impl CuttableProxy {
             }
         }
     }
+}
+
+/// A private Mosquitto on `port`, killed when dropped: a test may take it down and up again
+/// without touching the shared broker.
+pub struct PrivateBroker(std::process::Child);
+
+impl PrivateBroker {
+    pub async fn start(dir: &std::path::Path, port: u16) -> Self {
+        Self::start_with(dir, port, "").await
+    }
+
+    /// A TLS listener, its certificate and key signed by `ca`.
+    pub async fn start_tls(dir: &std::path::Path, port: u16, ca: &TestCa, host: &str) -> Self {
+        let (cert, key) = ca.server_cert(host);
+        let tls = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.ca_file().display(),
+            cert.display(),
+            key.display()
+        );
+        Self::start_with(dir, port, &tls).await
+    }
+
+    async fn start_with(dir: &std::path::Path, port: u16, listener_settings: &str) -> Self {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        // `user root`: a broker started by root keeps the rights to read the test's key files.
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\n{listener_settings}allow_anonymous true\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto runs");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("mosquitto listens");
+        Self(child)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A certificate authority made for one test by the `openssl` command, in the test's own
+/// directory, and the server certificates it signs.
+pub struct TestCa {
+    dir: std::path::PathBuf,
+    name: String,
+}
+
+impl TestCa {
+    pub fn new(dir: &std::path::Path, name: &str) -> Self {
+        let ca = Self {
+            dir: dir.to_owned(),
+            name: name.to_string(),
+        };
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} test CA"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{name}-ca.key"),
+                "-out",
+                &format!("{name}-ca.pem"),
+            ],
+        );
+        ca
+    }
+
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
+    /// A server certificate for `host` (an IP address or a DNS name): its PEM and key files.
+    pub fn server_cert(&self, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let stem = format!("{}-server-{host}", self.name);
+        let san = match host.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{host}"),
+            Err(_) => format!("DNS:{host}"),
+        };
+        let ext = self.dir.join(format!("{stem}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        let (key, csr, pem) = (
+            format!("{stem}.key"),
+            format!("{stem}.csr"),
+            format!("{stem}.pem"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={host}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-days",
+                "2",
+                "-CA",
+                &format!("{}-ca.pem", self.name),
+                "-CAkey",
+                &format!("{}-ca.key", self.name),
+                "-set_serial",
+                "1",
+                "-extfile",
+                &ext.display().to_string(),
+                "-out",
+                &pem,
+            ],
+        );
+        (self.dir.join(pem), self.dir.join(key))
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod architecture;
+mod broker_tls;
 mod calc;
 mod chaos;
 mod cli;

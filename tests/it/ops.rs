@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{CuttableProxy, TestApp};
+use crate::common::{CuttableProxy, PrivateBroker, TestApp};
+use xpand_worker::BrokerLink;
 
 #[tokio::test]
 async fn served_openapi_matches_the_committed_spec() {
@@ -277,46 +278,6 @@ async fn a_redis_outage_delays_work_and_loses_nothing() {
     app.teardown().await;
 }
 
-/// A private Mosquitto on `port`, killed when dropped: a test may take it down and up again
-/// without touching the shared broker.
-struct PrivateBroker(std::process::Child);
-
-impl PrivateBroker {
-    async fn start(dir: &std::path::Path, port: u16) -> Self {
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-        )
-        .unwrap();
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto runs");
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("mosquitto listens");
-        Self(child)
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Polls `/readyz` until its status is `ready`, or fails naming `what`.
 async fn wait_ready(app: &TestApp, key: &str, ready: bool, what: &str) -> Value {
     tokio::time::timeout(Duration::from_secs(30), async {
@@ -344,7 +305,7 @@ async fn an_mqtt_outage_delays_work_and_loses_nothing() {
         .unwrap()
         .port();
     let broker = PrivateBroker::start(dir.path(), port).await;
-    let mut app = TestApp::spawn_with(|c| c.mqtt.port = port).await;
+    let mut app = TestApp::spawn_with(|c| c.mqtt = BrokerLink::loopback(port)).await;
     app.start_worker().await;
     let (_, key) = app.customer(50_000_000).await;
     let job: Value = app

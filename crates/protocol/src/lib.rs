@@ -7,12 +7,14 @@
 //! the receiver (it owns the nonce store); this crate checks the cryptography.
 
 pub mod broker_address;
+pub mod broker_link;
 pub mod envelope;
 pub mod messages;
 pub mod topics;
 pub mod transfer;
 
 pub use broker_address::{BrokerAddress, InvalidBrokerUrl};
+pub use broker_link::{BrokerLink, BrokerLinkError};
 pub use envelope::{
     now_ms, open_request_authorization, parse_node_id, Envelope, EnvelopeError, NodeKey,
     OpenedEnvelope, NODE_AUTH_SCHEME,

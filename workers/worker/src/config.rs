@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use xpand_protocol::{BrokerAddress, NodeKey};
+use xpand_protocol::{BrokerLink, NodeKey};
 
 /// ONNX Runtime release that `scripts/setup-onnxruntime.sh` installs.
 pub const ONNXRUNTIME_VERSION: &str = "1.31.1";
@@ -23,7 +23,7 @@ pub enum AcceleratorChoice {
 /// Everything a worker needs to run. Build it with [`WorkerConfig::new`] and adjust the fields.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    pub broker: BrokerAddress,
+    pub broker: BrokerLink,
     /// Root of the topic tree; tests use a unique one per test.
     pub topic_prefix: String,
     /// This node's identity; its public key hex is the node id.
@@ -55,7 +55,7 @@ impl WorkerConfig {
     /// A configuration with defaults for everything but the broker and the two keys: topic prefix
     /// `xpand`, models in `workers/models`, ONNX Runtime from [`default_ort_dylib_path`], one
     /// shard per core, a heartbeat every 2 s, accelerator `auto`.
-    pub fn new(broker: BrokerAddress, node_key: NodeKey, gateway_key: impl Into<String>) -> Self {
+    pub fn new(broker: BrokerLink, node_key: NodeKey, gateway_key: impl Into<String>) -> Self {
         let name = default_name(&node_key);
         let model_cache_dir =
             std::env::temp_dir().join(format!("xpand-models-{}", &node_key.id()[..16]));

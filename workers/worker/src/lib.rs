@@ -23,4 +23,4 @@ pub use config::{
 pub use onnx::environment as onnx_environment;
 pub use plugins::face_detect;
 pub use worker::run;
-pub use xpand_protocol::BrokerAddress;
+pub use xpand_protocol::{BrokerAddress, BrokerLink};

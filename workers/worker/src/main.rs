@@ -9,7 +9,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use xpand_worker::{
     default_ort_dylib_path, load_node_key, lock_node_key, run, AcceleratorChoice, BrokerAddress,
-    WorkerConfig,
+    BrokerLink, WorkerConfig,
 };
 
 /// Worker node of the xpand compute network: runs ONNX models on shards the gateway assigns over
@@ -17,9 +17,19 @@ use xpand_worker::{
 #[derive(Debug, Parser)]
 #[command(name = "xpand-worker", version)]
 struct Cli {
-    /// MQTT broker, as mqtt://host:port.
+    /// MQTT broker, as mqtts://host:port (TLS) or mqtt://host:port.
     #[arg(long, env = "XPAND_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     mqtt_url: BrokerAddress,
+
+    /// PEM file of the CAs that sign an mqtts:// broker's certificate [default: the public
+    /// web roots built in].
+    #[arg(long, env = "XPAND_MQTT_CA_FILE")]
+    mqtt_ca_file: Option<PathBuf>,
+
+    /// Broker hosts that may be reached over plaintext mqtt:// although they are not this
+    /// machine (comma-separated), for a broker on a private network.
+    #[arg(long, env = "XPAND_MQTT_PLAINTEXT_HOSTS", value_delimiter = ',')]
+    mqtt_plaintext_hosts: Vec<String>,
 
     /// Root of the MQTT topic tree.
     #[arg(long, env = "XPAND_TOPIC_PREFIX", default_value = "xpand")]
@@ -107,7 +117,12 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let gateway_key = cli
         .gateway_key
         .context("--gateway-key (XPAND_GATEWAY_KEY) is required")?;
-    let mut config = WorkerConfig::new(cli.mqtt_url, node_key, gateway_key);
+    let broker = BrokerLink::new(
+        cli.mqtt_url,
+        cli.mqtt_ca_file.as_deref(),
+        &cli.mqtt_plaintext_hosts,
+    )?;
+    let mut config = WorkerConfig::new(broker, node_key, gateway_key);
     config.topic_prefix = cli.topic_prefix;
     config.models_dir = cli.models_dir;
     config.ort_dylib_path = cli.ort_dylib.unwrap_or_else(default_ort_dylib_path);

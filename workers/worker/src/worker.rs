@@ -10,7 +10,7 @@ use anyhow::{ensure, Context as _};
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use rumqttc::{NetworkOptions, Outgoing};
+use rumqttc::Outgoing;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{interval, interval_at, sleep, timeout, Instant, MissedTickBehavior};
@@ -130,7 +130,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
         name = %config.name,
         models = ?model_names,
         accelerator = ?accelerator,
-        broker = format!("{}:{}", config.broker.host, config.broker.port),
+        broker = %config.broker.address(),
         topic_prefix = %config.topic_prefix,
         max_concurrent_shards = worker.max_shards,
         "worker starting"
@@ -163,14 +163,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> an
 fn mqtt_options(config: &WorkerConfig) -> MqttOptions {
     // One connection per node identity: a restarted worker takes over its predecessor's session.
     let client_id = format!("xpand-worker-{}", &config.node_key.id()[..16]);
-    let mut options = MqttOptions::new(client_id, &config.broker.host, config.broker.port);
+    let mut options = config.broker.mqtt_options(client_id);
     options
         .set_keep_alive(KEEP_ALIVE)
         .set_max_packet_size(Some(MAX_PACKET_BYTES));
-    // Small request/response messages: Nagle plus delayed ACKs would add ~40 ms to each shard.
-    let mut network = NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    options.set_network_options(network);
     options
 }
 

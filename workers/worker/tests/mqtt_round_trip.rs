@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use rumqttc::Outgoing;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
@@ -16,12 +16,16 @@ use xpand_protocol::{
     now_ms, Announce, AnonymizeTask, Assignment, Envelope, Heartbeat, MaskStyle, NodeKey, Progress,
     Reject, ShardOutput, ShardResult, ShardTask, Topics, UpKind,
 };
-use xpand_worker::{default_ort_dylib_path, AcceleratorChoice, BrokerAddress, WorkerConfig};
+use xpand_worker::{default_ort_dylib_path, AcceleratorChoice, BrokerLink, WorkerConfig};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn broker_url() -> String {
     std::env::var("XPAND_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
+}
+
+fn broker() -> BrokerLink {
+    BrokerLink::new(broker_url().parse().unwrap(), None, &[]).unwrap()
 }
 
 fn models_dir() -> PathBuf {
@@ -43,12 +47,8 @@ struct Gateway {
 
 impl Gateway {
     async fn connect(prefix: &str) -> Self {
-        let broker: BrokerAddress = broker_url().parse().unwrap();
-        let mut options = MqttOptions::new(
-            format!("test-gateway-{}", Uuid::new_v4().simple()),
-            broker.host,
-            broker.port,
-        );
+        let mut options =
+            broker().mqtt_options(format!("test-gateway-{}", Uuid::new_v4().simple()));
         options.set_max_packet_size(Some(16 * 1024 * 1024));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let topics = Topics::new(prefix);
@@ -180,7 +180,7 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
     let node = NodeKey::generate();
     let node_id = node.id().to_string();
 
-    let mut config = WorkerConfig::new(broker_url().parse().unwrap(), node, gateway.key.id());
+    let mut config = WorkerConfig::new(broker(), node, gateway.key.id());
     config.topic_prefix = prefix.clone();
     config.models_dir = models;
     config.ort_dylib_path = ort;
@@ -326,11 +326,7 @@ async fn worker_runs_signed_assignments_and_rejects_what_it_cannot_run() {
 async fn a_worker_without_a_usable_model_refuses_to_start() {
     let models = std::env::temp_dir().join(format!("xpand-no-models-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&models).unwrap();
-    let mut config = WorkerConfig::new(
-        broker_url().parse().unwrap(),
-        NodeKey::generate(),
-        NodeKey::generate().id(),
-    );
+    let mut config = WorkerConfig::new(broker(), NodeKey::generate(), NodeKey::generate().id());
     config.models_dir = models.clone();
     let err = xpand_worker::run(config, std::future::pending())
         .await
