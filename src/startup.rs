@@ -43,10 +43,27 @@ pub struct Application {
     background: Vec<JoinHandle<()>>,
 }
 
+/// How long Postgres lets a session sit idle inside a transaction before ending it. A gateway's
+/// transactions take milliseconds; one that stops talking mid-transaction (a network partition,
+/// a frozen process) would otherwise keep its row locks, a customer's balance or the revenue
+/// account, and stall every other replica until the partition heals.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
+
 pub async fn connect_db(config: &Config) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(config.db_pool)
         .acquire_timeout(Duration::from_secs(5))
+        // A SET per connection rather than a startup option, which PgBouncer refuses.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(&format!(
+                    "SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'"
+                ))
+                .execute(conn)
+                .await
+                .map(drop)
+            })
+        })
         .connect(&config.database_url)
         .await
         .with_context(|| format!("connecting to Postgres at {}", config.database_url))
@@ -209,6 +226,11 @@ impl Application {
                 background.clone(),
             )),
             tokio::spawn(broker::run_inbound(inbound, eventloop, background.clone())),
+            tokio::spawn(broker::follow_database(
+                state.broker.clone(),
+                db.clone(),
+                background.clone(),
+            )),
             tokio::spawn(
                 state
                     .events

@@ -31,6 +31,8 @@ pub struct Broker {
     topics: Topics,
     key: NodeKey,
     connected: Arc<AtomicBool>,
+    /// Whether this replica is in the shared subscriptions that hand out worker messages.
+    taking_work: Arc<AtomicBool>,
 }
 
 impl Broker {
@@ -48,6 +50,7 @@ impl Broker {
                 topics: Topics::new(&config.topic_prefix),
                 key: config.gateway_key.clone(),
                 connected: Arc::new(AtomicBool::new(false)),
+                taking_work: Arc::new(AtomicBool::new(true)),
             },
             eventloop,
         )
@@ -99,18 +102,98 @@ impl Broker {
         let _ = self.client.disconnect().await;
     }
 
+    /// Joins or leaves the shared subscriptions. A replica that cannot settle (its Postgres is
+    /// unreachable) leaves, so the broker hands worker messages to the replicas that can,
+    /// instead of to one that would hold them until their leases lapse.
+    pub async fn take_work(&self, take: bool) {
+        if self.taking_work.swap(take, Ordering::SeqCst) == take {
+            return;
+        }
+        let changed = if take {
+            tracing::info!("joining the shared subscriptions again");
+            self.subscribe_shared().await
+        } else {
+            tracing::warn!("leaving the shared subscriptions while Postgres is unreachable");
+            self.unsubscribe_shared().await
+        };
+        // Queued by the client and sent once connected; a reconnect subscribes per the flag.
+        if let Err(e) = changed {
+            tracing::warn!(error = %e, "changing the shared subscriptions failed");
+        }
+    }
+
     async fn subscribe_all(&self) -> Result<(), rumqttc::v5::ClientError> {
-        for kind in UpKind::ALL {
-            // Capability statements are retained and every replica keeps its own view of
-            // them; the rest is work, shared so each message is handled once.
-            let filter = if kind == UpKind::Announce {
-                self.topics.up_filter(kind)
-            } else {
-                self.topics.shared_up_filter(SHARED_GROUP, kind)
-            };
+        // Capability statements are retained and every replica keeps its own view of them;
+        // the rest is work, shared so each message is handled once.
+        self.client
+            .subscribe(self.topics.up_filter(UpKind::Announce), QoS::AtLeastOnce)
+            .await?;
+        if self.taking_work.load(Ordering::SeqCst) {
+            self.subscribe_shared().await?;
+        }
+        Ok(())
+    }
+
+    fn shared_filters(&self) -> impl Iterator<Item = String> + '_ {
+        UpKind::ALL
+            .into_iter()
+            .filter(|kind| *kind != UpKind::Announce)
+            .map(|kind| self.topics.shared_up_filter(SHARED_GROUP, kind))
+    }
+
+    async fn subscribe_shared(&self) -> Result<(), rumqttc::v5::ClientError> {
+        for filter in self.shared_filters() {
             self.client.subscribe(filter, QoS::AtLeastOnce).await?;
         }
         Ok(())
+    }
+
+    async fn unsubscribe_shared(&self) -> Result<(), rumqttc::v5::ClientError> {
+        for filter in self.shared_filters() {
+            self.client.unsubscribe(filter).await?;
+        }
+        Ok(())
+    }
+}
+
+/// How often [`follow_database`] checks Postgres, and how long one check may take: a
+/// `SELECT 1` on a connection of its own that needs a second is a sick link already.
+const DATABASE_CHECK: Duration = Duration::from_millis(500);
+const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps this replica in the shared subscriptions only while it reaches Postgres: two checks
+/// in a row that fail take it out, one that passes puts it back. The checks use a connection of
+/// their own, so a pool busy with work is not mistaken for a partition.
+pub async fn follow_database(broker: Broker, db: sqlx::PgPool, shutdown: Shutdown) {
+    use sqlx::Connection as _;
+    let options = db.connect_options();
+    let mut connection: Option<sqlx::PgConnection> = None;
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DATABASE_CHECK) => {}
+            _ = shutdown.wait() => return,
+        }
+        let reached = tokio::time::timeout(DATABASE_CHECK_TIMEOUT, async {
+            if connection.is_none() {
+                connection = Some(sqlx::PgConnection::connect_with(&options).await?);
+            }
+            let conn = connection.as_mut().expect("connected above");
+            sqlx::query("SELECT 1").execute(conn).await.map(drop)
+        })
+        .await
+        .is_ok_and(|checked| checked.is_ok());
+        if reached {
+            failures = 0;
+            broker.take_work(true).await;
+        } else {
+            // A connection that timed out may be stuck on a dead path: make a new one.
+            connection = None;
+            failures += 1;
+            if failures >= 2 {
+                broker.take_work(false).await;
+            }
+        }
     }
 }
 

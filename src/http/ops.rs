@@ -33,7 +33,14 @@ pub struct Readiness {
     responses((status = 200, description = "Ready", body = Readiness), (status = 503, description = "A dependency is down", body = Readiness))
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let postgres = sqlx::query("SELECT 1").execute(&state.db).await.is_ok();
+    // Bounded like the Redis check: behind a silent partition a query waits, and so would the
+    // probe that asks.
+    let postgres = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.db),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
     let mut conn = state.redis.clone();
     let redis = tokio::time::timeout(
         std::time::Duration::from_secs(2),
