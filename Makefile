@@ -29,6 +29,7 @@ test: setup clients
 	@scripts/setup-s3-emulator.sh
 	@scripts/setup-schemathesis.sh
 	@scripts/setup-generated-clients.sh
+	@scripts/setup-network-test.sh
 	@scripts/check-deploy.sh
 	cargo fmt --all -- --check
 	@scripts/sqlx-prepare.sh --check
@@ -46,9 +47,13 @@ clients:
 	@clients/calc/build.sh
 	@scripts/setup-excel-addin.sh
 
-# The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000).
+# The scheduler simulation over many more seeds than `make test` runs (SEEDS, default 2000), and
+# the multi-host network faults held for longer (NETFAULT_SECS, default 60).
 soak: services
-	XPAND_SIM_SEEDS=$${SEEDS:-2000} cargo nextest run --profile soak -E 'test(scheduler_simulation)' --no-capture
+	@scripts/setup-network-test.sh
+	XPAND_SIM_SEEDS=$${SEEDS:-2000} XPAND_NETFAULT_SECS=$${NETFAULT_SECS:-60} \
+		cargo nextest run --profile soak --no-capture \
+		-E 'test(scheduler_simulation) | test(/^network::/)'
 
 # Container images (podman, as root): the base from Debian's packages, then the gateway and the
 # CPU worker (CUDA=1 adds the CUDA worker). deploy/images/containers.conf makes podman use runc.

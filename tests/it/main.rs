@@ -22,6 +22,7 @@ mod keys;
 mod ledger_chain;
 mod ledger_properties;
 mod models;
+mod network;
 mod ops;
 mod predict;
 mod protocol;
