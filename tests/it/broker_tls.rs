@@ -9,16 +9,12 @@ use rumqttc::v5::{AsyncClient, ConnectionError};
 use xpand::jobs::JobStatus;
 use xpand_worker::{BrokerAddress, BrokerLink};
 
-use crate::common::{forecast_job, PrivateBroker, TestApp, TestCa};
+use crate::common::{forecast_job, free_port, PrivateBroker, TestApp, TestCa};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_mqtts_and_a_broker_signed_by_a_stranger_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let ca = TestCa::new(dir.path(), "operator");
     let _broker = PrivateBroker::start_tls(dir.path(), port, &ca, "127.0.0.1").await;
     let address: BrokerAddress = format!("mqtts://127.0.0.1:{port}").parse().unwrap();

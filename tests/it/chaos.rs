@@ -12,7 +12,7 @@
 //! re-queue delay after a worker died) are the ones in docs/performance.md.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,17 +26,10 @@ use uuid::Uuid;
 use xpand_protocol::NodeKey;
 
 use crate::common::{
-    assert_every_job_settled, assert_ledger_invariants, create_database, delete_redis_prefix,
-    forecast_job, pg_server, redis_url, Leftovers,
+    assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
+    create_database, delete_redis_prefix, forecast_job, free_port, pg_server, redis_url,
+    wait_until_ready, Leftovers, Process,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What the processes share.
 struct Cluster {
@@ -58,16 +51,6 @@ struct Topology {
     one_worker_killed_for_good: bool,
     /// Clients submitting jobs back to back.
     submitters: usize,
-}
-
-/// A child process that is killed and reaped when dropped, so a test that panics leaves no
-/// broker, gateway or worker running.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        kill9(self);
-    }
 }
 
 impl Cluster {
@@ -142,11 +125,6 @@ impl Cluster {
             .expect("xpand-worker runs (cargo builds it with the workspace)");
         Process(child)
     }
-}
-
-fn kill9(process: &mut Process) {
-    let _ = process.0.kill(); // SIGKILL
-    let _ = process.0.wait();
 }
 
 /// Submits forecast jobs until `stop`, each to a random live gateway, retrying another with the
@@ -246,20 +224,8 @@ async fn run(topology: Topology) {
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
-    let http = reqwest::Client::new();
     for base in &bases {
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while !http
-                .get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await
-        .expect("gateways become ready");
+        wait_until_ready(base, Duration::from_secs(60), String::new).await;
     }
     let db = PgPool::connect(&cluster.db_url).await.unwrap();
     let mut key_files = Vec::new();
@@ -291,7 +257,7 @@ async fn run(topology: Topology) {
     let started = Instant::now();
     if topology.one_worker_killed_for_good {
         tokio::time::sleep(window / 3).await;
-        kill9(&mut workers[1]);
+        workers[1].kill();
         kills.push((key_files[1].1.clone(), Utc::now()));
         disruptions.push(Utc::now());
         worker_kills += 1;
@@ -301,14 +267,14 @@ async fn run(topology: Topology) {
         let pause = rand::thread_rng().gen_range(1500..3000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if !broker_restarted && started.elapsed() > window / 2 {
-            kill9(&mut broker);
+            broker.kill();
             disruptions.push(Utc::now());
             tokio::time::sleep(Duration::from_millis(1000)).await;
             broker = cluster.broker();
             broker_restarted = true;
         } else if rand::thread_rng().gen_bool(0.65) {
             let i = rand::thread_rng().gen_range(0..workers.len());
-            kill9(&mut workers[i]);
+            workers[i].kill();
             kills.push((key_files[i].1.clone(), Utc::now()));
             disruptions.push(Utc::now());
             worker_kills += 1;
@@ -316,7 +282,7 @@ async fn run(topology: Topology) {
             workers[i] = cluster.worker(&key_files[i].0);
         } else {
             let i = rand::thread_rng().gen_range(0..gateways.len());
-            kill9(&mut gateways[i]);
+            gateways[i].kill();
             gateway_kills += 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
             gateways[i] = cluster.gateway(ports[i]);
@@ -338,68 +304,20 @@ async fn run(topology: Topology) {
     }
     assert!(job_ids.len() >= 20, "only {} jobs ran", job_ids.len());
 
-    // Every job ends.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status NOT IN ('succeeded', 'failed', 'canceled')",
-        )
-        .bind(&job_ids)
-        .fetch_one(&db)
-        .await
-        .unwrap();
-        if open == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} jobs never ended");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let statuses: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM jobs WHERE id = ANY($1) GROUP BY status ORDER BY status",
-    )
-    .bind(&job_ids)
-    .fetch_all(&db)
-    .await
-    .unwrap();
-    // Nothing the test did is a reason to fail a job: each shard has 20 attempts and 300 s,
-    // and kills cost a shard one attempt at most. A run where jobs fail (at cost 0, which the
-    // money checks below accept) is a broken one.
-    let failed: Vec<(Uuid, Option<Value>)> = sqlx::query_as(
-        "SELECT id, error FROM jobs WHERE id = ANY($1) AND status <> 'succeeded' ORDER BY id LIMIT 10",
-    )
-    .bind(&job_ids)
-    .fetch_all(&db)
-    .await
-    .unwrap();
-    assert!(
-        failed.is_empty(),
-        "jobs that did not succeed ({statuses:?}), the first: {failed:?}"
-    );
-    // Idempotency keys made retried submissions one job each.
-    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    // Every job ends and succeeds: each shard has 20 attempts and 300 s, and kills cost a
+    // shard one attempt at most. A run where jobs fail (at cost 0, which the money checks below
+    // accept) is a broken one. Idempotency keys made retried submissions one job each.
+    assert_all_succeeded(&db, &job_ids, Duration::from_secs(120), "after the chaos").await;
     let mut distinct = job_ids.clone();
     distinct.sort();
     distinct.dedup();
-    assert_eq!(created, distinct.len() as i64, "no job was created twice");
 
     assert_every_job_settled(&db).await;
     assert_ledger_invariants(&db).await;
 
     // The sealed chain verifies through the public API.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let verified = Command::new(env!("CARGO_BIN_EXE_xpand"))
-        .args(["verify", "--url", &bases[0]])
-        .output()
-        .unwrap();
-    assert!(
-        verified.status.success(),
-        "xpand verify: {}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    assert_verifies(&bases[0]).await;
 
     // How long a dead worker's shards waited: from the kill to their re-queue (the restarted
     // process's announce, the lapse of its heartbeats, or its lease).
@@ -453,7 +371,7 @@ async fn run(topology: Topology) {
     );
     let unverified = unverified.len();
     eprintln!(
-        "chaos ({} gateways, {} workers, redundancy {} bps): {} s, {} jobs {statuses:?}, \
+        "chaos ({} gateways, {} workers, redundancy {} bps): {} s, {} jobs, all succeeded, \
          {worker_kills} worker and {gateway_kills} gateway kill -9s, broker restarted: \
          {broker_restarted}, {unverified} shards accepted unverified; shards re-queued after a \
          worker died: {} (p50 {:.2} s, p99 {:.2} s after the kill)",
@@ -476,9 +394,9 @@ async fn run(topology: Topology) {
     );
 
     for child in workers.iter_mut().chain(gateways.iter_mut()) {
-        kill9(child);
+        child.kill();
     }
-    kill9(&mut broker);
+    broker.kill();
     db.close().await;
     delete_redis_prefix(&cluster.prefix).await;
     let mut conn =

@@ -986,3 +986,112 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A free TCP port on the loopback, for a test's private broker or gateway.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed and reaped when dropped, so a test that panics leaves no
+/// broker, gateway or worker running.
+pub struct Process(pub std::process::Child);
+
+impl Process {
+    /// `kill -9`, and reaped.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the gateway at `base` answers `/readyz` with 200; fails after `within` with
+/// `why` (a log, say) in the message.
+pub async fn wait_until_ready(base: &str, within: Duration, why: impl Fn() -> String) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let ready = tokio::time::timeout(within, async {
+        while !http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "{base} never became ready{}", why());
+}
+
+/// Every job in `ids` ends within `within` and succeeds (nothing the test did is a reason to
+/// fail one), and retried submits made no second job: `ids` are all the jobs in `db`.
+pub async fn assert_all_succeeded(db: &PgPool, ids: &[Uuid], within: Duration, after: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(ids)
+        .fetch_one(db)
+        .await
+        .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{after}: {open} jobs never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let not_succeeded: Vec<(Uuid, String, Option<Value>)> = sqlx::query_as(
+        "SELECT id, status, error FROM jobs WHERE id = ANY($1) AND status <> 'succeeded' ORDER BY id LIMIT 10",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    assert!(
+        not_succeeded.is_empty(),
+        "{after}: jobs that did not succeed, the first: {not_succeeded:?}"
+    );
+    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let mut distinct = ids.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        created,
+        distinct.len() as i64,
+        "{after}: a retried submit made a second job"
+    );
+}
+
+/// `xpand verify` passes on the sealed chain, through the gateway's public API.
+pub async fn assert_verifies(base: &str) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_xpand"))
+        .args(["verify", "--url", base])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "xpand verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -25,7 +25,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +36,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 use xpand_protocol::NodeKey;
 
-use crate::common::{assert_every_job_settled, assert_ledger_invariants, forecast_job, TestCa};
+use crate::common::{
+    assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
+    forecast_job, wait_until_ready, Process, TestCa,
+};
 
 const PREFIX: &str = "xpn";
 
@@ -212,16 +215,6 @@ fn remove_abandoned_networks() {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             kill_namespace(&name);
         }
-    }
-}
-
-/// A child process, killed and reaped when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -517,7 +510,7 @@ async fn wait_listening(host: &Host, port: u16, what: &str) {
 /// What the clients saw: each accepted job, and when a submit had to go to another gateway.
 #[derive(Default)]
 struct Submissions {
-    jobs: Vec<(Uuid, DateTime<Utc>)>,
+    jobs: Vec<Uuid>,
     failovers: Vec<(Uuid, DateTime<Utc>)>,
 }
 
@@ -611,7 +604,7 @@ async fn submitter(
                     let job: serde_json::Value = resp.json().await.unwrap();
                     let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
                     let mut seen = seen.lock().unwrap();
-                    seen.jobs.push((id, Utc::now()));
+                    seen.jobs.push(id);
                     if failed_over {
                         seen.failovers.push((id, Utc::now()));
                     }
@@ -701,26 +694,15 @@ async fn jobs_survive_partitions_an_isolated_broker_and_lossy_links() {
         .iter()
         .map(|h| format!("http://{}:8080", h.ip))
         .collect();
-    let http = reqwest::Client::new();
     for (base, host) in bases.iter().zip(&gateway_hosts) {
-        tokio::time::timeout(Duration::from_secs(90), async {
-            while !http
-                .get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{base} becomes ready over mqtts://; its log:\n{}",
-                std::fs::read_to_string(dir.path().join(format!("{}.log", host.ns)))
-                    .unwrap_or_default()
+        let log = dir.path().join(format!("{}.log", host.ns));
+        wait_until_ready(base, Duration::from_secs(90), || {
+            format!(
+                " over mqtts://; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
             )
-        });
+        })
+        .await;
     }
     let db = PgPool::connect(&cluster.db_url()).await.unwrap();
     let mut worker_ids = Vec::new();
@@ -802,11 +784,11 @@ async fn jobs_survive_partitions_an_isolated_broker_and_lossy_links() {
         }
         // Stop the stream, let every job end, and check the money and the chain.
         stream.pause().await;
-        let (jobs, failovers) = {
+        let (ids, failovers) = {
             let seen = seen.lock().unwrap();
             (seen.jobs.clone(), seen.failovers.clone())
         };
-        wait_all_ended(&db, &jobs, name).await;
+        assert_all_succeeded(&db, &ids, Duration::from_secs(90), &format!("after {name}")).await;
         assert_every_job_settled(&db).await;
         assert_ledger_invariants(&db).await;
         let first_failover_s = first_failover(&db, &failovers, &worker_ids, at).await;
@@ -817,7 +799,9 @@ async fn jobs_survive_partitions_an_isolated_broker_and_lossy_links() {
                 .fetch_one(&db)
                 .await
                 .unwrap();
-        verify(&bases[1]).await;
+        // Sealing runs every second: let it take what the fault's jobs wrote.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_verifies(&bases[1]).await;
         figures.push(Recovery {
             fault: name,
             held_s: held.as_secs_f64(),
@@ -909,52 +893,6 @@ async fn wait_resumed(db: &PgPool, healed: DateTime<Utc>, rate: f64) -> (f64, Op
     }
 }
 
-/// Every accepted job ends, and succeeds: nothing the network did is a reason to fail one.
-async fn wait_all_ended(db: &PgPool, jobs: &[(Uuid, DateTime<Utc>)], fault: &str) {
-    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND finished_at IS NULL",
-        )
-        .bind(&ids)
-        .fetch_one(db)
-        .await
-        .unwrap();
-        if open == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after {fault}: {open} jobs never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let not_succeeded: Vec<(Uuid, String, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT id, status::text, error FROM jobs WHERE id = ANY($1) AND status <> 'succeeded' LIMIT 5",
-    )
-    .bind(&ids)
-    .fetch_all(db)
-    .await
-    .unwrap();
-    assert!(
-        not_succeeded.is_empty(),
-        "after {fault}: jobs that did not succeed: {not_succeeded:?}"
-    );
-    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(db)
-        .await
-        .unwrap();
-    let mut distinct = ids;
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(
-        created,
-        distinct.len() as i64,
-        "after {fault}: a retried submit made a second job"
-    );
-}
-
 /// Seconds from the fault to the first finished job that went around it: one a client had to
 /// submit again to the other gateway, or one whose shard was taken back from a node.
 async fn first_failover(
@@ -980,20 +918,4 @@ async fn first_failover(
     .await
     .unwrap();
     finished.map(|t| (t - at).num_milliseconds() as f64 / 1000.0)
-}
-
-/// `xpand verify` passes on the sealed chain, through the public API, once sealing caught up.
-async fn verify(base: &str) {
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_xpand"))
-        .args(["verify", "--url", base])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "xpand verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

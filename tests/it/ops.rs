@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{CuttableProxy, PrivateBroker, TestApp};
+use crate::common::{free_port, CuttableProxy, PrivateBroker, TestApp};
 use xpand_worker::BrokerLink;
 
 #[tokio::test]
@@ -299,11 +299,7 @@ async fn wait_ready(app: &TestApp, key: &str, ready: bool, what: &str) -> Value 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_outage_delays_work_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let broker = PrivateBroker::start(dir.path(), port).await;
     let mut app = TestApp::spawn_with(|c| c.mqtt = BrokerLink::loopback(port)).await;
     app.start_worker().await;

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use xpand_media::clips::{decode_frames, make_clip};
 use xpand_worker::face_detect::{self, FaceBox, FaceDetector};
 
-use crate::common::TestApp;
+use crate::common::{free_port, TestApp};
 
 fn detector() -> FaceDetector {
     FaceDetector::open(
@@ -661,11 +661,7 @@ async fn a_video_job_runs_on_an_s3_compatible_store() {
         Path::new(moto).is_file(),
         "moto_server is missing: run scripts/setup-s3-emulator.sh (make test does)"
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = tokio::process::Command::new(moto)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(std::process::Stdio::null())
