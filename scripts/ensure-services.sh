@@ -15,9 +15,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "ensure-services: installing ${missing[*]} from Debian's packages" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    "$(dirname "$0")/apt-install.sh" "${missing[@]}" >/dev/null
     if [[ " ${missing[*]} " == *" postgresql "* ]]; then
         # The suite connects as `postgres` from 127.0.0.1 without a password.
         for hba in /etc/postgresql/*/main/pg_hba.conf; do

@@ -12,25 +12,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
 if [[ ! -x /usr/bin/chromium ]]; then
-    sudo=()
-    if [[ "$(id -u)" -ne 0 ]]; then
-        command -v sudo >/dev/null || { echo "setup-browser: chromium is missing and installing it needs root" >&2; exit 1; }
-        sudo=(sudo)
-    fi
     echo "setup-browser: installing chromium with apt-get" >&2
-    install() {
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends chromium >&2
-    }
-    # Refresh the package lists only when needed: apt does not know chromium yet (a fresh image
-    # has no lists), or installing from the lists we have fails (stale lists, a version gone).
-    if ! apt-cache show chromium >/dev/null 2>&1; then
-        "${sudo[@]}" apt-get update -qq >&2
-        install
-    elif ! install; then
-        "${sudo[@]}" apt-get update -qq >&2
-        install
-    fi
+    "$root/scripts/apt-install.sh" chromium >&2
     [[ -x /usr/bin/chromium ]] || { echo "setup-browser: apt-get did not install /usr/bin/chromium" >&2; exit 1; }
 fi
 

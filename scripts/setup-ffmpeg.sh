@@ -6,12 +6,6 @@ set -euo pipefail
 if command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1; then
   exit 0
 fi
-SUDO=
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO=sudo
-fi
 echo "installing ffmpeg from Debian's packages" >&2
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+"$(dirname "$0")/apt-install.sh" ffmpeg >/dev/null
 command -v ffprobe >/dev/null

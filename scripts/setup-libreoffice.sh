@@ -17,25 +17,8 @@ for p in "${packages[@]}"; do
 done
 
 if ((${#missing[@]})); then
-    sudo=()
-    if [[ "$(id -u)" -ne 0 ]]; then
-        command -v sudo >/dev/null || { echo "setup-libreoffice: ${missing[*]} missing and installing needs root" >&2; exit 1; }
-        sudo=(sudo)
-    fi
     echo "setup-libreoffice: installing ${missing[*]} with apt-get" >&2
-    install() {
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    }
-    # Refresh the package lists only when needed: apt does not know a package yet (a fresh image
-    # has no lists), or installing from the lists we have fails (stale lists, a version gone).
-    if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
-        "${sudo[@]}" apt-get update -qq >&2
-        install
-    elif ! install; then
-        "${sudo[@]}" apt-get update -qq >&2
-        install
-    fi
+    "$(dirname "$0")/apt-install.sh" "${missing[@]}" >&2
 fi
 
 for tool in /usr/lib/libreoffice/sdk/bin/unoidl-write /usr/bin/soffice /usr/bin/unopkg; do

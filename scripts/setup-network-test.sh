@@ -4,10 +4,6 @@
 # broker's CA). Installed from Debian's packages when missing.
 set -euo pipefail
 
-SUDO=
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO=sudo
-fi
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
@@ -15,7 +11,5 @@ command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup-network-test: installing ${missing[*]} from Debian's packages" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    "$(dirname "$0")/apt-install.sh" "${missing[@]}" >/dev/null
 fi
