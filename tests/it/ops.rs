@@ -161,6 +161,44 @@ async fn health_readiness_and_metrics() {
     app.teardown().await;
 }
 
+/// A gateway session that stops talking inside a transaction (a network partition, a frozen
+/// process) is ended by Postgres after a few seconds, so its row locks stop blocking the other
+/// replicas. Found by tests/it/network.rs: such a lock on a customer's balance held every
+/// replica's submits for that customer until the partition healed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_a_gateway_left_open_gives_up_its_locks() {
+    use sqlx::Connection as _;
+    let app = TestApp::spawn().await;
+    let (account, _) = app.customer(1_000).await;
+    // The gateway's own pool, as the partitioned replica held it.
+    let mut stuck = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+    // Another replica's statement on the same row gets through once the session is ended, well
+    // within its own 30 s budget; before, it waited for the partition to heal.
+    let mut other = sqlx::PgConnection::connect_with(&app.db.connect_options())
+        .await
+        .unwrap();
+    sqlx::query("SET statement_timeout = '30s'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE accounts SET name = name WHERE id = $1")
+        .bind(account)
+        .execute(&mut other)
+        .await
+        .expect("the lock was released");
+    // The stuck transaction is gone with its session: nothing it did can commit.
+    let after = sqlx::query("SELECT 1").execute(&mut *stuck).await;
+    assert!(after.is_err(), "the idle transaction's session was ended");
+    drop(stuck);
+    other.close().await.unwrap();
+    app.teardown().await;
+}
+
 /// While Postgres is unreachable, requests get 503 problems (retry later), nothing is
 /// half-written, and the gateway recovers on its own when the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
