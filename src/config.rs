@@ -427,35 +427,40 @@ impl GatewayArgs {
 }
 
 /// Reads an ed25519 seed (hex) from `path`, creating the file with a fresh key if it is missing.
+/// Replicas starting together on a shared volume end up with the same key.
 pub fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<NodeKey> {
-    if path.exists() {
-        NodeKey::read_file(path).with_context(|| format!("reading {}", path.display()))
-    } else {
-        NodeKey::create_file(path).with_context(|| format!("creating {}", path.display()))
+    if !path.exists() {
+        match NodeKey::create_file(path) {
+            Ok(key) => return Ok(key),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {} // another made it
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
     }
+    NodeKey::read_file(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// How an auditor key starts, so it is never mistaken for an API key.
 pub const AUDITOR_KEY_PREFIX: &str = "xpa_";
 
 /// Reads a bearer secret from `path`, creating it (owner-readable only) when missing.
+/// Replicas starting together on a shared volume end up with the same secret.
 pub fn load_or_create_secret(path: &std::path::Path, prefix: &str) -> anyhow::Result<String> {
-    if path.exists() {
-        let secret =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let secret = secret.trim().to_string();
-        anyhow::ensure!(
-            secret.len() >= 32,
-            "{} must hold a secret of at least 32 characters",
-            path.display()
-        );
-        return Ok(secret);
+    if !path.exists() {
+        let secret = format!("{prefix}{}", hex::encode(rand::random::<[u8; 32]>()));
+        if xpand_protocol::key_file::create_once(path, secret.as_bytes())
+            .with_context(|| format!("creating {}", path.display()))?
+        {
+            return Ok(secret);
+        }
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let secret = format!("{prefix}{}", hex::encode(rand::random::<[u8; 32]>()));
-    write_private(path, &secret)?;
+    let secret =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let secret = secret.trim().to_string();
+    anyhow::ensure!(
+        secret.len() >= 32,
+        "{} must hold a secret of at least 32 characters",
+        path.display()
+    );
     Ok(secret)
 }
 

@@ -673,12 +673,8 @@ async fn jobs_survive_partitions_an_isolated_broker_and_lossy_links() {
         prefix: "xpand".into(),
         gateway_key: NodeKey::create_file(&dir.path().join("gateway.key")).unwrap(),
     };
-    // Made once, as an operator's one-shot would: replicas starting together must not race to.
-    std::fs::write(
-        dir.path().join("auditor.key"),
-        Uuid::new_v4().simple().to_string().repeat(2),
-    )
-    .unwrap();
+    // The auditor key is left to the gateways, which start together and race to make it, as
+    // replicas on a shared volume do.
     let mut processes = vec![
         cluster.start_postgres(),
         cluster.start_redis(),

@@ -105,22 +105,19 @@ impl NodeKey {
         })
     }
 
-    /// Writes a fresh key to a new file (never overwriting one), readable by its owner only,
-    /// creating missing parent directories.
+    /// Writes a fresh key to a new file (never overwriting one, never seen half written),
+    /// readable by its owner only, creating missing parent directories.
     pub fn create_file(path: &std::path::Path) -> std::io::Result<Self> {
-        use std::io::Write;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path)?;
         let key = Self::generate();
-        writeln!(file, "{}", key.seed_hex())?;
-        file.sync_all()?;
-        Ok(key)
+        let contents = format!("{}\n", key.seed_hex());
+        if crate::key_file::create_once(path, contents.as_bytes())? {
+            Ok(key)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists", path.display()),
+            ))
+        }
     }
 
     pub fn seed_hex(&self) -> String {

@@ -9,6 +9,7 @@
 pub mod broker_address;
 pub mod broker_link;
 pub mod envelope;
+pub mod key_file;
 pub mod messages;
 pub mod topics;
 pub mod transfer;
