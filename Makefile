@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/xpand/target
 ORT_SETUP := scripts/setup-onnxruntime.sh
 
-.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers clients images
+.PHONY: run test soak setup services lint openapi fmt sqlx-prepare bench-peers clients images compose-test
 
 setup: services
 	@$(ORT_SETUP) >/dev/null
@@ -59,6 +59,11 @@ soak: services
 # CPU worker (CUDA=1 adds the CUDA worker). deploy/images/containers.conf makes podman use runc.
 images: setup
 	CONTAINERS_CONF=$(CURDIR)/deploy/images/containers.conf scripts/build-images.sh
+
+# deploy/compose.yaml brought up with podman-compose (as root): a forecast job through its load
+# balancer, and throughput with two gateway replicas and with one. Builds the images if missing.
+compose-test: setup
+	scripts/compose-test.sh
 
 # xpand against bare ONNX Runtime, Celery and Ray Serve on the same model and jobs (see
 # loadtests/peers/README.md). Uses the release binaries `make run` builds; DURATION, ROUNDS,

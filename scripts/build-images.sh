@@ -6,7 +6,8 @@
 # PyPI at build time; it needs a GPU to run). Prints each image's size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${CARGO_TARGET_DIR:-$HOME/.cache/xpand/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/xpand/target}
+target=$CARGO_TARGET_DIR
 # crun, podman's default runtime, fails in some sandboxes on rlimits; runc works everywhere.
 podman=(podman --runtime "${PODMAN_RUNTIME:-runc}")
 scripts/make-base-image.sh

@@ -36,8 +36,8 @@ if compose "$bad" >/dev/null 2>&1; then
 fi
 
 "$venv/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s deploy/compose.yaml \
-    deploy/monitoring
-compose --quiet deploy/compose.yaml
+    deploy/compose/local.yaml deploy/monitoring
+compose --quiet deploy/compose.yaml deploy/compose/local.yaml
 "$venv/bin/python" scripts/check-monitoring.py
 manifests=()
 for f in deploy/k8s/*.yaml; do
@@ -57,4 +57,4 @@ for f in "${manifests[@]}"; do
         || { echo "check-deploy: $name is not in kustomization.yaml" >&2; exit 1; }
 done
 echo "check-deploy: ${#manifests[@]} manifests valid for Kubernetes $KUBERNETES_VERSION," \
-    "deploy/compose.yaml valid for the Compose Specification" >&2
+    "deploy/compose.yaml and its local stand-ins valid for the Compose Specification" >&2
