@@ -2,7 +2,8 @@
 # Validates what deploy/ holds offline, as `make test` does: yamllint for the YAML itself; the
 # Kubernetes manifests under deploy/k8s/ with kubernetes-validate --strict (schemas shipped in
 # the package, no cluster and no network) against the Kubernetes version named below; and
-# deploy/compose.yaml against the Compose Specification's schema (shipped in check-jsonschema).
+# deploy/compose.yaml and deploy/compose/local.yaml against the Compose Specification's schema
+# (shipped in check-jsonschema).
 # The alert rules and the dashboard under deploy/monitoring/ must name only metrics the gateway
 # exports (scripts/check-monitoring.py). The tools come from PyPI into
 # ~/.cache/xpand/deploy-venv. A file with a field its schema does not know must fail, so the
