@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 use xpand_protocol::NodeKey;
@@ -28,7 +27,7 @@ use xpand_protocol::NodeKey;
 use crate::common::{
     assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
     create_database, delete_redis_prefix, forecast_job, free_port, pg_server, redis_url,
-    wait_until_ready, Leftovers, Process,
+    try_submit, wait_until_ready, Leftovers, Process,
 };
 
 /// What the processes share.
@@ -140,27 +139,12 @@ async fn submitter(gateways: Vec<String>, key: String, stop: Arc<AtomicBool>) ->
         let body = forecast_job(24, 6);
         for attempt in 0.. {
             let base = gateways.choose(&mut rand::thread_rng()).unwrap();
-            let sent = http
-                .post(format!("{base}/v1/jobs"))
-                .bearer_auth(&key)
-                .header("idempotency-key", &idempotency)
-                .json(&body)
-                .send()
-                .await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    let job: Value = resp.json().await.unwrap();
-                    jobs.push(job["id"].as_str().unwrap().parse().unwrap());
-                    break;
-                }
-                Ok(resp) if resp.status().is_client_error() => {
-                    panic!("a valid job was refused: {}", resp.text().await.unwrap())
-                }
-                _ => {
-                    assert!(attempt < 100, "no gateway took the job for 100 tries");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            if let Some(id) = try_submit(&http, base, &key, &idempotency, &body).await {
+                jobs.push(id);
+                break;
             }
+            assert!(attempt < 100, "no gateway took the job for 100 tries");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

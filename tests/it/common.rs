@@ -1095,3 +1095,31 @@ pub async fn assert_verifies(base: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One submit of `body` to the gateway at `base` with an idempotency key, as a client that
+/// retries makes it: the job's id when accepted, `None` when the gateway failed or did not answer
+/// (try again, there or at another replica). Refusing a valid job (4xx) fails the test.
+pub async fn try_submit(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    idempotency: &str,
+    body: &Value,
+) -> Option<Uuid> {
+    let resp = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(key)
+        .header("idempotency-key", idempotency)
+        .json(body)
+        .send()
+        .await
+        .ok()?;
+    if resp.status().is_client_error() {
+        panic!("a valid job was refused: {}", resp.text().await.unwrap());
+    }
+    if !resp.status().is_success() {
+        return None;
+    }
+    let job: Value = resp.json().await.ok()?;
+    job["id"].as_str()?.parse().ok()
+}

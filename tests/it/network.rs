@@ -38,7 +38,7 @@ use xpand_protocol::NodeKey;
 
 use crate::common::{
     assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
-    forecast_job, wait_until_ready, Process, TestCa,
+    forecast_job, try_submit, wait_until_ready, Process, TestCa,
 };
 
 const PREFIX: &str = "xpn";
@@ -592,34 +592,18 @@ async fn submitter(
                 turn += 1;
             }
             let base = &gateways[turn % gateways.len()];
-            let sent = http
-                .post(format!("{base}/v1/jobs"))
-                .bearer_auth(&key)
-                .header("idempotency-key", &idempotency)
-                .json(&body)
-                .send()
-                .await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    let job: serde_json::Value = resp.json().await.unwrap();
-                    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
-                    let mut seen = seen.lock().unwrap();
-                    seen.jobs.push(id);
-                    if failed_over {
-                        seen.failovers.push((id, Utc::now()));
-                    }
-                    break;
+            if let Some(id) = try_submit(&http, base, &key, &idempotency, &body).await {
+                let mut seen = seen.lock().unwrap();
+                seen.jobs.push(id);
+                if failed_over {
+                    seen.failovers.push((id, Utc::now()));
                 }
-                Ok(resp) if resp.status().is_client_error() => {
-                    panic!("a valid job was refused: {}", resp.text().await.unwrap())
-                }
-                _ => {
-                    failed_over = true;
-                    stream.healthy[turn % gateways.len()].store(false, Ordering::SeqCst);
-                    assert!(attempt < 200, "no gateway took the job for 200 tries");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                break;
             }
+            failed_over = true;
+            stream.healthy[turn % gateways.len()].store(false, Ordering::SeqCst);
+            assert!(attempt < 200, "no gateway took the job for 200 tries");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stream.submitting.fetch_sub(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(40)).await;
