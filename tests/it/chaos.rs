@@ -27,7 +27,7 @@ use xpand_protocol::NodeKey;
 use crate::common::{
     assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
     create_database, delete_redis_prefix, forecast_job, free_port, pg_server, redis_url,
-    try_submit, wait_until_ready, Leftovers, Process,
+    try_submit, wait_until_ready, Leftovers, Process, Submitted,
 };
 
 /// What the processes share.
@@ -139,7 +139,9 @@ async fn submitter(gateways: Vec<String>, key: String, stop: Arc<AtomicBool>) ->
         let body = forecast_job(24, 6);
         for attempt in 0.. {
             let base = gateways.choose(&mut rand::thread_rng()).unwrap();
-            if let Some(id) = try_submit(&http, base, &key, &idempotency, &body).await {
+            if let Submitted::Accepted(id) =
+                try_submit(&http, base, &key, &idempotency, &body).await
+            {
                 jobs.push(id);
                 break;
             }

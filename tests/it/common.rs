@@ -1096,30 +1096,49 @@ pub async fn assert_verifies(base: &str) {
     );
 }
 
+/// What one submit came to, for a client that retries.
+pub enum Submitted {
+    Accepted(Uuid),
+    /// The gateway failed or did not answer: try again, there or at another replica.
+    Unavailable,
+    /// Back-pressure (the account's cap on unfinished jobs, or its rate limit): wait, then try
+    /// again anywhere.
+    Busy,
+}
+
 /// One submit of `body` to the gateway at `base` with an idempotency key, as a client that
-/// retries makes it: the job's id when accepted, `None` when the gateway failed or did not answer
-/// (try again, there or at another replica). Refusing a valid job (4xx) fails the test.
+/// retries makes it. Refusing a valid job for any other reason (4xx) fails the test.
 pub async fn try_submit(
     http: &reqwest::Client,
     base: &str,
     key: &str,
     idempotency: &str,
     body: &Value,
-) -> Option<Uuid> {
-    let resp = http
+) -> Submitted {
+    let sent = http
         .post(format!("{base}/v1/jobs"))
         .bearer_auth(key)
         .header("idempotency-key", idempotency)
         .json(body)
         .send()
-        .await
-        .ok()?;
-    if resp.status().is_client_error() {
-        panic!("a valid job was refused: {}", resp.text().await.unwrap());
+        .await;
+    let Ok(resp) = sent else {
+        return Submitted::Unavailable;
+    };
+    let status = resp.status();
+    if status.is_success() {
+        let job: Option<Value> = resp.json().await.ok();
+        return match job.and_then(|j| j["id"].as_str()?.parse().ok()) {
+            Some(id) => Submitted::Accepted(id),
+            None => Submitted::Unavailable,
+        };
     }
-    if !resp.status().is_success() {
-        return None;
+    if !status.is_client_error() {
+        return Submitted::Unavailable;
     }
-    let job: Value = resp.json().await.ok()?;
-    job["id"].as_str()?.parse().ok()
+    let text = resp.text().await.unwrap_or_default();
+    if status == StatusCode::TOO_MANY_REQUESTS || text.contains("/problems/quota-exceeded") {
+        return Submitted::Busy;
+    }
+    panic!("a valid job was refused: {text}");
 }

@@ -38,7 +38,7 @@ use xpand_protocol::NodeKey;
 
 use crate::common::{
     assert_all_succeeded, assert_every_job_settled, assert_ledger_invariants, assert_verifies,
-    forecast_job, try_submit, wait_until_ready, Process, TestCa,
+    forecast_job, try_submit, wait_until_ready, Process, Submitted, TestCa,
 };
 
 const PREFIX: &str = "xpn";
@@ -533,10 +533,13 @@ impl Stream {
         }
     }
 
-    /// Stops submitting and waits for the submits under way to be answered.
+    /// Stops submitting and waits for the submits under way to be answered (a submitter
+    /// that panicked never answers: the test fails here rather than hang).
     async fn pause(&self) {
         self.flowing.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(200);
         while self.submitting.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "a submit never came back");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -586,23 +589,34 @@ async fn submitter(
         let idempotency = Uuid::new_v4().to_string();
         let body = forecast_job(16, 4);
         let mut failed_over = false;
-        for attempt in 0.. {
+        // Long enough for the longest fault; back-pressure while a fault holds work back is
+        // waited out like any client would.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
             turn += 1;
             if !stream.healthy[turn % gateways.len()].load(Ordering::SeqCst) {
                 turn += 1;
             }
             let base = &gateways[turn % gateways.len()];
-            if let Some(id) = try_submit(&http, base, &key, &idempotency, &body).await {
-                let mut seen = seen.lock().unwrap();
-                seen.jobs.push(id);
-                if failed_over {
-                    seen.failovers.push((id, Utc::now()));
+            match try_submit(&http, base, &key, &idempotency, &body).await {
+                Submitted::Accepted(id) => {
+                    let mut seen = seen.lock().unwrap();
+                    seen.jobs.push(id);
+                    if failed_over {
+                        seen.failovers.push((id, Utc::now()));
+                    }
+                    break;
                 }
-                break;
+                Submitted::Unavailable => {
+                    failed_over = true;
+                    stream.healthy[turn % gateways.len()].store(false, Ordering::SeqCst);
+                }
+                Submitted::Busy => {}
             }
-            failed_over = true;
-            stream.healthy[turn % gateways.len()].store(false, Ordering::SeqCst);
-            assert!(attempt < 200, "no gateway took the job for 200 tries");
+            assert!(
+                Instant::now() < deadline,
+                "no gateway took the job for 3 minutes"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stream.submitting.fetch_sub(1, Ordering::SeqCst);
